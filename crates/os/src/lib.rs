@@ -1,0 +1,36 @@
+//! OS glue: the socket options baton needs, behind safe functions.
+
+use std::io;
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+/// Socket buffer size asked for on relayed connections: large enough that a
+/// single stream can fill a fast path without the kernel's autotuning
+/// lagging behind.
+pub const RELAY_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Makes the next close of `stream` send a TCP reset instead of a FIN, so that
+/// a reset seen on one side of the relay is carried as a reset to the other.
+pub fn arm_reset(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+/// Options every relayed TCP connection gets: no Nagle delay (the
+/// application's own writes decide the segments), and TCP keep-alive so that a
+/// dead peer is noticed even on an idle connection.
+pub fn tune_relay(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = SockRef::from(stream);
+    sock.set_keepalive(true)?;
+    Ok(())
+}
+
+/// Closes `stream` with a reset.
+pub fn reset(stream: TcpStream) {
+    // Best effort: if the option cannot be set the close is a FIN, which is
+    // still a close; the control connection carries the reset explicitly.
+    let _ = arm_reset(&stream);
+    drop(stream);
+}

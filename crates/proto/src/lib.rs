@@ -1,0 +1,16 @@
+//! baton's protocol: wire format, handshake, keyed control frames, session
+//! liveness and stream bookkeeping.
+//!
+//! This crate opens no socket and reads no clock: the drivers in
+//! `baton-runtime` feed it bytes and `now`, and act on what it returns. That
+//! keeps every rule of the protocol unit-testable and deterministic.
+
+pub mod crypto;
+pub mod session;
+pub mod stream;
+pub mod wire;
+
+pub use crypto::{ClientHandshake, ClientKey, ControlCipher, CryptoError, GatewayHandshake, LegKey, PublicKey, Role, SessionKeys};
+pub use session::{Liveness, LivenessAction};
+pub use stream::{AdmitError, Offset, StreamId, StreamState, StreamTable};
+pub use wire::{ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};

@@ -1,0 +1,602 @@
+//! The wire format: connection preface, control frames and leg preambles.
+//!
+//! Every connection from a client agent to a gateway starts with an 8-byte
+//! [`Preface`] naming the protocol version and what the connection is for.
+//! After it, a control connection carries [`Frame`]s: a 3-byte header
+//! (type, big-endian length), the payload, and once the session is keyed a
+//! 16-byte authentication tag. A leg carries one `LegOpen` frame from the
+//! client agent, one `LegReply` frame from the gateway, and then the
+//! application's bytes, unchanged.
+//!
+//! Decoding never panics and every length is checked against a bound before
+//! anything is allocated: the inputs come from the network.
+
+use bytes::{Buf, BufMut};
+
+use crate::stream::{Offset, StreamId};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u8 = 1;
+/// Length of the connection preface.
+pub const PREFACE_LEN: usize = 8;
+/// Length of a frame header: type (1) and payload length (2).
+pub const FRAME_HEADER_LEN: usize = 3;
+/// Largest payload a frame may carry. Checked before allocating.
+pub const MAX_PAYLOAD: usize = 4096;
+/// Length of the authentication tag that follows a keyed frame.
+pub const TAG_LEN: usize = 16;
+/// Longest client or service name.
+pub const MAX_NAME: usize = 64;
+/// Longest human-readable reason carried in a refusal.
+pub const MAX_REASON: usize = 512;
+
+const MAGIC: &[u8; 5] = b"BATON";
+
+/// What a connection is for, announced in its preface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// The session's control connection.
+    Control,
+    /// A leg carrying one relayed stream.
+    Leg,
+}
+
+/// The first bytes of every connection: magic, version, kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preface {
+    /// Protocol version of the sender.
+    pub version: u8,
+    /// What the connection carries.
+    pub kind: ConnKind,
+}
+
+impl Preface {
+    /// The preface this build sends for a connection of `kind`.
+    pub fn new(kind: ConnKind) -> Self {
+        Self { version: VERSION, kind }
+    }
+
+    /// Encodes the preface.
+    pub fn encode(&self) -> [u8; PREFACE_LEN] {
+        let mut out = [0u8; PREFACE_LEN];
+        out[..5].copy_from_slice(MAGIC);
+        out[5] = self.version;
+        out[6] = match self.kind {
+            ConnKind::Control => b'C',
+            ConnKind::Leg => b'L',
+        };
+        out
+    }
+
+    /// Parses a preface. The version is returned as sent, so that the caller
+    /// can answer a mismatch with a refusal rather than a silent close.
+    pub fn decode(bytes: &[u8; PREFACE_LEN]) -> Result<Self, WireError> {
+        if &bytes[..5] != MAGIC || bytes[7] != 0 {
+            return Err(WireError::BadPreface);
+        }
+        let kind = match bytes[6] {
+            b'C' => ConnKind::Control,
+            b'L' => ConnKind::Leg,
+            _ => return Err(WireError::BadPreface),
+        };
+        Ok(Self { version: bytes[5], kind })
+    }
+}
+
+/// Errors found while decoding bytes from the network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The connection did not start with baton's preface: not a baton peer,
+    /// or a scanner.
+    #[error("not a baton connection (bad preface)")]
+    BadPreface,
+    /// A frame announced a payload longer than [`MAX_PAYLOAD`].
+    #[error("frame too long: {0} bytes")]
+    TooLong(usize),
+    /// The payload ended before the message did.
+    #[error("truncated message")]
+    Truncated,
+    /// Bytes left over after the message: a peer bug or tampering.
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    /// A frame type this version does not know.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// A field held a value outside its range.
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+    /// The authentication tag did not verify: forged, replayed or corrupted.
+    #[error("authentication failed")]
+    BadTag,
+}
+
+/// Why a gateway refused a session, a stream or a leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefuseReason {
+    /// The client id is not configured on the gateway.
+    UnknownClient,
+    /// The client could not prove it holds the key configured for its id.
+    BadProof,
+    /// The gateway holds its configured maximum of sessions.
+    CapacityFull,
+    /// The client speaks a protocol version the gateway does not.
+    Version,
+    /// The service is not among those listed for this client.
+    ServiceNotAllowed,
+    /// The leg named a session the gateway does not hold (expired or never existed).
+    UnknownSession,
+    /// The leg named a stream or generation that is not acceptable (replay, take-over).
+    BadStream,
+    /// The gateway could not connect to the service's target.
+    TargetUnreachable,
+    /// The gateway is shutting down.
+    ShuttingDown,
+    /// A reason this build does not know (sent by a newer peer).
+    Other(u8),
+}
+
+impl RefuseReason {
+    fn code(self) -> u8 {
+        match self {
+            Self::UnknownClient => 1,
+            Self::BadProof => 2,
+            Self::CapacityFull => 3,
+            Self::Version => 4,
+            Self::ServiceNotAllowed => 5,
+            Self::UnknownSession => 6,
+            Self::BadStream => 7,
+            Self::TargetUnreachable => 8,
+            Self::ShuttingDown => 9,
+            Self::Other(c) => c,
+        }
+    }
+
+    fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::UnknownClient,
+            2 => Self::BadProof,
+            3 => Self::CapacityFull,
+            4 => Self::Version,
+            5 => Self::ServiceNotAllowed,
+            6 => Self::UnknownSession,
+            7 => Self::BadStream,
+            8 => Self::TargetUnreachable,
+            9 => Self::ShuttingDown,
+            c => Self::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::UnknownClient => "unknown client",
+            Self::BadProof => "bad proof of key",
+            Self::CapacityFull => "capacity full",
+            Self::Version => "unsupported protocol version",
+            Self::ServiceNotAllowed => "service not allowed for this client",
+            Self::UnknownSession => "unknown session",
+            Self::BadStream => "stream or generation not acceptable",
+            Self::TargetUnreachable => "target unreachable",
+            Self::ShuttingDown => "gateway shutting down",
+            Self::Other(c) => return write!(f, "reason {c}"),
+        };
+        f.write_str(s)
+    }
+}
+
+/// Why a stream was reset, carried on the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResetCode {
+    /// The application (or the server) reset its connection.
+    Peer,
+    /// The session ended before the stream did.
+    SessionEnded,
+    /// Bytes needed to resume the stream are gone.
+    Unrecoverable,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl ResetCode {
+    fn code(self) -> u8 {
+        match self {
+            Self::Peer => 1,
+            Self::SessionEnded => 2,
+            Self::Unrecoverable => 3,
+            Self::Other(c) => c,
+        }
+    }
+    fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::Peer,
+            2 => Self::SessionEnded,
+            3 => Self::Unrecoverable,
+            c => Self::Other(c),
+        }
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Client → gateway, first on a control connection: who I am and my
+    /// ephemeral X25519 key.
+    Hello { client_id: String, ephemeral: [u8; 32] },
+    /// Gateway → client: the gateway's ephemeral key and the session id it
+    /// will use if the proof checks out.
+    Challenge { session_id: u64, ephemeral: [u8; 32] },
+    /// Client → gateway: Ed25519 signature over the handshake transcript.
+    Auth { signature: [u8; 64] },
+    /// Gateway → client, keyed: the session is up.
+    Accepted { session_id: u64, keepalive_ms: u32, inactivity_ms: u32 },
+    /// Gateway → client: no. Sent before keys exist, so not keyed; a forged
+    /// refusal can do no more than closing the connection could.
+    Refused { reason: RefuseReason, detail: String },
+    /// Keep-alive, either way, keyed.
+    Ping { seq: u64 },
+    /// Answer to a [`Message::Ping`], keyed.
+    Pong { seq: u64 },
+    /// Orderly end of the session, keyed.
+    Disconnect,
+    /// Acknowledges a [`Message::Disconnect`], keyed.
+    DisconnectAck,
+    /// A stream is reset, keyed.
+    StreamReset { stream: StreamId, code: ResetCode },
+    /// Client → gateway on a leg: which stream this leg carries and from
+    /// which offset the client needs the gateway's bytes. `service` is set
+    /// only when the stream is new (generation 0).
+    LegOpen {
+        session_id: u64,
+        stream: StreamId,
+        generation: u32,
+        received: Offset,
+        service: String,
+    },
+    /// Gateway → client on a leg: accepted with the offset from which the
+    /// gateway needs the client's bytes, or refused.
+    LegReply { result: Result<Offset, RefuseReason>, detail: String },
+}
+
+mod ty {
+    pub(super) const HELLO: u8 = 0x01;
+    pub(super) const CHALLENGE: u8 = 0x02;
+    pub(super) const AUTH: u8 = 0x03;
+    pub(super) const ACCEPTED: u8 = 0x04;
+    pub(super) const REFUSED: u8 = 0x05;
+    pub(super) const PING: u8 = 0x10;
+    pub(super) const PONG: u8 = 0x11;
+    pub(super) const DISCONNECT: u8 = 0x12;
+    pub(super) const DISCONNECT_ACK: u8 = 0x13;
+    pub(super) const STREAM_RESET: u8 = 0x14;
+    pub(super) const LEG_OPEN: u8 = 0x20;
+    pub(super) const LEG_REPLY: u8 = 0x21;
+}
+
+/// A frame header, parsed and bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Message type.
+    pub ty: u8,
+    /// Payload length, at most [`MAX_PAYLOAD`].
+    pub len: usize,
+}
+
+impl FrameHeader {
+    /// Parses a header and checks its length bound.
+    pub fn decode(bytes: &[u8; FRAME_HEADER_LEN]) -> Result<Self, WireError> {
+        let len = u16::from_be_bytes([bytes[1], bytes[2]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(WireError::TooLong(len));
+        }
+        Ok(Self { ty: bytes[0], len })
+    }
+}
+
+impl Message {
+    /// The frame type byte of this message.
+    pub fn ty(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => ty::HELLO,
+            Self::Challenge { .. } => ty::CHALLENGE,
+            Self::Auth { .. } => ty::AUTH,
+            Self::Accepted { .. } => ty::ACCEPTED,
+            Self::Refused { .. } => ty::REFUSED,
+            Self::Ping { .. } => ty::PING,
+            Self::Pong { .. } => ty::PONG,
+            Self::Disconnect => ty::DISCONNECT,
+            Self::DisconnectAck => ty::DISCONNECT_ACK,
+            Self::StreamReset { .. } => ty::STREAM_RESET,
+            Self::LegOpen { .. } => ty::LEG_OPEN,
+            Self::LegReply { .. } => ty::LEG_REPLY,
+        }
+    }
+
+    /// Appends header and payload (no tag) to `out`.
+    ///
+    /// # Panics
+    ///
+    /// If a string field exceeds its bound: messages built by this process
+    /// are validated when built (names come from checked configuration).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.put_u8(self.ty());
+        out.put_u16(0);
+        match self {
+            Self::Hello { client_id, ephemeral } => {
+                put_str(out, client_id, MAX_NAME);
+                out.put_slice(ephemeral);
+            }
+            Self::Challenge { session_id, ephemeral } => {
+                out.put_u64(*session_id);
+                out.put_slice(ephemeral);
+            }
+            Self::Auth { signature } => out.put_slice(signature),
+            Self::Accepted { session_id, keepalive_ms, inactivity_ms } => {
+                out.put_u64(*session_id);
+                out.put_u32(*keepalive_ms);
+                out.put_u32(*inactivity_ms);
+            }
+            Self::Refused { reason, detail } => {
+                out.put_u8(reason.code());
+                put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+            Self::Ping { seq } | Self::Pong { seq } => out.put_u64(*seq),
+            Self::Disconnect | Self::DisconnectAck => {}
+            Self::StreamReset { stream, code } => {
+                out.put_u64(stream.0);
+                out.put_u8(code.code());
+            }
+            Self::LegOpen { session_id, stream, generation, received, service } => {
+                out.put_u64(*session_id);
+                out.put_u64(stream.0);
+                out.put_u32(*generation);
+                out.put_u64(received.0);
+                put_str(out, service, MAX_NAME);
+            }
+            Self::LegReply { result, detail } => {
+                match result {
+                    Ok(off) => {
+                        out.put_u8(0);
+                        out.put_u64(off.0);
+                    }
+                    Err(reason) => {
+                        out.put_u8(reason.code());
+                        out.put_u64(0);
+                    }
+                }
+                put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+        }
+        let len = out.len() - start - FRAME_HEADER_LEN;
+        assert!(len <= MAX_PAYLOAD, "message built by this process exceeds the frame bound");
+        out[start + 1..start + 3].copy_from_slice(&(len as u16).to_be_bytes());
+    }
+
+    /// Decodes the payload of a frame of type `ty`. Never panics.
+    pub fn decode(ty: u8, payload: &[u8]) -> Result<Self, WireError> {
+        let mut r = payload;
+        let msg = match ty {
+            ty::HELLO => Self::Hello { client_id: get_name(&mut r)?, ephemeral: get_array(&mut r)? },
+            ty::CHALLENGE => {
+                Self::Challenge { session_id: get_u64(&mut r)?, ephemeral: get_array(&mut r)? }
+            }
+            ty::AUTH => Self::Auth { signature: get_array(&mut r)? },
+            ty::ACCEPTED => Self::Accepted {
+                session_id: get_u64(&mut r)?,
+                keepalive_ms: get_u32(&mut r)?,
+                inactivity_ms: get_u32(&mut r)?,
+            },
+            ty::REFUSED => Self::Refused {
+                reason: RefuseReason::from_code(get_u8(&mut r)?),
+                detail: get_str(&mut r, MAX_REASON)?,
+            },
+            ty::PING => Self::Ping { seq: get_u64(&mut r)? },
+            ty::PONG => Self::Pong { seq: get_u64(&mut r)? },
+            ty::DISCONNECT => Self::Disconnect,
+            ty::DISCONNECT_ACK => Self::DisconnectAck,
+            ty::STREAM_RESET => Self::StreamReset {
+                stream: StreamId(get_u64(&mut r)?),
+                code: ResetCode::from_code(get_u8(&mut r)?),
+            },
+            ty::LEG_OPEN => Self::LegOpen {
+                session_id: get_u64(&mut r)?,
+                stream: StreamId(get_u64(&mut r)?),
+                generation: get_u32(&mut r)?,
+                received: Offset(get_u64(&mut r)?),
+                service: get_str(&mut r, MAX_NAME)?,
+            },
+            ty::LEG_REPLY => {
+                let code = get_u8(&mut r)?;
+                let off = get_u64(&mut r)?;
+                let result = if code == 0 { Ok(Offset(off)) } else { Err(RefuseReason::from_code(code)) };
+                Self::LegReply { result, detail: get_str(&mut r, MAX_REASON)? }
+            }
+            other => return Err(WireError::UnknownType(other)),
+        };
+        if !r.is_empty() {
+            return Err(WireError::Trailing(r.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Checks that `name` is usable as a client or service name: 1 to
+/// [`MAX_NAME`] bytes of ASCII letters, digits, `.`, `_` or `-`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    assert!(s.len() <= max && max <= u16::MAX as usize, "string field over its bound");
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn need(r: &[u8], n: usize) -> Result<(), WireError> {
+    if r.remaining() < n {
+        Err(WireError::Truncated)
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u8(r: &mut &[u8]) -> Result<u8, WireError> {
+    need(r, 1)?;
+    Ok(r.get_u8())
+}
+
+fn get_u32(r: &mut &[u8]) -> Result<u32, WireError> {
+    need(r, 4)?;
+    Ok(r.get_u32())
+}
+
+fn get_u64(r: &mut &[u8]) -> Result<u64, WireError> {
+    need(r, 8)?;
+    Ok(r.get_u64())
+}
+
+fn get_array<const N: usize>(r: &mut &[u8]) -> Result<[u8; N], WireError> {
+    need(r, N)?;
+    let mut out = [0u8; N];
+    r.copy_to_slice(&mut out);
+    Ok(out)
+}
+
+fn get_str(r: &mut &[u8], max: usize) -> Result<String, WireError> {
+    need(r, 2)?;
+    let len = r.get_u16() as usize;
+    if len > max {
+        return Err(WireError::TooLong(len));
+    }
+    need(r, len)?;
+    let s = std::str::from_utf8(&r[..len]).map_err(|_| WireError::Invalid("string is not UTF-8"))?;
+    let s = s.to_owned();
+    r.advance(len);
+    Ok(s)
+}
+
+fn get_name(r: &mut &[u8]) -> Result<String, WireError> {
+    let s = get_str(r, MAX_NAME)?;
+    if !valid_name(&s) {
+        return Err(WireError::Invalid("name"));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(m: Message) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        let hdr = FrameHeader::decode(buf[..3].try_into().unwrap()).unwrap();
+        assert_eq!(hdr.len, buf.len() - 3);
+        assert_eq!(Message::decode(hdr.ty, &buf[3..]).unwrap(), m);
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        roundtrip(Message::Hello { client_id: "laptop-7".into(), ephemeral: [7; 32] });
+        roundtrip(Message::Challenge { session_id: 99, ephemeral: [1; 32] });
+        roundtrip(Message::Auth { signature: [3; 64] });
+        roundtrip(Message::Accepted { session_id: 5, keepalive_ms: 10, inactivity_ms: 20 });
+        roundtrip(Message::Refused { reason: RefuseReason::CapacityFull, detail: "full".into() });
+        roundtrip(Message::Ping { seq: 1 });
+        roundtrip(Message::Pong { seq: u64::MAX });
+        roundtrip(Message::Disconnect);
+        roundtrip(Message::DisconnectAck);
+        roundtrip(Message::StreamReset { stream: StreamId(4), code: ResetCode::Peer });
+        roundtrip(Message::LegOpen {
+            session_id: 1,
+            stream: StreamId(2),
+            generation: 3,
+            received: Offset(4),
+            service: "postgres".into(),
+        });
+        roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
+        roundtrip(Message::LegReply {
+            result: Err(RefuseReason::TargetUnreachable),
+            detail: "connection refused".into(),
+        });
+    }
+
+    #[test]
+    fn preface_checks_magic_and_kind() {
+        let p = Preface::new(ConnKind::Leg);
+        assert_eq!(Preface::decode(&p.encode()).unwrap(), p);
+        assert_eq!(Preface::decode(b"GET / HT"), Err(WireError::BadPreface));
+        let mut bad = p.encode();
+        bad[6] = b'X';
+        assert_eq!(Preface::decode(&bad), Err(WireError::BadPreface));
+        let mut v2 = p.encode();
+        v2[5] = 2;
+        assert_eq!(Preface::decode(&v2).unwrap().version, 2);
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_before_allocation() {
+        assert_eq!(FrameHeader::decode(&[1, 0xff, 0xff]), Err(WireError::TooLong(0xffff)));
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let mut buf = Vec::new();
+        buf.put_u16(3);
+        buf.put_slice(b"a b");
+        buf.put_slice(&[0; 32]);
+        assert_eq!(Message::decode(ty::HELLO, &buf), Err(WireError::Invalid("name")));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(valid_name("laptop-7.office_2"));
+    }
+
+    #[test]
+    fn long_detail_is_truncated_on_a_char_boundary() {
+        let detail = "é".repeat(400);
+        let mut buf = Vec::new();
+        Message::Refused { reason: RefuseReason::Version, detail }.encode(&mut buf);
+        match Message::decode(buf[0], &buf[3..]).unwrap() {
+            Message::Refused { detail, .. } => assert!(detail.len() <= MAX_REASON),
+            m => panic!("decoded {m:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(ty in any::<u8>(), payload in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Message::decode(ty, &payload);
+        }
+
+        #[test]
+        fn truncated_frames_fail_cleanly(cut in 0usize..60) {
+            let mut buf = Vec::new();
+            Message::LegOpen {
+                session_id: 1, stream: StreamId(2), generation: 3,
+                received: Offset(4), service: "svc".into(),
+            }.encode(&mut buf);
+            let payload = &buf[3..];
+            let cut = cut.min(payload.len().saturating_sub(1));
+            prop_assert!(Message::decode(buf[0], &payload[..cut]).is_err());
+        }
+    }
+}
