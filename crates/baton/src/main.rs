@@ -1,1 +1,194 @@
-fn main() {}
+//! `baton`: the client agent, the gateway and their tools in one binary.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baton_proto::ClientKey;
+use baton_runtime::{Client, ClientConfig, Gateway, GatewayConfig};
+use clap::{Parser, Subcommand};
+use ring::rand::SystemRandom;
+use tokio_util::sync::CancellationToken;
+
+mod demo;
+
+/// Exit code for a configuration that cannot be used (BSD `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+
+/// baton keeps applications' TCP sessions alive while a device changes networks.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a gateway: accept sessions from client agents and relay their streams.
+    Gateway {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Validate the configuration and exit (64 if it is bad).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run a client agent: serve local applications through a gateway.
+    Client {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Validate the configuration (and the key file) and exit (64 if bad).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Make a client agent's credentials: a secret key file, and the public
+    /// key for the gateway's configuration.
+    Keygen {
+        /// The client agent's id (as in its `id` and the gateway's `[clients.ID]`).
+        id: String,
+        /// Where to write the secret key (default: ID.key). Never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Show baton at work on loopback: no root, no configuration.
+    Demo {
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        /// MiB sent each way on each stream.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Demo { .. }));
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(demo: bool) {
+    let default = if demo { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Gateway { config, check } => {
+            let cfg = match GatewayConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return Ok(config_error(e)),
+            };
+            if check {
+                println!("{}: ok ({} services, {} clients)", config.display(), cfg.services.len(), cfg.clients.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                let gw = Gateway::start(cfg, shutdown.clone()).await?;
+                wait_for_signal().await;
+                shutdown.cancel();
+                gw.wait().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Client { config, check } => {
+            let cfg = match ClientConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let key = match load_key(&cfg.key_file) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("baton: {}: key `key_file`: {e:#}", config.display());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            if check {
+                println!("{}: ok ({} gateways, {} services)", config.display(), cfg.gateways.len(), cfg.services.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                let client = Client::start(cfg, key, shutdown.clone()).await?;
+                wait_for_signal().await;
+                shutdown.cancel();
+                client.wait().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Keygen { id, out } => keygen(&id, out),
+        Command::Demo { streams, mib } => {
+            anyhow::ensure!(streams > 0, "--streams must be at least 1");
+            runtime()?.block_on(demo::run(demo::Options { streams, mib }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn config_error(e: baton_runtime::ConfigError) -> ExitCode {
+    eprintln!("baton: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn load_key(path: &Path) -> anyhow::Result<ClientKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ClientKey::from_text(&text).with_context(|| format!("{} is not a baton key file", path.display()))
+}
+
+fn keygen(id: &str, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        baton_proto::wire::valid_name(id),
+        "invalid id {id:?}: ids are 1 to 64 characters of letters, digits, '.', '_' or '-'"
+    );
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{id}.key")));
+    let key = ClientKey::generate(&SystemRandom::new())?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&path).with_context(|| format!("cannot create {} (an existing key is never overwritten)", path.display()))?;
+    writeln!(f, "{}", key.to_text())?;
+    println!("wrote the secret key of client {id:?} to {} (keep it on the client: key_file = {:?})", path.display(), path.display().to_string());
+    println!("add this to the gateway's configuration:");
+    println!("[clients.{id}]");
+    println!("services = []   # the services this client may open");
+    println!("key = \"{}\"", key.public());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+}

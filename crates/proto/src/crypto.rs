@@ -14,7 +14,7 @@
 //! Session keys come from HKDF-SHA256 over the X25519 shared secret, salted
 //! with the transcript hash, so each session (and each control connection)
 //! has fresh keys and a captured handshake cannot be replayed into a session.
-//! Control frames carry an HMAC-SHA256 tag (truncated to 16 bytes) over a
+//! Control frames carry an HMAC-SHA256 tag (32 bytes) over a
 //! per-direction sequence number and the frame; leg preambles are tagged with
 //! a separate leg key. Only standard primitives from `ring` are used.
 
@@ -239,9 +239,11 @@ fn tag(key: &hmac::Key, seq: u64, frame: &[u8]) -> hmac::Tag {
 }
 
 fn verify_tag(key: &hmac::Key, seq: u64, frame: &[u8], got: &[u8]) -> bool {
-    let expected = tag(key, seq, frame);
-    // Constant-time comparison of the truncated tag.
-    ring::constant_time::verify_slices_are_equal(&expected.as_ref()[..TAG_LEN], got).is_ok()
+    // `hmac::verify` compares in constant time; it wants one input slice.
+    let mut data = Vec::with_capacity(8 + frame.len());
+    data.extend_from_slice(&seq.to_be_bytes());
+    data.extend_from_slice(frame);
+    hmac::verify(key, &data, got).is_ok()
 }
 
 impl ControlCipher {
@@ -259,7 +261,7 @@ impl ControlCipher {
         let start = out.len();
         msg.encode(out);
         let t = tag(&self.send, self.send_seq, &out[start..]);
-        out.extend_from_slice(&t.as_ref()[..TAG_LEN]);
+        out.extend_from_slice(t.as_ref());
         self.send_seq += 1;
     }
 
@@ -269,13 +271,13 @@ impl ControlCipher {
         if payload.len() != hdr.len || got_tag.len() != TAG_LEN {
             return Err(WireError::Truncated);
         }
-        let mut ctx = hmac::Context::with_key(&self.recv);
-        ctx.update(&self.recv_seq.to_be_bytes());
-        ctx.update(header);
-        ctx.update(payload);
-        let expected = ctx.sign();
-        ring::constant_time::verify_slices_are_equal(&expected.as_ref()[..TAG_LEN], got_tag)
-            .map_err(|_| WireError::BadTag)?;
+        let mut data = Vec::with_capacity(8 + FRAME_HEADER_LEN + payload.len());
+        data.extend_from_slice(&self.recv_seq.to_be_bytes());
+        data.extend_from_slice(header);
+        data.extend_from_slice(payload);
+        if hmac::verify(&self.recv, &data, got_tag).is_err() {
+            return Err(WireError::BadTag);
+        }
         self.recv_seq += 1;
         Message::decode(hdr.ty, payload)
     }
@@ -302,7 +304,7 @@ impl LegKey {
         let start = out.len();
         msg.encode(out);
         let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&tag(&self.0, LEG_OPEN_SEQ, &out[start..]).as_ref()[..TAG_LEN]);
+        t.copy_from_slice(tag(&self.0, LEG_OPEN_SEQ, &out[start..]).as_ref());
         out.extend_from_slice(&t);
         t
     }
@@ -320,7 +322,7 @@ impl LegKey {
         buf.extend_from_slice(open_tag);
         buf.extend_from_slice(&out[start..]);
         let t = tag(&self.0, LEG_REPLY_SEQ, &buf);
-        out.extend_from_slice(&t.as_ref()[..TAG_LEN]);
+        out.extend_from_slice(t.as_ref());
     }
 
     /// Verifies a LegReply frame (header + payload) answering the open with `open_tag`.

@@ -4,7 +4,7 @@
 //! [`Preface`] naming the protocol version and what the connection is for.
 //! After it, a control connection carries [`Frame`]s: a 3-byte header
 //! (type, big-endian length), the payload, and once the session is keyed a
-//! 16-byte authentication tag. A leg carries one `LegOpen` frame from the
+//! 32-byte authentication tag (HMAC-SHA256). A leg carries one `LegOpen` frame from the
 //! client agent, one `LegReply` frame from the gateway, and then the
 //! application's bytes, unchanged.
 //!
@@ -24,7 +24,7 @@ pub const FRAME_HEADER_LEN: usize = 3;
 /// Largest payload a frame may carry. Checked before allocating.
 pub const MAX_PAYLOAD: usize = 4096;
 /// Length of the authentication tag that follows a keyed frame.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = 32;
 /// Longest client or service name.
 pub const MAX_NAME: usize = 64;
 /// Longest human-readable reason carried in a refusal.

@@ -1,1 +1,13 @@
+//! baton's drivers: the gateway and the client agent on tokio, around the
+//! state machines of `baton-proto`.
 
+pub mod client;
+pub mod config;
+mod frame;
+pub mod gateway;
+pub mod relay;
+pub mod verify;
+
+pub use client::{Client, LinkState, SessionError};
+pub use config::{ClientConfig, ConfigError, GatewayConfig};
+pub use gateway::Gateway;

@@ -1,0 +1,517 @@
+//! Configuration files of the gateway and the client agent (TOML).
+//!
+//! Every key is documented here and in the README; unknown keys are errors,
+//! so that a typo never silently falls back to a default. Errors name the key
+//! (`services.postgres.target`) and the problem.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_proto::wire::valid_name;
+use baton_proto::PublicKey;
+use serde::{de, Deserialize, Deserializer};
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key is unknown, missing, or holds a bad value.
+    #[error("{path}: key `{key}`: {message}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// The key, as a dotted path.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// `host:port` where host is a name or an IP address, resolved when used
+/// (so a gateway can reach services anywhere and DNS changes are followed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// Host name or address literal (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Self { host: sa.ip().to_string(), port: sa.port() });
+        }
+        let bad = || format!("invalid address {s:?}: expected host:port (e.g. \"db.internal:5432\")");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+            });
+        if !host_ok || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum PortOrAddr {
+        Port(u16),
+        Addr(String),
+    }
+    match PortOrAddr::deserialize(d)? {
+        // A bare port means loopback: a service is private to this host unless
+        // the user asks for a LAN address.
+        PortOrAddr::Port(p) => Ok(SocketAddr::from(([127, 0, 0, 1], p))),
+        PortOrAddr::Addr(s) => s.parse().map_err(|_| {
+            de::Error::custom(format!("invalid address {s:?}: expected ip:port (e.g. \"127.0.0.1:5432\")"))
+        }),
+    }
+}
+
+fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            s.parse().map_err(|_| {
+                de::Error::custom(format!("invalid address {s:?}: expected ip:port (e.g. \"0.0.0.0:7700\")"))
+            })
+        })
+        .collect()
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    let v = humantime::parse_duration(&s)
+        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. \"30s\", \"5m\")")))?;
+    if v.is_zero() {
+        return Err(de::Error::custom("duration must be greater than zero"));
+    }
+    Ok(v)
+}
+
+fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e| de::Error::custom(format!("{e}")))
+}
+
+/// The gateway's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Addresses to accept client agents on.
+    #[serde(deserialize_with = "socket_addrs")]
+    pub listen: Vec<SocketAddr>,
+    /// A session with no frame from its client agent for this long is
+    /// released with everything it holds. Default 5m.
+    #[serde(default = "defaults::inactivity", deserialize_with = "duration")]
+    pub inactivity_timeout: Duration,
+    /// Most sessions held at once; more are REFUSED with "capacity full".
+    #[serde(default = "defaults::max_sessions")]
+    pub max_sessions: usize,
+    /// Most live streams per session; more are refused.
+    #[serde(default = "defaults::max_streams")]
+    pub max_streams_per_session: usize,
+    /// How long to wait for a service's target to accept a connection.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a new connection may take to finish its handshake or preamble.
+    #[serde(default = "defaults::handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Services by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, GatewayService>,
+    /// Authorised client agents by id.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientEntry>,
+}
+
+/// A service the gateway relays to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayService {
+    /// Where the real server listens: any host the gateway reaches.
+    pub target: HostPort,
+}
+
+/// A client agent the gateway accepts.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    /// The client's public key, as printed by `baton keygen`.
+    #[serde(deserialize_with = "public_key")]
+    pub key: PublicKey,
+    /// The services this client may open; all others are refused.
+    pub services: Vec<String>,
+}
+
+impl fmt::Debug for ClientEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientEntry").field("key", &self.key).field("services", &self.services).finish()
+    }
+}
+
+/// The client agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// This client agent's id, as listed in the gateways' `[clients]`.
+    pub id: String,
+    /// File holding the secret key from `baton keygen`; relative paths are
+    /// relative to the configuration file's folder.
+    pub key_file: PathBuf,
+    /// Interval between keep-alives on each control connection (the gateway
+    /// may ask for a shorter one). Default 10s.
+    #[serde(default = "defaults::keepalive", deserialize_with = "duration")]
+    pub keepalive: Duration,
+    /// How long to wait for a gateway to accept a TCP connection.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Gateways by name.
+    pub gateways: BTreeMap<String, GatewaySpec>,
+    /// Services to offer to local applications, by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, ClientService>,
+}
+
+/// How to reach a gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// The gateway's addresses, tried in order.
+    pub addresses: Vec<HostPort>,
+}
+
+/// A service offered to local applications.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientService {
+    /// The gateway (a key of `[gateways]`) that relays this service.
+    pub gateway: String,
+    /// Where applications connect: `ip:port`, or a bare port for loopback.
+    /// A LAN address makes this host a connectivity box for its LAN.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// The service's name on the gateway, if different from this table's key.
+    pub remote: Option<String>,
+}
+
+impl ClientService {
+    /// The name the gateway knows this service by.
+    pub fn remote_name<'a>(&'a self, key: &'a str) -> &'a str {
+        self.remote.as_deref().unwrap_or(key)
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub(super) fn inactivity() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub(super) fn max_sessions() -> usize {
+        10_000
+    }
+    pub(super) fn max_streams() -> usize {
+        10_000
+    }
+    pub(super) fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn keepalive() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+fn parse<T: de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let message = inner.lines().next().unwrap_or_default().trim().to_owned();
+        // For an unknown field serde names the table; add the field itself.
+        let key = match unknown_field(&message) {
+            Some(field) if key == "." => field.to_owned(),
+            Some(field) if key != field && !key.ends_with(&format!(".{field}")) => format!("{key}.{field}"),
+            _ => key,
+        };
+        ConfigError::Key { path: path.to_owned(), key, message }
+    })
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+fn key_error(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key { path: path.to_owned(), key: key.into(), message: message.into() }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })
+}
+
+impl GatewayConfig {
+    /// Reads and validates a gateway configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_toml(path, &read(path)?)
+    }
+
+    /// Parses and validates gateway configuration text; `path` names it in errors.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(key_error(path, "listen", "at least one address is needed"));
+        }
+        if self.max_sessions == 0 {
+            return Err(key_error(path, "max_sessions", "must be at least 1"));
+        }
+        if self.max_streams_per_session == 0 {
+            return Err(key_error(path, "max_streams_per_session", "must be at least 1"));
+        }
+        for name in self.services.keys() {
+            if !valid_name(name) {
+                return Err(key_error(path, format!("services.{name}"), NAME_RULE));
+            }
+        }
+        for (id, client) in &self.clients {
+            if !valid_name(id) {
+                return Err(key_error(path, format!("clients.{id}"), NAME_RULE));
+            }
+            for (i, s) in client.services.iter().enumerate() {
+                if !self.services.contains_key(s) {
+                    return Err(key_error(
+                        path,
+                        format!("clients.{id}.services[{i}]"),
+                        format!("no service {s:?} in [services]"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "names are 1 to 64 characters of letters, digits, '.', '_' or '-'";
+
+impl ClientConfig {
+    /// Reads and validates a client configuration file. `key_file` is made
+    /// absolute relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut c = Self::from_toml(path, &read(path)?)?;
+        if c.key_file.is_relative() {
+            let dir = path.parent().unwrap_or_else(|| Path::new("."));
+            c.key_file = dir.join(&c.key_file);
+        }
+        Ok(c)
+    }
+
+    /// Parses and validates client configuration text; `path` names it in errors.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = parse(path, text)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if !valid_name(&self.id) {
+            return Err(key_error(path, "id", NAME_RULE));
+        }
+        if self.gateways.is_empty() {
+            return Err(key_error(path, "gateways", "at least one gateway is needed"));
+        }
+        for (name, g) in &self.gateways {
+            if g.addresses.is_empty() {
+                return Err(key_error(path, format!("gateways.{name}.addresses"), "at least one address is needed"));
+            }
+        }
+        let mut listens = BTreeMap::new();
+        for (name, s) in &self.services {
+            if !valid_name(name) {
+                return Err(key_error(path, format!("services.{name}"), NAME_RULE));
+            }
+            if !valid_name(s.remote_name(name)) {
+                return Err(key_error(path, format!("services.{name}.remote"), NAME_RULE));
+            }
+            if !self.gateways.contains_key(&s.gateway) {
+                return Err(key_error(
+                    path,
+                    format!("services.{name}.gateway"),
+                    format!("no gateway {:?} in [gateways]", s.gateway),
+                ));
+            }
+            if let Some(other) = listens.insert(s.listen, name) {
+                return Err(key_error(
+                    path,
+                    format!("services.{name}.listen"),
+                    format!("{} is already used by service {other:?}", s.listen),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn gw(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_toml(Path::new("gateway.toml"), text)
+    }
+
+    fn key_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Key { key, .. } => key,
+            other => panic!("expected a key error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn full_gateway_config_parses_with_defaults() {
+        let c = gw(&format!(
+            r#"listen = ["0.0.0.0:7700"]
+               [services.postgres]
+               target = "db.internal:5432"
+               [clients.laptop-7]
+               key = "{KEY}"
+               services = ["postgres"]"#
+        ))
+        .unwrap();
+        assert_eq!(c.inactivity_timeout, Duration::from_secs(300));
+        assert_eq!(c.max_sessions, 10_000);
+        assert_eq!(c.services["postgres"].target, HostPort { host: "db.internal".into(), port: 5432 });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = gw(r#"listen = ["0.0.0.0:7700"]
+                      lisen = 3"#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "lisen");
+        let e = gw(r#"listen = ["0.0.0.0"]"#).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(key_of(e), "listen", "{msg}");
+        let e = gw(r#"listen = ["0.0.0.0:1"]
+                      [services.a]
+                      target = "no port""#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "services.a.target");
+        let e = gw(r#"listen = ["0.0.0.0:1"]
+                      [services.a]
+                      target = "h:1"
+                      tagret = "x""#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "services.a.tagret");
+        let e = gw(&format!(
+            r#"listen = ["0.0.0.0:1"]
+               [clients.c]
+               key = "{KEY}"
+               services = ["nope"]"#
+        ))
+        .unwrap_err();
+        assert_eq!(key_of(e), "clients.c.services[0]");
+        let e = gw(r#"listen = ["0.0.0.0:1"]
+                      inactivity_timeout = "soon""#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "inactivity_timeout");
+        let e = gw(r#"listen = ["0.0.0.0:1"]
+                      [clients.c]
+                      key = "short"
+                      services = []"#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "clients.c.key");
+    }
+
+    #[test]
+    fn client_config_checks_references_and_listen_forms() {
+        let base = r#"id = "laptop-7"
+                      key_file = "laptop-7.key"
+                      [gateways.office]
+                      addresses = ["gw.example.net:7700", "[::1]:7700"]
+                   "#;
+        let c = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}[services.pg]\ngateway = \"office\"\nlisten = 5432\n"),
+        )
+        .unwrap();
+        assert_eq!(c.services["pg"].listen, "127.0.0.1:5432".parse().unwrap());
+        assert_eq!(c.gateways["office"].addresses[1].to_string(), "[::1]:7700");
+        let e = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}[services.pg]\ngateway = \"home\"\nlisten = 5432\n"),
+        )
+        .unwrap_err();
+        assert_eq!(key_of(e), "services.pg.gateway");
+        let e = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}[services.pg]\ngateway = \"office\"\nlisten = \"localhost\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(key_of(e), "services.pg.listen");
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert!("db:0".parse::<HostPort>().is_err());
+        assert!(":80".parse::<HostPort>().is_err());
+        assert!("bad host:80".parse::<HostPort>().is_err());
+        assert_eq!("10.0.0.1:80".parse::<HostPort>().unwrap().host, "10.0.0.1");
+    }
+}
