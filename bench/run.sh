@@ -13,6 +13,7 @@ STREAMS=${STREAMS:-"1 8"}                # iperf3 -P values
 RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
+ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: skip everything that needs baton
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
@@ -86,7 +87,15 @@ cleanup() {
     done
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # Keep the logs and configs (not the key) of the last run for a look later.
+    local logdir
+    logdir="$(dirname "$BENCH_RESULTS")/logs"
+    if mkdir -p "$logdir" 2>/dev/null; then
+        rm -f "$logdir"/*.log "$logdir"/*.toml
+        cp "$TMP"/*.log "$TMP"/*.toml "$logdir"/ 2>/dev/null || true
+    fi
     if [[ $rc != 0 ]]; then
+        log "logs of this run: ${logdir#"$ROOT"/}"
         for name in "${!PIDOF[@]}"; do
             if [[ -s $TMP/$name.log ]]; then
                 log "---- last lines of $name.log ----"
@@ -211,6 +220,11 @@ EOF
 fi
 
 # ---- measurements -------------------------------------------------------------
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
+if awk -v l="$LOAD_BEFORE" -v n="$(nproc)" 'BEGIN{exit !(l+0 > n/2)}'; then
+    log "warning: load average is $LOAD_BEFORE on $(nproc) cores: other work on this machine will skew the numbers"
+fi
 ROWS=() # "test|unit|direct|baton"
 FAILED=0
 
@@ -254,32 +268,55 @@ rr_stats() {
 
 via() { [[ $BENCH_DIRECT_ONLY != 1 ]]; }
 
+# median V...: the median of the numeric arguments ("fail" ones are ignored);
+# "fail" if there is none.
+median() {
+    python3 -c '
+import statistics, sys
+v = [float(x) for x in sys.argv[1:] if x not in ("fail", "skip")]
+print(statistics.median(v) if v else "fail")' "$@"
+}
+
+# Each test runs ROUNDS times, direct and baton alternating, and the table
+# shows the median of each side.
 for p in $STREAMS; do
     for dir in up down; do
         flag=(); [[ $dir == down ]] && flag=(-R)
         name="iperf3 -P $p $dir"
-        log "$name: direct"
-        iperf_bps "$IPERF_PORT" "$p" "${flag[@]}"; d=$BPS
-        b=skip
-        if via; then
-            log "$name: baton"
-            iperf_bps "$IPERF_VIA_PORT" "$p" "${flag[@]}"; b=$BPS
-        fi
+        ds=() bs=()
+        for ((r = 1; r <= ROUNDS; r++)); do
+            tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
+            log "$name: direct$tag"
+            iperf_bps "$IPERF_PORT" "$p" "${flag[@]}"; ds+=("$BPS")
+            if via; then
+                log "$name: baton$tag"
+                iperf_bps "$IPERF_VIA_PORT" "$p" "${flag[@]}"; bs+=("$BPS")
+            fi
+        done
+        d=$(median "${ds[@]}")
+        b=skip; via && b=$(median "${bs[@]}")
         ROWS+=("$name|Gbit/s|$d|$b")
     done
 done
 
 for s in $RR_SIZES; do
-    log "rr ${s}B: direct"
-    rr_stats "$ECHO_PORT" "$s"; d50=$P50 d99=$P99
+    d50s=() d99s=() b50s=() b99s=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
+        log "rr ${s}B: direct$tag"
+        rr_stats "$ECHO_PORT" "$s"; d50s+=("$P50"); d99s+=("$P99")
+        if via; then
+            log "rr ${s}B: baton$tag"
+            rr_stats "$ECHO_VIA_PORT" "$s"; b50s+=("$P50"); b99s+=("$P99")
+        fi
+    done
     b50=skip b99=skip
-    if via; then
-        log "rr ${s}B: baton"
-        rr_stats "$ECHO_VIA_PORT" "$s"; b50=$P50 b99=$P99
-    fi
-    ROWS+=("rr ${s}B p50|us|$d50|$b50")
-    ROWS+=("rr ${s}B p99|us|$d99|$b99")
+    via && { b50=$(median "${b50s[@]}"); b99=$(median "${b99s[@]}"); }
+    ROWS+=("rr ${s}B p50|us|$(median "${d50s[@]}")|$b50")
+    ROWS+=("rr ${s}B p99|us|$(median "${d99s[@]}")|$b99")
 done
+
+LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
 
 # ---- table --------------------------------------------------------------------
 fmt_val() { # fmt_val UNIT VALUE
@@ -304,9 +341,10 @@ mkdir -p "$(dirname "$BENCH_RESULTS")"
     echo
     echo "- date: $STAMP"
     echo "- commit: $REV"
-    echo "- machine: $(nproc) cores, $(uname -sr)"
+    echo "- machine: $(nproc) cores, $(uname -sr); 1-min load average $LOAD_BEFORE before, $LOAD_AFTER after"
     echo "- iperf3: $(iperf3 --version 2>/dev/null | head -n 1), ${DURATION}s per test"
     echo "- rr: $RR_COUNT round trips after $RR_WARMUP warm-up, one connection, TCP_NODELAY"
+    if ((ROUNDS > 1)); then echo "- each value is the median of $ROUNDS rounds, direct and baton alternating"; fi
     echo "- ratio = baton / direct (throughput: higher is better; latency: lower is better)"
     echo
     echo "| test | direct | baton | ratio |"
