@@ -78,6 +78,7 @@ cleanup() {
     trap - EXIT INT TERM
     local pid name
     # shellcheck disable=SC2317 # reached through the EXIT trap
+    if [[ -n ${FG:-} ]]; then kill "$FG" 2>/dev/null || true; fi
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         local alive=0
@@ -117,6 +118,18 @@ start() {
     local pid=$!
     PIDS+=("$pid")
     PIDOF[$name]=$pid
+}
+
+# run_fg CMD...: run CMD to completion, but in the background so that a signal to
+# this script is handled at once (bash runs traps only between commands).
+FG=
+run_fg() {
+    local rc=0
+    "$@" &
+    FG=$!
+    wait "$FG" || rc=$?
+    FG=
+    return "$rc"
 }
 
 alive() { # alive NAME
@@ -239,7 +252,7 @@ iperf_bps() {
     # iperf3 accepts --rcv-timeout only when the client receives (-R).
     [[ " $* " == *" -R "* ]] && extra=(--rcv-timeout 10000)
     BPS=fail
-    if timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
+    if run_fg timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
         --connect-timeout 5000 "${extra[@]}" -J "$@" >"$out" 2>"$TMP/iperf.err" \
         && BPS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])' "$out" 2>/dev/null); then
         return 0
@@ -257,7 +270,7 @@ iperf_bps() {
 rr_stats() {
     local port=$1 size=$2
     P50=fail P99=fail
-    if "$BENCHBIN" rr --connect "$HOST:$port" --size "$size" --count "$RR_COUNT" \
+    if run_fg "$BENCHBIN" rr --connect "$HOST:$port" --size "$size" --count "$RR_COUNT" \
         --warmup "$RR_WARMUP" --json >"$TMP/rr.json" 2>"$TMP/rr.err"; then
         read -r P50 P99 < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["p50_us"], d["p99_us"])' "$TMP/rr.json")
     else
