@@ -394,6 +394,10 @@ impl ClientConfig {
                     format!("no gateway {:?} in [gateways]", s.gateway),
                 ));
             }
+            // Port 0 asks the OS for a free port: never a clash.
+            if s.listen.port() == 0 {
+                continue;
+            }
             if let Some(other) = listens.insert(s.listen, name) {
                 return Err(key_error(
                     path,
