@@ -1,5 +1,7 @@
 //! The command line: `--check`, exit codes, keygen, demo.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -456,6 +456,7 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), WireError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::stream::{Offset, StreamId};

@@ -502,6 +502,7 @@ fn get_name(r: &mut &[u8]) -> Result<String, WireError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

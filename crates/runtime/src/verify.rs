@@ -259,6 +259,7 @@ async fn serve_one(mut stream: TcpStream) -> io::Result<Report> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

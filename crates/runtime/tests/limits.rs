@@ -1,5 +1,7 @@
 //! The session limit and the inactivity timeout.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -2,6 +2,8 @@
 //! refusals; garbage, forged control frames and forged or replayed leg
 //! preambles close only the offending connection.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -1,6 +1,8 @@
 //! Many concurrent streams through one session, byte-exact both ways,
 //! including half-closed ones; resets and unreachable targets.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod common;
 
 use std::time::Duration;
@@ -104,7 +106,7 @@ async fn resets_are_carried_as_resets_both_ways() {
     let mut buf = [0u8; 5];
     srv.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
-    srv.set_linger(Some(Duration::ZERO)).unwrap();
+    baton_os::arm_reset(&srv).unwrap();
     drop(srv);
     let mut rbuf = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), app.read(&mut rbuf)).await.unwrap();
@@ -115,7 +117,7 @@ async fn resets_are_carried_as_resets_both_ways() {
     app.write_all(b"x").await.unwrap();
     let (mut srv, _) = server.accept().await.unwrap();
     srv.read_exact(&mut [0u8; 1]).await.unwrap();
-    app.set_linger(Some(Duration::ZERO)).unwrap();
+    baton_os::arm_reset(&app).unwrap();
     drop(app);
     let r = tokio::time::timeout(Duration::from_secs(5), srv.read(&mut rbuf)).await.unwrap();
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
