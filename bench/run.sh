@@ -234,9 +234,22 @@ fi
 
 # ---- measurements -------------------------------------------------------------
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
-LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
-if awk -v l="$LOAD_BEFORE" -v n="$(nproc)" 'BEGIN{exit !(l+0 > n/2)}'; then
-    log "warning: load average is $LOAD_BEFORE on $(nproc) cores: other work on this machine will skew the numbers"
+# cpu_busy: percentage of CPU time not idle over one second, from /proc/stat
+# (unlike the load average, this does not remember our own build).
+cpu_busy() {
+    local a b
+    a=$(head -n 1 /proc/stat 2>/dev/null) || { echo "?"; return; }
+    sleep 1
+    b=$(head -n 1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        n = split(a, x); split(b, y); tot = 0
+        for (i = 2; i <= n; i++) tot += y[i] - x[i]
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        printf "%.0f", (tot > 0 ? 100 * (tot - idle) / tot : 0) }'
+}
+BUSY_BEFORE=$(cpu_busy)
+if [[ $BUSY_BEFORE != "?" ]] && ((BUSY_BEFORE > 20)); then
+    log "warning: the CPUs are ${BUSY_BEFORE}% busy before the tests: other work on this machine will skew the numbers"
 fi
 ROWS=() # "test|unit|direct|baton"
 FAILED=0
@@ -329,7 +342,6 @@ for s in $RR_SIZES; do
     ROWS+=("rr ${s}B p99|us|$(median "${d99s[@]}")|$b99")
 done
 
-LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?")
 
 # ---- table --------------------------------------------------------------------
 fmt_val() { # fmt_val UNIT VALUE
@@ -354,7 +366,7 @@ mkdir -p "$(dirname "$BENCH_RESULTS")"
     echo
     echo "- date: $STAMP"
     echo "- commit: $REV"
-    echo "- machine: $(nproc) cores, $(uname -sr); 1-min load average $LOAD_BEFORE before, $LOAD_AFTER after"
+    echo "- machine: $(nproc) cores, $(uname -sr); CPUs ${BUSY_BEFORE}% busy just before the tests"
     echo "- iperf3: $(iperf3 --version 2>/dev/null | head -n 1), ${DURATION}s per test"
     echo "- rr: $RR_COUNT round trips after $RR_WARMUP warm-up, one connection, TCP_NODELAY"
     if ((ROUNDS > 1)); then echo "- each value is the median of $ROUNDS rounds, direct and baton alternating"; fi
