@@ -1,4 +1,14 @@
-//! OS glue: the socket options baton needs, behind safe functions.
+//! OS glue: the socket options baton needs, behind safe functions; the live
+//! interface table ([`iface`]); connections out of a chosen interface
+//! ([`bind`]). Linux only.
+
+#![forbid(unsafe_code)]
+
+pub mod bind;
+pub mod iface;
+
+pub use bind::connect_via;
+pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 
 use std::io;
 use std::time::Duration;
