@@ -6,7 +6,7 @@
 //! can be tested on synthetic tables; [`watch`] is the driver that fills them
 //! from rtnetlink (see the `watch` submodule for the kernel side).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -205,11 +205,17 @@ impl InterfaceTable {
                     name: new.name.clone(),
                 });
             }
-            for &addr in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
-                events.push(IfaceEvent::AddressRemoved { index, addr });
-            }
-            for &addr in new.addrs.iter().filter(|a| !old.addrs.contains(a)) {
-                events.push(IfaceEvent::AddressAdded { index, addr });
+            if old.addrs != new.addrs {
+                // Sets, not `Vec::contains`: an interface can carry thousands of
+                // addresses, and this runs on every notification.
+                let (old_set, new_set): (BTreeSet<_>, BTreeSet<_>) =
+                    (old.addrs.iter().collect(), new.addrs.iter().collect());
+                for &&addr in old_set.difference(&new_set) {
+                    events.push(IfaceEvent::AddressRemoved { index, addr });
+                }
+                for &&addr in new_set.difference(&old_set) {
+                    events.push(IfaceEvent::AddressAdded { index, addr });
+                }
             }
             if !old.up && new.up {
                 events.push(IfaceEvent::LinkUp {
