@@ -3,6 +3,7 @@
 //! ([`bind`]). Linux only.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bind;
 pub mod iface;

@@ -3,8 +3,8 @@
 //! kernel.
 //!
 //! The types here are plain data with pure functions, so the decision engine
-//! can be tested on synthetic tables; [`watch`] is the driver that fills them
-//! from rtnetlink (see the `watch` submodule for the kernel side).
+//! can be tested on synthetic tables; [`watch()`] is the driver that fills them
+//! from rtnetlink.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

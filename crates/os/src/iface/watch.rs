@@ -44,7 +44,7 @@ const NETLINK_RCVBUF: usize = 1 << 20;
 /// A live interface table, kept current from kernel notifications (never by
 /// polling). Dropping the watcher stops its background tasks.
 ///
-/// Created by [`watch`]. Must be used inside a tokio runtime.
+/// Created by [`watch()`]. Must be used inside a tokio runtime.
 #[derive(Debug)]
 pub struct Watcher {
     table: watch::Receiver<InterfaceTable>,
