@@ -49,7 +49,7 @@ pub use delayer::{DelayConfig, DelayStats};
 pub use process::{run_bounded, ChildGuard};
 
 use delayer::{DelayCounters, Delayer};
-use process::run_ok;
+use process::{run_ok, Registry};
 
 /// Limit for the bed's own `ip`, `tc` and `iptables` calls and for [`Bed::exec`].
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -212,6 +212,7 @@ struct State {
 pub struct Bed {
     ns: [String; 3],
     state: Mutex<State>,
+    children: Registry,
 }
 
 impl Bed {
@@ -237,6 +238,7 @@ impl Bed {
                 format!("{base}-server"),
             ],
             state: Mutex::new(State::default()),
+            children: Registry::default(),
         };
         // From here on, dropping `bed` on an error removes whatever was made.
         bed.setup()?;
@@ -387,10 +389,10 @@ impl Bed {
         run_bounded(&mut cmd, None, CMD_TIMEOUT)
     }
 
-    /// Spawns `cmd` (from [`Bed::command`]); the child is killed and reaped when the guard
-    /// drops, and in any case when the bed drops.
+    /// Spawns `cmd` (from [`Bed::command`]); the child (its process group) is killed and
+    /// reaped when the guard drops; the bed kills it too when the bed drops first.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<ChildGuard> {
-        ChildGuard::spawn(cmd)
+        ChildGuard::spawn_registered(cmd, &self.children)
     }
 
     /// Runs `f` on a thread inside the host's namespace and returns its result.
@@ -763,6 +765,9 @@ impl Drop for Bed {
             }
         }
         drop(st);
+        // Our own children first: one still inside `ip netns exec`, before its setns, is not
+        // yet listed by `ip netns pids` but would enter the namespace and keep it alive.
+        self.children.kill_all();
         for ns in &self.ns {
             remove_ns(ns);
         }

@@ -1,10 +1,11 @@
 //! Running commands with a time limit, and children that die with their guard.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::ops::{Deref, DerefMut};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -89,6 +90,7 @@ fn annotate(e: io::Error, cmd: &Command) -> io::Error {
 #[derive(Debug)]
 pub struct ChildGuard {
     child: Child,
+    registry: Option<Registry>,
 }
 
 impl ChildGuard {
@@ -96,13 +98,57 @@ impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> io::Result<ChildGuard> {
         cmd.process_group(0);
         let child = cmd.spawn().map_err(|e| annotate(e, cmd))?;
-        Ok(ChildGuard { child })
+        Ok(ChildGuard {
+            child,
+            registry: None,
+        })
+    }
+
+    /// Spawns `cmd` and records it in `registry` until it is reaped.
+    pub(crate) fn spawn_registered(
+        cmd: &mut Command,
+        registry: &Registry,
+    ) -> io::Result<ChildGuard> {
+        let mut guard = ChildGuard::spawn(cmd)?;
+        registry.insert(guard.child.id());
+        guard.registry = Some(registry.clone());
+        Ok(guard)
     }
 
     /// Kills the process group now and waits for the child.
     pub fn kill(&mut self) -> io::Result<()> {
         let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        self.child.wait().map(drop)
+        let res = self.child.wait().map(drop);
+        if let Some(r) = &self.registry {
+            r.remove(self.child.id());
+        }
+        res
+    }
+}
+
+/// Process groups started by a bed and not yet reaped. A child that is not reaped keeps its
+/// pid, so killing these groups can never hit an unrelated process.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Registry(Arc<Mutex<HashSet<u32>>>);
+
+impl Registry {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, pid: u32) {
+        self.set().insert(pid);
+    }
+
+    fn remove(&self, pid: u32) {
+        self.set().remove(&pid);
+    }
+
+    /// Kills every registered process group (children stay registered until reaped).
+    pub(crate) fn kill_all(&self) {
+        for &pid in self.set().iter() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
     }
 }
 

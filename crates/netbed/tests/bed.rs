@@ -329,3 +329,27 @@ fn a_panicking_test_leaves_nothing_behind() {
     );
     assert_eq!(host_rules(), rules_before, "host iptables changed");
 }
+
+#[test]
+fn beds_of_dead_test_processes_are_swept() {
+    // A pid that just exited stands for a test process killed before its beds dropped.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = format!("nb-{pid}-0-stale-mobile");
+    let added = Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let _bed = bed("sweeper");
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    if list.contains(&stale) {
+        // Leave the machine clean even when the assertion below fails.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &stale])
+            .status();
+    }
+    assert!(!list.contains(&stale), "{stale} survived: {list}");
+}
