@@ -12,6 +12,7 @@ use ring::rand::SystemRandom;
 use tokio_util::sync::CancellationToken;
 
 mod demo;
+mod status;
 
 /// Exit code for a configuration that cannot be used (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
@@ -53,14 +54,35 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Show the client agent's interfaces, sessions, streams and switches.
+    Status {
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+        /// Print the status as JSON (fields documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switch of every session to an interface (make before break).
+    Switch {
+        /// Interface name, as shown by `baton status`.
+        interface: String,
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
     /// Show baton at work on loopback: no root, no configuration.
     Demo {
         /// Concurrent streams.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 4)]
         streams: usize,
         /// MiB sent each way on each stream.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 24)]
         mib: u64,
+        /// Pace of each stream and direction, in MiB/s (so the streams live
+        /// through the switches).
+        #[arg(long, default_value_t = 8)]
+        pace: u64,
     },
 }
 
@@ -77,7 +99,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(demo: bool) {
-    let default = if demo { "warn" } else { "info" };
+    let default = if demo { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -125,17 +147,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
+                let admin = cfg.admin.clone();
                 let client = Client::start(cfg, key, shutdown.clone()).await?;
-                wait_for_signal().await;
+                let admin_task = tokio::spawn(baton_runtime::admin::serve(client.clone(), admin, shutdown.clone()));
+                tokio::select! {
+                    _ = wait_for_signal() => {}
+                    r = admin_task => {
+                        if let Ok(Err(e)) = r {
+                            shutdown.cancel();
+                            return Err(e.into());
+                        }
+                    }
+                }
                 shutdown.cancel();
                 client.wait().await;
                 Ok(ExitCode::SUCCESS)
             })
         }
         Command::Keygen { id, out } => keygen(&id, out),
-        Command::Demo { streams, mib } => {
+        Command::Status { admin, json } => {
+            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &baton_runtime::admin::Request::Status))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", status::render(&reply));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Switch { interface, admin } => {
+            let req = baton_runtime::admin::Request::Switch { to: interface.clone() };
+            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
+            if reply["ok"] != true {
+                anyhow::bail!("switch to {interface} failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+            }
+            for sw in reply["switches"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: {} → {} in {} ms ({} streams, longest stall {} ms, {} bytes resent)",
+                    sw["gateway"].as_str().unwrap_or("?"),
+                    sw["from"].as_str().unwrap_or("?"),
+                    sw["to"].as_str().unwrap_or("?"),
+                    sw["duration_ms"],
+                    sw["streams"],
+                    sw["longest_stall_ms"],
+                    sw["bytes_resent"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { streams, mib, pace } => {
             anyhow::ensure!(streams > 0, "--streams must be at least 1");
-            runtime()?.block_on(demo::run(demo::Options { streams, mib }))?;
+            anyhow::ensure!(pace > 0, "--pace must be at least 1");
+            runtime()?.block_on(demo::run(demo::Options { streams, mib, pace_mib: pace }))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -364,10 +364,16 @@ impl fmt::Debug for ClientHandshake {
 
 impl ClientHandshake {
     /// Starts a handshake; returns the bytes to send first (preface and Hello).
-    pub fn start(client_id: &str, key: &ClientKey, rng: &dyn SecureRandom) -> Result<(Self, Vec<u8>), CryptoError> {
+    /// `resume` names the session to resume, 0 for a new one.
+    pub fn start(
+        client_id: &str,
+        key: &ClientKey,
+        resume: u64,
+        rng: &dyn SecureRandom,
+    ) -> Result<(Self, Vec<u8>), CryptoError> {
         let (private, ephemeral) = ephemeral(rng)?;
         let mut out = Preface::new(ConnKind::Control).encode().to_vec();
-        Message::Hello { client_id: client_id.to_owned(), ephemeral }.encode(&mut out);
+        Message::Hello { client_id: client_id.to_owned(), ephemeral, resume }.encode(&mut out);
         let mut transcript = digest::Context::new(&SHA256);
         transcript.update(&out);
         Ok((Self { key: key.clone(), private, transcript }, out))
@@ -464,7 +470,7 @@ mod tests {
 
     fn handshake(client_key: &ClientKey, configured: &PublicKey) -> Result<(SessionKeys, SessionKeys), CryptoError> {
         let rng = SystemRandom::new();
-        let (ch, first) = ClientHandshake::start("laptop-7", client_key, &rng)?;
+        let (ch, first) = ClientHandshake::start("laptop-7", client_key, 0, &rng)?;
         let (preface, hello) = first.split_at(8);
         let client_eph = match Message::decode(hello[0], &hello[3..])? {
             Message::Hello { ephemeral, .. } => ephemeral,

@@ -77,17 +77,23 @@ impl StreamState {
     }
 }
 
+/// What an admitted leg does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Opens a new stream.
+    New,
+    /// Resumes a live stream.
+    Resume,
+}
+
 /// Why a leg was not admitted to a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AdmitError {
-    /// A new stream (generation 0) whose id was already used: a replayed
-    /// preamble or a confused peer.
+    /// A stream id that was used and has ended: a replayed preamble or a
+    /// confused peer.
     #[error("stream id already used")]
     Reused,
-    /// A resume for a stream that is not live.
-    #[error("no such live stream")]
-    NotLive,
     /// A resume whose generation is not newer than the current leg's:
     /// a replayed preamble trying to take the stream over.
     #[error("stale leg generation")]
@@ -125,9 +131,19 @@ impl StreamTable {
     }
 
     /// Decides whether a leg announcing `(stream, generation)` may attach.
-    /// On success the stream is live with that generation.
-    pub fn admit(&mut self, stream: StreamId, generation: u32) -> Result<(), AdmitError> {
-        if generation == 0 {
+    /// On success the stream is live with that generation; the answer says
+    /// whether it is new. A new id may come with any generation (the client
+    /// agent may have retried an open whose first leg never arrived); a live
+    /// one needs a newer generation than its current leg.
+    pub fn admit(&mut self, stream: StreamId, generation: u32) -> Result<Admission, AdmitError> {
+        if let Some(g) = self.live.get_mut(&stream) {
+            if *g >= generation {
+                return Err(AdmitError::StaleGeneration);
+            }
+            *g = generation;
+            return Ok(Admission::Resume);
+        }
+        {
             if self.live.len() >= self.max_live {
                 return Err(AdmitError::TooMany);
             }
@@ -141,16 +157,8 @@ impl StreamTable {
             } else if !self.gaps.remove(&id) {
                 return Err(AdmitError::Reused);
             }
-            self.live.insert(stream, 0);
-            return Ok(());
-        }
-        match self.live.get_mut(&stream) {
-            None => Err(AdmitError::NotLive),
-            Some(g) if *g >= generation => Err(AdmitError::StaleGeneration),
-            Some(g) => {
-                *g = generation;
-                Ok(())
-            }
+            self.live.insert(stream, generation);
+            Ok(Admission::New)
         }
     }
 
@@ -179,12 +187,13 @@ mod tests {
     #[test]
     fn ids_are_admitted_once_even_out_of_order() {
         let mut t = StreamTable::new(100);
-        t.admit(StreamId(2), 0).unwrap();
+        assert_eq!(t.admit(StreamId(2), 0), Ok(Admission::New));
         t.admit(StreamId(0), 0).unwrap();
-        assert_eq!(t.admit(StreamId(2), 0), Err(AdmitError::Reused));
-        t.admit(StreamId(1), 0).unwrap();
+        assert_eq!(t.admit(StreamId(2), 0), Err(AdmitError::StaleGeneration));
+        t.admit(StreamId(1), 3).unwrap();
         t.close(StreamId(1));
         assert_eq!(t.admit(StreamId(1), 0), Err(AdmitError::Reused));
+        assert_eq!(t.admit(StreamId(1), 9), Err(AdmitError::Reused));
         assert_eq!(t.live(), 2);
     }
 
@@ -192,12 +201,11 @@ mod tests {
     fn resumes_need_a_newer_generation() {
         let mut t = StreamTable::new(10);
         t.admit(StreamId(0), 0).unwrap();
-        assert_eq!(t.admit(StreamId(0), 0), Err(AdmitError::Reused));
-        t.admit(StreamId(0), 1).unwrap();
+        assert_eq!(t.admit(StreamId(0), 0), Err(AdmitError::StaleGeneration));
+        assert_eq!(t.admit(StreamId(0), 1), Ok(Admission::Resume));
         assert_eq!(t.admit(StreamId(0), 1), Err(AdmitError::StaleGeneration));
         t.admit(StreamId(0), 5).unwrap();
         assert_eq!(t.generation(StreamId(0)), Some(5));
-        assert_eq!(t.admit(StreamId(9), 1), Err(AdmitError::NotLive));
     }
 
     #[test]
@@ -218,6 +226,7 @@ mod tests {
             for id in ids {
                 let ok = t.admit(StreamId(id), 0).is_ok();
                 prop_assert_eq!(ok, admitted.insert(id));
+                t.close(StreamId(id));
             }
         }
     }

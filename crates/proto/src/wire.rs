@@ -27,6 +27,8 @@ pub const MAX_PAYLOAD: usize = 4096;
 pub const TAG_LEN: usize = 32;
 /// Longest client or service name.
 pub const MAX_NAME: usize = 64;
+/// Most acknowledgements in one Acks frame (fits [`MAX_PAYLOAD`]).
+pub const MAX_ACKS: usize = 250;
 /// Longest human-readable reason carried in a refusal.
 pub const MAX_REASON: usize = 512;
 
@@ -224,9 +226,10 @@ impl ResetCode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Message {
-    /// Client → gateway, first on a control connection: who I am and my
-    /// ephemeral X25519 key.
-    Hello { client_id: String, ephemeral: [u8; 32] },
+    /// Client → gateway, first on a control connection: who I am, my
+    /// ephemeral X25519 key, and the session to resume (0 for a new one).
+    /// The resume request takes effect only once the Auth checks out.
+    Hello { client_id: String, ephemeral: [u8; 32], resume: u64 },
     /// Gateway → client: the gateway's ephemeral key and the session id it
     /// will use if the proof checks out.
     Challenge { session_id: u64, ephemeral: [u8; 32] },
@@ -247,6 +250,16 @@ pub enum Message {
     DisconnectAck,
     /// A stream is reset, keyed.
     StreamReset { stream: StreamId, code: ResetCode },
+    /// The sender's application finished writing this direction at `offset`
+    /// (half-close). Carried here rather than as a FIN on the leg, so that a
+    /// leg that ends because it is replaced is never mistaken for it. Keyed.
+    StreamFin { stream: StreamId, offset: Offset },
+    /// The receiver has delivered each stream's bytes up to the offset: the
+    /// sender may drop them from its replay buffer. Keyed.
+    Acks { entries: Vec<(StreamId, Offset)> },
+    /// Gateway → client: the leg of this stream broke on the gateway's side;
+    /// open a new one. Keyed.
+    Releg { stream: StreamId },
     /// Client → gateway on a leg: which stream this leg carries and from
     /// which offset the client needs the gateway's bytes. `service` is set
     /// only when the stream is new (generation 0).
@@ -273,6 +286,9 @@ mod ty {
     pub(super) const DISCONNECT: u8 = 0x12;
     pub(super) const DISCONNECT_ACK: u8 = 0x13;
     pub(super) const STREAM_RESET: u8 = 0x14;
+    pub(super) const STREAM_FIN: u8 = 0x15;
+    pub(super) const ACKS: u8 = 0x16;
+    pub(super) const RELEG: u8 = 0x17;
     pub(super) const LEG_OPEN: u8 = 0x20;
     pub(super) const LEG_REPLY: u8 = 0x21;
 }
@@ -311,6 +327,9 @@ impl Message {
             Self::Disconnect => ty::DISCONNECT,
             Self::DisconnectAck => ty::DISCONNECT_ACK,
             Self::StreamReset { .. } => ty::STREAM_RESET,
+            Self::StreamFin { .. } => ty::STREAM_FIN,
+            Self::Acks { .. } => ty::ACKS,
+            Self::Releg { .. } => ty::RELEG,
             Self::LegOpen { .. } => ty::LEG_OPEN,
             Self::LegReply { .. } => ty::LEG_REPLY,
         }
@@ -327,9 +346,10 @@ impl Message {
         out.put_u8(self.ty());
         out.put_u16(0);
         match self {
-            Self::Hello { client_id, ephemeral } => {
+            Self::Hello { client_id, ephemeral, resume } => {
                 put_str(out, client_id, MAX_NAME);
                 out.put_slice(ephemeral);
+                out.put_u64(*resume);
             }
             Self::Challenge { session_id, ephemeral } => {
                 out.put_u64(*session_id);
@@ -351,6 +371,19 @@ impl Message {
                 out.put_u64(stream.0);
                 out.put_u8(code.code());
             }
+            Self::StreamFin { stream, offset } => {
+                out.put_u64(stream.0);
+                out.put_u64(offset.0);
+            }
+            Self::Acks { entries } => {
+                assert!(entries.len() <= MAX_ACKS, "too many acks for one frame");
+                out.put_u16(entries.len() as u16);
+                for (s, o) in entries {
+                    out.put_u64(s.0);
+                    out.put_u64(o.0);
+                }
+            }
+            Self::Releg { stream } => out.put_u64(stream.0),
             Self::LegOpen { session_id, stream, generation, received, service } => {
                 out.put_u64(*session_id);
                 out.put_u64(stream.0);
@@ -381,7 +414,11 @@ impl Message {
     pub fn decode(ty: u8, payload: &[u8]) -> Result<Self, WireError> {
         let mut r = payload;
         let msg = match ty {
-            ty::HELLO => Self::Hello { client_id: get_name(&mut r)?, ephemeral: get_array(&mut r)? },
+            ty::HELLO => Self::Hello {
+                client_id: get_name(&mut r)?,
+                ephemeral: get_array(&mut r)?,
+                resume: get_u64(&mut r)?,
+            },
             ty::CHALLENGE => {
                 Self::Challenge { session_id: get_u64(&mut r)?, ephemeral: get_array(&mut r)? }
             }
@@ -403,6 +440,19 @@ impl Message {
                 stream: StreamId(get_u64(&mut r)?),
                 code: ResetCode::from_code(get_u8(&mut r)?),
             },
+            ty::STREAM_FIN => {
+                Self::StreamFin { stream: StreamId(get_u64(&mut r)?), offset: Offset(get_u64(&mut r)?) }
+            }
+            ty::ACKS => {
+                let n = get_u16(&mut r)? as usize;
+                if n > MAX_ACKS {
+                    return Err(WireError::TooLong(n));
+                }
+                need(r, n * 16)?;
+                let entries = (0..n).map(|_| (StreamId(r.get_u64()), Offset(r.get_u64()))).collect();
+                Self::Acks { entries }
+            }
+            ty::RELEG => Self::Releg { stream: StreamId(get_u64(&mut r)?) },
             ty::LEG_OPEN => Self::LegOpen {
                 session_id: get_u64(&mut r)?,
                 stream: StreamId(get_u64(&mut r)?),
@@ -463,6 +513,11 @@ fn get_u8(r: &mut &[u8]) -> Result<u8, WireError> {
     Ok(r.get_u8())
 }
 
+fn get_u16(r: &mut &[u8]) -> Result<u16, WireError> {
+    need(r, 2)?;
+    Ok(r.get_u16())
+}
+
 fn get_u32(r: &mut &[u8]) -> Result<u32, WireError> {
     need(r, 4)?;
     Ok(r.get_u32())
@@ -517,7 +572,11 @@ mod tests {
 
     #[test]
     fn every_message_roundtrips() {
-        roundtrip(Message::Hello { client_id: "laptop-7".into(), ephemeral: [7; 32] });
+        roundtrip(Message::Hello { client_id: "laptop-7".into(), ephemeral: [7; 32], resume: 9 });
+        roundtrip(Message::StreamFin { stream: StreamId(3), offset: Offset(1 << 40) });
+        roundtrip(Message::Acks { entries: vec![(StreamId(1), Offset(2)); MAX_ACKS] });
+        roundtrip(Message::Acks { entries: vec![] });
+        roundtrip(Message::Releg { stream: StreamId(8) });
         roundtrip(Message::Challenge { session_id: 99, ephemeral: [1; 32] });
         roundtrip(Message::Auth { signature: [3; 64] });
         roundtrip(Message::Accepted { session_id: 5, keepalive_ms: 10, inactivity_ms: 20 });
@@ -565,6 +624,7 @@ mod tests {
         buf.put_u16(3);
         buf.put_slice(b"a b");
         buf.put_slice(&[0; 32]);
+        buf.put_u64(0);
         assert_eq!(Message::decode(ty::HELLO, &buf), Err(WireError::Invalid("name")));
         assert!(!valid_name(""));
         assert!(!valid_name(&"a".repeat(65)));

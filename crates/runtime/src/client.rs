@@ -1,25 +1,37 @@
 //! The client agent: keeps a session with each configured gateway, listens
 //! for applications on each service's address, and relays every accepted
-//! connection over a leg to the service's gateway.
+//! connection as a stream over legs to the service's gateway.
+//!
+//! The session, its streams and the applications' connections survive the
+//! network under them. A **planned switch** (`baton switch IFACE`) opens the
+//! control connection and new legs on the new interface while the old ones
+//! still carry data; each stream moves over at an exact offset. An
+//! **unexpected switch** (the path failed) reconnects over another
+//! interface, resumes the session and opens new legs that resume each
+//! direction where the other side says it stopped. With no interface at all
+//! everything is held (bounded by the replay buffers) until one comes back,
+//! for at most the switch timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt as _;
 use ring::rand::SystemRandom;
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use baton_proto::wire::{ConnKind, Preface, TAG_LEN};
+use baton_proto::wire::{ConnKind, Preface, MAX_ACKS, TAG_LEN};
 use baton_proto::{
     ClientHandshake, ClientKey, ControlCipher, LegKey, Liveness, LivenessAction, Message, Offset, RefuseReason,
     Role, StreamId,
@@ -27,7 +39,10 @@ use baton_proto::{
 
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
-use crate::relay::{relay, Counters, RelayEnd};
+use crate::path::{connect_via, Path, Paths};
+use crate::stream::{
+    self, tombstone_messages, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstone, ToSession, TOMBSTONES,
+};
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,25 +78,62 @@ impl SessionError {
 /// The state of the session with one gateway.
 #[derive(Debug, Clone)]
 pub enum LinkState {
-    /// Connecting (first time or after a failure).
+    /// Connecting for the first time.
     Connecting,
-    /// The session is up.
-    Up(Arc<LiveSession>),
+    /// The session is up on a path.
+    Up(SessionInfo),
+    /// The path failed; reconnecting (streams held) since the given time.
+    Switching(SessionInfo),
     /// The last attempt failed; retrying after a pause.
     Failed(SessionError),
 }
 
-/// A session that is up.
-#[derive(Debug)]
-pub struct LiveSession {
+/// A session as seen from outside.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
     /// The gateway's id for the session.
     pub id: u64,
-    /// The gateway address the control connection reached.
+    /// The gateway's name in the configuration.
+    pub gateway: String,
+    /// The gateway address in use.
     pub gateway_addr: SocketAddr,
-    leg_key: LegKey,
-    next_stream: AtomicU64,
-    control: mpsc::Sender<Message>,
-    ended: CancellationToken,
+    /// The interface (path) in use.
+    pub path: String,
+}
+
+/// Kind of a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchKind {
+    /// Asked for while the old path still worked (make-before-break).
+    Planned,
+    /// The old path failed.
+    Unexpected,
+}
+
+/// One switch, as recorded for `baton status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchRecord {
+    /// Planned or unexpected.
+    pub kind: SwitchKind,
+    /// The gateway whose session moved.
+    pub gateway: String,
+    /// Interface before.
+    pub from: String,
+    /// Interface after.
+    pub to: String,
+    /// When the switch started (Unix time, milliseconds).
+    pub at_unix_ms: u64,
+    /// From the start (or from the failure) to every stream resumed, in ms.
+    pub duration_ms: u64,
+    /// Longest pause in delivery any stream saw around the switch, in ms.
+    pub longest_stall_ms: u64,
+    /// Bytes sent a second time because the old path lost them.
+    pub bytes_resent: u64,
+    /// Streams moved.
+    pub streams: usize,
+    /// Why.
+    pub reason: String,
 }
 
 /// A running client agent.
@@ -96,9 +148,63 @@ struct Shared {
     config: ClientConfig,
     key: ClientKey,
     rng: SystemRandom,
-    links: HashMap<String, watch::Sender<LinkState>>,
+    links: HashMap<String, Arc<Link>>,
+    paths: Paths,
+    switches: Mutex<Vec<SwitchRecord>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    limits: StreamLimits,
+}
+
+/// The session with one gateway.
+#[derive(Debug)]
+struct Link {
+    gateway: String,
+    addresses: Vec<HostPort>,
+    state: watch::Sender<LinkState>,
+    core: Mutex<Option<Arc<Core>>>,
+    switch_tx: mpsc::UnboundedSender<SwitchRequest>,
+    switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
+}
+
+#[derive(Debug)]
+struct SwitchRequest {
+    to: String,
+    done: oneshot::Sender<Result<SwitchRecord, String>>,
+}
+
+/// A session that exists at the gateway (it may be between control connections).
+#[derive(Debug)]
+struct Core {
+    id: u64,
+    leg_key: LegKey,
+    /// Where new legs go and what they are bound to; changes on a switch.
+    route: Mutex<Route>,
+    streams: Mutex<HashMap<StreamId, Arc<ClientStream>>>,
+    next_stream: AtomicU64,
+    control: Mutex<Option<mpsc::UnboundedSender<Message>>>,
+    /// Recently finished streams, for a gateway that missed their end.
+    finished: Mutex<std::collections::VecDeque<Tombstone>>,
+    /// Set while the control connection is up; cleared during an outage.
+    up: watch::Sender<bool>,
+    to_session: mpsc::UnboundedSender<ToSession>,
+    released: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    path: Path,
+    gateway_addr: SocketAddr,
+    cut: CancellationToken,
+}
+
+#[derive(Debug)]
+struct ClientStream {
+    shared: Arc<StreamShared>,
+    service: String,
+    /// A new leg is being opened: further "leg lost" reports are covered by it.
+    releg_busy: AtomicBool,
+    generation: AtomicU32,
 }
 
 impl Client {
@@ -112,10 +218,37 @@ impl Client {
             })?;
             listeners.push((name.clone(), l));
         }
-        let links = config.gateways.keys().map(|g| (g.clone(), watch::channel(LinkState::Connecting).0)).collect();
-        let shared = Arc::new(Shared { config, key, rng: SystemRandom::new(), links, shutdown, tasks: TaskTracker::new() });
-        for name in shared.config.gateways.keys() {
-            shared.tasks.spawn(maintain_link(shared.clone(), name.clone()));
+        let links = config
+            .gateways
+            .iter()
+            .map(|(name, g)| {
+                let (switch_tx, switch_rx) = mpsc::unbounded_channel();
+                let link = Link {
+                    gateway: name.clone(),
+                    addresses: g.addresses.clone(),
+                    state: watch::channel(LinkState::Connecting).0,
+                    core: Mutex::new(None),
+                    switch_tx,
+                    switch_rx: Mutex::new(Some(switch_rx)),
+                };
+                (name.clone(), Arc::new(link))
+            })
+            .collect();
+        let paths = Paths::from_config(&config);
+        let limits = StreamLimits { replay_buffer: config.replay_buffer };
+        let shared = Arc::new(Shared {
+            config,
+            key,
+            rng: SystemRandom::new(),
+            links,
+            paths,
+            switches: Mutex::new(Vec::new()),
+            shutdown,
+            tasks: TaskTracker::new(),
+            limits,
+        });
+        for link in shared.links.values() {
+            shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
         for (name, l) in listeners {
@@ -133,14 +266,14 @@ impl Client {
 
     /// The current state of the session with `gateway`.
     pub fn link_state(&self, gateway: &str) -> Option<LinkState> {
-        self.shared.links.get(gateway).map(|tx| tx.borrow().clone())
+        self.shared.links.get(gateway).map(|l| l.state.borrow().clone())
     }
 
     /// Waits until the session with `gateway` is up, or its first attempt
     /// fails permanently.
-    pub async fn wait_up(&self, gateway: &str) -> Result<Arc<LiveSession>, SessionError> {
-        let tx = self.shared.links.get(gateway).ok_or_else(|| SessionError::Protocol(format!("no gateway {gateway}")))?;
-        let mut rx = tx.subscribe();
+    pub async fn wait_up(&self, gateway: &str) -> Result<SessionInfo, SessionError> {
+        let link = self.shared.links.get(gateway).ok_or_else(|| SessionError::Protocol(format!("no gateway {gateway}")))?;
+        let mut rx = link.state.subscribe();
         loop {
             match &*rx.borrow_and_update() {
                 LinkState::Up(s) => return Ok(s.clone()),
@@ -153,6 +286,68 @@ impl Client {
         }
     }
 
+    /// The interfaces (paths) the agent knows, in order of preference.
+    pub fn paths(&self) -> Vec<crate::path::PathStatus> {
+        self.shared.paths.status()
+    }
+
+    /// Every switch so far, oldest first.
+    pub fn switches(&self) -> Vec<SwitchRecord> {
+        lock(&self.shared.switches).clone()
+    }
+
+    /// Names of the configured gateways.
+    pub fn gateway_names(&self) -> Vec<String> {
+        let mut v: Vec<_> = self.shared.links.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Live streams of the session with `gateway`.
+    pub fn stream_count_for(&self, gateway: &str) -> usize {
+        self.shared.links.get(gateway).and_then(|l| lock(&l.core).clone()).map_or(0, |c| lock(&c.streams).len())
+    }
+
+    /// The interface the sessions use now (the first session's, if they differ).
+    pub fn current_path(&self) -> Option<String> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        names.into_iter().find_map(|g| match &*self.shared.links[g].state.borrow() {
+            LinkState::Up(i) => Some(i.path.clone()),
+            _ => None,
+        })
+    }
+
+    /// Live streams over all sessions.
+    pub fn stream_count(&self) -> usize {
+        self.shared.links.values().filter_map(|l| lock(&l.core).clone()).map(|c| lock(&c.streams).len()).sum()
+    }
+
+    /// Planned switch of every session to the interface `to`: make before
+    /// break. Resolves when every session has moved.
+    pub async fn switch(&self, to: &str) -> Result<Vec<SwitchRecord>, String> {
+        if !self.shared.paths.is_usable(to) {
+            return Err(format!("interface {to:?} is not known or not up"));
+        }
+        let mut waits = Vec::new();
+        for link in self.shared.links.values() {
+            let (done, rx) = oneshot::channel();
+            link.switch_tx.send(SwitchRequest { to: to.to_owned(), done }).map_err(|_| "client stopped".to_owned())?;
+            waits.push(rx);
+        }
+        let mut records = Vec::new();
+        for rx in waits {
+            records.push(rx.await.map_err(|_| "client stopped".to_owned())??);
+        }
+        Ok(records)
+    }
+
+    /// Marks an interface down or up, as the kernel's link events do. Down
+    /// cuts every connection using it at once (an unexpected switch follows).
+    pub fn set_path_up(&self, name: &str, up: bool) -> Result<(), String> {
+        self.shared.paths.set_up(name, up)
+    }
+
     /// Waits until every task has ended after shutdown.
     pub async fn wait(&self) {
         self.shared.shutdown.cancelled().await;
@@ -161,81 +356,248 @@ impl Client {
     }
 }
 
-/// Keeps a session with one gateway up: connects, runs it, and reconnects
-/// with a growing pause when it fails.
-async fn maintain_link(shared: Arc<Shared>, gateway: String) {
-    let tx = &shared.links[&gateway];
-    let addresses = shared.config.gateways[&gateway].addresses.clone();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        tx.send_replace(LinkState::Connecting);
-        let result = tokio::select! {
-            r = connect_session(&shared, &addresses) => r,
-            _ = shared.shutdown.cancelled() => return,
-        };
-        match result {
-            Ok((session, control)) => {
-                backoff = Duration::from_millis(100);
-                info!(gateway = %gateway, addr = %session.session.gateway_addr, session = format_args!("{:016x}", session.session.id), "session up");
-                tx.send_replace(LinkState::Up(session.session.clone()));
-                let why = run_control(&shared, session, control).await;
-                if shared.shutdown.is_cancelled() {
-                    return;
-                }
-                warn!(gateway = %gateway, "session lost: {why}");
-                tx.send_replace(LinkState::Failed(SessionError::Unreachable(why)));
-            }
-            Err(e) => {
-                let pause = if e.is_permanent() { Duration::from_secs(30) } else { backoff };
-                warn!(gateway = %gateway, "session failed: {e}; retrying in {pause:?}");
-                tx.send_replace(LinkState::Failed(e));
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shared.shutdown.cancelled() => return,
-                }
-            }
-        }
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn sid(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Established {
-    session: Arc<LiveSession>,
+    session_id: u64,
+    leg_key: LegKey,
     cipher: ControlCipher,
     keepalive: Duration,
-    inactivity: Duration,
-    outgoing: mpsc::Receiver<Message>,
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: OwnedWriteHalf,
+    route: Route,
 }
 
-async fn connect_session(
-    shared: &Shared,
-    addresses: &[HostPort],
-) -> Result<(Established, TcpStream), SessionError> {
-    let mut last = String::from("no address");
-    for addr in addresses {
-        match handshake(shared, addr).await {
-            Ok(x) => return Ok(x),
-            Err(SessionError::Unreachable(e)) => last = format!("{addr}: {e}"),
-            Err(e) => return Err(e),
+/// Keeps the session with one gateway: connects, runs the control
+/// connection, switches when asked or when the path fails, and releases the
+/// session when no path works for the switch timeout.
+async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
+    let Some(mut switch_rx) = lock(&link.switch_rx).take() else { return };
+    let mut backoff = Duration::from_millis(50);
+    // Set while the path is lost: (when, from which interface, why).
+    let mut outage: Option<(Instant, SystemTime, String, String)> = None;
+    let mut preferred: Option<String> = None;
+    loop {
+        let core = lock(&link.core).clone();
+        let resume = core.as_ref().map_or(0, |c| c.id);
+        if let (Some(c), Some((since, ..))) = (&core, &outage) {
+            if since.elapsed() >= shared.config.switch_timeout {
+                warn!(gateway = %link.gateway, session = %sid(c.id), "no path for the switch timeout: releasing the session");
+                release_core(&link, c, "switch timeout passed");
+                outage = None;
+                continue;
+            }
+        }
+        let result = tokio::select! {
+            r = connect_any(&shared, &link, resume, preferred.as_deref()) => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let est = match result {
+            Ok(est) => est,
+            Err(e) => {
+                let pause = if e.is_permanent() { Duration::from_secs(30) } else { backoff };
+                if core.is_none() {
+                    warn!(gateway = %link.gateway, "session failed: {e}; retrying in {pause:?}");
+                    link.state.send_replace(LinkState::Failed(e));
+                } else {
+                    debug!(gateway = %link.gateway, "reconnect failed: {e}; retrying in {pause:?}");
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shared.paths.changed() => {}
+                    _ = shared.shutdown.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let core = adopt(&shared, &link, core, &est);
+        let from = outage.as_ref().map(|o| o.2.clone());
+        let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
+        link.state.send_replace(LinkState::Up(info));
+        if let Some((since, at, from, why)) = outage.take() {
+            let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, from, since, at, why).await;
+            info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
+            lock(&shared.switches).push(record);
+        } else if from.is_none() {
+            info!(gateway = %link.gateway, path = %est.route.path.name, session = %sid(core.id), "session up");
+        }
+        let mut est = est;
+        loop {
+            let end = run_control(&shared, &link, &core, est, &mut switch_rx).await;
+            match end {
+                ControlEnd::Shutdown => return,
+                ControlEnd::Switched(new_est, req, started, at) => {
+                    let from = lock(&core.route).path.name.clone();
+                    *lock(&core.route) = new_est.route.clone();
+                    let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
+                    link.state.send_replace(LinkState::Up(info));
+                    let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, "requested".into()).await;
+                    info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
+                    lock(&shared.switches).push(record.clone());
+                    let _ = req.done.send(Ok(record));
+                    est = *new_est;
+                }
+                ControlEnd::Failed(why) => {
+                    let from = lock(&core.route).path.name.clone();
+                    warn!(gateway = %link.gateway, path = %from, "path lost: {why}; switching");
+                    core.up.send_replace(false);
+                    *lock(&core.control) = None;
+                    // Legs on the failed path are cut so that nothing waits on them.
+                    lock(&core.route).cut.cancel();
+                    // Bind first: the watch's read guard must be gone before the write.
+                    let state = link.state.borrow().clone();
+                    if let LinkState::Up(info) = state {
+                        link.state.send_replace(LinkState::Switching(info));
+                    }
+                    outage = Some((Instant::now(), SystemTime::now(), from, why));
+                    preferred = None;
+                    break;
+                }
+            }
         }
     }
-    Err(SessionError::Unreachable(last))
 }
 
-async fn handshake(shared: &Shared, addr: &HostPort) -> Result<(Established, TcpStream), SessionError> {
-    let unreachable = |e: std::io::Error| SessionError::Unreachable(e.to_string());
+/// Makes the established connection the session's: a new session (the
+/// first, or after the gateway lost the old one) or a resumed one.
+fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &Established) -> Arc<Core> {
+    if let Some(c) = core {
+        if c.id == est.session_id {
+            *lock(&c.route) = est.route.clone();
+            return c;
+        }
+        warn!(gateway = %link.gateway, old = %sid(c.id), "the gateway no longer holds the session; its streams are closed");
+        release_core(link, &c, "gateway lost the session");
+    }
+    let (to_session, from_streams) = mpsc::unbounded_channel();
+    let core = Arc::new(Core {
+        id: est.session_id,
+        leg_key: est.leg_key.clone(),
+        route: Mutex::new(est.route.clone()),
+        streams: Mutex::new(HashMap::new()),
+        next_stream: AtomicU64::new(0),
+        control: Mutex::new(None),
+        finished: Mutex::new(std::collections::VecDeque::new()),
+        up: watch::channel(false).0,
+        to_session,
+        released: shared.shutdown.child_token(),
+    });
+    *lock(&link.core) = Some(core.clone());
+    shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
+    core
+}
+
+fn release_core(link: &Link, core: &Core, why: &str) {
+    info!(gateway = %link.gateway, session = %sid(core.id), "session released: {why}");
+    core.released.cancel();
+    core.up.send_replace(false);
+    let mut slot = lock(&link.core);
+    if slot.as_ref().is_some_and(|c| c.id == core.id) {
+        *slot = None;
+    }
+}
+
+/// Opens new legs for every stream on the session's current route and
+/// records the switch once all have resumed.
+#[allow(clippy::too_many_arguments)]
+async fn relegs_and_record(
+    shared: &Arc<Shared>,
+    link: &Link,
+    core: &Arc<Core>,
+    kind: SwitchKind,
+    from: String,
+    started: Instant,
+    at: SystemTime,
+    reason: String,
+) -> SwitchRecord {
+    let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
+    let resent_before: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    let mark = std::time::Instant::now();
+    for s in &streams {
+        s.shared.mark_stall_window(mark.checked_sub(started.elapsed()).unwrap_or(mark));
+    }
+    let mut opens = Vec::new();
+    for s in &streams {
+        let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
+        opens.push(tokio::spawn(async move { releg(&shared2, &core2, &s2).await }));
+    }
+    for o in opens {
+        let _ = o.await;
+    }
+    let duration = started.elapsed();
+    // Let the streams show the pause they saw: the first bytes on the new
+    // legs follow within a round trip.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let longest = streams.iter().map(|s| s.shared.longest_stall()).max().unwrap_or_default();
+    let resent_after: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    SwitchRecord {
+        kind,
+        gateway: link.gateway.clone(),
+        from,
+        to: lock(&core.route).path.name.clone(),
+        at_unix_ms: unix_ms(at),
+        duration_ms: duration.as_millis() as u64,
+        longest_stall_ms: longest.as_millis() as u64,
+        bytes_resent: resent_after.saturating_sub(resent_before),
+        streams: streams.len(),
+        reason,
+    }
+}
+
+/// Tries the usable paths (the preferred one first) and the gateway's
+/// addresses until a control connection is established.
+async fn connect_any(shared: &Shared, link: &Link, resume: u64, preferred: Option<&str>) -> Result<Established, SessionError> {
+    let mut paths = shared.paths.usable();
+    if let Some(p) = preferred {
+        if let Some(i) = paths.iter().position(|x| x.name == p) {
+            let chosen = paths.remove(i);
+            paths.insert(0, chosen);
+        }
+    }
+    if paths.is_empty() {
+        return Err(SessionError::Unreachable("no usable interface".into()));
+    }
+    let mut last = SessionError::Unreachable("no address".into());
+    for path in &paths {
+        for addr in &link.addresses {
+            match handshake(shared, path, addr, resume).await {
+                Ok(x) => return Ok(x),
+                Err(e @ SessionError::Refused { .. }) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -> Result<Established, SessionError> {
+    let unreachable = |e: std::io::Error| SessionError::Unreachable(format!("{addr} via {}: {e}", path.name));
     let timeout = shared.config.connect_timeout;
-    let mut stream = tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port)))
+    let target = tokio::net::lookup_host((addr.host.as_str(), addr.port))
         .await
-        .map_err(|_| SessionError::Unreachable("connect timed out".into()))?
-        .map_err(unreachable)?;
-    let gateway_addr = stream.peer_addr().map_err(unreachable)?;
+        .map_err(unreachable)?
+        .find(|a| path.source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
+        .ok_or_else(|| SessionError::Unreachable(format!("{addr}: no address of the right family")))?;
+    let cut = shared.paths.cut_token(&path.name);
+    let mut stream = connect_via(target, path, timeout).await.map_err(unreachable)?;
     let _ = stream.set_nodelay(true);
-    let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, &shared.rng)
+    let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, resume, &shared.rng)
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
     stream.write_all(&first).await.map_err(unreachable)?;
 
-    let (r, mut w) = stream.split();
+    let (r, mut w) = stream.into_split();
     let mut frames = FramedRead::new(r, FrameCodec::default());
     let mut next = async || -> Result<crate::frame::RawFrame, SessionError> {
         match tokio::time::timeout(timeout, frames.next()).await {
@@ -258,69 +620,124 @@ async fn handshake(shared: &Shared, addr: &HostPort) -> Result<(Established, Tcp
     w.write_all(&auth).await.map_err(unreachable)?;
     let reply = next().await?;
     let mut cipher = ControlCipher::new(&keys, Role::Client);
-    let (keepalive_ms, inactivity_ms) = if reply.tag.is_some() {
+    let keepalive_ms = if reply.tag.is_some() {
         match reply.open(&mut cipher).map_err(|e| SessionError::Protocol(e.to_string()))? {
-            Message::Accepted { session_id: sid, keepalive_ms, inactivity_ms } if sid == session_id => {
-                (keepalive_ms, inactivity_ms)
-            }
+            Message::Accepted { session_id: sid, keepalive_ms, .. } if sid == session_id => keepalive_ms,
             other => return Err(SessionError::Protocol(format!("unexpected message type {:#04x}", other.ty()))),
         }
     } else {
         return Err(refused(reply.decode().map_err(|e| SessionError::Protocol(e.to_string()))?));
     };
-    if !frames.read_buffer().is_empty() {
-        return Err(SessionError::Protocol("unexpected bytes after Accepted".into()));
-    }
-    drop(frames);
+    // The same reader goes on into the control loop: frames the gateway
+    // sent right after Accepted (half-closes and resets it holds for a
+    // resumed session) may already be in its buffer.
+    frames.decoder_mut().keyed = true;
     let keepalive = shared.config.keepalive.min(Duration::from_millis(u64::from(keepalive_ms.max(100))));
-    let (control, outgoing) = mpsc::channel(256);
-    let session = Arc::new(LiveSession {
-        id: session_id,
-        gateway_addr,
+    // On a resume the session's first leg key stays in force: legs of the
+    // session are authenticated with it whatever control connection is up.
+    Ok(Established {
+        session_id,
         leg_key: keys.leg_key(),
-        next_stream: AtomicU64::new(0),
-        control,
-        ended: shared.shutdown.child_token(),
-    });
-    let inactivity = Duration::from_millis(u64::from(inactivity_ms.max(1000)));
-    Ok((Established { session, cipher, keepalive, inactivity, outgoing }, stream))
+        cipher,
+        keepalive,
+        frames,
+        writer: w,
+        route: Route { path: path.clone(), gateway_addr: target, cut },
+    })
 }
 
-/// Runs an established control connection until it fails or the client
-/// shuts down; returns why it ended.
-async fn run_control(shared: &Shared, est: Established, mut stream: TcpStream) -> String {
-    let Established { session, mut cipher, keepalive, inactivity, mut outgoing } = est;
-    let (r, mut w) = stream.split();
-    let mut frames = FramedRead::new(r, FrameCodec { keyed: true });
-    let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), inactivity);
+enum ControlEnd {
+    Shutdown,
+    Failed(String),
+    Switched(Box<Established>, SwitchRequest, Instant, SystemTime),
+}
+
+/// Runs an established control connection until it fails, the client shuts
+/// down, or a planned switch replaces it.
+async fn run_control(
+    shared: &Shared,
+    link: &Link,
+    core: &Arc<Core>,
+    est: Established,
+    switch_rx: &mut mpsc::UnboundedReceiver<SwitchRequest>,
+) -> ControlEnd {
+    let Established { mut cipher, keepalive, mut frames, writer: mut w, route, .. } = est;
+    let dead_after = shared.config.dead_after;
+    let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    *lock(&core.control) = Some(tx);
+    core.up.send_replace(true);
+    // What the gateway may have missed: half-closes and acks.
     let mut out = Vec::new();
-    let why = loop {
+    for s in lock(&core.streams).values() {
+        if let Some(offset) = *lock(&s.shared.fin_at) {
+            cipher.seal(&Message::StreamFin { stream: s.shared.id, offset }, &mut out);
+        }
+        s.shared.acked_to_peer.store(0, Ordering::Relaxed);
+        let _ = core.to_session.send(ToSession::Ack { stream: s.shared.id, urgent: false });
+    }
+    for t in lock(&core.finished).iter() {
+        for m in tombstone_messages(t) {
+            cipher.seal(&m, &mut out);
+        }
+    }
+    if let Err(e) = w.write_all(&out).await {
+        return ControlEnd::Failed(format!("control connection: {e}"));
+    }
+    loop {
         out.clear();
         let deadline = Instant::from_std(liveness.poll_timeout());
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 match liveness.handle_timeout(Instant::now().into_std()) {
                     Some(LivenessAction::SendPing(seq)) => cipher.seal(&Message::Ping { seq }, &mut out),
-                    Some(LivenessAction::Expired) => break "gateway silent".to_owned(),
+                    Some(LivenessAction::Expired) => return ControlEnd::Failed(format!("no answer from the gateway for {dead_after:?}")),
                     None => {}
                 }
             }
             f = frames.next() => {
                 let frame = match f {
-                    None => break "gateway closed the control connection".to_owned(),
-                    Some(Err(e)) => break format!("control connection: {e}"),
+                    None => return ControlEnd::Failed("gateway closed the control connection".into()),
+                    Some(Err(e)) => return ControlEnd::Failed(format!("control connection: {e}")),
                     Some(Ok(f)) => f,
                 };
                 match frame.open(&mut cipher) {
-                    Ok(Message::Pong { .. }) => {}
-                    Ok(Message::Ping { seq }) => cipher.seal(&Message::Pong { seq }, &mut out),
-                    Ok(Message::StreamReset { stream, code }) => debug!(%stream, ?code, "stream reset by gateway"),
-                    Ok(other) => break format!("unexpected message type {:#04x}", other.ty()),
-                    Err(e) => break format!("control connection: {e}"),
+                    Ok(msg) => {
+                        liveness.on_receive(Instant::now().into_std());
+                        if let Some(reply) = on_control(core, msg) {
+                            cipher.seal(&reply, &mut out);
+                        }
+                    }
+                    Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
                 }
-                liveness.on_receive(Instant::now().into_std());
             }
-            Some(msg) = outgoing.recv() => cipher.seal(&msg, &mut out),
+            Some(msg) = rx.recv() => cipher.seal(&msg, &mut out),
+            _ = route.cut.cancelled() => return ControlEnd::Failed(format!("interface {} went down", route.path.name)),
+            Some(req) = switch_rx.recv() => {
+                let started = Instant::now();
+                let at = SystemTime::now();
+                let Some(path) = shared.paths.get(&req.to) else {
+                    let _ = req.done.send(Err(format!("interface {:?} is not known or not up", req.to)));
+                    continue;
+                };
+                // Make before break: the old connection and legs keep
+                // carrying data while the new ones are set up.
+                let addrs: Vec<_> = std::iter::once(HostPort { host: route.gateway_addr.ip().to_string(), port: route.gateway_addr.port() })
+                    .chain(link.addresses.iter().cloned())
+                    .collect();
+                let mut last = String::new();
+                for addr in &addrs {
+                    match handshake(shared, &path, addr, core.id).await {
+                        Ok(new) if new.session_id == core.id => {
+                            *lock(&core.control) = None;
+                            return ControlEnd::Switched(Box::new(new), req, started, at);
+                        }
+                        Ok(_) => { last = "the gateway no longer holds the session".into(); break; }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                let _ = req.done.send(Err(format!("cannot switch to {}: {last}", req.to)));
+            }
             _ = shared.shutdown.cancelled() => {
                 cipher.seal(&Message::Disconnect, &mut out);
                 if w.write_all(&out).await.is_ok() {
@@ -335,22 +752,190 @@ async fn run_control(shared: &Shared, est: Established, mut stream: TcpStream) -
                         false
                     });
                     if matches!(ack.await, Ok(true)) {
-                        info!(session = format_args!("{:016x}", session.id), "session disconnected");
+                        info!(session = %sid(core.id), "session disconnected");
                     }
                 }
-                session.ended.cancel();
-                return "client shut down".to_owned();
+                core.released.cancel();
+                return ControlEnd::Shutdown;
             }
         }
         if !out.is_empty() {
             if let Err(e) = w.write_all(&out).await {
-                break format!("control connection: {e}");
+                return ControlEnd::Failed(format!("control connection: {e}"));
             }
         }
+    }
+}
+
+/// Acts on a message from the gateway; returns the answer to send, if any.
+fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
+    match msg {
+        Message::Ping { seq } => return Some(Message::Pong { seq }),
+        Message::Pong { .. } => {}
+        Message::Acks { entries } => {
+            let streams = lock(&core.streams);
+            for (id, offset) in entries {
+                if let Some(s) = streams.get(&id) {
+                    let _ = s.shared.out_tx.send(OutEvent::Ack(offset));
+                }
+            }
+        }
+        Message::StreamFin { stream, offset } => {
+            if let Some(s) = lock(&core.streams).get(&stream) {
+                let _ = s.shared.in_tx.send(InEvent::Fin(offset));
+            }
+        }
+        Message::StreamReset { stream, code } => {
+            debug!(%stream, ?code, "stream reset by gateway");
+            if let Some(s) = lock(&core.streams).get(&stream) {
+                s.shared.abort.cancel();
+            }
+        }
+        Message::Releg { stream } => {
+            let _ = core.to_session.send(ToSession::LegLost(stream));
+        }
+        other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
+    }
+    None
+}
+
+/// The session's own task: acknowledgements, half-closes and resets from
+/// the streams to the control connection, and new legs for streams whose
+/// leg broke.
+async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
+    let mut dirty: std::collections::HashSet<StreamId> = std::collections::HashSet::new();
+    let mut flush_at: Option<Instant> = None;
+    let mut up_rx = core.up.subscribe();
+    loop {
+        let flush = async {
+            match flush_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = from_streams.recv() => match m {
+                None => return,
+                Some(ToSession::Ack { stream, urgent }) => {
+                    dirty.insert(stream);
+                    let at = if urgent { Instant::now() } else { Instant::now() + ACK_DELAY };
+                    flush_at = Some(flush_at.map_or(at, |f| f.min(at)));
+                }
+                Some(ToSession::Control(msg)) => {
+                    if let Some(tx) = &*lock(&core.control) {
+                        let _ = tx.send(msg);
+                    }
+                }
+                Some(ToSession::LegLost(stream)) => {
+                    let s = lock(&core.streams).get(&stream).cloned();
+                    if let Some(s) = s {
+                        if *core.up.borrow() {
+                            let (shared2, core2) = (shared.clone(), core.clone());
+                            shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
+                        }
+                        // Otherwise the reconnect re-legs every stream.
+                    }
+                }
+            },
+            _ = flush => {
+                flush_at = None;
+                if lock(&core.control).is_some() {
+                    let mut entries = Vec::new();
+                    {
+                        let streams = lock(&core.streams);
+                        for id in dirty.drain() {
+                            if let Some(off) = streams.get(&id).and_then(|s| s.shared.take_ack()) {
+                                entries.push((id, off));
+                            }
+                        }
+                    }
+                    if let Some(tx) = &*lock(&core.control) {
+                        for chunk in entries.chunks(MAX_ACKS) {
+                            let _ = tx.send(Message::Acks { entries: chunk.to_vec() });
+                        }
+                    }
+                }
+            }
+            r = up_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                if *up_rx.borrow_and_update() && !dirty.is_empty() {
+                    flush_at = Some(Instant::now());
+                }
+            }
+            _ = core.released.cancelled() => return,
+        }
+    }
+}
+
+/// Delay that lets acknowledgements of many deliveries share a frame.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// Opens a leg for a stream on the session's current route: its first leg,
+/// or a new one that resumes it. At most one at a time per stream.
+async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>) {
+    if s.releg_busy.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let result = open_leg(shared, core, s).await;
+    s.releg_busy.store(false, Ordering::Release);
+    match result {
+        Ok(()) => {}
+        Err(LegError::Refused(why)) => {
+            warn!(stream = %s.shared.id, service = %s.service, "stream closed: {why}");
+            s.shared.abort.cancel();
+        }
+        Err(LegError::Path(why)) => {
+            // The path is failing: the control connection will notice and the
+            // reconnect re-legs every stream.
+            debug!(stream = %s.shared.id, "leg failed: {why}");
+        }
+    }
+}
+
+enum LegError {
+    /// The gateway said no: the stream cannot continue.
+    Refused(String),
+    /// The network failed: try again on the next path.
+    Path(String),
+}
+
+async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result<(), LegError> {
+    let route = lock(&core.route).clone();
+    let timeout = shared.config.connect_timeout;
+    let mut leg = connect_via(route.gateway_addr, &route.path, timeout)
+        .await
+        .map_err(|e| LegError::Path(format!("leg to {} via {}: {e}", route.gateway_addr, route.path.name)))?;
+    let _ = baton_os::tune_relay(&leg);
+    let generation = s.generation.fetch_add(1, Ordering::AcqRel);
+    let received = Offset(s.shared.delivered.load(Ordering::Acquire));
+    let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
+    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone() };
+    let open_tag = core.leg_key.seal_open(&open, &mut out);
+    leg.write_all(&out).await.map_err(|e| LegError::Path(format!("leg: {e}")))?;
+    let reply = tokio::select! {
+        r = tokio::time::timeout(timeout, read_tagged(&mut leg)) => r
+            .map_err(|_| LegError::Path("gateway did not answer the leg preamble".into()))?
+            .map_err(|e| LegError::Path(format!("leg preamble: {e}")))?,
+        _ = route.cut.cancelled() => return Err(LegError::Path("interface went down".into())),
     };
-    // Streams already relaying keep their legs; new streams wait for the
-    // next session.
-    why
+    let tag: [u8; TAG_LEN] = reply.tag.expect("read_tagged always reads a tag");
+    if !core.leg_key.verify_reply(&open_tag, &reply.bytes, &tag) {
+        return Err(LegError::Path("leg reply failed authentication".into()));
+    }
+    match reply.decode().map_err(|e| LegError::Path(format!("leg reply: {e}")))? {
+        Message::LegReply { result: Ok(have), .. } => {
+            s.shared.attach_leg(leg, received, have, route.cut.clone());
+            debug!(stream = %s.shared.id, generation, resume_in = received.0, resume_out = have.0, path = %route.path.name, "leg open");
+            Ok(())
+        }
+        Message::LegReply { result: Err(RefuseReason::BadStream), detail } if generation > 0 => {
+            Err(LegError::Refused(format!("the gateway no longer holds the stream ({detail})")))
+        }
+        Message::LegReply { result: Err(reason), detail } => Err(LegError::Refused(format!("gateway refused the stream: {reason}: {detail}"))),
+        other => Err(LegError::Path(format!("unexpected leg reply type {:#04x}", other.ty()))),
+    }
 }
 
 async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener) {
@@ -369,84 +954,66 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
             _ = shared.shutdown.cancelled() => return,
         };
         let shared2 = shared.clone();
-        let gateway = svc.gateway.clone();
+        let link = shared.links[&svc.gateway].clone();
         let remote = remote.clone();
         let name = name.clone();
         shared.tasks.spawn(async move {
-            if let Err(why) = serve_stream(&shared2, &gateway, &remote, app).await {
+            if let Err(why) = serve_stream(&shared2, &link, &remote, app).await {
                 warn!(service = %name, %peer, "connection closed: {why}");
             }
         });
     }
 }
 
-async fn serve_stream(shared: &Shared, gateway: &str, service: &str, app: TcpStream) -> Result<(), String> {
-    let timeout = shared.config.connect_timeout;
-    let mut rx = shared.links[gateway].subscribe();
-    let session = tokio::time::timeout(timeout, async {
-        loop {
-            if let LinkState::Up(s) = &*rx.borrow_and_update() {
-                return Some(s.clone());
-            }
-            if rx.changed().await.is_err() {
-                return None;
-            }
+/// Waits for a session with the link's gateway: a live one at once; while a
+/// switch is under way, until it completes (the application only pauses).
+async fn wait_core(shared: &Shared, link: &Link) -> Option<Arc<Core>> {
+    let mut rx = link.state.subscribe();
+    let deadline = Instant::now() + shared.config.connect_timeout;
+    loop {
+        if let Some(c) = lock(&link.core).clone() {
+            return Some(c);
         }
-    })
-    .await;
-    let Ok(Some(session)) = session else {
-        baton_os::reset(app);
-        return Err(format!("no session with gateway {gateway} within {timeout:?}"));
-    };
-    let stream_id = StreamId(session.next_stream.fetch_add(1, Ordering::Relaxed));
-    let leg = match open_leg(&session, stream_id, service, timeout).await {
-        Ok(leg) => leg,
-        Err(why) => {
-            baton_os::reset(app);
-            return Err(why);
+        let limit = if matches!(&*rx.borrow_and_update(), LinkState::Switching(_)) {
+            Instant::now() + shared.config.switch_timeout
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(limit, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return None,
         }
-    };
-    let _ = baton_os::tune_relay(&app);
-    let _ = baton_os::tune_relay(&leg);
-    debug!(%stream_id, service, "stream open");
-    let counters = Counters::default();
-    match relay(app, leg, &counters, &session.ended).await {
-        RelayEnd::Finished => {}
-        RelayEnd::Reset(e) => {
-            debug!(%stream_id, "stream reset: {e}");
-            let _ = session.control.try_send(Message::StreamReset { stream: stream_id, code: baton_proto::ResetCode::Peer });
-        }
-        RelayEnd::Cancelled => debug!(%stream_id, "stream closed: session ended"),
     }
-    Ok(())
 }
 
-async fn open_leg(session: &LiveSession, stream: StreamId, service: &str, timeout: Duration) -> Result<TcpStream, String> {
-    let mut leg = tokio::time::timeout(timeout, TcpStream::connect(session.gateway_addr))
-        .await
-        .map_err(|_| format!("leg to {}: connect timed out", session.gateway_addr))?
-        .map_err(|e| format!("leg to {}: {e}", session.gateway_addr))?;
-    let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
-    let open = Message::LegOpen {
-        session_id: session.id,
-        stream,
-        generation: 0,
-        received: Offset(0),
-        service: service.to_owned(),
+async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app: TcpStream) -> Result<(), String> {
+    let Some(core) = wait_core(shared, link).await else {
+        baton_os::reset(app);
+        return Err(format!("no session with gateway {} within {:?}", link.gateway, shared.config.connect_timeout));
     };
-    let open_tag = session.leg_key.seal_open(&open, &mut out);
-    leg.write_all(&out).await.map_err(|e| format!("leg: {e}"))?;
-    let reply = tokio::time::timeout(timeout, read_tagged(&mut leg))
-        .await
-        .map_err(|_| "gateway did not answer the leg preamble".to_owned())?
-        .map_err(|e| format!("leg preamble: {e}"))?;
-    let tag: [u8; TAG_LEN] = reply.tag.expect("read_tagged always reads a tag");
-    if !session.leg_key.verify_reply(&open_tag, &reply.bytes, &tag) {
-        return Err("leg reply failed authentication".into());
+    let _ = baton_os::tune_relay(&app);
+    let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
+    let (st, inbox) = StreamShared::new(id, shared.limits, core.released.child_token());
+    let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0) });
+    lock(&core.streams).insert(id, cs.clone());
+    debug!(stream = %id, service, "stream open");
+    if *core.up.borrow() {
+        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2).await });
     }
-    match reply.decode().map_err(|e| format!("leg reply: {e}"))? {
-        Message::LegReply { result: Ok(_), .. } => Ok(leg),
-        Message::LegReply { result: Err(reason), detail } => Err(format!("gateway refused the stream: {reason}: {detail}")),
-        other => Err(format!("unexpected leg reply type {:#04x}", other.ty())),
+    let end = stream::run(app, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    if matches!(end, StreamEnd::Finished) {
+        let mut f = lock(&core.finished);
+        f.push_back(st.tombstone());
+        while f.len() > TOMBSTONES {
+            f.pop_front();
+        }
+    }
+    lock(&core.streams).remove(&id);
+    match end {
+        StreamEnd::Finished => Ok(()),
+        StreamEnd::Aborted if core.released.is_cancelled() => Err("session ended".into()),
+        StreamEnd::Aborted => Ok(()),
+        other => Err(other.to_string()),
     }
 }

@@ -135,6 +135,40 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     Ok(v)
 }
 
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(u64),
+        Str(String),
+    }
+    let (n, text) = match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => (Some(n), n.to_string()),
+        NumOrStr::Str(s) => {
+            let t = s.trim();
+            let (digits, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
+                None => (t, 1u64),
+                Some(i) => {
+                    let mult = match t[i..].trim() {
+                        "B" => 1,
+                        "KiB" | "K" | "k" => 1 << 10,
+                        "MiB" | "M" => 1 << 20,
+                        "GiB" | "G" => 1 << 30,
+                        _ => 0,
+                    };
+                    (&t[..i], mult)
+                }
+            };
+            (digits.parse::<u64>().ok().filter(|_| mult > 0).and_then(|d| d.checked_mul(mult)), s)
+        }
+    };
+    match n {
+        Some(n) if (4096..=1 << 32).contains(&n) => Ok(n as usize),
+        Some(_) => Err(de::Error::custom(format!("size {text} out of range (4 KiB to 4 GiB)"))),
+        None => Err(de::Error::custom(format!("invalid size {text:?} (e.g. \"8MiB\", \"512KiB\" or bytes)"))),
+    }
+}
+
 fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(|e| de::Error::custom(format!("{e}")))
@@ -163,6 +197,15 @@ pub struct GatewayConfig {
     /// How long a new connection may take to finish its handshake or preamble.
     #[serde(default = "defaults::handshake_timeout", deserialize_with = "duration")]
     pub handshake_timeout: Duration,
+    /// How long a session whose control connection is gone waits for its
+    /// client agent to come back (the seed's switch timeout Z) before it is
+    /// released with its streams. Default 10m.
+    #[serde(default = "defaults::switch_timeout", deserialize_with = "duration")]
+    pub switch_timeout: Duration,
+    /// Unconfirmed bytes held per stream and direction for resuming after a
+    /// switch; when full, reading from the server pauses. Default 8MiB.
+    #[serde(default = "defaults::replay_buffer", deserialize_with = "size")]
+    pub replay_buffer: usize,
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, GatewayService>,
@@ -206,17 +249,49 @@ pub struct ClientConfig {
     /// relative to the configuration file's folder.
     pub key_file: PathBuf,
     /// Interval between keep-alives on each control connection (the gateway
-    /// may ask for a shorter one). Default 10s.
+    /// may ask for a shorter one). Default 1s.
     #[serde(default = "defaults::keepalive", deserialize_with = "duration")]
     pub keepalive: Duration,
     /// How long to wait for a gateway to accept a TCP connection.
     #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// A control connection with no answer from the gateway for this long
+    /// is taken as a lost path: the agent switches. Default 4s.
+    #[serde(default = "defaults::dead_after", deserialize_with = "duration")]
+    pub dead_after: Duration,
+    /// How long to keep trying to resume a session when no path works (the
+    /// seed's switch timeout Z); then its streams are closed. Default 10m.
+    #[serde(default = "defaults::switch_timeout", deserialize_with = "duration")]
+    pub switch_timeout: Duration,
+    /// Unconfirmed bytes held per stream and direction for resuming after a
+    /// switch; when full, reading from the application pauses. Default 8MiB.
+    #[serde(default = "defaults::replay_buffer", deserialize_with = "size")]
+    pub replay_buffer: usize,
+    /// The admin socket (`baton status`, `baton switch`).
+    #[serde(default = "defaults::admin")]
+    pub admin: PathBuf,
+    /// Interfaces to use, by name. Without this table the agent sends through
+    /// the host's routing as is (one path named `default`).
+    #[serde(default)]
+    pub interfaces: BTreeMap<String, InterfaceConfig>,
     /// Gateways by name.
     pub gateways: BTreeMap<String, GatewaySpec>,
     /// Services to offer to local applications, by name.
     #[serde(default)]
     pub services: BTreeMap<String, ClientService>,
+}
+
+/// An interface the client agent may send from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Network device to bind to (`SO_BINDTODEVICE`, needs CAP_NET_RAW).
+    pub device: Option<String>,
+    /// Source address to send from.
+    pub source: Option<std::net::IpAddr>,
+    /// Preference, lower first. Default 100.
+    #[serde(default = "defaults::priority")]
+    pub priority: u32,
 }
 
 /// How to reach a gateway.
@@ -266,7 +341,22 @@ mod defaults {
         Duration::from_secs(10)
     }
     pub(super) fn keepalive() -> Duration {
-        Duration::from_secs(10)
+        Duration::from_secs(1)
+    }
+    pub(super) fn dead_after() -> Duration {
+        Duration::from_secs(4)
+    }
+    pub(super) fn switch_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub(super) fn replay_buffer() -> usize {
+        8 << 20
+    }
+    pub(super) fn priority() -> u32 {
+        100
+    }
+    pub(super) fn admin() -> std::path::PathBuf {
+        std::path::PathBuf::from(crate::admin::DEFAULT_SOCKET)
     }
 }
 
@@ -373,6 +463,17 @@ impl ClientConfig {
         }
         if self.gateways.is_empty() {
             return Err(key_error(path, "gateways", "at least one gateway is needed"));
+        }
+        if self.dead_after <= self.keepalive {
+            return Err(key_error(path, "dead_after", "must be longer than `keepalive`"));
+        }
+        for (name, i) in &self.interfaces {
+            if !valid_name(name) {
+                return Err(key_error(path, format!("interfaces.{name}"), NAME_RULE));
+            }
+            if i.device.as_ref().is_some_and(|d| d.is_empty() || d.len() > 15) {
+                return Err(key_error(path, format!("interfaces.{name}.device"), "device names are 1 to 15 characters"));
+            }
         }
         for (name, g) in &self.gateways {
             if g.addresses.is_empty() {

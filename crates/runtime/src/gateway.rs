@@ -1,7 +1,14 @@
 //! The gateway: accepts sessions from client agents and relays their
 //! streams to the services' targets.
+//!
+//! A session outlives its control connection and its legs. When the client
+//! agent's network changes it reconnects (resuming the session by id, after
+//! proving its key again) and opens new legs that resume every stream at the
+//! offsets each side reports. A session whose control connection has been
+//! silent for the inactivity timeout is detached; one that stays detached
+//! for the switch timeout is released with all its streams.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,33 +18,40 @@ use futures_util::StreamExt as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use baton_proto::wire::{PREFACE_LEN, TAG_LEN};
+use baton_proto::wire::{MAX_ACKS, PREFACE_LEN, TAG_LEN};
 use baton_proto::{
-    ConnKind, ControlCipher, GatewayHandshake, LegKey, Liveness, LivenessAction, Message, Offset, Preface,
-    RefuseReason, Role, StreamId, StreamTable,
+    ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode, Role,
+    StreamId, StreamTable,
 };
 
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame};
-use crate::relay::{relay, Counters, RelayEnd};
+use crate::stream::{
+    self, tombstone_messages, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstone, ToSession, TOMBSTONES,
+};
 
 /// Counters a gateway keeps, for status and tests.
 #[derive(Debug, Default)]
 pub struct GatewayStats {
     /// Sessions accepted since start.
     pub sessions_accepted: AtomicU64,
+    /// Sessions resumed on a new control connection since start.
+    pub sessions_resumed: AtomicU64,
     /// Sessions refused (any reason) since start.
     pub sessions_refused: AtomicU64,
-    /// Sessions released because their client went silent.
+    /// Sessions released because their client was gone for too long.
     pub sessions_expired: AtomicU64,
     /// Streams opened since start.
     pub streams_opened: AtomicU64,
+    /// Legs that resumed an existing stream.
+    pub legs_resumed: AtomicU64,
     /// Legs refused (any reason) since start.
     pub legs_refused: AtomicU64,
     /// Connections closed for a protocol violation (garbage, forged tags).
@@ -67,12 +81,26 @@ struct Session {
     client_id: String,
     leg_key: LegKey,
     services: HashSet<String>,
-    streams: Mutex<StreamTable>,
-    stream_cancels: Mutex<HashMap<StreamId, CancellationToken>>,
-    liveness: Mutex<Liveness>,
-    /// Fires when the session is released: every stream task resets its
-    /// connections and ends.
+    table: Mutex<StreamTable>,
+    streams: Mutex<HashMap<StreamId, Arc<StreamShared>>>,
+    /// The control connection now attached, if any.
+    control: Mutex<Option<Attached>>,
+    /// Last frame from the client, or when the session was detached.
+    last_heard: Mutex<Instant>,
+    /// Resets not yet known to be delivered: re-sent on every reattach.
+    recent_resets: Mutex<VecDeque<(StreamId, ResetCode)>>,
+    /// Recently finished streams, for a client that missed their end.
+    finished: Mutex<VecDeque<Tombstone>>,
+    to_session: mpsc::UnboundedSender<ToSession>,
+    /// Fires when the session is released: every stream resets and ends.
     released: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Attached {
+    tx: mpsc::UnboundedSender<Message>,
+    /// Fires to close this control connection (replaced or detached).
+    close: CancellationToken,
 }
 
 /// Why a connection was closed early.
@@ -142,7 +170,7 @@ impl Gateway {
 
     /// Live streams over all sessions.
     pub fn stream_count(&self) -> usize {
-        lock(&self.shared.sessions).values().map(|s| lock(&s.streams).live()).sum()
+        lock(&self.shared.sessions).values().map(|s| lock(&s.streams).len()).sum()
     }
 
     /// Client ids of the sessions held now.
@@ -167,6 +195,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind, never
     // a broken invariant worth dying for.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn sid(id: u64) -> impl std::fmt::Display {
+    format!("{id:016x}")
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -237,6 +269,10 @@ async fn next_frame(
     }
 }
 
+fn capacity_detail(shared: &Shared) -> String {
+    format!("gateway holds its maximum of {} sessions", shared.config.max_sessions)
+}
+
 async fn control(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
@@ -244,7 +280,7 @@ async fn control(
     preface: [u8; PREFACE_LEN],
 ) -> Result<(), ConnError> {
     let timeout = shared.config.handshake_timeout;
-    let (hello, client_id, client_eph) = {
+    let (hello, client_id, client_eph, resume) = {
         let (r, _) = stream.split();
         let mut frames = FramedRead::new(r, FrameCodec::default());
         let hello = next_frame(&mut frames, timeout).await?;
@@ -253,7 +289,7 @@ async fn control(
             return Err(ConnError::Unexpected(hello.ty()));
         }
         match hello.decode()? {
-            Message::Hello { client_id, ephemeral } => (hello, client_id, ephemeral),
+            Message::Hello { client_id, ephemeral, resume } => (hello, client_id, ephemeral, resume),
             other => return Err(ConnError::Unexpected(other.ty())),
         }
     };
@@ -261,12 +297,20 @@ async fn control(
         warn!(%peer, client = %client_id, "refused: unknown client");
         return refuse(&mut stream, shared, RefuseReason::UnknownClient, format!("no client {client_id:?}")).await;
     };
-    if lock(&shared.sessions).len() >= shared.config.max_sessions {
+    // A resume names a session of this client; anything else gets a new id
+    // (and the client learns its old session is gone).
+    let existing = (resume != 0)
+        .then(|| lock(&shared.sessions).get(&resume).cloned())
+        .flatten()
+        .filter(|s| s.client_id == client_id);
+    if existing.is_none() && lock(&shared.sessions).len() >= shared.config.max_sessions {
         warn!(%peer, client = %client_id, "refused: capacity full");
-        let detail = format!("gateway holds its maximum of {} sessions", shared.config.max_sessions);
-        return refuse(&mut stream, shared, RefuseReason::CapacityFull, detail).await;
+        return refuse(&mut stream, shared, RefuseReason::CapacityFull, capacity_detail(shared)).await;
     }
-    let session_id = new_session_id(shared)?;
+    let session_id = match &existing {
+        Some(s) => s.id,
+        None => new_session_id(shared)?,
+    };
     let (hs, challenge) = GatewayHandshake::on_hello(&preface, &hello.bytes, client_eph, session_id, &shared.rng)?;
     stream.write_all(&challenge).await?;
 
@@ -278,78 +322,107 @@ async fn control(
         Err(baton_proto::CryptoError::BadProof) => {
             warn!(%peer, client = %client_id, "refused: bad proof of key");
             drop(frames);
-            return refuse(&mut stream, shared, RefuseReason::BadProof, "signature does not match the configured key".into())
-                .await;
+            let detail = "signature does not match the configured key".to_owned();
+            return refuse(&mut stream, shared, RefuseReason::BadProof, detail).await;
         }
         Err(e) => return Err(e.into()),
     };
     let mut cipher = ControlCipher::new(&keys, Role::Gateway);
-    let now = Instant::now().into_std();
-    let session = Arc::new(Session {
-        id: session_id,
-        client_id: client_id.clone(),
-        leg_key: keys.leg_key(),
-        services: entry.services.iter().cloned().collect(),
-        streams: Mutex::new(StreamTable::new(shared.config.max_streams_per_session)),
-        stream_cancels: Mutex::new(HashMap::new()),
-        liveness: Mutex::new(Liveness::new(now, None, shared.config.inactivity_timeout)),
-        released: shared.shutdown.child_token(),
-    });
-    let admitted = {
-        let mut sessions = lock(&shared.sessions);
-        let room = sessions.len() < shared.config.max_sessions;
-        if room {
-            sessions.insert(session_id, session.clone());
+    let session = match existing {
+        Some(s) => {
+            shared.stats.sessions_resumed.fetch_add(1, Ordering::Relaxed);
+            info!(%peer, client = %client_id, session = %sid(session_id), "session resumed");
+            s
         }
-        room
+        None => {
+            let (to_session, from_streams) = mpsc::unbounded_channel();
+            let session = Arc::new(Session {
+                id: session_id,
+                client_id: client_id.clone(),
+                leg_key: keys.leg_key(),
+                services: entry.services.iter().cloned().collect(),
+                table: Mutex::new(StreamTable::new(shared.config.max_streams_per_session)),
+                streams: Mutex::new(HashMap::new()),
+                control: Mutex::new(None),
+                last_heard: Mutex::new(Instant::now()),
+                recent_resets: Mutex::new(VecDeque::new()),
+                finished: Mutex::new(VecDeque::new()),
+                to_session,
+                released: shared.shutdown.child_token(),
+            });
+            let admitted = {
+                let mut sessions = lock(&shared.sessions);
+                let room = sessions.len() < shared.config.max_sessions;
+                if room {
+                    sessions.insert(session_id, session.clone());
+                }
+                room
+            };
+            if !admitted {
+                drop(frames);
+                return refuse(&mut stream, shared, RefuseReason::CapacityFull, capacity_detail(shared)).await;
+            }
+            shared.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
+            info!(%peer, client = %client_id, session = %sid(session_id), "session up");
+            shared.tasks.spawn(session_task(shared.clone(), session.clone(), from_streams));
+            session
+        }
     };
-    if !admitted {
-        drop(frames);
-        let detail = format!("gateway holds its maximum of {} sessions", shared.config.max_sessions);
-        return refuse(&mut stream, shared, RefuseReason::CapacityFull, detail).await;
-    }
-    shared.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
-    info!(%peer, client = %client_id, session = format_args!("{session_id:016x}"), "session up");
     let mut out = Vec::new();
     let inactivity_ms = u32::try_from(shared.config.inactivity_timeout.as_millis()).unwrap_or(u32::MAX);
     cipher.seal(&Message::Accepted { session_id, keepalive_ms: inactivity_ms / 3, inactivity_ms }, &mut out);
+
+    // Attach: this connection replaces any earlier one of the session.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let close = session.released.child_token();
+    if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone() }) {
+        old.close.cancel();
+    }
+    *lock(&session.last_heard) = Instant::now();
+    // What the client may have missed while detached: half-closes, resets, acks.
+    for s in lock(&session.streams).values() {
+        if let Some(offset) = *lock(&s.fin_at) {
+            cipher.seal(&Message::StreamFin { stream: s.id, offset }, &mut out);
+        }
+        s.acked_to_peer.store(0, Ordering::Relaxed);
+        let _ = session.to_session.send(ToSession::Ack { stream: s.id, urgent: false });
+    }
+    for (stream, code) in lock(&session.recent_resets).iter() {
+        cipher.seal(&Message::StreamReset { stream: *stream, code: *code }, &mut out);
+    }
+    for t in lock(&session.finished).iter() {
+        for m in tombstone_messages(t) {
+            cipher.seal(&m, &mut out);
+        }
+    }
     w.write_all(&out).await?;
     frames.decoder_mut().keyed = true;
 
-    let reaper = shared.tasks.spawn(reap(shared.clone(), session.clone()));
     let result = loop {
-        let frame = tokio::select! {
-            f = frames.next() => f,
-            _ = session.released.cancelled() => break Ok(()),
-        };
-        let frame = match frame {
-            None => break Err(ConnError::Closed),
-            Some(Err(e)) => break Err(e.into()),
-            Some(Ok(f)) => f,
-        };
-        let msg = match frame.open(&mut cipher) {
-            Ok(m) => m,
-            Err(e) => break Err(e.into()),
-        };
-        lock(&session.liveness).on_receive(Instant::now().into_std());
         out.clear();
-        match msg {
-            Message::Ping { seq } => cipher.seal(&Message::Pong { seq }, &mut out),
-            Message::Pong { .. } => {}
-            Message::StreamReset { stream, code } => {
-                debug!(session = format_args!("{session_id:016x}"), %stream, ?code, "stream reset by client");
-                if let Some(c) = lock(&session.stream_cancels).get(&stream) {
-                    c.cancel();
+        tokio::select! {
+            f = frames.next() => {
+                let frame = match f {
+                    None => break Err(ConnError::Closed),
+                    Some(Err(e)) => break Err(e.into()),
+                    Some(Ok(f)) => f,
+                };
+                let msg = match frame.open(&mut cipher) {
+                    Ok(m) => m,
+                    Err(e) => break Err(e.into()),
+                };
+                *lock(&session.last_heard) = Instant::now();
+                match on_control(shared, &session, msg, &mut cipher, &mut out) {
+                    Ok(true) => {
+                        let _ = w.write_all(&out).await;
+                        break Ok(());
+                    }
+                    Ok(false) => {}
+                    Err(e) => break Err(e),
                 }
             }
-            Message::Disconnect => {
-                info!(client = %client_id, session = format_args!("{session_id:016x}"), "session disconnected");
-                release(shared, &session, "client disconnected");
-                cipher.seal(&Message::DisconnectAck, &mut out);
-                let _ = w.write_all(&out).await;
-                break Ok(());
-            }
-            other => break Err(ConnError::Unexpected(other.ty())),
+            Some(msg) = rx.recv() => cipher.seal(&msg, &mut out),
+            _ = close.cancelled() => break Ok(()),
         }
         if !out.is_empty() {
             if let Err(e) = w.write_all(&out).await {
@@ -357,10 +430,55 @@ async fn control(
             }
         }
     };
-    // The session outlives its control connection until the inactivity
-    // timeout, so that a client agent that reconnects does not lose it.
-    drop(reaper);
+    // Detach, unless a newer connection already took over.
+    let mut control = lock(&session.control);
+    if control.as_ref().is_some_and(|a| a.tx.same_channel(&tx)) {
+        *control = None;
+        *lock(&session.last_heard) = Instant::now();
+        debug!(session = %sid(session.id), "control connection detached");
+    }
     result
+}
+
+/// Handles one authenticated control message; true when the session ended.
+fn on_control(
+    shared: &Shared,
+    session: &Arc<Session>,
+    msg: Message,
+    cipher: &mut ControlCipher,
+    out: &mut Vec<u8>,
+) -> Result<bool, ConnError> {
+    match msg {
+        Message::Ping { seq } => cipher.seal(&Message::Pong { seq }, out),
+        Message::Pong { .. } => {}
+        Message::Acks { entries } => {
+            let streams = lock(&session.streams);
+            for (id, offset) in entries {
+                if let Some(s) = streams.get(&id) {
+                    let _ = s.out_tx.send(OutEvent::Ack(offset));
+                }
+            }
+        }
+        Message::StreamFin { stream, offset } => {
+            if let Some(s) = lock(&session.streams).get(&stream) {
+                let _ = s.in_tx.send(InEvent::Fin(offset));
+            }
+        }
+        Message::StreamReset { stream, code } => {
+            debug!(session = %sid(session.id), %stream, ?code, "stream reset by client");
+            if let Some(s) = lock(&session.streams).get(&stream) {
+                s.abort.cancel();
+            }
+        }
+        Message::Disconnect => {
+            info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
+            release(shared, session, "client disconnected");
+            cipher.seal(&Message::DisconnectAck, out);
+            return Ok(true);
+        }
+        other => return Err(ConnError::Unexpected(other.ty())),
+    }
+    Ok(false)
 }
 
 fn new_session_id(shared: &Shared) -> Result<u64, ConnError> {
@@ -374,37 +492,122 @@ fn new_session_id(shared: &Shared) -> Result<u64, ConnError> {
     }
 }
 
-/// Releases the session when its client has been silent for the inactivity
-/// timeout.
-async fn reap(shared: Arc<Shared>, session: Arc<Session>) {
+/// Sends to the attached control connection, if any.
+fn send_control(session: &Session, msg: Message) -> bool {
+    lock(&session.control).as_ref().is_some_and(|a| a.tx.send(msg).is_ok())
+}
+
+/// The session's own task: relays what its streams ask (acks, half-closes,
+/// resets, broken legs) to the control connection, and decides when a
+/// silent or detached session is released.
+async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
+    let mut dirty: HashSet<StreamId> = HashSet::new();
+    let mut flush_at: Option<Instant> = None;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let deadline = lock(&session.liveness).poll_timeout();
+        let flush = async {
+            match flush_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep_until(Instant::from_std(deadline)) => {}
+            m = from_streams.recv() => match m {
+                None => return,
+                Some(ToSession::Ack { stream, urgent }) => {
+                    dirty.insert(stream);
+                    let at = if urgent { Instant::now() } else { Instant::now() + ACK_DELAY };
+                    flush_at = Some(flush_at.map_or(at, |f| f.min(at)));
+                }
+                Some(ToSession::Control(msg)) => {
+                    if let Message::StreamReset { stream, code } = msg {
+                        let mut r = lock(&session.recent_resets);
+                        r.push_back((stream, code));
+                        while r.len() > RECENT_RESETS {
+                            r.pop_front();
+                        }
+                    }
+                    send_control(&session, msg);
+                }
+                Some(ToSession::LegLost(stream)) => {
+                    debug!(session = %sid(session.id), %stream, "leg lost; asking the client for a new one");
+                    send_control(&session, Message::Releg { stream });
+                }
+            },
+            _ = flush => {
+                flush_at = None;
+                flush_acks(&session, &mut dirty);
+            }
+            _ = check.tick() => {
+                if expire_check(&shared, &session) {
+                    return;
+                }
+            }
             _ = session.released.cancelled() => return,
         }
-        let action = lock(&session.liveness).handle_timeout(Instant::now().into_std());
-        if action == Some(LivenessAction::Expired) {
-            shared.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
-            info!(client = %session.client_id, session = format_args!("{:016x}", session.id), "session expired (inactivity timeout)");
-            release(&shared, &session, "inactivity timeout");
-            return;
+    }
+}
+
+/// Delay that lets acknowledgements of many deliveries share a frame.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Resets remembered for re-sending after a reattach.
+const RECENT_RESETS: usize = 1024;
+
+fn flush_acks(session: &Session, dirty: &mut HashSet<StreamId>) {
+    if lock(&session.control).is_none() {
+        // Kept dirty: flushed when a control connection attaches.
+        return;
+    }
+    let mut entries = Vec::new();
+    {
+        let streams = lock(&session.streams);
+        for id in dirty.drain() {
+            if let Some(off) = streams.get(&id).and_then(|s| s.take_ack()) {
+                entries.push((id, off));
+            }
         }
+    }
+    for chunk in entries.chunks(MAX_ACKS) {
+        send_control(session, Message::Acks { entries: chunk.to_vec() });
+    }
+}
+
+/// Detaches a silent control connection and releases a session detached for
+/// longer than the switch timeout. True when released.
+fn expire_check(shared: &Shared, session: &Session) -> bool {
+    let silent = lock(&session.last_heard).elapsed();
+    let mut control = lock(&session.control);
+    match &*control {
+        Some(a) if silent >= shared.config.inactivity_timeout => {
+            info!(client = %session.client_id, session = %sid(session.id), "control connection silent for the inactivity timeout; detached");
+            a.close.cancel();
+            *control = None;
+            *lock(&session.last_heard) = Instant::now();
+            false
+        }
+        None if silent >= shared.config.switch_timeout => {
+            drop(control);
+            shared.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            info!(client = %session.client_id, session = %sid(session.id), "session released: client gone longer than the switch timeout");
+            release(shared, session, "switch timeout");
+            true
+        }
+        _ => false,
     }
 }
 
 fn release(shared: &Shared, session: &Session, why: &str) {
     if lock(&shared.sessions).remove(&session.id).is_some() {
-        debug!(session = format_args!("{:016x}", session.id), "releasing session: {why}");
+        debug!(session = %sid(session.id), "releasing session: {why}");
     }
     session.released.cancel();
 }
 
-async fn leg(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
-    let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut stream))
+async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
+    let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut leg))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (session_id, stream_id, generation, _received, service) = match frame.decode()? {
+    let (session_id, stream_id, generation, received, service) = match frame.decode()? {
         Message::LegOpen { session_id, stream, generation, received, service } => {
             (session_id, stream, generation, received, service)
         }
@@ -413,13 +616,13 @@ async fn leg(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) -> R
     let Some(session) = lock(&shared.sessions).get(&session_id).cloned() else {
         // Without the session's keys no reply can be authenticated: just close.
         shared.stats.legs_refused.fetch_add(1, Ordering::Relaxed);
-        warn!(%peer, session = format_args!("{session_id:016x}"), "leg for unknown session");
+        warn!(%peer, session = %sid(session_id), "leg for unknown session");
         return Ok(());
     };
     let tag: [u8; TAG_LEN] = frame.tag.expect("read_tagged always reads a tag");
     if !session.leg_key.verify_open(&frame.bytes, &tag) {
         shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(%peer, session = format_args!("{session_id:016x}"), "leg preamble failed authentication");
+        warn!(%peer, session = %sid(session_id), "leg preamble failed authentication");
         return Ok(());
     }
     let reply = |result: Result<Offset, RefuseReason>, detail: String| {
@@ -429,33 +632,45 @@ async fn leg(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) -> R
     };
     let refused = |reason: RefuseReason, detail: String| {
         shared.stats.legs_refused.fetch_add(1, Ordering::Relaxed);
-        warn!(client = %session.client_id, %stream_id, service = %service, "stream refused: {reason}: {detail}");
+        warn!(client = %session.client_id, stream = %stream_id, service = %service, "leg refused: {reason}: {detail}");
         reply(Err(reason), detail)
     };
-    if generation != 0 {
-        let out = refused(RefuseReason::BadStream, "this gateway does not resume streams".into());
-        stream.write_all(&out).await?;
+    let tomb = lock(&session.finished).iter().find(|t| t.id == stream_id).copied();
+    if let Some(t) = tomb {
+        // The stream finished here; the client missed its end. Tell it
+        // everything arrived, and how this side ended.
+        leg.write_all(&reply(Ok(t.delivered), String::new())).await?;
+        for m in tombstone_messages(&t) {
+            send_control(&session, m);
+        }
         return Ok(());
     }
-    if !session.services.contains(&service) {
-        let out = refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"));
-        stream.write_all(&out).await?;
-        return Ok(());
-    }
-    let Some(svc) = shared.config.services.get(&service) else {
-        let out = refused(RefuseReason::ServiceNotAllowed, format!("no service {service:?}"));
-        stream.write_all(&out).await?;
-        return Ok(());
-    };
-    let admitted = lock(&session.streams).admit(stream_id, generation);
+    let admitted = lock(&session.table).admit(stream_id, generation);
     if let Err(e) = admitted {
-        let out = refused(RefuseReason::BadStream, e.to_string());
-        stream.write_all(&out).await?;
+        leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
         return Ok(());
     }
-    let cancel = session.released.child_token();
-    lock(&session.stream_cancels).insert(stream_id, cancel.clone());
-    let target = &svc.target;
+    let _ = baton_os::tune_relay(&leg);
+    if generation > 0 {
+        // A new leg for a live stream: resume both directions.
+        let Some(s) = lock(&session.streams).get(&stream_id).cloned() else {
+            leg.write_all(&refused(RefuseReason::BadStream, "stream already ended".into())).await?;
+            return Ok(());
+        };
+        let have = Offset(s.delivered.load(Ordering::Acquire));
+        leg.write_all(&reply(Ok(have), String::new())).await?;
+        s.generation.store(generation, Ordering::Relaxed);
+        s.attach_leg(leg, have, received, session.released.child_token());
+        shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
+        debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
+        return Ok(());
+    }
+    if !session.services.contains(&service) || !shared.config.services.contains_key(&service) {
+        lock(&session.table).close(stream_id);
+        leg.write_all(&refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"))).await?;
+        return Ok(());
+    }
+    let target = &shared.config.services[&service].target;
     let connect = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect((target.host.as_str(), target.port)));
     let upstream = tokio::select! {
         r = connect => match r {
@@ -463,35 +678,39 @@ async fn leg(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) -> R
             Ok(Err(e)) => Err(format!("{target}: {e}")),
             Err(_) => Err(format!("{target}: no answer within {:?}", shared.config.connect_timeout)),
         },
-        _ = cancel.cancelled() => Err("session released".to_owned()),
+        _ = session.released.cancelled() => Err("session released".to_owned()),
     };
     let upstream = match upstream {
         Ok(s) => s,
         Err(detail) => {
-            end_stream(&session, stream_id);
-            let out = refused(RefuseReason::TargetUnreachable, detail);
-            stream.write_all(&out).await?;
+            lock(&session.table).close(stream_id);
+            leg.write_all(&refused(RefuseReason::TargetUnreachable, detail)).await?;
             return Ok(());
         }
     };
     let _ = baton_os::tune_relay(&upstream);
-    let _ = baton_os::tune_relay(&stream);
-    stream.write_all(&reply(Ok(Offset(0)), String::new())).await?;
+    leg.write_all(&reply(Ok(Offset(0)), String::new())).await?;
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
-    debug!(client = %session.client_id, %stream_id, service = %service, "stream open");
-    let counters = Counters::default();
-    let end = relay(stream, upstream, &counters, &cancel).await;
-    end_stream(&session, stream_id);
-    let (up, down) = (counters.forward.load(Ordering::Relaxed), counters.backward.load(Ordering::Relaxed));
+    debug!(client = %session.client_id, stream = %stream_id, service = %service, "stream open");
+
+    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer };
+    let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
+    lock(&session.streams).insert(stream_id, s.clone());
+    s.attach_leg(leg, Offset(0), received, session.released.child_token());
+    let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
+    if matches!(end, StreamEnd::Finished) {
+        let mut f = lock(&session.finished);
+        f.push_back(s.tombstone());
+        while f.len() > TOMBSTONES {
+            f.pop_front();
+        }
+    }
+    lock(&session.streams).remove(&stream_id);
+    lock(&session.table).close(stream_id);
+    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
     match end {
-        RelayEnd::Finished => debug!(%stream_id, up, down, "stream finished"),
-        RelayEnd::Reset(e) => info!(%stream_id, up, down, "stream reset: {e}"),
-        RelayEnd::Cancelled => info!(%stream_id, up, down, "stream closed: session released"),
+        StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
+        other => info!(stream = %stream_id, up, down, "stream closed: {other}"),
     }
     Ok(())
-}
-
-fn end_stream(session: &Session, stream: StreamId) {
-    lock(&session.streams).close(stream);
-    lock(&session.stream_cancels).remove(&stream);
 }

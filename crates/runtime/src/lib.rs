@@ -1,11 +1,13 @@
 //! baton's drivers: the gateway and the client agent on tokio, around the
 //! state machines of `baton-proto`.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 mod frame;
 pub mod gateway;
-pub mod relay;
+pub mod path;
+pub mod stream;
 pub mod verify;
 
 pub use client::{Client, LinkState, SessionError};

@@ -2,8 +2,8 @@
 //! patterns and check every byte they receive. Used by `baton demo`, the
 //! integration tests and the benchmarks to prove streams byte-exact.
 //!
-//! A client opens a connection and sends a 17-byte header (seed, bytes up,
-//! bytes down, mode), then `up` bytes of the pattern for `(seed, Up)`, then
+//! A client opens a connection and sends a 33-byte header (seed, bytes up,
+//! bytes down, mode, pace), then `up` bytes of the pattern for `(seed, Up)`, then
 //! half-closes. The server checks what it receives against the same
 //! pattern and sends `down` bytes of the pattern for `(seed, Down)`. Both
 //! ends compare byte by byte and keep a SHA-256 of what they received.
@@ -181,15 +181,24 @@ impl Report {
     }
 }
 
-async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, dir: Dir, len: u64) -> io::Result<()> {
+async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, dir: Dir, len: u64, pace: u64) -> io::Result<()> {
     let mut p = Pattern::new(seed, dir);
-    let mut buf = vec![0u8; 256 * 1024];
+    // Paced senders write small chunks so the rate is smooth.
+    let chunk = if pace > 0 { (pace / 100).clamp(1024, 256 * 1024) as usize } else { 256 * 1024 };
+    let mut buf = vec![0u8; chunk];
     let mut left = len;
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         p.fill(&mut buf[..n]);
         w.write_all(&buf[..n]).await?;
         left -= n as u64;
+        sent += n as u64;
+        if pace > 0 {
+            let due = start + std::time::Duration::from_secs_f64(sent as f64 / pace as f64);
+            tokio::time::sleep_until(due).await;
+        }
     }
     w.shutdown().await
 }
@@ -210,17 +219,28 @@ async fn receive_pattern(r: &mut (impl AsyncReadExt + Unpin), seed: u64, dir: Di
 
 /// Runs one exchange as the client over `stream`; returns what the client
 /// received (the server→client direction).
-pub async fn exchange(mut stream: TcpStream, seed: u64, up: u64, down: u64, mode: Mode) -> io::Result<Report> {
-    let mut header = [0u8; 25];
+pub async fn exchange(stream: TcpStream, seed: u64, up: u64, down: u64, mode: Mode) -> io::Result<Report> {
+    exchange_paced(stream, seed, up, down, mode, 0).await
+}
+
+/// Like [`exchange`], with both ends sending at most `pace` bytes per
+/// second (0: as fast as possible), so that a stream lasts long enough to
+/// live through switches.
+pub async fn exchange_paced(mut stream: TcpStream, seed: u64, up: u64, down: u64, mode: Mode, pace: u64) -> io::Result<Report> {
+    let mut header = [0u8; HEADER];
     header[..8].copy_from_slice(&seed.to_be_bytes());
     header[8..16].copy_from_slice(&up.to_be_bytes());
     header[16..24].copy_from_slice(&down.to_be_bytes());
     header[24] = mode.code();
+    header[25..33].copy_from_slice(&pace.to_be_bytes());
     stream.write_all(&header).await?;
     let (mut r, mut w) = stream.split();
-    let (_, report) = tokio::try_join!(send_pattern(&mut w, seed, Dir::Up, up), receive_pattern(&mut r, seed, Dir::Down, down))?;
+    let (_, report) =
+        tokio::try_join!(send_pattern(&mut w, seed, Dir::Up, up, pace), receive_pattern(&mut r, seed, Dir::Down, down))?;
     Ok(report)
 }
+
+const HEADER: usize = 33;
 
 /// Serves exchanges on `listener` forever, sending a report of the
 /// client→server direction of each on `reports`.
@@ -234,25 +254,26 @@ pub async fn serve(listener: TcpListener, reports: mpsc::UnboundedSender<io::Res
 }
 
 async fn serve_one(mut stream: TcpStream) -> io::Result<Report> {
-    let mut header = [0u8; 25];
+    let mut header = [0u8; HEADER];
     stream.read_exact(&mut header).await?;
     let seed = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
     let up = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
     let down = u64::from_be_bytes(header[16..24].try_into().expect("8 bytes"));
     let mode = Mode::from_code(header[24]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad mode"))?;
+    let pace = u64::from_be_bytes(header[25..33].try_into().expect("8 bytes"));
     let (mut r, mut w) = stream.split();
     match mode {
         Mode::Concurrent => {
-            let (_, rep) = tokio::try_join!(send_pattern(&mut w, seed, Dir::Down, down), receive_pattern(&mut r, seed, Dir::Up, up))?;
+            let (_, rep) = tokio::try_join!(send_pattern(&mut w, seed, Dir::Down, down, pace), receive_pattern(&mut r, seed, Dir::Up, up))?;
             Ok(rep)
         }
         Mode::AfterClientFin => {
             let rep = receive_pattern(&mut r, seed, Dir::Up, up).await?;
-            send_pattern(&mut w, seed, Dir::Down, down).await?;
+            send_pattern(&mut w, seed, Dir::Down, down, pace).await?;
             Ok(rep)
         }
         Mode::ServerFinFirst => {
-            send_pattern(&mut w, seed, Dir::Down, down).await?;
+            send_pattern(&mut w, seed, Dir::Down, down, pace).await?;
             receive_pattern(&mut r, seed, Dir::Up, up).await
         }
     }

@@ -57,7 +57,7 @@ async fn silent_session_is_released_with_its_streams() {
     let k = key();
     let gw = gateway(
         &format!(
-            "listen = [\"127.0.0.1:0\"]\ninactivity_timeout = \"600ms\"\n[services.s]\ntarget = \"{server}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n",
+            "listen = [\"127.0.0.1:0\"]\ninactivity_timeout = \"600ms\"\nswitch_timeout = \"400ms\"\n[services.s]\ntarget = \"{server}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n",
             k.public()
         ),
         &shutdown,
@@ -86,7 +86,8 @@ async fn silent_session_is_released_with_its_streams() {
     assert_eq!(gw.session_count(), 2);
     assert_eq!(gw.stream_count(), 1);
 
-    // The silent session goes, and its stream with it; the live one stays.
+    // The silent session is detached after the inactivity timeout and
+    // released after the switch timeout, with its stream; the live one stays.
     assert!(closed_within(&mut leg, Duration::from_secs(3)).await, "stream of the released session still open");
     assert!(eventually(Duration::from_secs(1), || gw.session_count() == 1).await);
     assert_eq!(gw.stats().sessions_expired.load(Ordering::Relaxed), 1);

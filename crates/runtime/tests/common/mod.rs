@@ -80,7 +80,7 @@ pub async fn read_frame(s: &mut TcpStream, tagged: bool) -> std::io::Result<(Vec
 /// Runs the handshake by hand. Err carries the gateway's refusal.
 pub async fn raw_session(gw: SocketAddr, id: &str, key: &ClientKey) -> Result<RawSession, Message> {
     let mut s = TcpStream::connect(gw).await.unwrap();
-    let (hs, first) = ClientHandshake::start(id, key, &SystemRandom::new()).unwrap();
+    let (hs, first) = ClientHandshake::start(id, key, 0, &SystemRandom::new()).unwrap();
     s.write_all(&first).await.unwrap();
     let (challenge, _) = read_frame(&mut s, false).await.unwrap();
     let m = Message::decode(challenge[0], &challenge[3..]).unwrap();

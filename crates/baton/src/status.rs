@@ -1,0 +1,64 @@
+//! `baton status` as a table for humans.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders the status document as text.
+pub(crate) fn render(st: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "current interface: {}", s(&st["current_interface"]));
+    let _ = writeln!(out, "\nINTERFACE        UP    PRIO  DEVICE           SOURCE");
+    for i in st["interfaces"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<5} {:<5} {:<16} {}",
+            s(&i["name"]),
+            if i["up"] == true { "yes" } else { "no" },
+            s(&i["priority"]),
+            s(&i["device"]),
+            s(&i["source"])
+        );
+    }
+    let _ = writeln!(out, "\nGATEWAY          STATE       SESSION           INTERFACE        STREAMS  ADDRESS");
+    for g in st["sessions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<11} {:<17} {:<16} {:<8} {}",
+            s(&g["gateway"]),
+            s(&g["state"]),
+            s(&g["session_id"]),
+            s(&g["interface"]),
+            s(&g["streams"]),
+            g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default()
+        );
+    }
+    let switches = st["switches"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
+    if !switches.is_empty() {
+        let _ = writeln!(out, "KIND        GATEWAY          FROM → TO              PAUSE ms  STALL ms  RESENT B  STREAMS  REASON");
+    }
+    for w in switches.iter().rev().take(20) {
+        let _ = writeln!(
+            out,
+            "{:<11} {:<16} {:<22} {:<9} {:<9} {:<9} {:<8} {}",
+            s(&w["kind"]),
+            s(&w["gateway"]),
+            format!("{} → {}", s(&w["from"]), s(&w["to"])),
+            s(&w["duration_ms"]),
+            s(&w["longest_stall_ms"]),
+            s(&w["bytes_resent"]),
+            s(&w["streams"]),
+            s(&w["reason"])
+        );
+    }
+    out
+}
