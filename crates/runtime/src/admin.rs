@@ -71,7 +71,7 @@ pub fn status(client: &Client) -> Value {
         "current_interface": current,
         "interfaces": client.paths(),
         "sessions": sessions,
-        "streams": client.stream_count(),
+        "streams": client.streams(),
         "switches": client.switches(),
     })
 }

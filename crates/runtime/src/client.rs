@@ -136,6 +136,27 @@ pub struct SwitchRecord {
     pub reason: String,
 }
 
+/// One stream as seen from outside.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    /// The gateway's name.
+    pub gateway: String,
+    /// Stream id within the session.
+    pub id: u64,
+    /// Service name.
+    pub service: String,
+    /// Bytes taken from the application.
+    pub sent: u64,
+    /// Of those, bytes the gateway confirmed (the rest is held for replay).
+    pub confirmed: u64,
+    /// Bytes delivered to the application.
+    pub received: u64,
+    /// Bytes sent twice because a path lost them.
+    pub resent: u64,
+    /// Legs used so far.
+    pub legs: u32,
+}
+
 /// A running client agent.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -247,6 +268,10 @@ impl Client {
             tasks: TaskTracker::new(),
             limits,
         });
+        if shared.paths.kernel {
+            let s2 = shared.clone();
+            shared.tasks.spawn(async move { crate::path::follow_kernel(&s2.paths, s2.shutdown.clone()).await });
+        }
         for link in shared.links.values() {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
@@ -316,6 +341,28 @@ impl Client {
             LinkState::Up(i) => Some(i.path.clone()),
             _ => None,
         })
+    }
+
+    /// Every live stream.
+    pub fn streams(&self) -> Vec<StreamStatus> {
+        let mut out = Vec::new();
+        for (g, link) in &self.shared.links {
+            let Some(core) = lock(&link.core).clone() else { continue };
+            for s in lock(&core.streams).values() {
+                out.push(StreamStatus {
+                    gateway: g.clone(),
+                    id: s.shared.id.0,
+                    service: s.service.clone(),
+                    sent: s.shared.taken.load(Ordering::Relaxed),
+                    confirmed: s.shared.peer_acked.load(Ordering::Relaxed),
+                    received: s.shared.delivered.load(Ordering::Relaxed),
+                    resent: s.shared.resent.load(Ordering::Relaxed),
+                    legs: s.generation.load(Ordering::Relaxed),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.id.cmp(&b.id)));
+        out
     }
 
     /// Live streams over all sessions.

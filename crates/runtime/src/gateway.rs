@@ -670,6 +670,11 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         leg.write_all(&refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"))).await?;
         return Ok(());
     }
+    // The stream is registered before the target is reached, so that what
+    // the client sends about it meanwhile (a half-close) is not lost.
+    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer };
+    let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
+    lock(&session.streams).insert(stream_id, s.clone());
     let target = &shared.config.services[&service].target;
     let connect = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect((target.host.as_str(), target.port)));
     let upstream = tokio::select! {
@@ -683,6 +688,7 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     let upstream = match upstream {
         Ok(s) => s,
         Err(detail) => {
+            lock(&session.streams).remove(&stream_id);
             lock(&session.table).close(stream_id);
             leg.write_all(&refused(RefuseReason::TargetUnreachable, detail)).await?;
             return Ok(());
@@ -693,9 +699,6 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %stream_id, service = %service, "stream open");
 
-    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer };
-    let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
-    lock(&session.streams).insert(stream_id, s.clone());
     s.attach_leg(leg, Offset(0), received, session.released.child_token());
     let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {

@@ -7,15 +7,17 @@
 //! configuration; without one the agent uses the host's routing as is,
 //! through a single path called `default`.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use baton_os::{IfaceAddr, InterfaceTable};
 use serde::Serialize;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::ClientConfig;
 
@@ -49,6 +51,8 @@ struct Entry {
     priority: u32,
     /// Fires when the path goes down: every connection on it is cut.
     cut: CancellationToken,
+    /// The interface's addresses when last seen (kernel mode).
+    addrs: BTreeSet<IfaceAddr>,
 }
 
 /// The client agent's paths, in order of preference.
@@ -56,7 +60,12 @@ struct Entry {
 pub(crate) struct Paths {
     entries: Mutex<Vec<Entry>>,
     changed: watch::Sender<u64>,
+    /// Paths follow the kernel's interface table.
+    pub(crate) kernel: bool,
 }
+
+/// The loopback device: a path only to a gateway on this host.
+pub(crate) const LOOPBACK: &str = "lo";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -72,18 +81,86 @@ impl Paths {
                 up: true,
                 priority: i.priority,
                 cut: CancellationToken::new(),
+                addrs: BTreeSet::new(),
             })
             .collect();
+        let kernel = entries.is_empty();
+        entries.sort_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.path.name.cmp(&b.path.name)));
+        Self { entries: Mutex::new(entries), changed: watch::channel(0).0, kernel }
+    }
+
+    /// Without the kernel's table (no netlink): the host's routing as is.
+    pub(crate) fn fall_back_to_default(&self) {
+        let mut entries = lock(&self.entries);
         if entries.is_empty() {
             entries.push(Entry {
                 path: Path { name: "default".into(), device: None, source: None },
                 up: true,
                 priority: 0,
                 cut: CancellationToken::new(),
+                addrs: BTreeSet::new(),
             });
+            drop(entries);
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Follows a new kernel interface table: candidates become usable paths
+    /// in metric order; an interface that goes down or loses an address has
+    /// its connections cut (they were bound to what is gone).
+    pub(crate) fn apply_table(&self, table: &InterfaceTable) {
+        let mut next: Vec<(Path, u32, BTreeSet<IfaceAddr>)> = table
+            .candidates()
+            .into_iter()
+            .map(|i| {
+                let path = Path { name: i.name.clone(), device: Some(i.name.clone()), source: None };
+                (path, i.default_route_metric.unwrap_or(u32::MAX - 1), i.addrs.iter().copied().collect())
+            })
+            .collect();
+        if let Some(lo) = table.by_name(LOOPBACK) {
+            let path = Path { name: LOOPBACK.into(), device: Some(LOOPBACK.into()), source: None };
+            next.push((path, u32::MAX, lo.addrs.iter().copied().collect()));
+        }
+        let mut entries = lock(&self.entries);
+        let mut changed = false;
+        for e in entries.iter_mut() {
+            match next.iter().find(|(p, ..)| p.name == e.path.name) {
+                Some((_, metric, addrs)) => {
+                    let lost = e.addrs.difference(addrs).next().is_some();
+                    if !e.up || lost {
+                        if lost {
+                            info!(interface = %e.path.name, "address gone: cutting its connections");
+                            e.cut.cancel();
+                            e.cut = CancellationToken::new();
+                        }
+                        changed = true;
+                    }
+                    e.up = true;
+                    e.priority = *metric;
+                    e.addrs = addrs.clone();
+                }
+                None if e.up => {
+                    info!(interface = %e.path.name, "interface gone or down: cutting its connections");
+                    e.up = false;
+                    e.cut.cancel();
+                    e.cut = CancellationToken::new();
+                    changed = true;
+                }
+                None => {}
+            }
+        }
+        for (path, metric, addrs) in next {
+            if !entries.iter().any(|e| e.path.name == path.name) {
+                info!(interface = %path.name, metric, "interface usable");
+                entries.push(Entry { path, up: true, priority: metric, cut: CancellationToken::new(), addrs });
+                changed = true;
+            }
         }
         entries.sort_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.path.name.cmp(&b.path.name)));
-        Self { entries: Mutex::new(entries), changed: watch::channel(0).0 }
+        drop(entries);
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
     }
 
     /// Usable paths, preferred first.
@@ -136,18 +213,41 @@ impl Paths {
 
 /// Connects to `target` out of `path`, within `timeout`.
 pub(crate) async fn connect_via(target: SocketAddr, path: &Path, timeout: Duration) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    if let Some(dev) = &path.device {
-        socket.bind_device(Some(dev.as_bytes())).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot bind to device {dev} (needs CAP_NET_RAW): {e}"))
-        })?;
+    // The loopback device reaches only this host, and this host is reached
+    // only through it: refuse the pairs that could only time out.
+    if path.device.is_some() && (path.name == LOOPBACK) != target.ip().is_loopback() {
+        return Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("{target} is not reachable through {}", path.name)));
     }
-    if let Some(src) = path.source {
-        socket.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+    match baton_os::connect_via(target, path.device.as_deref(), path.source, timeout).await {
+        // Without CAP_NET_RAW a device cannot be bound: the routing table
+        // then chooses the egress, which is right as long as the preferred
+        // interface is also the kernel's preferred route.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && path.device.is_some() => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| warn!("{e}; sending through the routing table instead (run with CAP_NET_RAW to choose the interface)"));
+            baton_os::connect_via(target, None, path.source, timeout).await
+        }
+        r => r,
     }
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    tokio::time::timeout(timeout, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Keeps `paths` in step with the kernel's interface table until `stop`.
+pub(crate) async fn follow_kernel(paths: &Paths, stop: CancellationToken) {
+    let watcher = match baton_os::watch().await {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("cannot read the kernel's interface table ({e}); using the host's routing as is");
+            paths.fall_back_to_default();
+            return;
+        }
+    };
+    let mut tables = watcher.tables();
+    loop {
+        let table = tables.borrow_and_update().clone();
+        paths.apply_table(&table);
+        tokio::select! {
+            r = tables.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
 }

@@ -98,6 +98,8 @@ pub(crate) struct StreamShared {
     ack_requested: AtomicBool,
     /// Bytes taken from the local connection.
     pub(crate) taken: AtomicU64,
+    /// Bytes of the outbound direction the peer confirmed.
+    pub(crate) peer_acked: AtomicU64,
     /// Bytes sent a second time on a new leg.
     pub(crate) resent: AtomicU64,
     /// Where the local connection finished writing, once it has.
@@ -129,6 +131,7 @@ impl StreamShared {
             acked_to_peer: AtomicU64::new(0),
             ack_requested: AtomicBool::new(false),
             taken: AtomicU64::new(0),
+            peer_acked: AtomicU64::new(0),
             resent: AtomicU64::new(0),
             fin_at: Mutex::new(None),
             generation: AtomicU32::new(0),
@@ -304,6 +307,7 @@ async fn outbound(
     let mut buf = ReplayBuffer::new(limits.replay_buffer);
     let mut chunk = vec![0u8; CHUNK.min(limits.replay_buffer)];
     let mut leg: Option<(OwnedWriteHalf, Offset, CancellationToken)> = None;
+    let mut had_leg = false;
     let mut eof = false;
     loop {
         if eof && buf.is_empty() {
@@ -318,9 +322,16 @@ async fn outbound(
                 Some(OutEvent::Ack(upto)) => {
                     // An ack beyond what was sent is a peer bug: never trust it to drop bytes.
                     buf.ack(upto).map_err(DirError::Unrecoverable)?;
+                    shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
                 }
                 Some(OutEvent::Leg(w, from, cut)) => {
-                    buf.check_resume(from).map_err(DirError::Unrecoverable)?;
+                    // `from` may lie before the buffer's start: an ack sent
+                    // after the peer chose `from` can overtake the new leg's
+                    // reply. Those bytes were delivered, so the peer discards
+                    // whatever comes at their offsets; past the end is a bug.
+                    if from > buf.end() {
+                        return Err(DirError::Unrecoverable(ReplayError::BeyondEnd(from.0, buf.end().0)));
+                    }
                     if let Some((_, was_at, _)) = &leg {
                         if *was_at > from {
                             shared.resent.fetch_add(was_at.0 - from.0, Ordering::Relaxed);
@@ -328,7 +339,13 @@ async fn outbound(
                     }
                     // The peer has everything before `from`.
                     let _ = buf.ack(from);
+                    shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
                     leg = Some((w, from, cut));
+                    if !had_leg && eof {
+                        let offset = buf.end();
+                        let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset }));
+                    }
+                    had_leg = true;
                 }
             },
             r = write_leg(&mut leg, &buf), if want_write => {
@@ -342,7 +359,11 @@ async fn outbound(
                     eof = true;
                     let end = buf.end();
                     *lock(&shared.fin_at) = Some(end);
-                    let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset: end }));
+                    // Before its first leg the peer may not know the stream
+                    // yet: the half-close waits for the leg.
+                    if had_leg {
+                        let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset: end }));
+                    }
                 }
                 Ok(n) => {
                     let took = buf.push(&chunk[..n]);
@@ -355,9 +376,17 @@ async fn outbound(
     }
 }
 
+/// Stands in for bytes the peer confirmed but a new leg must still carry
+/// (see [`OutEvent::Leg`]): the peer skips offsets it already delivered.
+static FILLER: [u8; 16 * 1024] = [0; 16 * 1024];
+
 async fn write_leg(leg: &mut Option<(OwnedWriteHalf, Offset, CancellationToken)>, buf: &ReplayBuffer) -> io::Result<()> {
     let Some((w, at, cut)) = leg else { return std::future::pending().await };
-    let bytes = buf.bytes_from(*at).map_err(|e| io::Error::other(e.to_string()))?;
+    let bytes = if *at < buf.start() {
+        &FILLER[..FILLER.len().min((buf.start().0 - at.0) as usize)]
+    } else {
+        buf.bytes_from(*at).map_err(|e| io::Error::other(e.to_string()))?
+    };
     let n = tokio::select! {
         r = w.write(bytes) => r?,
         _ = cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
@@ -381,6 +410,10 @@ async fn inbound(
     let mut next: Option<(OwnedReadHalf, u64, CancellationToken)> = None;
     let mut buf = vec![0u8; CHUNK];
     let mut buf2 = vec![0u8; 64 * 1024];
+    // A leg that ends cleanly was closed by the peer: replaced (a new one is
+    // on its way) or because the peer's side finished (the half-close is on
+    // its way). Only if nothing comes within the grace is a new leg asked for.
+    let mut lost_at: Option<tokio::time::Instant> = None;
     loop {
         if fin == Some(delivered) {
             local.shutdown().await.map_err(DirError::Local)?;
@@ -432,14 +465,34 @@ async fn inbound(
                         delivered = deliver(&mut local, &buf[..n], start, delivered, shared, to_session).await?;
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     leg = next.take();
                     if leg.is_none() && fin != Some(delivered) {
-                        let _ = to_session.send(ToSession::LegLost(shared.id));
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            lost_at = Some(tokio::time::Instant::now() + LEG_EOF_GRACE);
+                        } else {
+                            let _ = to_session.send(ToSession::LegLost(shared.id));
+                        }
                     }
                 }
             },
+            _ = sleep_until_opt(lost_at) => {
+                lost_at = None;
+                if leg.is_none() && fin != Some(delivered) {
+                    let _ = to_session.send(ToSession::LegLost(shared.id));
+                }
+            }
         }
+    }
+}
+
+/// How long a cleanly closed leg may go unreplaced before a new one is asked for.
+const LEG_EOF_GRACE: Duration = Duration::from_millis(300);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

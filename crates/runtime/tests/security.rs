@@ -55,10 +55,15 @@ async fn bed() -> Bed {
 
 async fn verified(addr: std::net::SocketAddr, seed: u64) -> bool {
     let s = TcpStream::connect(addr).await.unwrap();
-    match verify::exchange(s, seed, 1 << 20, 1 << 20, Mode::Concurrent).await {
+    let run = verify::exchange(s, seed, 1 << 20, 1 << 20, Mode::Concurrent);
+    match tokio::time::timeout(Duration::from_secs(30), run).await.expect("stream stalled") {
         Ok(r) => r.is_exact(Dir::Down),
         Err(_) => false,
     }
+}
+
+async fn report(rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<verify::Report>>) -> verify::Report {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no server report").unwrap().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,8 +78,8 @@ async fn each_client_reaches_only_its_own_services() {
     b.wait_up("gw").await.unwrap();
     assert!(verified(a.service_addr("alpha").unwrap(), 1).await);
     assert!(verified(b.service_addr("beta").unwrap(), 2).await);
-    assert!(bed.reports.recv().await.unwrap().unwrap().is_exact(Dir::Up));
-    assert!(bed.reports.recv().await.unwrap().unwrap().is_exact(Dir::Up));
+    assert!(report(&mut bed.reports).await.is_exact(Dir::Up));
+    assert!(report(&mut bed.reports).await.is_exact(Dir::Up));
     // The unlisted service: the application's connection is closed, nothing reaches the server.
     for addr in [a.service_addr("beta").unwrap(), b.service_addr("alpha").unwrap()] {
         // The refusal can be so quick that the reset lands before connect()
@@ -200,7 +205,7 @@ async fn garbage_and_forgeries_close_only_that_connection() {
     // The gateway counted the violations and kept serving: the long stream
     // is intact and new streams work.
     assert!(bed.gw.stats().protocol_errors.load(Ordering::Relaxed) >= 4);
-    let r = long.await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(60), long).await.expect("long stream stalled").unwrap();
     assert!(r.is_exact(Dir::Down));
     // Drain server reports: the long stream (77) and raw2's stream 0 (closed
     // mid-header, an error) may come in any order.

@@ -1,0 +1,244 @@
+//! Switches on loopback: two loopback addresses stand in for two
+//! interfaces; a planned switch is `Client::switch`, a sudden one is the
+//! interface going down (every connection on it cut at once, as the kernel's
+//! link-down event does in the agent).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use baton_runtime::client::SwitchKind;
+use baton_runtime::config::ClientConfig;
+use baton_runtime::verify::{self, Dir, Mode};
+use baton_runtime::Client;
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+struct Bed {
+    shutdown: CancellationToken,
+    gw: baton_runtime::Gateway,
+    client: Client,
+    reports: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<verify::Report>>,
+}
+
+/// A gateway, a verifying server and a client agent with interfaces
+/// `a` (127.0.0.2, preferred) and `b` (127.0.0.3).
+async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
+    let shutdown = CancellationToken::new();
+    let (server, reports) = verify_server().await;
+    let k = key();
+    let gw = gateway(
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{server}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
+            k.public()
+        ),
+        &shutdown,
+    )
+    .await;
+    let toml = format!(
+        "id = \"m\"\nkey_file = \"unused\"\n{client_extra}\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
+        gw.local_addrs()[0],
+        service("data")
+    );
+    let cfg = ClientConfig::from_toml(std::path::Path::new("switch-client.toml"), &toml).unwrap();
+    let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
+    assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
+    Bed { shutdown, gw, client, reports }
+}
+
+async fn current(client: &Client) -> String {
+    client.wait_up("gw").await.unwrap().path
+}
+
+/// Waits until the switch count reaches `n`.
+async fn switches_reach(client: &Client, n: usize) -> bool {
+    eventually(Duration::from_secs(10), || client.switches().len() >= n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn long_stream_survives_planned_and_sudden_switches() {
+    let mut bed = bed("", "").await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let long = tokio::spawn(async move {
+        let s = TcpStream::connect(addr).await.unwrap();
+        verify::exchange_paced(s, 42, 24 * MIB, 24 * MIB, Mode::Concurrent, 8 * MIB).await
+    });
+    let c = &bed.client;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.switch("b").await.unwrap();
+    assert_eq!((r[0].kind, r[0].from.as_str(), r[0].to.as_str(), r[0].streams), (SwitchKind::Planned, "a", "b", 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.switch("a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sudden: a goes down; the session must find b by itself.
+    c.set_path_up("a", false).unwrap();
+    assert!(switches_reach(c, 3).await);
+    assert_eq!(current(c).await, "b");
+    let sw = c.switches()[2].clone();
+    assert_eq!((sw.kind, sw.from.as_str(), sw.to.as_str()), (SwitchKind::Unexpected, "a", "b"));
+    c.set_path_up("a", true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.switch("a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.set_path_up("a", false).unwrap();
+    assert!(switches_reach(c, 5).await);
+    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
+    assert!(down.is_exact(Dir::Down), "{down:?}");
+    let up = bed.reports.recv().await.unwrap().unwrap();
+    assert!(up.is_exact(Dir::Up), "{up:?}");
+    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn two_hundred_random_switches_under_load_on_twenty_streams() {
+    let seed: u64 = std::env::var("BATON_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("seed {seed} (re-run with BATON_SEED={seed})");
+    let mut x = seed | 1;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut bed = bed("", "").await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            verify::exchange_paced(s, 1000 + i, 8 * MIB, 8 * MIB, Mode::Concurrent, 2 * MIB).await
+        }));
+    }
+    let c = &bed.client;
+    let (mut planned, mut sudden) = (0, 0);
+    for n in 0..200 {
+        let on = current(c).await;
+        let other = if on == "a" { "b" } else { "a" };
+        if rand() % 2 == 0 {
+            let r = c.switch(other).await.unwrap_or_else(|e| panic!("switch {n} (seed {seed}): {e}"));
+            assert_eq!(r[0].to, other);
+            planned += 1;
+        } else {
+            let before = c.switches().len();
+            c.set_path_up(&on, false).unwrap();
+            assert!(switches_reach(c, before + 1).await, "sudden switch {n} did not complete (seed {seed})");
+            c.set_path_up(&on, true).unwrap();
+            sudden += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rand() % 15)).await;
+    }
+    println!("{planned} planned and {sudden} sudden switches");
+    assert_eq!(c.switches().len(), 200);
+    assert!(planned > 50 && sudden > 50, "seed {seed} gave a lopsided mix");
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap().expect("stream failed");
+        assert!(r.is_exact(Dir::Down), "seed {seed}: {r:?}");
+    }
+    for _ in 0..20 {
+        let r = bed.reports.recv().await.unwrap().unwrap();
+        assert!(r.is_exact(Dir::Up), "seed {seed}: {r:?}");
+    }
+    let resent: u64 = c.switches().iter().map(|s| s.bytes_resent).sum();
+    let longest = c.switches().iter().map(|s| s.longest_stall_ms).max().unwrap();
+    println!("bytes resent {resent}, longest stall {longest} ms");
+    bed.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn memory_stays_bounded_when_the_far_side_stops_reading() {
+    // A server that accepts and never reads.
+    let shutdown = CancellationToken::new();
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = sink.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (s, _) = sink.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    });
+    let k = key();
+    let gw = gateway(
+        &format!("listen = [\"127.0.0.1:0\"]\nreplay_buffer = \"1MiB\"\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
+        &shutdown,
+    )
+    .await;
+    let toml = format!(
+        "id = \"m\"\nkey_file = \"unused\"\nreplay_buffer = \"1MiB\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
+        gw.local_addrs()[0],
+        service("data")
+    );
+    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
+    client.wait_up("gw").await.unwrap();
+    let mut app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut switched = false;
+    while let Ok(Ok(())) = tokio::time::timeout_at(deadline, app.write_all(&chunk)).await {
+        written += chunk.len() as u64;
+        if !switched && written > 4 * MIB {
+            // A switch while the far side is stalled: the held bytes move, no more.
+            let c2 = client.clone();
+            tokio::spawn(async move { c2.switch("b").await.expect("switch failed") });
+            switched = true;
+        }
+    }
+    assert!(eventually(Duration::from_secs(5), || client.switches().len() == 1).await);
+    let s = &client.streams()[0];
+    let held_by_agent = s.sent - s.confirmed;
+    println!("application wrote {written} bytes before blocking; client agent holds {held_by_agent} unconfirmed");
+    assert!(held_by_agent <= MIB, "replay buffer exceeded its bound: {held_by_agent}");
+    // Everything else is in kernel socket buffers (application, leg, server
+    // connections), themselves bounded: far below an unbounded relay's.
+    assert!(written < 96 * MIB, "the application was never pushed back: {written} bytes accepted");
+    held.abort();
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn outage_within_the_switch_timeout_resumes_and_beyond_it_closes() {
+    let mut bed = bed("switch_timeout = \"3s\"", "switch_timeout = \"3s\"").await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let c = bed.client.clone();
+    // 1. Both interfaces gone for 1.5 s, then b comes back: resumed, exact.
+    let s = TcpStream::connect(addr).await.unwrap();
+    let t = tokio::spawn(verify::exchange_paced(s, 9, 6 * MIB, 6 * MIB, Mode::Concurrent, 4 * MIB));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.set_path_up("a", false).unwrap();
+    c.set_path_up("b", false).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.set_path_up("b", true).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
+    assert!(r.is_exact(Dir::Down));
+    assert!(bed.reports.recv().await.unwrap().unwrap().is_exact(Dir::Up));
+    let sw = c.switches().last().cloned().unwrap();
+    assert_eq!(sw.kind, SwitchKind::Unexpected);
+    assert!(sw.duration_ms >= 1400, "the outage lasted 1.5 s: {sw:?}");
+
+    // 2. No interface for longer than the switch timeout: the stream is
+    //    closed with a reset (never silently), on both sides.
+    let mut app = TcpStream::connect(addr).await.unwrap();
+    // A verify header announcing 1 GiB that never comes; the server answers
+    // only after it (mode 1): it waits, silent.
+    let mut header = [0u8; 33];
+    header[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    header[24] = 1;
+    app.write_all(&header).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bed.gw.stream_count(), 1);
+    c.set_path_up("b", false).unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed_within(&mut app, Duration::from_secs(10)).await, "stream not closed after the switch timeout");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(2500), "closed before the switch timeout: {waited:?}");
+    assert!(eventually(Duration::from_secs(5), || bed.gw.session_count() == 0).await, "gateway kept the session");
+    bed.shutdown.cancel();
+}
