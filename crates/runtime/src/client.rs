@@ -702,7 +702,7 @@ enum ControlEnd {
 /// Runs an established control connection until it fails, the client shuts
 /// down, or a planned switch replaces it.
 async fn run_control(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     link: &Link,
     core: &Arc<Core>,
     est: Established,
@@ -714,6 +714,13 @@ async fn run_control(
     let (tx, mut rx) = mpsc::unbounded_channel();
     *lock(&core.control) = Some(tx);
     core.up.send_replace(true);
+    // Streams accepted while no control connection was up have no leg yet.
+    for s in lock(&core.streams).values() {
+        if s.generation.load(Ordering::Acquire) == 0 && !s.releg_busy.load(Ordering::Acquire) {
+            let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
+            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2).await });
+        }
+    }
     // What the gateway may have missed: half-closes and acks.
     let mut out = Vec::new();
     for s in lock(&core.streams).values() {

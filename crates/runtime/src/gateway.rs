@@ -311,6 +311,8 @@ async fn control(
         Some(s) => s.id,
         None => new_session_id(shared)?,
     };
+    // Keep-alives and acknowledgements are small and latency-bound.
+    let _ = stream.set_nodelay(true);
     let (hs, challenge) = GatewayHandshake::on_hello(&preface, &hello.bytes, client_eph, session_id, &shared.rng)?;
     stream.write_all(&challenge).await?;
 
