@@ -170,7 +170,7 @@ struct Shared {
     key: ClientKey,
     rng: SystemRandom,
     links: HashMap<String, Arc<Link>>,
-    paths: Paths,
+    paths: Arc<Paths>,
     switches: Mutex<Vec<SwitchRecord>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -255,7 +255,13 @@ impl Client {
                 (name.clone(), Arc::new(link))
             })
             .collect();
-        let paths = Paths::from_config(&config);
+        let paths = Arc::new(Paths::from_config(&config));
+        if paths.kernel {
+            if let Some(task) = crate::path::follow_kernel(paths.clone(), shutdown.clone()).await {
+                // Detached on purpose: it ends with `shutdown`.
+                drop(task);
+            }
+        }
         let limits = StreamLimits { replay_buffer: config.replay_buffer };
         let shared = Arc::new(Shared {
             config,
@@ -268,10 +274,6 @@ impl Client {
             tasks: TaskTracker::new(),
             limits,
         });
-        if shared.paths.kernel {
-            let s2 = shared.clone();
-            shared.tasks.spawn(async move { crate::path::follow_kernel(&s2.paths, s2.shutdown.clone()).await });
-        }
         for link in shared.links.values() {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
@@ -1012,8 +1014,11 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
         let remote = remote.clone();
         let name = name.clone();
         shared.tasks.spawn(async move {
-            if let Err(why) = serve_stream(&shared2, &link, &remote, app).await {
-                warn!(service = %name, %peer, "connection closed: {why}");
+            match serve_stream(&shared2, &link, &remote, app).await {
+                Ok(()) => {}
+                // The application's own reset: its business, not a fault.
+                Err(StreamClose::Local(why)) => info!(service = %name, %peer, "connection closed: {why}"),
+                Err(StreamClose::Fault(why)) => warn!(service = %name, %peer, "connection closed: {why}"),
             }
         });
     }
@@ -1040,10 +1045,21 @@ async fn wait_core(shared: &Shared, link: &Link) -> Option<Arc<Core>> {
     }
 }
 
-async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app: TcpStream) -> Result<(), String> {
+/// Why a stream ended early.
+enum StreamClose {
+    /// The local application failed or reset its connection.
+    Local(String),
+    /// baton could not keep the stream: session gone, gateway refused, ...
+    Fault(String),
+}
+
+async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app: TcpStream) -> Result<(), StreamClose> {
     let Some(core) = wait_core(shared, link).await else {
         baton_os::reset(app);
-        return Err(format!("no session with gateway {} within {:?}", link.gateway, shared.config.connect_timeout));
+        return Err(StreamClose::Fault(format!(
+            "no session with gateway {} within {:?}",
+            link.gateway, shared.config.connect_timeout
+        )));
     };
     let _ = baton_os::tune_relay(&app);
     let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
@@ -1066,8 +1082,9 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     lock(&core.streams).remove(&id);
     match end {
         StreamEnd::Finished => Ok(()),
-        StreamEnd::Aborted if core.released.is_cancelled() => Err("session ended".into()),
+        StreamEnd::Aborted if core.released.is_cancelled() => Err(StreamClose::Fault("session ended".into())),
         StreamEnd::Aborted => Ok(()),
-        other => Err(other.to_string()),
+        StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!("application connection failed: {e}"))),
+        other => Err(StreamClose::Fault(other.to_string())),
     }
 }

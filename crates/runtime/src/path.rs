@@ -231,23 +231,30 @@ pub(crate) async fn connect_via(target: SocketAddr, path: &Path, timeout: Durati
     }
 }
 
-/// Keeps `paths` in step with the kernel's interface table until `stop`.
-pub(crate) async fn follow_kernel(paths: &Paths, stop: CancellationToken) {
+/// Starts following the kernel's interface table: the first table is
+/// applied before this returns (so the first connection attempt already has
+/// its paths), then a task keeps `paths` in step until `stop`.
+pub(crate) async fn follow_kernel(paths: std::sync::Arc<Paths>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
     let watcher = match baton_os::watch().await {
         Ok(w) => w,
         Err(e) => {
             warn!("cannot read the kernel's interface table ({e}); using the host's routing as is");
             paths.fall_back_to_default();
-            return;
+            return None;
         }
     };
     let mut tables = watcher.tables();
-    loop {
-        let table = tables.borrow_and_update().clone();
-        paths.apply_table(&table);
-        tokio::select! {
-            r = tables.changed() => if r.is_err() { return },
-            _ = stop.cancelled() => return,
+    paths.apply_table(&tables.borrow_and_update().clone());
+    Some(tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                r = tables.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            let table = tables.borrow_and_update().clone();
+            paths.apply_table(&table);
         }
-    }
+    }))
 }
