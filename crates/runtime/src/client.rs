@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use baton_proto::wire::{ConnKind, Preface, MAX_ACKS, TAG_LEN};
+use baton_proto::wire::{ConnKind, Preface, TAG_LEN};
 use baton_proto::{
     ClientHandshake, ClientKey, ControlCipher, LegKey, Liveness, LivenessAction, Message, Offset, RefuseReason,
     Role, StreamId,
@@ -40,9 +40,7 @@ use baton_proto::{
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{
-    self, tombstone_messages, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstone, ToSession, TOMBSTONES,
-};
+use crate::stream::{self, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -205,7 +203,7 @@ struct Core {
     next_stream: AtomicU64,
     control: Mutex<Option<mpsc::UnboundedSender<Message>>>,
     /// Recently finished streams, for a gateway that missed their end.
-    finished: Mutex<std::collections::VecDeque<Tombstone>>,
+    finished: Mutex<Tombstones>,
     /// Set while the control connection is up; cleared during an outage.
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
@@ -538,7 +536,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         streams: Mutex::new(HashMap::new()),
         next_stream: AtomicU64::new(0),
         control: Mutex::new(None),
-        finished: Mutex::new(std::collections::VecDeque::new()),
+        finished: Mutex::new(Tombstones::default()),
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
@@ -732,10 +730,8 @@ async fn run_control(
         s.shared.acked_to_peer.store(0, Ordering::Relaxed);
         let _ = core.to_session.send(ToSession::Ack { stream: s.shared.id, urgent: false });
     }
-    for t in lock(&core.finished).iter() {
-        for m in tombstone_messages(t) {
-            cipher.seal(&m, &mut out);
-        }
+    for m in lock(&core.finished).messages() {
+        cipher.seal(&m, &mut out);
     }
     if let Err(e) = w.write_all(&out).await {
         return ControlEnd::Failed(format!("control connection: {e}"));
@@ -859,29 +855,19 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
 /// the streams to the control connection, and new legs for streams whose
 /// leg broke.
 async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
-    let mut dirty: std::collections::HashSet<StreamId> = std::collections::HashSet::new();
-    let mut flush_at: Option<Instant> = None;
+    let mut acks = AckBatch::default();
     let mut up_rx = core.up.subscribe();
+    let send = |msg: Message| {
+        if let Some(tx) = &*lock(&core.control) {
+            let _ = tx.send(msg);
+        }
+    };
     loop {
-        let flush = async {
-            match flush_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             m = from_streams.recv() => match m {
                 None => return,
-                Some(ToSession::Ack { stream, urgent }) => {
-                    dirty.insert(stream);
-                    let at = if urgent { Instant::now() } else { Instant::now() + ACK_DELAY };
-                    flush_at = Some(flush_at.map_or(at, |f| f.min(at)));
-                }
-                Some(ToSession::Control(msg)) => {
-                    if let Some(tx) = &*lock(&core.control) {
-                        let _ = tx.send(msg);
-                    }
-                }
+                Some(ToSession::Ack { stream, urgent }) => acks.request(stream, urgent),
+                Some(ToSession::Control(msg)) => send(msg),
                 Some(ToSession::LegLost(stream)) => {
                     let s = lock(&core.streams).get(&stream).cloned();
                     if let Some(s) = s {
@@ -893,40 +879,26 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
                     }
                 }
             },
-            _ = flush => {
-                flush_at = None;
-                if lock(&core.control).is_some() {
-                    let mut entries = Vec::new();
-                    {
-                        let streams = lock(&core.streams);
-                        for id in dirty.drain() {
-                            if let Some(off) = streams.get(&id).and_then(|s| s.shared.take_ack()) {
-                                entries.push((id, off));
-                            }
-                        }
-                    }
-                    if let Some(tx) = &*lock(&core.control) {
-                        for chunk in entries.chunks(MAX_ACKS) {
-                            let _ = tx.send(Message::Acks { entries: chunk.to_vec() });
-                        }
-                    }
-                }
+            _ = acks.due() => {
+                let connected = lock(&core.control).is_some();
+                let frames = {
+                    let streams = lock(&core.streams);
+                    acks.take(connected, |id| streams.get(&id).and_then(|s| s.shared.take_ack()))
+                };
+                frames.into_iter().for_each(send);
             }
             r = up_rx.changed() => {
                 if r.is_err() {
                     return;
                 }
-                if *up_rx.borrow_and_update() && !dirty.is_empty() {
-                    flush_at = Some(Instant::now());
+                if *up_rx.borrow_and_update() {
+                    acks.hurry();
                 }
             }
             _ = core.released.cancelled() => return,
         }
     }
 }
-
-/// Delay that lets acknowledgements of many deliveries share a frame.
-const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// Opens a leg for a stream on the session's current route: its first leg,
 /// or a new one that resumes it. At most one at a time per stream.
@@ -1073,11 +1045,7 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     }
     let end = stream::run(app, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {
-        let mut f = lock(&core.finished);
-        f.push_back(st.tombstone());
-        while f.len() > TOMBSTONES {
-            f.pop_front();
-        }
+        lock(&core.finished).push(st.tombstone());
     }
     lock(&core.streams).remove(&id);
     match end {

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use baton_proto::wire::{MAX_ACKS, PREFACE_LEN, TAG_LEN};
+use baton_proto::wire::{PREFACE_LEN, TAG_LEN};
 use baton_proto::{
     ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode, Role,
     StreamId, StreamTable,
@@ -34,7 +34,7 @@ use baton_proto::{
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame};
 use crate::stream::{
-    self, tombstone_messages, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstone, ToSession, TOMBSTONES,
+    self, tombstone_messages, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
 };
 
 /// Counters a gateway keeps, for status and tests.
@@ -90,7 +90,7 @@ struct Session {
     /// Resets not yet known to be delivered: re-sent on every reattach.
     recent_resets: Mutex<VecDeque<(StreamId, ResetCode)>>,
     /// Recently finished streams, for a client that missed their end.
-    finished: Mutex<VecDeque<Tombstone>>,
+    finished: Mutex<Tombstones>,
     to_session: mpsc::UnboundedSender<ToSession>,
     /// Fires when the session is released: every stream resets and ends.
     released: CancellationToken,
@@ -348,7 +348,7 @@ async fn control(
                 control: Mutex::new(None),
                 last_heard: Mutex::new(Instant::now()),
                 recent_resets: Mutex::new(VecDeque::new()),
-                finished: Mutex::new(VecDeque::new()),
+                finished: Mutex::new(Tombstones::default()),
                 to_session,
                 released: shared.shutdown.child_token(),
             });
@@ -392,10 +392,8 @@ async fn control(
     for (stream, code) in lock(&session.recent_resets).iter() {
         cipher.seal(&Message::StreamReset { stream: *stream, code: *code }, &mut out);
     }
-    for t in lock(&session.finished).iter() {
-        for m in tombstone_messages(t) {
-            cipher.seal(&m, &mut out);
-        }
+    for m in lock(&session.finished).messages() {
+        cipher.seal(&m, &mut out);
     }
     w.write_all(&out).await?;
     frames.decoder_mut().keyed = true;
@@ -503,24 +501,13 @@ fn send_control(session: &Session, msg: Message) -> bool {
 /// resets, broken legs) to the control connection, and decides when a
 /// silent or detached session is released.
 async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
-    let mut dirty: HashSet<StreamId> = HashSet::new();
-    let mut flush_at: Option<Instant> = None;
+    let mut acks = AckBatch::default();
     let mut check = tokio::time::interval(Duration::from_millis(250));
     loop {
-        let flush = async {
-            match flush_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             m = from_streams.recv() => match m {
                 None => return,
-                Some(ToSession::Ack { stream, urgent }) => {
-                    dirty.insert(stream);
-                    let at = if urgent { Instant::now() } else { Instant::now() + ACK_DELAY };
-                    flush_at = Some(flush_at.map_or(at, |f| f.min(at)));
-                }
+                Some(ToSession::Ack { stream, urgent }) => acks.request(stream, urgent),
                 Some(ToSession::Control(msg)) => {
                     if let Message::StreamReset { stream, code } = msg {
                         let mut r = lock(&session.recent_resets);
@@ -536,9 +523,15 @@ async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_strea
                     send_control(&session, Message::Releg { stream });
                 }
             },
-            _ = flush => {
-                flush_at = None;
-                flush_acks(&session, &mut dirty);
+            _ = acks.due() => {
+                let connected = lock(&session.control).is_some();
+                let frames = {
+                    let streams = lock(&session.streams);
+                    acks.take(connected, |id| streams.get(&id).and_then(|s| s.take_ack()))
+                };
+                for f in frames {
+                    send_control(&session, f);
+                }
             }
             _ = check.tick() => {
                 if expire_check(&shared, &session) {
@@ -550,29 +543,8 @@ async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_strea
     }
 }
 
-/// Delay that lets acknowledgements of many deliveries share a frame.
-const ACK_DELAY: Duration = Duration::from_millis(5);
 /// Resets remembered for re-sending after a reattach.
 const RECENT_RESETS: usize = 1024;
-
-fn flush_acks(session: &Session, dirty: &mut HashSet<StreamId>) {
-    if lock(&session.control).is_none() {
-        // Kept dirty: flushed when a control connection attaches.
-        return;
-    }
-    let mut entries = Vec::new();
-    {
-        let streams = lock(&session.streams);
-        for id in dirty.drain() {
-            if let Some(off) = streams.get(&id).and_then(|s| s.take_ack()) {
-                entries.push((id, off));
-            }
-        }
-    }
-    for chunk in entries.chunks(MAX_ACKS) {
-        send_control(session, Message::Acks { entries: chunk.to_vec() });
-    }
-}
 
 /// Detaches a silent control connection and releases a session detached for
 /// longer than the switch timeout. True when released.
@@ -637,7 +609,7 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         warn!(client = %session.client_id, stream = %stream_id, service = %service, "leg refused: {reason}: {detail}");
         reply(Err(reason), detail)
     };
-    let tomb = lock(&session.finished).iter().find(|t| t.id == stream_id).copied();
+    let tomb = lock(&session.finished).find(stream_id);
     if let Some(t) = tomb {
         // The stream finished here; the client missed its end. Tell it
         // everything arrived, and how this side ended.
@@ -704,11 +676,7 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     s.attach_leg(leg, Offset(0), received, session.released.child_token());
     let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {
-        let mut f = lock(&session.finished);
-        f.push_back(s.tombstone());
-        while f.len() > TOMBSTONES {
-            f.pop_front();
-        }
+        lock(&session.finished).push(s.tombstone());
     }
     lock(&session.streams).remove(&stream_id);
     lock(&session.table).close(stream_id);

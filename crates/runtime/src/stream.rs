@@ -210,7 +210,73 @@ pub(crate) struct Tombstone {
 }
 
 /// Finished streams remembered per session.
-pub(crate) const TOMBSTONES: usize = 4096;
+const TOMBSTONES: usize = 4096;
+
+/// A session's recently finished streams, oldest dropped first.
+#[derive(Debug, Default)]
+pub(crate) struct Tombstones(std::collections::VecDeque<Tombstone>);
+
+impl Tombstones {
+    pub(crate) fn push(&mut self, t: Tombstone) {
+        self.0.push_back(t);
+        while self.0.len() > TOMBSTONES {
+            self.0.pop_front();
+        }
+    }
+
+    pub(crate) fn find(&self, id: StreamId) -> Option<Tombstone> {
+        self.0.iter().find(|t| t.id == id).copied()
+    }
+
+    /// Everything a reattached peer may have missed about these streams.
+    pub(crate) fn messages(&self) -> impl Iterator<Item = Message> + '_ {
+        self.0.iter().flat_map(tombstone_messages)
+    }
+}
+
+/// Delay that lets acknowledgements of many deliveries share a frame.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// Acknowledgements due to the peer, batched: a stream that delivered asks
+/// once, and all waiting streams are acknowledged in as few frames as
+/// possible after a short delay (at once when urgent).
+#[derive(Debug, Default)]
+pub(crate) struct AckBatch {
+    dirty: std::collections::HashSet<StreamId>,
+    flush_at: Option<tokio::time::Instant>,
+}
+
+impl AckBatch {
+    pub(crate) fn request(&mut self, stream: StreamId, urgent: bool) {
+        self.dirty.insert(stream);
+        let now = tokio::time::Instant::now();
+        let at = if urgent { now } else { now + ACK_DELAY };
+        self.flush_at = Some(self.flush_at.map_or(at, |f| f.min(at)));
+    }
+
+    /// Flush as soon as possible (a control connection came up).
+    pub(crate) fn hurry(&mut self) {
+        if !self.dirty.is_empty() {
+            self.flush_at = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Resolves when a flush is due.
+    pub(crate) async fn due(&self) {
+        sleep_until_opt(self.flush_at).await
+    }
+
+    /// The Acks frames to send now; `delivered` gives a stream's ack if one
+    /// is due. Streams stay pending while `connected` is false.
+    pub(crate) fn take(&mut self, connected: bool, delivered: impl Fn(StreamId) -> Option<Offset>) -> Vec<Message> {
+        self.flush_at = None;
+        if !connected {
+            return Vec::new();
+        }
+        let entries: Vec<_> = self.dirty.drain().filter_map(|id| delivered(id).map(|o| (id, o))).collect();
+        entries.chunks(baton_proto::wire::MAX_ACKS).map(|c| Message::Acks { entries: c.to_vec() }).collect()
+    }
+}
 
 impl StreamShared {
     pub(crate) fn tombstone(&self) -> Tombstone {
