@@ -3,6 +3,9 @@
 //! * `baton-bench echo --listen ADDR` runs a TCP echo server.
 //! * `baton-bench rr --connect ADDR` measures request/response round-trip
 //!   latency over one TCP connection (TCP_NODELAY) and prints percentiles.
+//! * `baton-bench handover` (root) measures the pause in a steady stream when
+//!   the network changes, for baton, kernel MPTCP and plain TCP, in a
+//!   network-namespace bed (see `handover.rs` and bench/README.md).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,6 +14,8 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod handover;
 
 #[derive(Parser, Debug)]
 #[command(name = "baton-bench", version, about = "Benchmark helpers for baton")]
@@ -52,11 +57,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Handover gaps of baton, kernel MPTCP and plain TCP in a namespace bed
+    /// (root): planned switch, link down, re-addressing.
+    Handover(handover::Options),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Handover(opts) => handover::run(&opts),
         Cmd::Echo { listen } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -268,6 +277,7 @@ fn json_string(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
