@@ -71,6 +71,34 @@ enum Command {
         #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
         admin: PathBuf,
     },
+    /// Set the decision mode of the client agent: auto, manual or user.
+    Mode {
+        /// `auto` (switch by the policy), `manual` (propose, wait for
+        /// approve/decline; critical conditions still switch) or `user`
+        /// (only warn).
+        mode: String,
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
+    /// Approve the switch the agent proposed (manual mode).
+    Approve {
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
+    /// Decline the switch the agent proposed (manual mode).
+    Decline {
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
+    /// Follow the agent's events (proposals, decisions, switches) as JSON lines.
+    Events {
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
     /// Show baton at work on loopback: no root, no configuration.
     Demo {
         /// Concurrent streams.
@@ -176,6 +204,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Mode { mode, admin } => admin_simple(&admin, baton_runtime::admin::Request::Mode { mode }),
+        Command::Approve { admin } => admin_simple(&admin, baton_runtime::admin::Request::Approve),
+        Command::Decline { admin } => admin_simple(&admin, baton_runtime::admin::Request::Decline),
+        Command::Events { admin } => {
+            runtime()?.block_on(baton_runtime::admin::follow_events(&admin, |v| println!("{v}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Switch { interface, admin } => {
             let req = baton_runtime::admin::Request::Switch { to: interface.clone() };
             let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
@@ -203,6 +238,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn admin_simple(admin: &Path, req: baton_runtime::admin::Request) -> anyhow::Result<ExitCode> {
+    let reply = runtime()?.block_on(baton_runtime::admin::request(admin, &req))?;
+    if reply["ok"] != true {
+        anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
+    }
+    println!("{}", reply["message"].as_str().unwrap_or("ok"));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn config_error(e: baton_runtime::ConfigError) -> ExitCode {

@@ -16,6 +16,27 @@ fn s(v: &Value) -> String {
 pub(crate) fn render(st: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "current interface: {}", s(&st["current_interface"]));
+    let _ = writeln!(out, "mode: {}   proposal: {}", s(&st["engine"]["mode"]), s(&st["engine"]["proposal"]));
+    let eng = st["engine"]["interfaces"].as_array().cloned().unwrap_or_default();
+    if !eng.is_empty() {
+        let _ = writeln!(out, "\nINTERFACE        KIND      HEALTH    RTT ms   LOSS %  JITTER ms  SCORE    COST  METERED");
+        for i in &eng {
+            let ms = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+            let _ = writeln!(
+                out,
+                "{:<16} {:<9} {:<9} {:<8} {:<7} {:<10} {:<8} {:<5} {}",
+                s(&i["name"]),
+                s(&i["kind"]),
+                s(&i["health"]),
+                ms(&i["stats"]["rtt_ms"]),
+                i["stats"]["loss"].as_f64().map_or("-".to_owned(), |l| format!("{:.1}", l * 100.0)),
+                ms(&i["stats"]["jitter_ms"]),
+                i["score"].as_f64().map_or("-".to_owned(), |x| format!("{x:.0}")),
+                s(&i["attributes"]["cost"]),
+                s(&i["attributes"]["metered"])
+            );
+        }
+    }
     let _ = writeln!(out, "\nINTERFACE        UP    PRIO  DEVICE           SOURCE");
     for i in st["interfaces"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -59,6 +80,13 @@ pub(crate) fn render(st: &Value) -> String {
             s(&w["streams"]),
             s(&w["reason"])
         );
+    }
+    let events = st["events"].as_array().cloned().unwrap_or_default();
+    if !events.is_empty() {
+        let _ = writeln!(out, "\nRECENT EVENTS");
+        for e in events.iter().rev().take(10) {
+            let _ = writeln!(out, "{:<14} {:<18} {:<10} {}", s(&e["at_unix_ms"]), s(&e["kind"]), s(&e["interface"]), s(&e["reason"]));
+        }
     }
     out
 }

@@ -196,7 +196,10 @@ impl SessionKeys {
         Self {
             c2g: hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 control c2g")),
             g2c: hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 control g2c")),
-            leg: LegKey(hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 leg"))),
+            leg: LegKey(
+                hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 leg")),
+                hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 probe")),
+            ),
         }
     }
 
@@ -283,9 +286,9 @@ impl ControlCipher {
     }
 }
 
-/// Authenticates leg preambles of one session.
+/// Authenticates leg preambles (and path probes) of one session.
 #[derive(Clone)]
-pub struct LegKey(hmac::Key);
+pub struct LegKey(hmac::Key, hmac::Key);
 
 impl fmt::Debug for LegKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -299,6 +302,12 @@ const LEG_OPEN_SEQ: u64 = 0x4c45_474f_5045_4e00; // "LEGOPEN\0"
 const LEG_REPLY_SEQ: u64 = 0x4c45_4752_4550_4c59; // "LEGREPLY"
 
 impl LegKey {
+    /// The key that tags path probes, separate so a probe can never pass
+    /// for a preamble.
+    pub(crate) fn probe_key(&self) -> &hmac::Key {
+        &self.1
+    }
+
     /// Appends a tagged LegOpen frame; returns its tag, which the reply must echo.
     pub fn seal_open(&self, msg: &Message, out: &mut Vec<u8>) -> [u8; TAG_LEN] {
         let start = out.len();
@@ -459,6 +468,30 @@ fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), WireError> {
         return Err(WireError::Truncated);
     }
     Ok((hdr.ty, payload))
+}
+
+/// Keys for tests of other modules.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests_support {
+    use super::*;
+    use ring::rand::SystemRandom;
+
+    /// Client and gateway keys of one fresh session.
+    pub(crate) fn keys_pair() -> (SessionKeys, SessionKeys) {
+        let rng = SystemRandom::new();
+        let k = ClientKey::generate(&rng).unwrap();
+        let (ch, first) = ClientHandshake::start("t", &k, 0, &rng).unwrap();
+        let (preface, hello) = first.split_at(8);
+        let eph = match Message::decode(hello[0], &hello[3..]).unwrap() {
+            Message::Hello { ephemeral, .. } => ephemeral,
+            m => panic!("{m:?}"),
+        };
+        let (gh, challenge) = GatewayHandshake::on_hello(preface, hello, eph, 1, &rng).unwrap();
+        let (_, ck, auth) = ch.on_challenge(&challenge).unwrap();
+        let gk = gh.on_auth(&auth, &k.public()).unwrap();
+        (ck, gk)
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! keeps every rule of the protocol unit-testable and deterministic.
 
 pub mod crypto;
+pub mod probe;
 pub mod replay;
 pub mod session;
 pub mod stream;

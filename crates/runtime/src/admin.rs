@@ -3,7 +3,9 @@
 //! switch` use it; scripts may too.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"switch","to":"lte"}`,
-//! `{"cmd":"set_interface","name":"wlan","up":false}`.
+//! `{"cmd":"mode","mode":"manual"}`, `{"cmd":"approve"}`, `{"cmd":"decline"}`,
+//! `{"cmd":"set_interface","name":"wlan","up":false}`, and `{"cmd":"events"}`,
+//! which answers with one line per event for as long as the connection stays.
 //! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,17 @@ pub enum Request {
         /// Interface name.
         to: String,
     },
+    /// Set the decision mode.
+    Mode {
+        /// `auto`, `manual` or `user`.
+        mode: String,
+    },
+    /// Approve the pending proposal.
+    Approve,
+    /// Decline the pending proposal.
+    Decline,
+    /// Stream events (one JSON line each) until the connection closes.
+    Events,
     /// Mark an interface up or down (down cuts its connections at once).
     SetInterface {
         /// Interface name.
@@ -44,7 +57,7 @@ pub enum Request {
 }
 
 /// The status document (`baton status --json`).
-pub fn status(client: &Client) -> Value {
+pub async fn status(client: &Client) -> Value {
     let sessions: Vec<Value> = client
         .gateway_names()
         .into_iter()
@@ -73,7 +86,16 @@ pub fn status(client: &Client) -> Value {
         "sessions": sessions,
         "streams": client.streams(),
         "switches": client.switches(),
+        "engine": client.engine_status().await,
+        "events": client.recent_events(),
     })
+}
+
+fn answer(r: Result<String, String>) -> Value {
+    match r {
+        Ok(m) => json!({"ok": true, "message": m}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
 }
 
 async fn handle(client: &Client, line: &str) -> Value {
@@ -82,7 +104,14 @@ async fn handle(client: &Client, line: &str) -> Value {
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     match req {
-        Request::Status => status(client),
+        Request::Status => status(client).await,
+        Request::Mode { mode } => match mode.parse::<baton_policy::Mode>() {
+            Ok(m) => answer(client.set_mode(m).await),
+            Err(_) => json!({"ok": false, "error": format!("unknown mode {mode:?}: auto, manual or user")}),
+        },
+        Request::Approve => answer(client.approve().await),
+        Request::Decline => answer(client.decline().await),
+        Request::Events => json!({"ok": false, "error": "events are streamed: open a connection for them"}),
         Request::Switch { to } => match client.switch(&to).await {
             Ok(records) => json!({"ok": true, "switches": records}),
             Err(e) => json!({"ok": false, "error": e}),
@@ -125,6 +154,10 @@ pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -
             let (r, mut w) = conn.into_split();
             let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 64)).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if matches!(serde_json::from_str::<Request>(&line), Ok(Request::Events)) {
+                    stream_events(&client, &mut w).await;
+                    return;
+                }
                 let reply = if line.len() > MAX_REQUEST {
                     json!({"ok": false, "error": "request too long"})
                 } else {
@@ -139,6 +172,37 @@ pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -
         });
     }
     let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn stream_events(client: &Client, w: &mut tokio::net::unix::OwnedWriteHalf) {
+    let mut rx = client.subscribe_events();
+    loop {
+        let line = match rx.recv().await {
+            Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => json!({"kind": "lagged", "missed": n}).to_string(),
+            Err(_) => return,
+        };
+        if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends `{"cmd":"events"}` and calls `each` with every event line until the
+/// agent closes the connection.
+pub async fn follow_events(path: &Path, mut each: impl FnMut(Value)) -> std::io::Result<()> {
+    let conn = UnixStream::connect(path).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot reach the client agent at {}: {e}", path.display()))
+    })?;
+    let (r, mut w) = conn.into_split();
+    w.write_all(b"{\"cmd\":\"events\"}\n").await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        if let Ok(v) = serde_json::from_str(&line) {
+            each(v);
+        }
+    }
     Ok(())
 }
 

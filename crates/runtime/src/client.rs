@@ -173,6 +173,8 @@ struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     limits: StreamLimits,
+    events: Arc<crate::decide::Events>,
+    decider: mpsc::UnboundedSender<crate::decide::Command>,
 }
 
 /// The session with one gateway.
@@ -189,7 +191,8 @@ struct Link {
 #[derive(Debug)]
 struct SwitchRequest {
     to: String,
-    done: oneshot::Sender<Result<SwitchRecord, String>>,
+    /// `None`: the session already was on `to`.
+    done: oneshot::Sender<Result<Option<SwitchRecord>, String>>,
 }
 
 /// A session that exists at the gateway (it may be between control connections).
@@ -204,6 +207,8 @@ struct Core {
     control: Mutex<Option<mpsc::UnboundedSender<Message>>>,
     /// Recently finished streams, for a gateway that missed their end.
     finished: Mutex<Tombstones>,
+    /// When the gateway was last heard on the control connection.
+    last_heard: Mutex<std::time::Instant>,
     /// Set while the control connection is up; cleared during an outage.
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
@@ -261,6 +266,8 @@ impl Client {
             }
         }
         let limits = StreamLimits { replay_buffer: config.replay_buffer };
+        let (decider, decider_rx) = mpsc::unbounded_channel();
+        let engine = baton_policy::Engine::new(config.policy.clone());
         let shared = Arc::new(Shared {
             config,
             key,
@@ -271,6 +278,8 @@ impl Client {
             shutdown,
             tasks: TaskTracker::new(),
             limits,
+            events: Arc::new(crate::decide::Events::new()),
+            decider,
         });
         for link in shared.links.values() {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
@@ -281,7 +290,9 @@ impl Client {
             info!(service = %name, addr = %l.local_addr()?, "service listening");
             shared.tasks.spawn(serve_service(shared.clone(), name, l));
         }
-        Ok(Self { shared, service_addrs })
+        let client = Self { shared: shared.clone(), service_addrs };
+        shared.tasks.spawn(crate::decide::run(client.clone(), engine, decider_rx, shared.shutdown.clone()));
+        Ok(client)
     }
 
     /// Where a service listens (useful with port 0).
@@ -370,9 +381,20 @@ impl Client {
         self.shared.links.values().filter_map(|l| lock(&l.core).clone()).map(|c| lock(&c.streams).len()).sum()
     }
 
-    /// Planned switch of every session to the interface `to`: make before
-    /// break. Resolves when every session has moved.
+    /// User-initiated switch of every session to the interface `to`,
+    /// through the decision engine (which refuses unknown, down or
+    /// never-use interfaces). Resolves with the switches made.
     pub async fn switch(&self, to: &str) -> Result<Vec<SwitchRecord>, String> {
+        let before = lock(&self.shared.switches).len();
+        let (tx, rx) = oneshot::channel();
+        self.shared.decider.send(crate::decide::Command::Switch(to.to_owned(), tx)).map_err(|_| "client stopped".to_owned())?;
+        rx.await.map_err(|_| "client stopped".to_owned())??;
+        Ok(lock(&self.shared.switches)[before..].to_vec())
+    }
+
+    /// Planned switch of every session to `to`, make before break, without
+    /// asking the engine (the engine's own decisions come here).
+    pub(crate) async fn switch_now(&self, to: &str) -> Result<Vec<SwitchRecord>, String> {
         if !self.shared.paths.is_usable(to) {
             return Err(format!("interface {to:?} is not known or not up"));
         }
@@ -384,9 +406,100 @@ impl Client {
         }
         let mut records = Vec::new();
         for rx in waits {
-            records.push(rx.await.map_err(|_| "client stopped".to_owned())??);
+            if let Some(r) = rx.await.map_err(|_| "client stopped".to_owned())?? {
+                records.push(r);
+            }
         }
         Ok(records)
+    }
+
+    /// Sets the decision mode.
+    pub async fn set_mode(&self, mode: baton_policy::Mode) -> Result<String, String> {
+        self.ask(|tx| crate::decide::Command::SetMode(mode, tx)).await
+    }
+
+    /// Approves the engine's pending proposal (manual mode).
+    pub async fn approve(&self) -> Result<String, String> {
+        self.ask(crate::decide::Command::Approve).await
+    }
+
+    /// Declines the engine's pending proposal (manual mode).
+    pub async fn decline(&self) -> Result<String, String> {
+        self.ask(crate::decide::Command::Decline).await
+    }
+
+    async fn ask(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<String, String>>) -> crate::decide::Command,
+    ) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.decider.send(cmd(tx)).map_err(|_| "client stopped".to_owned())?;
+        rx.await.map_err(|_| "client stopped".to_owned())?
+    }
+
+    /// The decision engine's view: mode, proposal, interfaces with their
+    /// measurements, scores and health.
+    pub async fn engine_status(&self) -> serde_json::Value {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.decider.send(crate::decide::Command::Status(tx)).is_err() {
+            return serde_json::Value::Null;
+        }
+        rx.await.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Events of the decision engine and the switches, as they happen.
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<crate::decide::Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The most recent events, oldest first.
+    pub fn recent_events(&self) -> Vec<crate::decide::Event> {
+        self.shared.events.recent()
+    }
+
+    pub(crate) fn events(&self) -> Arc<crate::decide::Events> {
+        self.shared.events.clone()
+    }
+
+    pub(crate) fn paths_changed(&self) -> watch::Receiver<u64> {
+        self.shared.paths.subscribe()
+    }
+
+    pub(crate) fn policy_table(&self) -> Vec<baton_policy::Interface> {
+        self.shared.paths.policy_table()
+    }
+
+    pub(crate) fn path(&self, name: &str) -> Option<Path> {
+        self.shared.paths.get(name)
+    }
+
+    /// The state of the first gateway's session (the one probes go to).
+    pub(crate) fn first_link_state(&self) -> watch::Receiver<LinkState> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        self.shared.links[names[0]].state.subscribe()
+    }
+
+    /// How long the first gateway's control connection has been silent
+    /// beyond its keep-alive interval: the current path's stall. A far
+    /// application that stops reading is not a stall: the gateway still
+    /// answers keep-alives.
+    pub(crate) fn path_stall(&self) -> Duration {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        let Some(core) = lock(&self.shared.links[names[0]].core).clone() else { return Duration::ZERO };
+        let silent = lock(&core.last_heard).elapsed();
+        silent.saturating_sub(self.shared.config.keepalive + Duration::from_millis(250))
+    }
+
+    /// Session id, leg key and gateway address for path probes.
+    pub(crate) fn probe_identity(&self) -> Option<(u64, LegKey, SocketAddr)> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        let link = &self.shared.links[names[0]];
+        let core = lock(&link.core).clone()?;
+        let addr = lock(&core.route).gateway_addr;
+        Some((core.id, core.leg_key.clone(), addr))
     }
 
     /// Marks an interface down or up, as the kernel's link events do. Down
@@ -493,7 +606,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, "requested".into()).await;
                     info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
                     lock(&shared.switches).push(record.clone());
-                    let _ = req.done.send(Ok(record));
+                    let _ = req.done.send(Ok(Some(record)));
                     est = *new_est;
                 }
                 ControlEnd::Failed(why) => {
@@ -537,6 +650,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         next_stream: AtomicU64::new(0),
         control: Mutex::new(None),
         finished: Mutex::new(Tombstones::default()),
+        last_heard: Mutex::new(std::time::Instant::now()),
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
@@ -713,6 +827,7 @@ async fn run_control(
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
     *lock(&core.control) = Some(tx);
+    *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);
     // Streams accepted while no control connection was up have no leg yet.
     for s in lock(&core.streams).values() {
@@ -756,6 +871,7 @@ async fn run_control(
                 match frame.open(&mut cipher) {
                     Ok(msg) => {
                         liveness.on_receive(Instant::now().into_std());
+                        *lock(&core.last_heard) = std::time::Instant::now();
                         if let Some(reply) = on_control(core, msg) {
                             cipher.seal(&reply, &mut out);
                         }
@@ -768,6 +884,10 @@ async fn run_control(
             Some(req) = switch_rx.recv() => {
                 let started = Instant::now();
                 let at = SystemTime::now();
+                if req.to == route.path.name {
+                    let _ = req.done.send(Ok(None));
+                    continue;
+                }
                 let Some(path) = shared.paths.get(&req.to) else {
                     let _ = req.done.send(Err(format!("interface {:?} is not known or not up", req.to)));
                     continue;

@@ -270,10 +270,17 @@ pub struct ClientConfig {
     /// The admin socket (`baton status`, `baton switch`).
     #[serde(default = "defaults::admin")]
     pub admin: PathBuf,
-    /// Interfaces to use, by name. Without this table the agent sends through
-    /// the host's routing as is (one path named `default`).
+    /// Interfaces to use, by name. Without this table the agent follows the
+    /// kernel's interface table.
     #[serde(default)]
     pub interfaces: BTreeMap<String, InterfaceConfig>,
+    /// Decision mode: `"auto"` (default), `"manual"` or `"user"`; overrides
+    /// `policy.mode`. Changed at run time with `baton mode`.
+    pub mode: Option<baton_policy::Mode>,
+    /// The decision engine's thresholds, intervals, weights and per-interface
+    /// attributes (see the README).
+    #[serde(default)]
+    pub policy: baton_policy::PolicyConfig,
     /// Gateways by name.
     pub gateways: BTreeMap<String, GatewaySpec>,
     /// Services to offer to local applications, by name.
@@ -452,8 +459,11 @@ impl ClientConfig {
 
     /// Parses and validates client configuration text; `path` names it in errors.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let c: Self = parse(path, text)?;
+        let mut c: Self = parse(path, text)?;
         c.validate(path)?;
+        if let Some(m) = c.mode {
+            c.policy.mode = m;
+        }
         Ok(c)
     }
 
@@ -463,6 +473,9 @@ impl ClientConfig {
         }
         if self.gateways.is_empty() {
             return Err(key_error(path, "gateways", "at least one gateway is needed"));
+        }
+        if let Err(e) = self.policy.validate() {
+            return Err(key_error(path, "policy", e.to_string()));
         }
         if self.dead_after <= self.keepalive {
             return Err(key_error(path, "dead_after", "must be longer than `keepalive`"));

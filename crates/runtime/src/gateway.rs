@@ -146,6 +146,13 @@ impl Gateway {
             let shared2 = shared.clone();
             shared.tasks.spawn(accept_loop(shared2, l));
         }
+        for addr in &local_addrs {
+            // Path probes come over UDP to the same address and port.
+            let udp = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
+            shared.tasks.spawn(answer_probes(shared.clone(), udp));
+        }
         let s2 = shared.clone();
         tokio::spawn(async move {
             s2.shutdown.cancelled().await;
@@ -226,6 +233,30 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             }
         });
+    }
+}
+
+/// Answers authenticated path probes with a reply of the same size; anything
+/// else is dropped without an answer.
+async fn answer_probes(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
+    use baton_proto::probe::{Probe, PROBE_LEN};
+    let mut buf = [0u8; PROBE_LEN + 1];
+    loop {
+        let (n, peer) = tokio::select! {
+            r = udp.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let Some(sid) = Probe::peek_session(&buf[..n]) else { continue };
+        let Some(session) = lock(&shared.sessions).get(&sid).cloned() else { continue };
+        let Some(p) = Probe::open(&buf[..n], &session.leg_key) else { continue };
+        if p.reply {
+            continue;
+        }
+        let reply = Probe { reply: true, ..p }.seal(&session.leg_key);
+        let _ = udp.send_to(&reply, peer).await;
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod decide;
 mod frame;
 pub mod gateway;
 pub mod path;

@@ -53,6 +53,10 @@ struct Entry {
     cut: CancellationToken,
     /// The interface's addresses when last seen (kernel mode).
     addrs: BTreeSet<IfaceAddr>,
+    /// The link kind, when the kernel told.
+    kind: Option<baton_os::Kind>,
+    /// The kernel's default-route metric, when known.
+    metric: Option<u32>,
 }
 
 /// The client agent's paths, in order of preference.
@@ -82,6 +86,8 @@ impl Paths {
                 priority: i.priority,
                 cut: CancellationToken::new(),
                 addrs: BTreeSet::new(),
+                kind: None,
+                metric: None,
             })
             .collect();
         let kernel = entries.is_empty();
@@ -99,6 +105,8 @@ impl Paths {
                 priority: 0,
                 cut: CancellationToken::new(),
                 addrs: BTreeSet::new(),
+                kind: None,
+                metric: None,
             });
             drop(entries);
             self.changed.send_modify(|n| *n += 1);
@@ -109,23 +117,27 @@ impl Paths {
     /// in metric order; an interface that goes down or loses an address has
     /// its connections cut (they were bound to what is gone).
     pub(crate) fn apply_table(&self, table: &InterfaceTable) {
-        let mut next: Vec<(Path, u32, BTreeSet<IfaceAddr>)> = table
+        type Next = (Path, u32, BTreeSet<IfaceAddr>, baton_os::Kind, Option<u32>);
+        let mut next: Vec<Next> = table
             .candidates()
             .into_iter()
             .map(|i| {
                 let path = Path { name: i.name.clone(), device: Some(i.name.clone()), source: None };
-                (path, i.default_route_metric.unwrap_or(u32::MAX - 1), i.addrs.iter().copied().collect())
+                let metric = i.default_route_metric;
+                (path, metric.unwrap_or(u32::MAX - 1), i.addrs.iter().copied().collect(), i.kind, metric)
             })
             .collect();
         if let Some(lo) = table.by_name(LOOPBACK) {
             let path = Path { name: LOOPBACK.into(), device: Some(LOOPBACK.into()), source: None };
-            next.push((path, u32::MAX, lo.addrs.iter().copied().collect()));
+            next.push((path, u32::MAX, lo.addrs.iter().copied().collect(), lo.kind, None));
         }
         let mut entries = lock(&self.entries);
         let mut changed = false;
         for e in entries.iter_mut() {
             match next.iter().find(|(p, ..)| p.name == e.path.name) {
-                Some((_, metric, addrs)) => {
+                Some((_, metric, addrs, kind, route)) => {
+                    e.kind = Some(*kind);
+                    e.metric = *route;
                     let lost = e.addrs.difference(addrs).next().is_some();
                     if !e.up || lost {
                         if lost {
@@ -149,10 +161,18 @@ impl Paths {
                 None => {}
             }
         }
-        for (path, metric, addrs) in next {
+        for (path, metric, addrs, kind, route) in next {
             if !entries.iter().any(|e| e.path.name == path.name) {
                 info!(interface = %path.name, metric, "interface usable");
-                entries.push(Entry { path, up: true, priority: metric, cut: CancellationToken::new(), addrs });
+                entries.push(Entry {
+                    path,
+                    up: true,
+                    priority: metric,
+                    cut: CancellationToken::new(),
+                    addrs,
+                    kind: Some(kind),
+                    metric: route,
+                });
                 changed = true;
             }
         }
@@ -202,6 +222,30 @@ impl Paths {
             self.changed.send_modify(|n| *n += 1);
         }
         Ok(())
+    }
+
+    /// The paths as the decision engine sees them. The loopback device only
+    /// serves a gateway on this host and is left out.
+    pub(crate) fn policy_table(&self) -> Vec<baton_policy::Interface> {
+        let entries = lock(&self.entries);
+        let only_loopback = entries.iter().all(|e| e.path.name == LOOPBACK);
+        entries
+            .iter()
+            .filter(|e| e.path.name != LOOPBACK || only_loopback)
+            .map(|e| baton_policy::Interface {
+                name: e.path.name.clone(),
+                kind: crate::decide::kind(e.kind),
+                up: e.up,
+                has_address: e.up,
+                // Static interfaces: their priority stands in for the metric.
+                route_metric: if self.kernel { e.metric } else { Some(e.priority) },
+            })
+            .collect()
+    }
+
+    /// A receiver that sees every change of the paths.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Resolves when the set of paths changes.
