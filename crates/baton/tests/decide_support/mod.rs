@@ -31,6 +31,8 @@ pub const SERVICE_PORT: u16 = 15000;
 /// What to add to the daemons' configuration files.
 #[derive(Debug, Default, Clone)]
 pub struct Options {
+    /// Top-level keys for the client agent's file (e.g. `mode = "manual"`).
+    pub client_keys: String,
     /// Tables for the client agent's file (its `[policy]`), written after all the others:
     /// no top-level keys here.
     pub client: String,
@@ -135,16 +137,27 @@ impl Rig {
         std::fs::write(
             &client_file,
             format!(
-                "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n\
+                "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n{}\n\
                  [gateways.gw]\naddresses = [\"{server_ip}:{GATEWAY_PORT}\"]\n\
                  [services.data]\ngateway = \"gw\"\nlisten = \"127.0.0.1:{SERVICE_PORT}\"\n{}\n",
                 admin.display(),
+                opts.client_keys,
                 opts.client
             ),
         )
         .expect("write client.toml");
 
-        let gateway = spawn_daemon(&bed, Host::Server, "gateway", &gw_file, &dir);
+        let mut gateway = spawn_daemon(&bed, Host::Server, "gateway", &gw_file, &dir);
+        // The agent must find the gateway listening: if its first attempt (over wlan) is
+        // refused, it tries lte at once and the session starts there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default().contains("gateway listening") {
+            assert!(Instant::now() < deadline, "{name}: the gateway did not listen within 10 s");
+            if let Ok(Some(status)) = gateway.try_wait() {
+                panic!("{name}: the gateway exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let client = spawn_daemon(&bed, Host::Mobile, "client", &client_file, &dir);
         let mut rig =
             Rig { name: name.to_owned(), dir, admin, events: None, gateway, client, server, reports, started, bed };
