@@ -268,7 +268,7 @@ async fn degrade_the_only_link(rig: &mut Rig, kind: &str, app: tokio::task::Join
     let told: Vec<Value> = rig.events().into_iter().skip(skip).filter(|e| e["kind"] == kind).collect();
     // Said once per level: at most a warning-level then a critical-level one.
     assert!(told.len() <= 2, "{}", describe_events(&told));
-    assert!(told.last().unwrap()["reason"].as_str().unwrap().starts_with("critical: loss"), "{}", describe_events(&told));
+    assert!(told.last().unwrap()["reason"].as_str().unwrap().starts_with("critical: "), "{}", describe_events(&told));
     assert!(told.iter().all(|e| e["interface"] == "wlan" && e["urgent"] == true), "{}", describe_events(&told));
 
     // Restored: once the lost probes leave the window, the engine says so.
@@ -383,6 +383,48 @@ async fn back_to_the_preferred_link_after_a_blip() {
             )
         });
         assert_eq!(back["interface"], "wlan", "{back}");
+    })
+    .await
+    .expect("scenario within its time limit");
+}
+
+/// Known to fail (reported, not fixed here): `never_use` is the engine's rule only. lte is
+/// `never_use = true` ("never switch to it, not even when asked"); wlan goes down for 3 s.
+/// Expected: the session waits for wlan (held, no record to lte) and resumes on it. The
+/// agent's own reconnection after a lost path tries every usable interface in route-metric
+/// order and knows nothing of the policy, so it moves the session to lte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_use_is_not_used_when_the_path_is_lost() {
+    tokio::time::timeout(LIMIT, async {
+        let opts = Options { client: policy("[policy.interfaces.lte]\nnever_use = true\n"), ..Options::default() };
+        let mut rig = Rig::start("decide_never", opts).await;
+        let app = rig.start_exchange(26, 2 * MIB, 200 * KIB);
+        rig.wait_received(200 * KIB).await;
+        rig.bed.link_down(Link::Wlan).unwrap();
+        let mut on_lte = Vec::new();
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            let st = rig.status().unwrap();
+            if st["current_interface"] == "lte" || st["sessions"][0]["interface"] == "lte" {
+                on_lte.push(format!("current_interface {} session {}", st["current_interface"], st["sessions"][0]));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        rig.bed.link_up(Link::Wlan).unwrap();
+        rig.wait_status(Duration::from_secs(15), "the session up again", |st| st["sessions"][0]["state"] == "up").await;
+        rig.finish_exchange(app, Duration::from_secs(60)).await;
+        let sw = rig.switches();
+        for s in &sw {
+            println!("decide_never: {}", describe(s));
+        }
+        println!("decide_never: events:\n{}", describe_events(&rig.events()));
+        assert!(
+            on_lte.is_empty(),
+            "the never_use interface carried the session in {} of the status polls while wlan was down, first: {}",
+            on_lte.len(),
+            on_lte[0]
+        );
+        assert!(sw.iter().all(|s| s["to"] != "lte"), "a switch to the never_use interface: {sw:#?}");
     })
     .await
     .expect("scenario within its time limit");
