@@ -330,62 +330,86 @@ async fn other_link_down_warns_and_stays() {
     .expect("scenario within its time limit");
 }
 
-/// Known to fail (reported, not fixed here): after a Wi-Fi blip the agent never returns to
-/// the preferred link. wlan goes down for 2 s (the agent moves to lte on the kernel's
-/// event), then comes back as good as before. The configuration says nothing of costs, so
-/// the preference is the kernel's route metric (wlan 100, lte 200), and the weights' own
-/// documentation says the `preference` points exist "so that between equal links the
-/// preferred one wins". With the defaults they cannot: one rank is worth 5 points and a
-/// switch needs `min_gain` = 10, so the agent stays on lte for good, while the kernel's
-/// routing table prefers wlan again. Expected: back on wlan within `min_dwell` (5 s) + 5 s
-/// of wlan's return.
+/// wlan goes down for 2 s (the agent moves to lte on the kernel's event), then comes back
+/// as good as before, its default route restored with metric 100. The configuration says
+/// nothing of costs, so the preference is the kernel's route metric (wlan 100, lte 200).
+/// Checks that the engine learns wlan's metric again, and that the agent is back on wlan
+/// within `min_dwell` (5 s) + 5 s of wlan's return.
+async fn blip(name: &str, extra: &str) {
+    let opts = Options { client: policy(&format!("min_dwell = \"5s\"\n{extra}")), ..Options::default() };
+    let mut rig = Rig::start(name, opts).await;
+    rig.wait_health(Duration::from_secs(10), "lte", "good").await;
+    let app = rig.start_exchange(25, 4 * MIB, 200 * KIB);
+    rig.wait_received(200 * KIB).await;
+    rig.bed.link_down(Link::Wlan).unwrap();
+    rig.wait_status(Duration::from_secs(10), "the session on lte", |st| {
+        st["current_interface"] == "lte" && st["sessions"][0]["state"] == "up"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let skip = rig.events().len();
+    let up = Instant::now();
+    rig.bed.link_up(Link::Wlan).unwrap();
+    let routes = String::from_utf8_lossy(&rig.bed.exec(baton_netbed::Host::Mobile, &["ip", "route", "show", "default"]).unwrap().stdout).into_owned();
+    println!("{name}: default routes after link up:\n{}", routes.trim_end());
+    let deadline = up + Duration::from_secs(10);
+    let (mut back, mut metric_seen) = (None, None);
+    while Instant::now() < deadline {
+        let st = rig.status().unwrap();
+        if metric_seen.is_none() && iface(&st, "wlan").is_some_and(|i| i["route_metric"] == 100) {
+            metric_seen = Some(up.elapsed());
+        }
+        if let Some(e) = rig.events().into_iter().skip(skip).find(|e| e["kind"] == "switch_decided") {
+            back = Some(e);
+            break;
+        }
+        rig.check_alive();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = rig.status().unwrap();
+    println!("{name}: {} ms after wlan came back: {}", up.elapsed().as_millis(), describe_engine(&st));
+    rig.finish_exchange(app, Duration::from_secs(60)).await;
+    let wlan = iface(&st, "wlan").unwrap().clone();
+    assert!(
+        metric_seen.is_some() || back.is_some(),
+        "the engine never saw wlan's default-route metric again (route_metric {} while the kernel has `{}`): \
+         wlan ranks after lte and scores {} against lte's {}",
+        wlan["route_metric"],
+        routes.lines().find(|l| l.contains("wlan")).unwrap_or("no wlan route"),
+        wlan["score"],
+        iface(&st, "lte").unwrap()["score"]
+    );
+    let back = back.unwrap_or_else(|| {
+        panic!(
+            "still on {} 10 s after wlan came back as good as lte (scores {} against {}); events:\n{}",
+            st["current_interface"],
+            wlan["score"],
+            iface(&st, "lte").unwrap()["score"],
+            describe_events(&rig.events())
+        )
+    });
+    println!("{name}: back to {} {} ms after wlan came back: {}", back["interface"], up.elapsed().as_millis(), back["reason"]);
+    assert_eq!(back["interface"], "wlan", "{back}");
+}
+
+/// Known to fail, intermittently (reported, not fixed here; failed in 2 of 3 runs): with
+/// `min_gain = 1` one rank of preference (5 points) is enough to move back, but the engine
+/// may never learn that wlan has its default route again. The link comes up with its address before the route is back; the agent's
+/// path table takes the later route change (metric 100) without telling the engine, whose
+/// copy keeps `route_metric: null`, which ranks wlan after lte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_learns_the_metric_of_a_returning_link() {
+    tokio::time::timeout(LIMIT, blip("decide_metric", "min_gain = 1\n")).await.expect("scenario within its time limit");
+}
+
+/// Known to fail (reported, not fixed here), even once the metric is learnt: with the
+/// default weights and `min_gain` the agent never returns to the preferred link after a
+/// blip. The weights' documentation says the `preference` points exist "so that between
+/// equal links the preferred one wins", but one rank is 5 points and a switch needs
+/// `min_gain` = 10, so the agent stays on lte while the kernel's routing table prefers wlan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_the_preferred_link_after_a_blip() {
-    tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: policy("min_dwell = \"5s\"\n"), ..Options::default() };
-        let mut rig = Rig::start("decide_blip", opts).await;
-        rig.wait_health(Duration::from_secs(10), "lte", "good").await;
-        let app = rig.start_exchange(25, 4 * MIB, 200 * KIB);
-        rig.wait_received(200 * KIB).await;
-        rig.bed.link_down(Link::Wlan).unwrap();
-        rig.wait_status(Duration::from_secs(10), "the session on lte", |st| {
-            st["current_interface"] == "lte" && st["sessions"][0]["state"] == "up"
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let skip = rig.events().len();
-        let up = Instant::now();
-        rig.bed.link_up(Link::Wlan).unwrap();
-        let st = rig.wait_health(Duration::from_secs(10), "wlan", "good").await;
-        println!("decide_blip: wlan good again {} ms after link up: {}", up.elapsed().as_millis(), describe_engine(&st));
-        let deadline = up + Duration::from_secs(10);
-        let back = loop {
-            if let Some(e) = rig.events().into_iter().skip(skip).find(|e| e["kind"] == "switch_decided") {
-                break Some(e);
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            rig.check_alive();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let st = rig.status().unwrap();
-        println!("decide_blip: {} s after wlan came back: {}", up.elapsed().as_secs(), describe_engine(&st));
-        rig.finish_exchange(app, Duration::from_secs(60)).await;
-        let back = back.unwrap_or_else(|| {
-            panic!(
-                "still on {} 10 s after wlan came back as good as lte (scores {} against {}: one rank of preference \
-                 is 5 points, min_gain 10); events:\n{}",
-                st["current_interface"],
-                iface(&st, "wlan").unwrap()["score"],
-                iface(&st, "lte").unwrap()["score"],
-                describe_events(&rig.events())
-            )
-        });
-        assert_eq!(back["interface"], "wlan", "{back}");
-    })
-    .await
-    .expect("scenario within its time limit");
+    tokio::time::timeout(LIMIT, blip("decide_blip", "")).await.expect("scenario within its time limit");
 }
 
 /// Known to fail (reported, not fixed here): `never_use` is the engine's rule only. lte is

@@ -431,8 +431,9 @@ pub fn describe_engine(st: &Value) -> String {
     let mut out = format!("mode {} proposal {} switching {}", st["engine"]["mode"], st["engine"]["proposal"], st["engine"]["switching"]);
     for i in st["engine"]["interfaces"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "\n  {} current={} health={} rtt={} ms loss={} samples={} score={}",
+            "\n  {} metric={} current={} health={} rtt={} ms loss={} samples={} score={}",
             i["name"].as_str().unwrap_or("?"),
+            i["route_metric"],
             i["current"],
             i["health"],
             i["stats"]["rtt_ms"],
