@@ -158,7 +158,9 @@ pub struct Weights {
     pub metered: f64,
     /// Points per place in the order of preference (user `priority`, then
     /// the kernel's route metric), so that between equal links the
-    /// preferred one wins. Default 5.0.
+    /// preferred one wins. Default 15.0: more than the default `min_gain`,
+    /// so that the agent goes back to the preferred link once it is as good
+    /// again.
     #[serde(default = "defaults::w_preference", deserialize_with = "non_negative")]
     pub preference: f64,
 }
@@ -393,7 +395,7 @@ mod defaults {
         50.0
     }
     pub(super) fn w_preference() -> f64 {
-        5.0
+        15.0
     }
 }
 
@@ -558,7 +560,7 @@ mod tests {
         assert_eq!(c.min_dwell, Duration::from_secs(30));
         assert_eq!(
             c.weights,
-            Weights { rtt: 1.0, jitter: 0.5, loss: 10.0, cost: 20.0, metered: 50.0, preference: 5.0 }
+            Weights { rtt: 1.0, jitter: 0.5, loss: 10.0, cost: 20.0, metered: 50.0, preference: 15.0 }
         );
         c.validate().unwrap();
     }

@@ -379,15 +379,16 @@ fn threshold_flaps(hysteresis: f64, min_dwell: Duration) -> usize {
 }
 
 /// Switches over 10 minutes (start-up excluded) between two unmetered links
-/// of comparable quality: Ethernet at 40ms and Wi-Fi at 40 ± 10ms (period
-/// 60s), so that their scores cross again and again.
+/// of comparable quality: Ethernet at 40ms and Wi-Fi at 40 ± 20ms (period
+/// 60s), whose scores (with the preference points of its lower rank) cross
+/// again and again.
 fn score_flaps(hysteresis: f64, min_gain: f64, min_dwell: Duration) -> usize {
     let config = PolicyConfig { hysteresis, min_gain, min_dwell, ..PolicyConfig::default() };
     let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
         .link("eth0", |t| Some(Duration::from_secs_f64((40.0 + 2.0 * noise(t, 3)) / 1e3)))
         .link("wlan0", |t| {
             Some(Duration::from_secs_f64(
-                (40.0 + 10.0 * (2.0 * std::f64::consts::PI * t / 60.0).sin() + 2.0 * noise(t, 4)) / 1e3,
+                (40.0 + 20.0 * (2.0 * std::f64::consts::PI * t / 60.0).sin() + 2.0 * noise(t, 4)) / 1e3,
             ))
         })
         .start();

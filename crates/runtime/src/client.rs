@@ -191,6 +191,8 @@ struct Link {
 #[derive(Debug)]
 struct SwitchRequest {
     to: String,
+    /// Why (recorded with the switch).
+    reason: String,
     /// `None`: the session already was on `to`.
     done: oneshot::Sender<Result<Option<SwitchRecord>, String>>,
 }
@@ -394,14 +396,16 @@ impl Client {
 
     /// Planned switch of every session to `to`, make before break, without
     /// asking the engine (the engine's own decisions come here).
-    pub(crate) async fn switch_now(&self, to: &str) -> Result<Vec<SwitchRecord>, String> {
+    pub(crate) async fn switch_now(&self, to: &str, reason: &str) -> Result<Vec<SwitchRecord>, String> {
         if !self.shared.paths.is_usable(to) {
             return Err(format!("interface {to:?} is not known or not up"));
         }
         let mut waits = Vec::new();
         for link in self.shared.links.values() {
             let (done, rx) = oneshot::channel();
-            link.switch_tx.send(SwitchRequest { to: to.to_owned(), done }).map_err(|_| "client stopped".to_owned())?;
+            link.switch_tx
+                .send(SwitchRequest { to: to.to_owned(), reason: reason.to_owned(), done })
+                .map_err(|_| "client stopped".to_owned())?;
             waits.push(rx);
         }
         let mut records = Vec::new();
@@ -603,7 +607,8 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     *lock(&core.route) = new_est.route.clone();
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
                     link.state.send_replace(LinkState::Up(info));
-                    let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, "requested".into()).await;
+                    let why = req.reason.clone();
+                    let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, why).await;
                     info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
                     lock(&shared.switches).push(record.clone());
                     let _ = req.done.send(Ok(Some(record)));
@@ -698,11 +703,14 @@ async fn relegs_and_record(
         let _ = o.await;
     }
     let duration = started.elapsed();
-    // Let the streams show the pause they saw: the first bytes on the new
-    // legs follow within a round trip.
+    // The first bytes on the new legs follow within a round trip; what the
+    // streams saw is read again later (see `settle_record`).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let longest = streams.iter().map(|s| s.shared.longest_stall()).max().unwrap_or_default();
     let resent_after: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    let settle = duration.max(Duration::from_millis(250)) * 2;
+    let (shared2, streams2, key) = (shared.clone(), streams.clone(), (link.gateway.clone(), unix_ms(at)));
+    shared.tasks.spawn(async move { settle_record(shared2, key, streams2, resent_before, settle).await });
     SwitchRecord {
         kind,
         gateway: link.gateway.clone(),
@@ -714,6 +722,25 @@ async fn relegs_and_record(
         bytes_resent: resent_after.saturating_sub(resent_before),
         streams: streams.len(),
         reason,
+    }
+}
+
+/// Updates the record of `key` (gateway, start) once the streams have settled on
+/// their new legs: a pause can outlast the switch itself (the new path's
+/// first round trips), and the record must not under-report it.
+async fn settle_record(
+    shared: Arc<Shared>,
+    key: (String, u64),
+    streams: Vec<Arc<ClientStream>>,
+    resent_before: u64,
+    after: Duration,
+) {
+    tokio::time::sleep(after).await;
+    let longest = streams.iter().map(|s| s.shared.longest_stall()).max().unwrap_or_default();
+    let resent: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    if let Some(r) = lock(&shared.switches).iter_mut().rev().find(|r| r.gateway == key.0 && r.at_unix_ms == key.1) {
+        r.longest_stall_ms = r.longest_stall_ms.max(longest.as_millis() as u64);
+        r.bytes_resent = r.bytes_resent.max(resent.saturating_sub(resent_before));
     }
 }
 
@@ -751,7 +778,10 @@ async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -
         .map_err(unreachable)?
         .find(|a| path.source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
         .ok_or_else(|| SessionError::Unreachable(format!("{addr}: no address of the right family")))?;
-    let cut = shared.paths.cut_token(&path.name);
+    // This connection's own token, under the interface's: cutting this route
+    // (a failed control connection) must not cut later connections on the
+    // same interface, while the interface going down cuts them all.
+    let cut = shared.paths.cut_token(&path.name).child_token();
     let mut stream = connect_via(target, path, timeout).await.map_err(unreachable)?;
     let _ = stream.set_nodelay(true);
     let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, resume, &shared.rng)

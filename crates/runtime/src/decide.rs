@@ -153,9 +153,9 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     events.publish("switch_decided", Some(&to), reason.to_string(), urgent);
                     engine.on_switch_started(&to, Instant::now());
                     in_flight = Some(to.clone());
-                    let (c, tx, to2) = (client.clone(), done_tx.clone(), to.clone());
+                    let (c, tx, to2, why) = (client.clone(), done_tx.clone(), to.clone(), reason.to_string());
                     tokio::spawn(async move {
-                        let r = c.switch_now(&to2).await.map(|recs| format!("{} session(s) moved", recs.len()));
+                        let r = c.switch_now(&to2, &why).await.map(|recs| format!("{} session(s) moved", recs.len()));
                         let _ = tx.send((to2, r));
                     });
                 }
@@ -254,8 +254,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
             r = paths_rx.changed() => {
                 if r.is_err() { return; }
                 engine.on_table(&client.policy_table(), Instant::now());
-                // Sockets bound to a gone or re-addressed interface are stale.
-                probers.retain(|name, _| client.path(name).is_some());
+                // A probe socket keeps the source address it was connected
+                // with: after any change (an interface gone, re-addressed)
+                // they are all made anew, and their probes in flight do not
+                // count as lost.
+                probers.clear();
+                pending.clear();
             }
             r = link_rx.changed() => {
                 if r.is_err() { return; }

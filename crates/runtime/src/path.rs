@@ -63,6 +63,9 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Paths {
     entries: Mutex<Vec<Entry>>,
+    /// The user's attributes: a `never_use` interface is never a path, not
+    /// even when the current one is lost.
+    policy: baton_policy::PolicyConfig,
     changed: watch::Sender<u64>,
     /// Paths follow the kernel's interface table.
     pub(crate) kernel: bool,
@@ -92,7 +95,7 @@ impl Paths {
             .collect();
         let kernel = entries.is_empty();
         entries.sort_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.path.name.cmp(&b.path.name)));
-        Self { entries: Mutex::new(entries), changed: watch::channel(0).0, kernel }
+        Self { entries: Mutex::new(entries), policy: config.policy.clone(), changed: watch::channel(0).0, kernel }
     }
 
     /// Without the kernel's table (no netlink): the host's routing as is.
@@ -136,6 +139,11 @@ impl Paths {
         for e in entries.iter_mut() {
             match next.iter().find(|(p, ..)| p.name == e.path.name) {
                 Some((_, metric, addrs, kind, route)) => {
+                    // A returning link's route may come after its address:
+                    // the engine must hear of the metric too.
+                    if e.metric != *route || e.kind != Some(*kind) {
+                        changed = true;
+                    }
                     e.kind = Some(*kind);
                     e.metric = *route;
                     let lost = e.addrs.difference(addrs).next().is_some();
@@ -183,13 +191,17 @@ impl Paths {
         }
     }
 
+    fn allowed(&self, e: &Entry) -> bool {
+        e.up && !self.policy.attributes(&e.path.name, crate::decide::kind(e.kind)).never_use
+    }
+
     /// Usable paths, preferred first.
     pub(crate) fn usable(&self) -> Vec<Path> {
-        lock(&self.entries).iter().filter(|e| e.up).map(|e| e.path.clone()).collect()
+        lock(&self.entries).iter().filter(|e| self.allowed(e)).map(|e| e.path.clone()).collect()
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Path> {
-        lock(&self.entries).iter().find(|e| e.up && e.path.name == name).map(|e| e.path.clone())
+        lock(&self.entries).iter().find(|e| e.path.name == name && self.allowed(e)).map(|e| e.path.clone())
     }
 
     pub(crate) fn is_usable(&self, name: &str) -> bool {

@@ -513,12 +513,19 @@ async fn inbound(
             },
             r = read_leg(&mut next, &mut buf2) => match r {
                 Ok(n) => {
-                    // First bytes on the new leg: it takes over, the old one is retired.
-                    leg = next.take();
-                    if let Some((_, at, _)) = &mut leg {
+                    // Both legs carry the same bytes at the same offsets; the
+                    // new one starts a little behind (where this side stood
+                    // when it opened). Until it brings bytes the old one has
+                    // not, both are read, so the old path keeps the
+                    // application fed; then the new leg takes over.
+                    if let Some((_, at, _)) = &mut next {
                         let start = *at;
                         *at += n as u64;
+                        let before = delivered;
                         delivered = deliver(&mut local, &buf2[..n], start, delivered, shared, to_session).await?;
+                        if delivered > before {
+                            leg = next.take();
+                        }
                     }
                 }
                 Err(_) => next = None,
