@@ -37,16 +37,18 @@ pub(crate) fn render(st: &Value) -> String {
             );
         }
     }
-    let _ = writeln!(out, "\nINTERFACE        UP    PRIO  DEVICE           SOURCE");
+    let _ = writeln!(out, "\nINTERFACE        UP    KIND      METRIC      DEVICE           SOURCE / ADDRESSES");
     for i in st["interfaces"].as_array().into_iter().flatten() {
+        let addrs: Vec<String> = i["addresses"].as_array().into_iter().flatten().map(s).collect();
         let _ = writeln!(
             out,
-            "{:<16} {:<5} {:<5} {:<16} {}",
+            "{:<16} {:<5} {:<9} {:<11} {:<16} {}",
             s(&i["name"]),
             if i["up"] == true { "yes" } else { "no" },
+            s(&i["kind"]),
             s(&i["priority"]),
             s(&i["device"]),
-            s(&i["source"])
+            if addrs.is_empty() { s(&i["source"]) } else { addrs.join(" ") }
         );
     }
     let _ = writeln!(out, "\nGATEWAY          STATE       SESSION           INTERFACE        STREAMS  ADDRESS");

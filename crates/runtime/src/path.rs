@@ -42,6 +42,10 @@ pub struct PathStatus {
     pub up: bool,
     /// Preference: lower first.
     pub priority: u32,
+    /// Link kind, when the kernel told.
+    pub kind: Option<baton_os::Kind>,
+    /// Addresses, when the kernel told.
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -94,8 +98,10 @@ impl Paths {
             })
             .collect();
         let kernel = entries.is_empty();
-        entries.sort_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.path.name.cmp(&b.path.name)));
-        Self { entries: Mutex::new(entries), policy: config.policy.clone(), changed: watch::channel(0).0, kernel }
+        let paths = Self { entries: Mutex::new(Vec::new()), policy: config.policy.clone(), changed: watch::channel(0).0, kernel };
+        paths.sort(&mut entries);
+        *lock(&paths.entries) = entries;
+        paths
     }
 
     /// Without the kernel's table (no netlink): the host's routing as is.
@@ -184,11 +190,23 @@ impl Paths {
                 changed = true;
             }
         }
-        entries.sort_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.path.name.cmp(&b.path.name)));
+        self.sort(&mut entries);
         drop(entries);
         if changed {
             self.changed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Orders the paths as the seed's start-up search (Figure 20) wants
+    /// them: the user's priority, then interfaces that connect without user
+    /// interaction, unmetered before metered, cheaper first, then the
+    /// kernel's metric (or the configured priority), then the name.
+    fn sort(&self, entries: &mut [Entry]) {
+        let key = |e: &Entry| {
+            let a = self.policy.attributes(&e.path.name, crate::decide::kind(e.kind));
+            (a.priority.unwrap_or(u32::MAX), a.needs_user_interaction, a.metered, (a.cost * 1000.0) as i64, e.priority)
+        };
+        entries.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.path.name.cmp(&b.path.name)));
     }
 
     fn allowed(&self, e: &Entry) -> bool {
@@ -216,7 +234,13 @@ impl Paths {
     pub(crate) fn status(&self) -> Vec<PathStatus> {
         lock(&self.entries)
             .iter()
-            .map(|e| PathStatus { path: e.path.clone(), up: e.up, priority: e.priority })
+            .map(|e| PathStatus {
+                path: e.path.clone(),
+                up: e.up,
+                priority: e.priority,
+                kind: e.kind,
+                addresses: e.addrs.iter().map(ToString::to_string).collect(),
+            })
             .collect()
     }
 
