@@ -204,7 +204,9 @@ impl Paths {
     fn sort(&self, entries: &mut [Entry]) {
         let key = |e: &Entry| {
             let a = self.policy.attributes(&e.path.name, crate::decide::kind(e.kind));
-            (a.priority.unwrap_or(u32::MAX), a.needs_user_interaction, a.metered, (a.cost * 1000.0) as i64, e.priority)
+            // The loopback device only reaches this host: always last.
+            let lo = e.path.name == LOOPBACK;
+            (lo, a.priority.unwrap_or(u32::MAX), a.needs_user_interaction, a.metered, (a.cost * 1000.0) as i64, e.priority)
         };
         entries.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.path.name.cmp(&b.path.name)));
     }
