@@ -129,7 +129,17 @@ impl Rig {
         )
         .expect("write client.toml");
 
-        let gateway = spawn_daemon(&bed, Host::Server, "gateway", &gw_file, &dir);
+        let mut gateway = spawn_daemon(&bed, Host::Server, "gateway", &gw_file, &dir);
+        // The agent must find the gateway listening: if its first attempt (over wlan) is
+        // refused, it tries lte at once and the session starts there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default().contains("gateway listening") {
+            assert!(Instant::now() < deadline, "{name}: the gateway did not listen within 10 s");
+            if let Ok(Some(status)) = gateway.try_wait() {
+                panic!("{name}: the gateway exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let client = spawn_daemon(&bed, Host::Mobile, "client", &client_file, &dir);
         let mut rig = Rig { name: name.to_owned(), dir, admin, gateway, client, server, reports, started, bed };
         let st = rig
