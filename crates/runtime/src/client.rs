@@ -231,6 +231,8 @@ struct ClientStream {
     /// A new leg is being opened: further "leg lost" reports are covered by it.
     releg_busy: AtomicBool,
     generation: AtomicU32,
+    /// When the current leg was opened.
+    leg_opened: Mutex<Option<std::time::Instant>>,
 }
 
 impl Client {
@@ -626,12 +628,36 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     if let LinkState::Up(info) = state {
                         link.state.send_replace(LinkState::Switching(info));
                     }
+                    early_relegs(&shared, &core, &from);
                     outage = Some((Instant::now(), SystemTime::now(), from, why));
                     preferred = None;
                     break;
                 }
             }
         }
+    }
+}
+
+/// When the failed interface is gone (link down, address removed), the
+/// streams need not wait for the session to be resumed: legs are
+/// authenticated with the session's leg key, which the gateway holds while
+/// the session is detached. New legs open on the next interface at once, in
+/// parallel with the control connection's resume, which saves the
+/// handshake's round trips from the pause.
+fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str) {
+    if shared.paths.is_usable(failed) {
+        // A silent path that is still up may only be slow: no guess here.
+        return;
+    }
+    let Some(next) = shared.paths.usable().into_iter().next() else { return };
+    let gateway_addr = lock(&core.route).gateway_addr;
+    let cut = shared.paths.cut_token(&next.name).child_token();
+    debug!(to = %next.name, "opening new legs while the session resumes");
+    *lock(&core.route) = Route { path: next, gateway_addr, cut };
+    let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
+    for s in streams {
+        let (shared2, core2) = (shared.clone(), core.clone());
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
     }
 }
 
@@ -695,9 +721,23 @@ async fn relegs_and_record(
         s.shared.mark_stall_window(mark.checked_sub(started.elapsed()).unwrap_or(mark));
     }
     let mut opens = Vec::new();
+    let since = started.into_std();
     for s in &streams {
+        // Streams that already have a leg on the new path (opened early, see
+        // `early_relegs`) keep it; one still opening is waited for.
+        let fresh = lock(&s.leg_opened).is_some_and(|t| t >= since);
+        if fresh {
+            continue;
+        }
         let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
-        opens.push(tokio::spawn(async move { releg(&shared2, &core2, &s2).await }));
+        opens.push(tokio::spawn(async move {
+            while s2.releg_busy.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !lock(&s2.leg_opened).is_some_and(|t| t >= since) {
+                releg(&shared2, &core2, &s2).await;
+            }
+        }));
     }
     for o in opens {
         let _ = o.await;
@@ -1105,6 +1145,7 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result
     match reply.decode().map_err(|e| LegError::Path(format!("leg reply: {e}")))? {
         Message::LegReply { result: Ok(have), .. } => {
             s.shared.attach_leg(leg, received, have, route.cut.clone());
+            *lock(&s.leg_opened) = Some(std::time::Instant::now());
             debug!(stream = %s.shared.id, generation, resume_in = received.0, resume_out = have.0, path = %route.path.name, "leg open");
             Ok(())
         }
@@ -1186,7 +1227,7 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     let _ = baton_os::tune_relay(&app);
     let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
     let (st, inbox) = StreamShared::new(id, shared.limits, core.released.child_token());
-    let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0) });
+    let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
     if *core.up.borrow() {
