@@ -37,6 +37,7 @@ use baton_proto::{
     Role, StreamId,
 };
 
+use crate::util::{lock, sid};
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
@@ -522,13 +523,7 @@ impl Client {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
-fn sid(id: u64) -> String {
-    format!("{id:016x}")
-}
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::client::{Client, LinkState};
+use crate::util::lock;
 use crate::path::Path;
 
 /// One event of the decision engine or of a switch.
@@ -58,7 +59,7 @@ impl Events {
         let at_unix_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let e = Event { at_unix_ms, kind, interface: interface.map(str::to_owned), reason, urgent };
         info!(kind, interface = e.interface.as_deref().unwrap_or("-"), urgent, "{}", e.reason);
-        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = lock(&self.recent);
         r.push_back(e.clone());
         while r.len() > RECENT {
             r.pop_front();
@@ -71,7 +72,7 @@ impl Events {
     }
 
     pub(crate) fn recent(&self) -> Vec<Event> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        lock(&self.recent).iter().cloned().collect()
     }
 }
 

@@ -31,6 +31,7 @@ use baton_proto::{
     StreamId, StreamTable,
 };
 
+use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame};
 use crate::stream::{
@@ -198,15 +199,7 @@ impl Gateway {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind, never
-    // a broken invariant worth dying for.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
-fn sid(id: u64) -> impl std::fmt::Display {
-    format!("{id:016x}")
-}
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {

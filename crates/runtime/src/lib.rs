@@ -9,6 +9,7 @@ mod frame;
 pub mod gateway;
 pub mod path;
 pub mod stream;
+mod util;
 pub mod verify;
 
 pub use client::{Client, LinkState, SessionError};

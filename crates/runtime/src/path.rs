@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::util::lock;
 use crate::config::ClientConfig;
 
 /// One way out of this host.
@@ -78,9 +79,6 @@ pub(crate) struct Paths {
 /// The loopback device: a path only to a gateway on this host.
 pub(crate) const LOOPBACK: &str = "lo";
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Paths {
     pub(crate) fn from_config(config: &ClientConfig) -> Self {

@@ -32,6 +32,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::util::lock;
+
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 256 * 1024;
 
@@ -194,9 +196,6 @@ impl StreamShared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What is left of a finished stream: enough to answer a peer that missed
 /// the end (its final acknowledgement or half-close was lost with a path).
