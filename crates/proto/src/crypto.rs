@@ -587,6 +587,7 @@ mod tests {
             generation: 0,
             received: Offset(0),
             service: "echo".into(),
+            handover: false,
         };
         let mut buf = Vec::new();
         let t = ck.leg_key().seal_open(&open, &mut buf);

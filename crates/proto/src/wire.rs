@@ -5,8 +5,9 @@
 //! After it, a control connection carries [`Frame`]s: a 3-byte header
 //! (type, big-endian length), the payload, and once the session is keyed a
 //! 32-byte authentication tag (HMAC-SHA256). A leg carries one `LegOpen` frame from the
-//! client agent, one `LegReply` frame from the gateway, and then the
-//! application's bytes, unchanged.
+//! client agent, one `LegReply` frame from the gateway, and then in each
+//! direction the stream offset of the leg's first byte ([`LEG_START_LEN`]
+//! bytes, big-endian) followed by the application's bytes, unchanged.
 //!
 //! Decoding never panics and every length is checked against a bound before
 //! anything is allocated: the inputs come from the network.
@@ -17,6 +18,9 @@ use crate::stream::{Offset, StreamId};
 
 /// Protocol version spoken by this build.
 pub const VERSION: u8 = 1;
+
+/// Length of the start offset that opens each direction of a leg.
+pub const LEG_START_LEN: usize = 8;
 /// Length of the connection preface.
 pub const PREFACE_LEN: usize = 8;
 /// Length of a frame header: type (1) and payload length (2).
@@ -262,13 +266,17 @@ pub enum Message {
     Releg { stream: StreamId },
     /// Client → gateway on a leg: which stream this leg carries and from
     /// which offset the client needs the gateway's bytes. `service` is set
-    /// only when the stream is new (generation 0).
+    /// only when the stream is new (generation 0). `handover` marks a
+    /// planned switch: the old leg stays good, so each sender may go on
+    /// from where it stopped on it instead of rewinding to `received`; the
+    /// receiver drains the old leg up to the new leg's start offset.
     LegOpen {
         session_id: u64,
         stream: StreamId,
         generation: u32,
         received: Offset,
         service: String,
+        handover: bool,
     },
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
@@ -384,12 +392,13 @@ impl Message {
                 }
             }
             Self::Releg { stream } => out.put_u64(stream.0),
-            Self::LegOpen { session_id, stream, generation, received, service } => {
+            Self::LegOpen { session_id, stream, generation, received, service, handover } => {
                 out.put_u64(*session_id);
                 out.put_u64(stream.0);
                 out.put_u32(*generation);
                 out.put_u64(received.0);
                 put_str(out, service, MAX_NAME);
+                out.put_u8(u8::from(*handover));
             }
             Self::LegReply { result, detail } => {
                 match result {
@@ -459,6 +468,11 @@ impl Message {
                 generation: get_u32(&mut r)?,
                 received: Offset(get_u64(&mut r)?),
                 service: get_str(&mut r, MAX_NAME)?,
+                handover: match get_u8(&mut r)? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("handover flag")),
+                },
             },
             ty::LEG_REPLY => {
                 let code = get_u8(&mut r)?;
@@ -592,6 +606,15 @@ mod tests {
             generation: 3,
             received: Offset(4),
             service: "postgres".into(),
+            handover: false,
+        });
+        roundtrip(Message::LegOpen {
+            session_id: 1,
+            stream: StreamId(2),
+            generation: 3,
+            received: Offset(4),
+            service: String::new(),
+            handover: true,
         });
         roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
         roundtrip(Message::LegReply {
@@ -653,7 +676,7 @@ mod tests {
             let mut buf = Vec::new();
             Message::LegOpen {
                 session_id: 1, stream: StreamId(2), generation: 3,
-                received: Offset(4), service: "svc".into(),
+                received: Offset(4), service: "svc".into(), handover: false,
             }.encode(&mut buf);
             let payload = &buf[3..];
             let cut = cut.min(payload.len().saturating_sub(1));

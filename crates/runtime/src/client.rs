@@ -41,7 +41,7 @@ use crate::util::{lock, sid};
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{self, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
+use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -652,7 +652,7 @@ fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str) {
     let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
     for s in streams {
         let (shared2, core2) = (shared.clone(), core.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
     }
 }
 
@@ -717,6 +717,9 @@ async fn relegs_and_record(
     }
     let mut opens = Vec::new();
     let since = started.into_std();
+    // In a planned switch the old legs still work: the new ones go on
+    // where they stop. After a failure they rewind to what the peer has.
+    let start = if kind == SwitchKind::Planned { LegStart::Continue } else { LegStart::Rewind };
     for s in &streams {
         // Streams that already have a leg on the new path (opened early, see
         // `early_relegs`) keep it; one still opening is waited for.
@@ -730,7 +733,7 @@ async fn relegs_and_record(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if !lock(&s2.leg_opened).is_some_and(|t| t >= since) {
-                releg(&shared2, &core2, &s2).await;
+                releg(&shared2, &core2, &s2, start).await;
             }
         }));
     }
@@ -898,7 +901,7 @@ async fn run_control(
     for s in lock(&core.streams).values() {
         if s.generation.load(Ordering::Acquire) == 0 && !s.releg_busy.load(Ordering::Acquire) {
             let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
-            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2).await });
+            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2, LegStart::Rewind).await });
         }
     }
     // What the gateway may have missed: half-closes and acks.
@@ -1058,7 +1061,7 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
                     if let Some(s) = s {
                         if *core.up.borrow() {
                             let (shared2, core2) = (shared.clone(), core.clone());
-                            shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
+                            shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
                         }
                         // Otherwise the reconnect re-legs every stream.
                     }
@@ -1087,11 +1090,11 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
 
 /// Opens a leg for a stream on the session's current route: its first leg,
 /// or a new one that resumes it. At most one at a time per stream.
-async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>) {
+async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>, start: LegStart) {
     if s.releg_busy.swap(true, Ordering::AcqRel) {
         return;
     }
-    let result = open_leg(shared, core, s).await;
+    let result = open_leg(shared, core, s, start).await;
     s.releg_busy.store(false, Ordering::Release);
     match result {
         Ok(()) => {}
@@ -1114,7 +1117,7 @@ enum LegError {
     Path(String),
 }
 
-async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result<(), LegError> {
+async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream, start: LegStart) -> Result<(), LegError> {
     let route = lock(&core.route).clone();
     let timeout = shared.config.connect_timeout;
     let mut leg = connect_via(route.gateway_addr, &route.path, timeout)
@@ -1124,7 +1127,8 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result
     let generation = s.generation.fetch_add(1, Ordering::AcqRel);
     let received = Offset(s.shared.delivered.load(Ordering::Acquire));
     let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
-    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone() };
+    let handover = start == LegStart::Continue;
+    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone(), handover };
     let open_tag = core.leg_key.seal_open(&open, &mut out);
     leg.write_all(&out).await.map_err(|e| LegError::Path(format!("leg: {e}")))?;
     let reply = tokio::select! {
@@ -1139,7 +1143,7 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result
     }
     match reply.decode().map_err(|e| LegError::Path(format!("leg reply: {e}")))? {
         Message::LegReply { result: Ok(have), .. } => {
-            s.shared.attach_leg(leg, received, have, route.cut.clone());
+            s.shared.attach_leg(leg, have, start, route.cut.clone());
             *lock(&s.leg_opened) = Some(std::time::Instant::now());
             debug!(stream = %s.shared.id, generation, resume_in = received.0, resume_out = have.0, path = %route.path.name, "leg open");
             Ok(())
@@ -1227,7 +1231,7 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     debug!(stream = %id, service, "stream open");
     if *core.up.borrow() {
         let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2).await });
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
     }
     let end = stream::run(app, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {

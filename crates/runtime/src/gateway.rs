@@ -35,7 +35,7 @@ use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame};
 use crate::stream::{
-    self, tombstone_messages, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
+    self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
 };
 
 /// Counters a gateway keeps, for status and tests.
@@ -605,9 +605,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut leg))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (session_id, stream_id, generation, received, service) = match frame.decode()? {
-        Message::LegOpen { session_id, stream, generation, received, service } => {
-            (session_id, stream, generation, received, service)
+    let (session_id, stream_id, generation, received, service, handover) = match frame.decode()? {
+        Message::LegOpen { session_id, stream, generation, received, service, handover } => {
+            (session_id, stream, generation, received, service, handover)
         }
         other => return Err(ConnError::Unexpected(other.ty())),
     };
@@ -658,7 +658,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         let have = Offset(s.delivered.load(Ordering::Acquire));
         leg.write_all(&reply(Ok(have), String::new())).await?;
         s.generation.store(generation, Ordering::Relaxed);
-        s.attach_leg(leg, have, received, session.released.child_token());
+        let start = if handover { LegStart::Continue } else { LegStart::Rewind };
+        s.attach_leg(leg, received, start, session.released.child_token());
         shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
         debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
         return Ok(());
@@ -697,7 +698,7 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %stream_id, service = %service, "stream open");
 
-    s.attach_leg(leg, Offset(0), received, session.released.child_token());
+    s.attach_leg(leg, received, LegStart::Rewind, session.released.child_token());
     let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {
         lock(&session.finished).push(s.tombstone());
