@@ -531,6 +531,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 struct Established {
     session_id: u64,
+    /// Connection set-up to the gateway's first answer: the path's round trip.
+    rtt: Duration,
     leg_key: LegKey,
     cipher: ControlCipher,
     keepalive: Duration,
@@ -590,6 +592,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         if let Some((since, at, from, why)) = outage.take() {
             let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, from, since, at, why).await;
             info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
+            report_path(&shared, &core, &record, est.rtt);
             lock(&shared.switches).push(record);
         } else if from.is_none() {
             info!(gateway = %link.gateway, path = %est.route.path.name, session = %sid(core.id), "session up");
@@ -607,6 +610,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     let why = req.reason.clone();
                     let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, why).await;
                     info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
+                    report_path(&shared, &core, &record, new_est.rtt);
                     lock(&shared.switches).push(record.clone());
                     let _ = req.done.send(Ok(Some(record)));
                     est = *new_est;
@@ -763,6 +767,40 @@ async fn relegs_and_record(
     }
 }
 
+/// How long the new path's throughput is watched after a switch.
+const PATH_REPORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Measures what a session's new path carries over the window after a
+/// switch and publishes it as a `path_changed` event.
+fn report_path(shared: &Arc<Shared>, core: &Arc<Core>, record: &SwitchRecord, rtt: Duration) {
+    let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
+    let counters = move || {
+        streams.iter().fold((0u64, 0u64), |(d, u), s| {
+            (d + s.shared.delivered.load(Ordering::Relaxed), u + s.shared.peer_acked.load(Ordering::Relaxed))
+        })
+    };
+    let events = shared.events.clone();
+    let (gateway, switch, from, to) = (record.gateway.clone(), record.kind, record.from.clone(), record.to.clone());
+    shared.tasks.spawn(async move {
+        let (d0, u0) = counters();
+        let began = Instant::now();
+        tokio::time::sleep(PATH_REPORT_WINDOW).await;
+        let (d1, u1) = counters();
+        let secs = began.elapsed().as_secs_f64();
+        let per_s = |n: u64| (n as f64 / secs) as u64;
+        events.publish_path(crate::decide::PathReport {
+            gateway,
+            switch,
+            from,
+            to,
+            rtt_ms: rtt.as_secs_f64() * 1e3,
+            down_bytes_per_s: per_s(d1.saturating_sub(d0)),
+            up_bytes_per_s: per_s(u1.saturating_sub(u0)),
+            window_ms: (secs * 1e3) as u64,
+        });
+    });
+}
+
 /// Updates the record of `key` (gateway, start) once the streams have settled on
 /// their new legs: a pause can outlast the switch itself (the new path's
 /// first round trips), and the record must not under-report it.
@@ -820,7 +858,10 @@ async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -
     // (a failed control connection) must not cut later connections on the
     // same interface, while the interface going down cuts them all.
     let cut = shared.paths.cut_token(&path.name).child_token();
+    let began = Instant::now();
     let mut stream = connect_via(target, path, timeout).await.map_err(unreachable)?;
+    // TCP's handshake is one round trip of the path.
+    let rtt = began.elapsed();
     let _ = stream.set_nodelay(true);
     let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, resume, &shared.rng)
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -866,6 +907,7 @@ async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -
     // session are authenticated with it whatever control connection is up.
     Ok(Established {
         session_id,
+        rtt,
         leg_key: keys.leg_key(),
         cipher,
         keepalive,
