@@ -64,6 +64,28 @@ pub(crate) fn render(st: &Value) -> String {
             g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default()
         );
     }
+    let streams = st["streams"].as_array().cloned().unwrap_or_default();
+    if !streams.is_empty() {
+        let _ = writeln!(out, "\nSTREAM  GATEWAY          SERVICE          SENT B        RECEIVED B    RESENT B   LEGS  COMPRESS");
+        for t in streams.iter().take(50) {
+            let compress = match t["compress"].as_str() {
+                Some("none") | None => "-".to_owned(),
+                Some(c) => format!("{c} {:.2}:1", t["compression_ratio"].as_f64().unwrap_or(1.0)),
+            };
+            let _ = writeln!(
+                out,
+                "{:<7} {:<16} {:<16} {:<13} {:<13} {:<10} {:<5} {}",
+                s(&t["id"]),
+                s(&t["gateway"]),
+                s(&t["service"]),
+                s(&t["sent"]),
+                s(&t["received"]),
+                s(&t["resent"]),
+                s(&t["legs"]),
+                compress
+            );
+        }
+    }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
     if !switches.is_empty() {

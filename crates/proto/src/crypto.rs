@@ -588,6 +588,7 @@ mod tests {
             received: Offset(0),
             service: "echo".into(),
             handover: false,
+            compression: crate::wire::Compression::None,
         };
         let mut buf = Vec::new();
         let t = ck.leg_key().seal_open(&open, &mut buf);

@@ -16,4 +16,4 @@ pub use crypto::{ClientHandshake, ClientKey, ControlCipher, CryptoError, Gateway
 pub use replay::{ReplayBuffer, ReplayError};
 pub use session::{Liveness, LivenessAction};
 pub use stream::{Admission, AdmitError, Offset, StreamId, StreamState, StreamTable};
-pub use wire::{ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};
+pub use wire::{Compression, ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};

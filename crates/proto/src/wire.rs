@@ -117,6 +117,20 @@ pub enum WireError {
     BadTag,
 }
 
+/// How a stream's bytes travel on its legs. Offsets always count the
+/// application's bytes, so a compressed stream resumes at exact offsets:
+/// each direction of each leg is a compressed stream of its own that starts
+/// at the leg's start offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Compression {
+    /// The application's bytes, unchanged.
+    #[default]
+    None = 0,
+    /// Zstandard, flushed at each write so nothing waits for more input.
+    Zstd = 1,
+}
+
 /// Why a gateway refused a session, a stream or a leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -277,6 +291,8 @@ pub enum Message {
         received: Offset,
         service: String,
         handover: bool,
+        /// How the stream's bytes travel on its legs, chosen when it opens.
+        compression: Compression,
     },
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
@@ -392,13 +408,14 @@ impl Message {
                 }
             }
             Self::Releg { stream } => out.put_u64(stream.0),
-            Self::LegOpen { session_id, stream, generation, received, service, handover } => {
+            Self::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
                 out.put_u64(*session_id);
                 out.put_u64(stream.0);
                 out.put_u32(*generation);
                 out.put_u64(received.0);
                 put_str(out, service, MAX_NAME);
                 out.put_u8(u8::from(*handover));
+                out.put_u8(*compression as u8);
             }
             Self::LegReply { result, detail } => {
                 match result {
@@ -472,6 +489,11 @@ impl Message {
                     0 => false,
                     1 => true,
                     _ => return Err(WireError::Invalid("handover flag")),
+                },
+                compression: match get_u8(&mut r)? {
+                    0 => Compression::None,
+                    1 => Compression::Zstd,
+                    _ => return Err(WireError::Invalid("compression")),
                 },
             },
             ty::LEG_REPLY => {
@@ -607,6 +629,7 @@ mod tests {
             received: Offset(4),
             service: "postgres".into(),
             handover: false,
+            compression: Compression::None,
         });
         roundtrip(Message::LegOpen {
             session_id: 1,
@@ -615,6 +638,7 @@ mod tests {
             received: Offset(4),
             service: String::new(),
             handover: true,
+            compression: Compression::Zstd,
         });
         roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
         roundtrip(Message::LegReply {
@@ -677,6 +701,7 @@ mod tests {
             Message::LegOpen {
                 session_id: 1, stream: StreamId(2), generation: 3,
                 received: Offset(4), service: "svc".into(), handover: false,
+            compression: Compression::None,
             }.encode(&mut buf);
             let payload = &buf[3..];
             let cut = cut.min(payload.len().saturating_sub(1));

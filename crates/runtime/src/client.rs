@@ -154,6 +154,13 @@ pub struct StreamStatus {
     pub resent: u64,
     /// Legs used so far.
     pub legs: u32,
+    /// `zstd` or `none`.
+    pub compress: &'static str,
+    /// Bytes the stream took on its legs, both directions (compressed if it is).
+    pub wire_bytes: u64,
+    /// The application's bytes carried for each byte on the legs (1 when
+    /// not compressed; higher is better).
+    pub compression_ratio: f64,
 }
 
 /// A running client agent.
@@ -270,7 +277,7 @@ impl Client {
                 drop(task);
             }
         }
-        let limits = StreamLimits { replay_buffer: config.replay_buffer };
+        let limits = StreamLimits { replay_buffer: config.replay_buffer, ..StreamLimits::default() };
         let (decider, decider_rx) = mpsc::unbounded_channel();
         let engine = baton_policy::Engine::new(config.policy.clone());
         let shared = Arc::new(Shared {
@@ -374,6 +381,12 @@ impl Client {
                     received: s.shared.delivered.load(Ordering::Relaxed),
                     resent: s.shared.resent.load(Ordering::Relaxed),
                     legs: s.generation.load(Ordering::Relaxed),
+                    compress: match s.shared.compression {
+                        baton_proto::Compression::None => "none",
+                        baton_proto::Compression::Zstd => "zstd",
+                    },
+                    wire_bytes: s.shared.wire_bytes(),
+                    compression_ratio: s.shared.compression_ratio(),
                 });
             }
         }
@@ -1170,7 +1183,7 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream, start: Le
     let received = Offset(s.shared.delivered.load(Ordering::Acquire));
     let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
     let handover = start == LegStart::Continue;
-    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone(), handover };
+    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone(), handover, compression: s.shared.compression };
     let open_tag = core.leg_key.seal_open(&open, &mut out);
     leg.write_all(&out).await.map_err(|e| LegError::Path(format!("leg: {e}")))?;
     let reply = tokio::select! {
@@ -1218,7 +1231,7 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
         let remote = remote.clone();
         let name = name.clone();
         shared.tasks.spawn(async move {
-            match serve_stream(&shared2, &link, &remote, app).await {
+            match serve_stream(&shared2, &link, &remote, svc.compress, app).await {
                 Ok(()) => {}
                 // The application's own reset: its business, not a fault.
                 Err(StreamClose::Local(why)) => info!(service = %name, %peer, "connection closed: {why}"),
@@ -1257,7 +1270,13 @@ enum StreamClose {
     Fault(String),
 }
 
-async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app: TcpStream) -> Result<(), StreamClose> {
+async fn serve_stream(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    service: &str,
+    compression: baton_proto::Compression,
+    app: TcpStream,
+) -> Result<(), StreamClose> {
     let Some(core) = wait_core(shared, link).await else {
         baton_os::reset(app);
         return Err(StreamClose::Fault(format!(
@@ -1267,7 +1286,8 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     };
     let _ = baton_os::tune_relay(&app);
     let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
-    let (st, inbox) = StreamShared::new(id, shared.limits, core.released.child_token());
+    let limits = StreamLimits { compression, ..shared.limits };
+    let (st, inbox) = StreamShared::new(id, limits, core.released.child_token());
     let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
@@ -1275,7 +1295,7 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
         let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
         shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
     }
-    let end = stream::run(app, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    let end = stream::run(app, st.clone(), inbox, limits, core.to_session.clone()).await;
     if matches!(end, StreamEnd::Finished) {
         lock(&core.finished).push(st.tombstone());
     }

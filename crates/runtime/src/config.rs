@@ -114,6 +114,14 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     }
 }
 
+fn compression<'de, D: Deserializer<'de>>(d: D) -> Result<baton_proto::Compression, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "none" => Ok(baton_proto::Compression::None),
+        "zstd" => Ok(baton_proto::Compression::Zstd),
+        other => Err(de::Error::custom(format!("unknown compression {other:?}: expected \"zstd\" or \"none\""))),
+    }
+}
+
 fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
@@ -321,6 +329,10 @@ pub struct ClientService {
     pub listen: SocketAddr,
     /// The service's name on the gateway, if different from this table's key.
     pub remote: Option<String>,
+    /// `"zstd"` compresses the service's bytes on the way to the gateway
+    /// and back; `"none"` (default) sends them as they are.
+    #[serde(default, deserialize_with = "compression")]
+    pub compress: baton_proto::Compression,
 }
 
 impl ClientService {

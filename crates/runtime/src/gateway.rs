@@ -605,9 +605,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut leg))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (session_id, stream_id, generation, received, service, handover) = match frame.decode()? {
-        Message::LegOpen { session_id, stream, generation, received, service, handover } => {
-            (session_id, stream, generation, received, service, handover)
+    let (session_id, stream_id, generation, received, service, handover, compression) = match frame.decode()? {
+        Message::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
+            (session_id, stream, generation, received, service, handover, compression)
         }
         other => return Err(ConnError::Unexpected(other.ty())),
     };
@@ -671,7 +671,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     }
     // The stream is registered before the target is reached, so that what
     // the client sends about it meanwhile (a half-close) is not lost.
-    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer };
+    // The client chooses the stream's compression when it opens; resumed
+    // legs keep it.
+    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer, compression };
     let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
     lock(&session.streams).insert(stream_id, s.clone());
     let target = &shared.config.services[&service].target;
@@ -706,6 +708,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     lock(&session.streams).remove(&stream_id);
     lock(&session.table).close(stream_id);
     let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
+    if compression != baton_proto::Compression::None {
+        info!(stream = %stream_id, service = %service, ratio = format!("{:.2}", s.compression_ratio()), wire = s.wire_bytes(), "compressed stream ended");
+    }
     match end {
         StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
         other => info!(stream = %stream_id, up, down, "stream closed: {other}"),

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+mod codec;
 pub mod config;
 pub mod decide;
 mod frame;

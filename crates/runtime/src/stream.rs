@@ -30,13 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_proto::wire::LEG_START_LEN;
-use baton_proto::{Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
+use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{Compressor, Decompressor};
 use crate::util::lock;
 
 /// Bytes read from a socket at a time.
@@ -47,11 +48,13 @@ const CHUNK: usize = 256 * 1024;
 pub struct StreamLimits {
     /// Most unconfirmed bytes held per direction (replay buffer size).
     pub replay_buffer: usize,
+    /// How the stream's bytes travel on its legs.
+    pub compression: Compression,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { replay_buffer: 8 << 20 }
+        Self { replay_buffer: 8 << 20, compression: Compression::None }
     }
 }
 
@@ -122,6 +125,14 @@ pub(crate) struct StreamShared {
     pub(crate) peer_acked: AtomicU64,
     /// Bytes sent a second time on a new leg.
     pub(crate) resent: AtomicU64,
+    /// How the stream's bytes travel on its legs.
+    pub(crate) compression: Compression,
+    /// The application's bytes put on legs and read from them (resent ones
+    /// included), and what they took on the wire: the compression ratio.
+    pub(crate) plain_out: AtomicU64,
+    pub(crate) wire_out: AtomicU64,
+    pub(crate) plain_in: AtomicU64,
+    pub(crate) wire_in: AtomicU64,
     /// Where the local connection finished writing, once it has.
     pub(crate) fin_at: Mutex<Option<Offset>>,
     /// Generation of the current leg.
@@ -153,6 +164,11 @@ impl StreamShared {
             taken: AtomicU64::new(0),
             peer_acked: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            compression: limits.compression,
+            plain_out: AtomicU64::new(0),
+            wire_out: AtomicU64::new(0),
+            plain_in: AtomicU64::new(0),
+            wire_in: AtomicU64::new(0),
             fin_at: Mutex::new(None),
             generation: AtomicU32::new(0),
             stall: Mutex::new(StallWatch { since: None, last: None, longest: Duration::ZERO }),
@@ -297,6 +313,20 @@ impl AckBatch {
 }
 
 impl StreamShared {
+    /// Bytes on the legs, both directions.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.wire_out.load(Ordering::Relaxed) + self.wire_in.load(Ordering::Relaxed)
+    }
+
+    /// The application's bytes per byte on the legs, both directions.
+    pub(crate) fn compression_ratio(&self) -> f64 {
+        let plain = self.plain_out.load(Ordering::Relaxed) + self.plain_in.load(Ordering::Relaxed);
+        match self.wire_bytes() {
+            0 => 1.0,
+            wire => plain as f64 / wire as f64,
+        }
+    }
+
     pub(crate) fn tombstone(&self) -> Tombstone {
         Tombstone { id: self.id, delivered: Offset(self.delivered.load(Ordering::Acquire)), fin_at: *lock(&self.fin_at) }
     }
@@ -390,17 +420,38 @@ struct OutLeg {
     /// The start offset that opens the leg, and how much of it is written.
     head: [u8; LEG_START_LEN],
     head_sent: usize,
+    /// For a compressed stream: the compressor, and the offset of the first
+    /// byte of the chunk whose compressed form is still being written.
+    zip: Option<(Compressor, Offset)>,
 }
 
 impl OutLeg {
-    fn new(w: OwnedWriteHalf, at: Offset, cut: CancellationToken) -> Self {
-        Self { w, at, cut, head: at.0.to_be_bytes(), head_sent: 0 }
+    fn new(w: OwnedWriteHalf, at: Offset, cut: CancellationToken, compression: Compression) -> io::Result<Self> {
+        let zip = match compression {
+            Compression::None => None,
+            Compression::Zstd => Some((Compressor::new()?, at)),
+        };
+        Ok(Self { w, at, cut, head: at.0.to_be_bytes(), head_sent: 0, zip })
     }
 
     /// Whether the peer can have read all this leg carried so far: it
     /// started properly and its path is not cut.
     fn is_good(&self) -> bool {
         self.head_sent == LEG_START_LEN && !self.cut.is_cancelled()
+    }
+
+    /// Where a successor leg may go on: the peer decodes whole chunks only,
+    /// so a chunk not completely written counts as not sent.
+    fn resume_point(&self) -> Offset {
+        match &self.zip {
+            Some((z, start)) if !z.pending().is_empty() => *start,
+            _ => self.at,
+        }
+    }
+
+    /// Whether there is something to write with `end` the buffer's end.
+    fn wants_write(&self, end: Offset) -> bool {
+        self.head_sent < LEG_START_LEN || self.at < end || self.zip.as_ref().is_some_and(|(z, _)| !z.pending().is_empty())
     }
 }
 
@@ -421,7 +472,7 @@ async fn outbound(
             return Ok(());
         }
         let room = buf.free().min(chunk.len());
-        let want_write = leg.as_ref().is_some_and(|l| l.head_sent < LEG_START_LEN || l.at < buf.end());
+        let want_write = leg.as_ref().is_some_and(|l| l.wants_write(buf.end()));
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -446,7 +497,7 @@ async fn outbound(
                         // Everything written to a good old leg reaches the
                         // peer before that leg's end, so the new one goes on
                         // from there.
-                        (Some(old), LegStart::Continue) if old.is_good() => old.at.max(peer_has),
+                        (Some(old), LegStart::Continue) if old.is_good() => old.resume_point().max(peer_has),
                         _ => peer_has,
                     };
                     if let Some(old) = &leg {
@@ -456,7 +507,7 @@ async fn outbound(
                     }
                     // Dropping the old writer ends that leg after the bytes
                     // already handed to it: the peer drains it up to `from`.
-                    leg = Some(OutLeg::new(w, from, cut));
+                    leg = Some(OutLeg::new(w, from, cut, shared.compression).map_err(DirError::Local)?);
                     if !had_leg && eof {
                         let offset = buf.end();
                         let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset }));
@@ -464,7 +515,7 @@ async fn outbound(
                     had_leg = true;
                 }
             },
-            r = write_leg(&mut leg, &buf), if want_write => {
+            r = write_leg(&mut leg, &buf, shared), if want_write => {
                 if let Err(_e) = r {
                     leg = None;
                     let _ = to_session.send(ToSession::LegLost(shared.id));
@@ -498,15 +549,29 @@ static FILLER: [u8; 16 * 1024] = [0; 16 * 1024];
 
 /// One write to the leg: the rest of its start offset, or bytes. Each call
 /// makes at most one write, so dropping it in a `select!` loses nothing.
-async fn write_leg(leg: &mut Option<OutLeg>, buf: &ReplayBuffer) -> io::Result<()> {
+async fn write_leg(leg: &mut Option<OutLeg>, buf: &ReplayBuffer, shared: &StreamShared) -> io::Result<()> {
     let Some(l) = leg else { return std::future::pending().await };
     let head = l.head_sent < LEG_START_LEN;
+    if !head {
+        if let Some((z, chunk_at)) = &mut l.zip {
+            if z.pending().is_empty() {
+                // The next chunk, compressed and flushed whole; `at` moves
+                // past it now, `resume_point` still says where it began.
+                let plain = plain_from(l.at, buf)?;
+                let plain = &plain[..plain.len().min(crate::codec::MAX_INPUT)];
+                z.compress(plain)?;
+                *chunk_at = l.at;
+                l.at = l.at.advance(plain.len());
+                shared.plain_out.fetch_add(plain.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
     let bytes = if head {
         &l.head[l.head_sent..]
-    } else if l.at < buf.start() {
-        &FILLER[..FILLER.len().min((buf.start().0 - l.at.0) as usize)]
+    } else if let Some((z, _)) = &l.zip {
+        z.pending()
     } else {
-        buf.bytes_from(l.at).map_err(|e| io::Error::other(e.to_string()))?
+        plain_from(l.at, buf)?
     };
     let n = tokio::select! {
         r = l.w.write(bytes) => r?,
@@ -517,10 +582,26 @@ async fn write_leg(leg: &mut Option<OutLeg>, buf: &ReplayBuffer) -> io::Result<(
     }
     if head {
         l.head_sent += n;
-    } else {
-        l.at = l.at.advance(n);
+        return Ok(());
+    }
+    shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
+    match &mut l.zip {
+        Some((z, _)) => z.consume(n),
+        None => {
+            l.at = l.at.advance(n);
+            shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
     Ok(())
+}
+
+/// The bytes to send from `at`: filler for what the peer already confirmed.
+fn plain_from(at: Offset, buf: &ReplayBuffer) -> io::Result<&[u8]> {
+    if at < buf.start() {
+        Ok(&FILLER[..FILLER.len().min((buf.start().0 - at.0) as usize)])
+    } else {
+        buf.bytes_from(at).map_err(|e| io::Error::other(e.to_string()))
+    }
 }
 
 /// The reading half of a leg and where its reader stands.
@@ -531,11 +612,18 @@ struct InLeg {
     head_read: usize,
     /// Offset of the next byte to read, once the start offset is read.
     at: u64,
+    /// For a compressed stream: the decompressor, and compressed bytes read
+    /// but not consumed yet (kept between reads).
+    unzip: Option<(Decompressor, Vec<u8>)>,
 }
 
 impl InLeg {
-    fn new(r: OwnedReadHalf, cut: CancellationToken) -> Self {
-        Self { r, cut, head: [0; LEG_START_LEN], head_read: 0, at: 0 }
+    fn new(r: OwnedReadHalf, cut: CancellationToken, compression: Compression) -> io::Result<Self> {
+        let unzip = match compression {
+            Compression::None => None,
+            Compression::Zstd => Some((Decompressor::new()?, Vec::new())),
+        };
+        Ok(Self { r, cut, head: [0; LEG_START_LEN], head_read: 0, at: 0, unzip })
     }
 
     /// The offset this leg's next byte belongs at, once known.
@@ -591,7 +679,7 @@ async fn inbound(
                     fin = Some(at.0);
                 }
                 Some(InEvent::Leg(r, cut)) => {
-                    let l = InLeg::new(r, cut);
+                    let l = InLeg::new(r, cut, shared.compression).map_err(DirError::Local)?;
                     if leg.is_some() {
                         next = Some(l);
                         drain_by = None;
@@ -600,7 +688,7 @@ async fn inbound(
                     }
                 }
             },
-            r = read_leg(&mut next, &mut buf2), if next_ready => match r {
+            r = read_leg(&mut next, &mut buf2, shared), if next_ready => match r {
                 Ok(0) => {
                     // The start offset is in. Ahead of the delivered bytes,
                     // it waits for the old leg to bring the ones between.
@@ -630,7 +718,7 @@ async fn inbound(
                     drain_by = None;
                 }
             },
-            r = read_leg(&mut leg, &mut buf), if leg_ready => match r {
+            r = read_leg(&mut leg, &mut buf, shared), if leg_ready => match r {
                 Ok(0) => {
                     if leg.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered) {
                         // The only leg starts past a gap (the peer went on
@@ -697,27 +785,56 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// One read from the leg: part of its start offset (returns 0) or bytes.
-/// EOF is an error: a leg only ends because it is replaced or broken.
-async fn read_leg(leg: &mut Option<InLeg>, buf: &mut [u8]) -> io::Result<usize> {
+/// Compressed bytes a leg may hold undecoded: far more than one flushed
+/// chunk needs, so only a hostile or broken peer reaches it.
+const MAX_UNDECODED: usize = 1 << 20;
+
+/// One read from the leg: part of its start offset (returns 0) or the
+/// application's bytes (decompressed if the stream is). EOF is an error: a
+/// leg only ends because it is replaced or broken. Cancel-safe: state lives
+/// in the leg, `buf` is scratch.
+async fn read_leg(leg: &mut Option<InLeg>, buf: &mut [u8], shared: &StreamShared) -> io::Result<usize> {
     let Some(l) = leg else { return std::future::pending().await };
-    let head = l.head_read < LEG_START_LEN;
-    let into = if head { &mut l.head[l.head_read..] } else { &mut buf[..] };
-    let n = tokio::select! {
-        r = l.r.read(into) => r?,
-        _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
-    };
-    if n == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+    loop {
+        let head = l.head_read < LEG_START_LEN;
+        if !head {
+            if let Some((d, pending)) = &mut l.unzip {
+                // Decode what is held first: a read may carry more than fits.
+                let (used, made) = d.decompress(pending, buf)?;
+                pending.drain(..used);
+                if made > 0 {
+                    shared.plain_in.fetch_add(made as u64, Ordering::Relaxed);
+                    return Ok(made);
+                }
+                if pending.len() > MAX_UNDECODED {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "compressed data does not decode"));
+                }
+            }
+        }
+        let into = if head { &mut l.head[l.head_read..] } else { &mut buf[..] };
+        let n = tokio::select! {
+            r = l.r.read(into) => r?,
+            _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if head {
+            l.head_read += n;
+            if l.head_read == LEG_START_LEN {
+                l.at = u64::from_be_bytes(l.head);
+            }
+            return Ok(0);
+        }
+        shared.wire_in.fetch_add(n as u64, Ordering::Relaxed);
+        match &mut l.unzip {
+            Some((_, pending)) => pending.extend_from_slice(&buf[..n]),
+            None => {
+                shared.plain_in.fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(n);
+            }
+        }
     }
-    if !head {
-        return Ok(n);
-    }
-    l.head_read += n;
-    if l.head_read == LEG_START_LEN {
-        l.at = u64::from_be_bytes(l.head);
-    }
-    Ok(0)
 }
 
 /// Writes the part of `data` (which starts at stream offset `start`) that
@@ -772,7 +889,7 @@ mod tests {
         tokio::task::JoinHandle<StreamEnd>,
     ) {
         let (app, local) = pair().await;
-        let limits = StreamLimits { replay_buffer: 1 << 20 };
+        let limits = StreamLimits { replay_buffer: 1 << 20, compression: Compression::None };
         let (shared, inbox) = StreamShared::new(StreamId(1), limits, CancellationToken::new());
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(local, shared.clone(), inbox, limits, tx));
