@@ -1226,6 +1226,9 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        // On a connectivity box this is a host of the LAN; the server sees
+        // the gateway's address instead.
+        debug!(service = %name, %peer, "application connected");
         let shared2 = shared.clone();
         let link = shared.links[&svc.gateway].clone();
         let remote = remote.clone();
