@@ -27,7 +27,11 @@ impl StreamId {
 
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}", self.0)
+        if self.is_gateway_opened() {
+            write!(f, "g{}", self.0 & !Self::GATEWAY)
+        } else {
+            write!(f, "s{}", self.0)
+        }
     }
 }
 
@@ -262,6 +266,8 @@ mod tests {
         let mut t = StreamTable::new(3);
         let g = t.open_gateway().unwrap();
         assert!(g.is_gateway_opened());
+        assert_eq!(g.to_string(), "g0");
+        assert_eq!(StreamId(0).to_string(), "s0");
         assert_ne!(t.open_gateway().unwrap(), g);
         // The first leg may carry any generation (earlier attempts may have
         // been lost); then only newer ones.

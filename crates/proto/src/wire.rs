@@ -144,6 +144,9 @@ pub enum RefuseReason {
     TargetUnreachable,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The gateway cannot listen for a client service (its address is not
+    /// on the host, or the port is taken by another program).
+    ListenFailed,
     /// A reason this build does not know (sent by a newer peer).
     Other(u8),
 }
@@ -160,6 +163,7 @@ impl RefuseReason {
             Self::BadStream => 7,
             Self::TargetUnreachable => 8,
             Self::ShuttingDown => 9,
+            Self::ListenFailed => 10,
             Self::Other(c) => c,
         }
     }
@@ -175,6 +179,7 @@ impl RefuseReason {
             7 => Self::BadStream,
             8 => Self::TargetUnreachable,
             9 => Self::ShuttingDown,
+            10 => Self::ListenFailed,
             c => Self::Other(c),
         }
     }
@@ -192,6 +197,7 @@ impl std::fmt::Display for RefuseReason {
             Self::BadStream => "stream or generation not acceptable",
             Self::TargetUnreachable => "target unreachable",
             Self::ShuttingDown => "gateway shutting down",
+            Self::ListenFailed => "gateway cannot listen for the service",
             Self::Other(c) => return write!(f, "reason {c}"),
         };
         f.write_str(s)

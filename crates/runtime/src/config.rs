@@ -448,7 +448,7 @@ pub struct InterfaceConfig {
     /// Network device to bind to (`SO_BINDTODEVICE`, needs CAP_NET_RAW).
     pub device: Option<String>,
     /// Source address to send from.
-    pub source: Option<std::net::IpAddr>,
+    pub source: Option<IpAddr>,
     /// Preference, lower first. Default 100.
     #[serde(default = "defaults::priority")]
     pub priority: u32,
