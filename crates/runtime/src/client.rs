@@ -11,6 +11,9 @@
 //! direction where the other side says it stopped. With no interface at all
 //! everything is held (bounded by the replay buffers) until one comes back,
 //! for at most the switch timeout.
+//!
+//! The agent also serves client services (server → client) that it exposes
+//! through a gateway: see the `expose` module.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

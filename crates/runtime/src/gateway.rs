@@ -7,6 +7,10 @@
 //! offsets each side reports. A session whose control connection has been
 //! silent for the inactivity timeout is detached; one that stays detached
 //! for the switch timeout is released with all its streams.
+//!
+//! Client services go the other way (a server here reaches a service on the
+//! client's side): see the `expose` module for the addresses, listeners
+//! and the streams the gateway opens itself.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

@@ -125,8 +125,8 @@ pub(super) fn on_incoming(shared: &Arc<Shared>, link: &Link, core: &Arc<Core>, s
         warn!(gateway = %link.gateway, %stream, "gateway announced a stream with a client-side id; ignored");
         return;
     }
-    if lock(&core.streams).contains_key(&stream) {
-        // Announced again after a reconnect: already being served.
+    if lock(&core.streams).contains_key(&stream) || lock(&core.finished).find(stream).is_some() {
+        // Announced again after a reconnect: already being served, or done.
         return;
     }
     let target = shared.config.exposed.get(&service).filter(|e| e.gateway == link.gateway).map(|e| e.target.clone());
