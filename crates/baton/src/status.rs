@@ -86,6 +86,24 @@ pub(crate) fn render(st: &Value) -> String {
             );
         }
     }
+    let exposed = st["exposed"].as_array().cloned().unwrap_or_default();
+    if !exposed.is_empty() {
+        let _ = writeln!(out, "\nCLIENT SERVICE   GATEWAY          STATE       GATEWAY ADDRESS          TARGET                 CONNECTIONS");
+        for e in &exposed {
+            // A refusal shows its reason where the address would be.
+            let at = if e["address"].is_null() { e["error"].clone() } else { e["address"].clone() };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<11} {:<24} {:<22} {}",
+                s(&e["name"]),
+                s(&e["gateway"]),
+                s(&e["state"]),
+                s(&at),
+                s(&e["target"]),
+                s(&e["connections"])
+            );
+        }
+    }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
     if !switches.is_empty() {

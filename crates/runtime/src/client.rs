@@ -11,6 +11,9 @@
 //! direction where the other side says it stopped. With no interface at all
 //! everything is held (bounded by the replay buffers) until one comes back,
 //! for at most the switch timeout.
+//!
+//! The agent also serves client services (server → client) that it exposes
+//! through a gateway: see the `expose` module.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,11 +40,15 @@ use baton_proto::{
     Role, StreamId,
 };
 
+mod expose;
+
+pub use expose::{ExposedState, ExposedStatus};
+
 use crate::util::{lock, sid};
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
+use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamInbox, StreamLimits, StreamShared, Tombstones, ToSession};
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -144,6 +151,9 @@ pub struct StreamStatus {
     pub id: u64,
     /// Service name.
     pub service: String,
+    /// Opened from the gateway's side: a connection to a client service
+    /// (its id has [`StreamId::GATEWAY`] set).
+    pub incoming: bool,
     /// Bytes taken from the application.
     pub sent: u64,
     /// Of those, bytes the gateway confirmed (the rest is held for replay).
@@ -194,6 +204,8 @@ struct Link {
     core: Mutex<Option<Arc<Core>>>,
     switch_tx: mpsc::UnboundedSender<SwitchRequest>,
     switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
+    /// Client services through this gateway and what it said of them.
+    exposed: Mutex<Vec<ExposedStatus>>,
 }
 
 #[derive(Debug)]
@@ -266,6 +278,7 @@ impl Client {
                     core: Mutex::new(None),
                     switch_tx,
                     switch_rx: Mutex::new(Some(switch_rx)),
+                    exposed: Mutex::new(expose::initial(&config, name)),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -376,6 +389,7 @@ impl Client {
                     gateway: g.clone(),
                     id: s.shared.id.0,
                     service: s.service.clone(),
+                    incoming: s.shared.id.is_gateway_opened(),
                     sent: s.shared.taken.load(Ordering::Relaxed),
                     confirmed: s.shared.peer_acked.load(Ordering::Relaxed),
                     received: s.shared.delivered.load(Ordering::Relaxed),
@@ -392,6 +406,14 @@ impl Client {
         }
         out.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.id.cmp(&b.id)));
         out
+    }
+
+    /// The client services this agent exposes, with where each gateway
+    /// listens for them.
+    pub fn exposed(&self) -> Vec<ExposedStatus> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        names.into_iter().flat_map(|g| lock(&self.shared.links[g].exposed).clone()).collect()
     }
 
     /// Live streams over all sessions.
@@ -705,6 +727,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
 
 fn release_core(link: &Link, core: &Core, why: &str) {
     info!(gateway = %link.gateway, session = %sid(core.id), "session released: {why}");
+    expose::forget(link);
     core.released.cancel();
     core.up.send_replace(false);
     let mut slot = lock(&link.core);
@@ -971,6 +994,11 @@ async fn run_control(
     for m in lock(&core.finished).messages() {
         cipher.seal(&m, &mut out);
     }
+    // Every connection declares the client services again: after a resume
+    // the answer is the same, after a new session the gateway listens anew.
+    if let Some(m) = expose::declaration(link) {
+        cipher.seal(&m, &mut out);
+    }
     if let Err(e) = w.write_all(&out).await {
         return ControlEnd::Failed(format!("control connection: {e}"));
     }
@@ -995,8 +1023,14 @@ async fn run_control(
                     Ok(msg) => {
                         liveness.on_receive(Instant::now().into_std());
                         *lock(&core.last_heard) = std::time::Instant::now();
-                        if let Some(reply) = on_control(core, msg) {
-                            cipher.seal(&reply, &mut out);
+                        match msg {
+                            Message::Incoming { stream, service } => expose::on_incoming(shared, link, core, stream, service),
+                            Message::Exposed { entries } => expose::on_exposed(link, entries),
+                            msg => {
+                                if let Some(reply) = on_control(core, msg) {
+                                    cipher.seal(&reply, &mut out);
+                                }
+                            }
                         }
                     }
                     Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
@@ -1294,15 +1328,7 @@ async fn serve_stream(
     let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
-    if *core.up.borrow() {
-        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
-    }
-    let end = stream::run(app, st.clone(), inbox, limits, core.to_session.clone()).await;
-    if matches!(end, StreamEnd::Finished) {
-        lock(&core.finished).push(st.tombstone());
-    }
-    lock(&core.streams).remove(&id);
+    let end = relay(shared, &core, &cs, inbox, app).await;
     match end {
         StreamEnd::Finished => Ok(()),
         StreamEnd::Aborted if core.released.is_cancelled() => Err(StreamClose::Fault("session ended".into())),
@@ -1310,4 +1336,27 @@ async fn serve_stream(
         StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!("application connection failed: {e}"))),
         other => Err(StreamClose::Fault(other.to_string())),
     }
+}
+
+/// Relays a stream registered in the session: dials its first leg (if the
+/// session is up and none was dialed yet: otherwise the reconnect does),
+/// runs it to its end, and keeps a finished stream's tombstone.
+async fn relay(
+    shared: &Arc<Shared>,
+    core: &Arc<Core>,
+    cs: &Arc<ClientStream>,
+    inbox: StreamInbox,
+    local: TcpStream,
+) -> StreamEnd {
+    if *core.up.borrow() && cs.generation.load(Ordering::Acquire) == 0 {
+        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
+    }
+    let st = &cs.shared;
+    let end = stream::run(local, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    if matches!(end, StreamEnd::Finished) {
+        lock(&core.finished).push(st.tombstone());
+    }
+    lock(&core.streams).remove(&st.id);
+    end
 }

@@ -7,6 +7,10 @@
 //! offsets each side reports. A session whose control connection has been
 //! silent for the inactivity timeout is detached; one that stays detached
 //! for the switch timeout is released with all its streams.
+//!
+//! Client services go the other way (a server here reaches a service on the
+//! client's side): see the `expose` module for the addresses, listeners
+//! and the streams the gateway opens itself.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -27,9 +31,11 @@ use tracing::{debug, info, warn};
 
 use baton_proto::wire::{PREFACE_LEN, TAG_LEN};
 use baton_proto::{
-    ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode, Role,
-    StreamId, StreamTable,
+    Admission, ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode,
+    Role, StreamId, StreamTable,
 };
+
+mod expose;
 
 use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
@@ -71,6 +77,8 @@ struct Shared {
     config: GatewayConfig,
     rng: SystemRandom,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Client services: assigned addresses and listeners per client id.
+    exposures: Mutex<expose::Exposures>,
     stats: GatewayStats,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -84,6 +92,9 @@ struct Session {
     services: HashSet<String>,
     table: Mutex<StreamTable>,
     streams: Mutex<HashMap<StreamId, Arc<StreamShared>>>,
+    /// Streams of client services waiting for the client's first leg, with
+    /// their service: announced again on every reattach until it comes.
+    incoming: Mutex<HashMap<StreamId, String>>,
     /// The control connection now attached, if any.
     control: Mutex<Option<Attached>>,
     /// Last frame from the client, or when the session was detached.
@@ -135,10 +146,12 @@ impl Gateway {
             listeners.push(l);
         }
         let local_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone()));
         let shared = Arc::new(Shared {
             config,
             rng: SystemRandom::new(),
             sessions: Mutex::new(HashMap::new()),
+            exposures,
             stats: GatewayStats::default(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -184,6 +197,12 @@ impl Gateway {
     /// Client ids of the sessions held now.
     pub fn session_clients(&self) -> Vec<String> {
         lock(&self.shared.sessions).values().map(|s| s.client_id.clone()).collect()
+    }
+
+    /// The address assigned to a client agent whose client services are
+    /// listening now.
+    pub fn client_address(&self, client_id: &str) -> Option<std::net::IpAddr> {
+        lock(&self.shared.exposures).address_of(client_id)
     }
 
     /// The gateway's counters.
@@ -369,6 +388,7 @@ async fn control(
                 services: entry.services.iter().cloned().collect(),
                 table: Mutex::new(StreamTable::new(shared.config.max_streams_per_session)),
                 streams: Mutex::new(HashMap::new()),
+                incoming: Mutex::new(HashMap::new()),
                 control: Mutex::new(None),
                 last_heard: Mutex::new(Instant::now()),
                 recent_resets: Mutex::new(VecDeque::new()),
@@ -416,6 +436,11 @@ async fn control(
     for (stream, code) in lock(&session.recent_resets).iter() {
         cipher.seal(&Message::StreamReset { stream: *stream, code: *code }, &mut out);
     }
+    // Connections to client services the client has not dialed a leg for
+    // (it may never have heard of them while detached).
+    for (stream, service) in lock(&session.incoming).iter() {
+        cipher.seal(&Message::Incoming { stream: *stream, service: service.clone() }, &mut out);
+    }
     for m in lock(&session.finished).messages() {
         cipher.seal(&m, &mut out);
     }
@@ -436,6 +461,14 @@ async fn control(
                     Err(e) => break Err(e.into()),
                 };
                 *lock(&session.last_heard) = Instant::now();
+                if let Message::Expose { services } = msg {
+                    let reply = expose::on_expose(shared, &session, services).await;
+                    cipher.seal(&reply, &mut out);
+                    if let Err(e) = w.write_all(&out).await {
+                        break Err(e.into());
+                    }
+                    continue;
+                }
                 match on_control(shared, &session, msg, &mut cipher, &mut out) {
                     Ok(true) => {
                         let _ = w.write_all(&out).await;
@@ -489,7 +522,11 @@ fn on_control(
             }
         }
         Message::StreamReset { stream, code } => {
-            debug!(session = %sid(session.id), %stream, ?code, "stream reset by client");
+            if code == ResetCode::Refused {
+                info!(client = %session.client_id, %stream, "client service connection refused by the client agent (its target is unreachable)");
+            } else {
+                debug!(session = %sid(session.id), %stream, ?code, "stream reset by client");
+            }
             if let Some(s) = lock(&session.streams).get(&stream) {
                 s.abort.cancel();
             }
@@ -598,7 +635,28 @@ fn release(shared: &Shared, session: &Session, why: &str) {
     if lock(&shared.sessions).remove(&session.id).is_some() {
         debug!(session = %sid(session.id), "releasing session: {why}");
     }
+    expose::on_release(shared, session);
     session.released.cancel();
+}
+
+/// A stream's relay ended: remember a finished one for a client that missed
+/// its end, and forget it.
+fn stream_ended(session: &Session, s: &StreamShared, end: StreamEnd) {
+    let stream_id = s.id;
+    if matches!(end, StreamEnd::Finished) {
+        lock(&session.finished).push(s.tombstone());
+    }
+    lock(&session.streams).remove(&stream_id);
+    lock(&session.incoming).remove(&stream_id);
+    lock(&session.table).close(stream_id);
+    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
+    if s.compression != baton_proto::Compression::None {
+        info!(stream = %stream_id, ratio = format!("{:.2}", s.compression_ratio()), wire = s.wire_bytes(), "compressed stream ended");
+    }
+    match end {
+        StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
+        other => info!(stream = %stream_id, up, down, "stream closed: {other}"),
+    }
 }
 
 async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
@@ -644,13 +702,18 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         return Ok(());
     }
     let admitted = lock(&session.table).admit(stream_id, generation);
-    if let Err(e) = admitted {
-        leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
-        return Ok(());
-    }
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(e) => {
+            leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
+            return Ok(());
+        }
+    };
     let _ = baton_os::tune_relay(&leg);
-    if generation > 0 {
-        // A new leg for a live stream: resume both directions.
+    if admission == Admission::Resume {
+        // A new leg for a live stream: resume both directions. (The first
+        // leg of a client service's stream too: the server's bytes wait in
+        // the replay buffer from offset 0.)
         let Some(s) = lock(&session.streams).get(&stream_id).cloned() else {
             leg.write_all(&refused(RefuseReason::BadStream, "stream already ended".into())).await?;
             return Ok(());
@@ -660,7 +723,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         s.generation.store(generation, Ordering::Relaxed);
         let start = if handover { LegStart::Continue } else { LegStart::Rewind };
         s.attach_leg(leg, received, start, session.released.child_token());
-        shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
+        if lock(&session.incoming).remove(&stream_id).is_none() {
+            shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
+        }
         debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
         return Ok(());
     }
@@ -702,18 +767,6 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
 
     s.attach_leg(leg, received, LegStart::Rewind, session.released.child_token());
     let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
-    if matches!(end, StreamEnd::Finished) {
-        lock(&session.finished).push(s.tombstone());
-    }
-    lock(&session.streams).remove(&stream_id);
-    lock(&session.table).close(stream_id);
-    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
-    if compression != baton_proto::Compression::None {
-        info!(stream = %stream_id, service = %service, ratio = format!("{:.2}", s.compression_ratio()), wire = s.wire_bytes(), "compressed stream ended");
-    }
-    match end {
-        StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
-        other => info!(stream = %stream_id, up, down, "stream closed: {other}"),
-    }
+    stream_ended(&session, &s, end);
     Ok(())
 }
