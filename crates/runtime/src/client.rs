@@ -187,6 +187,8 @@ struct Link {
     core: Mutex<Option<Arc<Core>>>,
     switch_tx: mpsc::UnboundedSender<SwitchRequest>,
     switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
+    /// The UDP services relayed by this gateway, and their flows.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug)]
@@ -216,6 +218,8 @@ struct Core {
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
     released: CancellationToken,
+    /// The link's UDP flows, which move with this session.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug, Clone)]
@@ -242,10 +246,18 @@ impl Client {
     pub async fn start(config: ClientConfig, key: ClientKey, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for (name, svc) in &config.services {
+            if svc.protocol == crate::config::Protocol::Udp {
+                continue;
+            }
             let l = TcpListener::bind(svc.listen).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));
+        }
+        let tasks = TaskTracker::new();
+        let mut udp = HashMap::new();
+        for name in config.gateways.keys() {
+            udp.insert(name.clone(), crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?);
         }
         let links = config
             .gateways
@@ -259,6 +271,7 @@ impl Client {
                     core: Mutex::new(None),
                     switch_tx,
                     switch_rx: Mutex::new(Some(switch_rx)),
+                    udp: udp[name].clone(),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -281,7 +294,7 @@ impl Client {
             paths,
             switches: Mutex::new(Vec::new()),
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
             limits,
             events: Arc::new(crate::decide::Events::new()),
             decider,
@@ -290,6 +303,10 @@ impl Client {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
+        for link in shared.links.values() {
+            service_addrs.extend(link.udp.service_addrs());
+            link.udp.start();
+        }
         for (name, l) in listeners {
             service_addrs.insert(name.clone(), l.local_addr()?);
             info!(service = %name, addr = %l.local_addr()?, "service listening");
@@ -378,6 +395,16 @@ impl Client {
             }
         }
         out.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// UDP services, flows and their counters.
+    pub fn udp_status(&self) -> crate::udp::UdpStatus {
+        let mut out = crate::udp::UdpStatus { services: Vec::new(), flows: Vec::new(), gateways: Vec::new() };
+        for g in self.gateway_names() {
+            self.shared.links[&g].udp.status(&mut out);
+        }
+        out.flows.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
         out
     }
 
@@ -680,6 +707,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
+        udp: link.udp.clone(),
     });
     *lock(&link.core) = Some(core.clone());
     shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
@@ -894,6 +922,7 @@ async fn run_control(
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    core.udp.attach(core.id, &core.leg_key, &route.path, route.gateway_addr, tx.clone());
     *lock(&core.control) = Some(tx);
     *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);
@@ -1034,6 +1063,7 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
+        m @ (Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None
