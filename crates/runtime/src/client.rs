@@ -611,6 +611,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         };
         backoff = Duration::from_millis(50);
         let core = adopt(&shared, &link, core, &est);
+        core.udp.route(core.id, &core.leg_key, &est.route.path, est.route.gateway_addr);
         let from = outage.as_ref().map(|o| o.2.clone());
         let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
         link.state.send_replace(LinkState::Up(info));
@@ -629,6 +630,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                 ControlEnd::Switched(new_est, req, started, at) => {
                     let from = lock(&core.route).path.name.clone();
                     *lock(&core.route) = new_est.route.clone();
+                    core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
                     link.state.send_replace(LinkState::Up(info));
                     let why = req.reason.clone();
@@ -643,6 +645,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     warn!(gateway = %link.gateway, path = %from, "path lost: {why}; switching");
                     core.up.send_replace(false);
                     *lock(&core.control) = None;
+                    core.udp.detach();
                     // Legs on the failed path are cut so that nothing waits on them.
                     lock(&core.route).cut.cancel();
                     // Bind first: the watch's read guard must be gone before the write.
@@ -922,7 +925,7 @@ async fn run_control(
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    core.udp.attach(core.id, &core.leg_key, &route.path, route.gateway_addr, tx.clone());
+    core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
     *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);

@@ -25,7 +25,7 @@
 //! on the gateway.
 //!
 //! Every socket operation under the state locks is non-blocking
-//! (`try_send`): one slow socket never stalls the others, and a datagram
+//! (a send that fails at once): one slow socket never stalls the others, and a datagram
 //! that cannot be sent at once is held, never waited for.
 
 use std::collections::{HashMap, HashSet};
@@ -70,6 +70,20 @@ pub(crate) fn tune(socket: &UdpSocket) {
     let s = SockRef::from(socket);
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+/// Sends at once or fails (`WouldBlock` when the socket buffer is full).
+/// The system call is made directly: tokio's `try_send` answers
+/// `WouldBlock` without trying until its reactor has seen the socket
+/// writable, which for a socket opened a moment ago (a new route, a new
+/// flow) it has not.
+fn send_now(socket: &UdpSocket, d: &[u8]) -> io::Result<usize> {
+    SockRef::from(socket).send(d)
+}
+
+/// [`send_now`] to `to`.
+fn send_to_now(socket: &UdpSocket, d: &[u8], to: SocketAddr) -> io::Result<usize> {
+    SockRef::from(socket).send_to(d, &to.into())
 }
 
 /// Checks the timers this often: a tenth of the idle timeout is soon enough
@@ -154,6 +168,9 @@ pub struct UdpServiceStatus {
     pub from_app: u64,
     /// Datagrams sent to the gateway.
     pub sent: u64,
+    /// Of those, datagrams that waited in the hold queue first (switch, no
+    /// path, flow not yet accepted).
+    pub delayed: u64,
     /// Datagrams delivered to applications.
     pub received: u64,
     /// Datagrams dropped: hold bound reached, or still held when their flow
@@ -205,6 +222,7 @@ struct ServiceCounters {
     flows_refused: AtomicU64,
     from_app: AtomicU64,
     sent: AtomicU64,
+    delayed: AtomicU64,
     received: AtomicU64,
     dropped: AtomicU64,
     too_large: AtomicU64,
@@ -253,16 +271,25 @@ struct ClientSession {
     key: LegKey,
     seq: u64,
     window: ReplayWindow,
-    /// The control connection attached now; closed once it ends.
-    control: UnboundedSender<Message>,
-    /// The gateway answered an announce since this control connection.
+    /// The control connection attached now, if any (closed once it ends).
+    control: Option<UnboundedSender<Message>>,
+    /// The session is established on the current route: data may go. Set
+    /// as soon as a handshake succeeds (before the control connection's
+    /// own start-up), cleared when the path is lost.
+    live: bool,
+    /// The gateway answered an announce since the session's last route.
     confirmed: bool,
     announces: u32,
 }
 
 impl ClientSession {
-    fn attached(&self) -> bool {
-        !self.control.is_closed()
+    /// Sends on the control connection; a message lost here is repeated
+    /// by [`ClientUdp::attach`] (FlowOpen) or harmless (FlowClose: the
+    /// gateway's own idle timeout ends the flow).
+    fn tell(&self, msg: Message) {
+        if let Some(c) = &self.control {
+            let _ = c.send(msg);
+        }
     }
 }
 
@@ -398,28 +425,17 @@ impl ClientUdp {
         }
     }
 
-    /// A control connection of session `id` is up on `path`: datagrams now
-    /// leave from there. Called for every control connection (first, after a
-    /// failure, after a planned switch).
-    pub(crate) fn attach(
-        self: &Arc<Self>,
-        id: u64,
-        key: &LegKey,
-        path: &Path,
-        gateway_addr: SocketAddr,
-        control: UnboundedSender<Message>,
-    ) {
+    /// Session `id` is established (first connection, resume after a
+    /// failure, or planned switch) on `path` to `gateway_addr`: datagrams
+    /// leave from there from now on, held ones first.
+    pub(crate) fn route(self: &Arc<Self>, id: u64, key: &LegKey, path: &Path, gateway_addr: SocketAddr) {
         if self.services.is_empty() {
             return;
         }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         match &mut st.session {
-            Some(s) if s.id == id => {
-                s.control = control;
-                s.confirmed = false;
-                s.announces = 0;
-            }
+            Some(s) if s.id == id => {}
             _ => {
                 // A new session: the gateway knows none of the flows.
                 st.session = Some(ClientSession {
@@ -427,7 +443,8 @@ impl ClientUdp {
                     key: key.clone(),
                     seq: 0,
                     window: ReplayWindow::default(),
-                    control,
+                    control: None,
+                    live: false,
                     confirmed: false,
                     announces: 0,
                 });
@@ -450,20 +467,42 @@ impl ClientUdp {
                         self.stop_after(old.stop, RETIRE_AFTER);
                     }
                 }
-                Err(e) => warn!(gateway = %self.gateway, path = %path.name, "cannot open a udp socket: {e}; datagrams are held"),
+                Err(e) => {
+                    warn!(gateway = %self.gateway, path = %path.name, "cannot open a udp socket: {e}; datagrams are held");
+                    return;
+                }
             }
         }
-        let ClientState { session: Some(session), route, flows, .. } = st else { return };
+        let ClientState { session: Some(session), route: Some(route), flows, .. } = st else { return };
+        session.live = true;
+        session.confirmed = false;
+        session.announces = 0;
+        announce(session, route);
+        for f in flows.values_mut().filter(|f| f.open) {
+            self.flush(f, session, route);
+        }
+    }
+
+    /// The session's control connection is up: flow messages go there.
+    pub(crate) fn attach(&self, id: u64, control: UnboundedSender<Message>) {
+        let mut st = lock(&self.state);
+        let ClientState { session: Some(session), flows, .. } = &mut *st else { return };
+        if session.id != id {
+            return;
+        }
+        session.control = Some(control);
         // Idempotent on the gateway: flows it holds go on, others are
-        // opened again (the session is new, or a reply was lost).
+        // opened again (the session is new, or a message was lost).
         for (id, f) in flows.iter() {
-            let _ = session.control.send(Message::FlowOpen { flow: *id, service: self.services[f.service].remote.clone() });
+            session.tell(Message::FlowOpen { flow: *id, service: self.services[f.service].remote.clone() });
         }
-        if let Some(route) = route {
-            announce(session, route);
-            for f in flows.values_mut().filter(|f| f.open) {
-                self.flush(f, session, route);
-            }
+    }
+
+    /// The path is lost: datagrams are held until the next [`Self::route`].
+    pub(crate) fn detach(&self) {
+        if let Some(s) = &mut lock(&self.state).session {
+            s.live = false;
+            s.control = None;
         }
     }
 
@@ -486,7 +525,7 @@ impl ClientUdp {
                 let Some(f) = st.flows.get_mut(&flow) else { return };
                 f.open = true;
                 if let (Some(session), Some(route)) = (&mut st.session, &st.route) {
-                    if session.attached() {
+                    if session.live {
                         self.flush(f, session, route);
                     }
                 }
@@ -559,7 +598,7 @@ impl ClientUdp {
                 inc(&svc.counters.flows_opened);
                 debug!(service = %svc.name, app = %from, flow = %id, "udp flow starts");
                 if let Some(s) = &st.session {
-                    let _ = s.control.send(Message::FlowOpen { flow: id, service: svc.remote.clone() });
+                    s.tell(Message::FlowOpen { flow: id, service: svc.remote.clone() });
                 }
                 id
             }
@@ -569,9 +608,9 @@ impl ClientUdp {
         f.last = Instant::now();
         f.from_app += 1;
         if let (Some(session), Some(route)) = (session, route) {
-            if f.open && session.attached() && f.hold.is_empty() {
+            if f.open && session.live && f.hold.is_empty() {
                 let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, payload, &session.key);
-                if route.socket.try_send(&d).is_ok() {
+                if send_now(&route.socket, &d).is_ok() {
                     f.sent += 1;
                     inc(&svc.counters.sent);
                     return;
@@ -590,9 +629,10 @@ impl ClientUdp {
         for payload in held {
             if !failed {
                 let d = seal(Kind::Data, session.id, f.id, &mut session.seq, Role::Client, &payload, &session.key);
-                if route.socket.try_send(&d).is_ok() {
+                if send_now(&route.socket, &d).is_ok() {
                     f.sent += 1;
                     inc(&self.services[f.service].counters.sent);
+                    inc(&self.services[f.service].counters.delayed);
                     continue;
                 }
                 failed = true;
@@ -631,14 +671,12 @@ impl ClientUdp {
             Kind::Data => {
                 let Some(f) = st.flows.get_mut(&h.flow) else {
                     inc(&self.unknown_flow);
-                    if session.attached() {
-                        let _ = session.control.send(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
-                    }
+                    session.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
                     return;
                 };
                 f.last = Instant::now();
                 let svc = &self.services[f.service];
-                if svc.socket.try_send_to(payload, f.app).is_ok() {
+                if send_to_now(&svc.socket, payload, f.app).is_ok() {
                     f.received += 1;
                     inc(&svc.counters.received);
                 } else {
@@ -678,13 +716,13 @@ impl ClientUdp {
                 let svc = &self.services[f.service];
                 inc(&svc.counters.flows_expired);
                 debug!(service = %svc.name, app = %f.app, flow = %id, "udp flow idle: removed");
-                if let Some(s) = st.session.as_ref().filter(|s| s.attached()) {
-                    let _ = s.control.send(Message::FlowClose { flow: id, why: FlowEnd::Idle });
+                if let Some(s) = &st.session {
+                    s.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
                 }
             }
         }
         let ClientState { session: Some(session), route: Some(route), flows, .. } = st else { return };
-        if !session.attached() {
+        if !session.live {
             return;
         }
         if !session.confirmed && session.announces < ANNOUNCE_TRIES {
@@ -713,6 +751,7 @@ impl ClientUdp {
                 flows_refused: get(&c.flows_refused),
                 from_app: get(&c.from_app),
                 sent: get(&c.sent),
+                delayed: get(&c.delayed),
                 received: get(&c.received),
                 dropped: get(&c.dropped),
                 too_large: get(&c.too_large),
@@ -740,7 +779,7 @@ impl ClientUdp {
                 gateway: self.gateway.clone(),
                 interface: st.route.as_ref().map(|r| r.path.clone()),
                 local_addr: st.route.as_ref().and_then(|r| r.socket.local_addr().ok()),
-                address_confirmed: st.session.as_ref().is_some_and(|s| s.confirmed && s.attached()),
+                address_confirmed: st.session.as_ref().is_some_and(|s| s.confirmed && s.live),
                 forged: get(&self.forged),
                 replayed: get(&self.replayed),
                 unknown_flow: get(&self.unknown_flow),
@@ -752,7 +791,7 @@ impl ClientUdp {
 fn announce(session: &mut ClientSession, route: &RouteSocket) {
     session.announces += 1;
     let d = seal(Kind::Announce, session.id, FlowId(0), &mut session.seq, Role::Client, &[], &session.key);
-    let _ = route.socket.try_send(&d);
+    let _ = send_now(&route.socket, &d);
 }
 
 // ---------------------------------------------------------------------
@@ -776,6 +815,9 @@ pub struct UdpStats {
     pub from_target: AtomicU64,
     /// Datagrams sent to client agents.
     pub to_client: AtomicU64,
+    /// Of those, datagrams that waited in the hold queue first (client
+    /// switching, address not yet confirmed).
+    pub delayed: AtomicU64,
     /// Datagrams from targets dropped: hold bound reached while the client
     /// was away, or still held when the flow or session ended.
     pub dropped: AtomicU64,
@@ -1105,7 +1147,7 @@ impl SessionUdp {
         inc(&self.stats.from_target);
         if let (true, Some((socket, addr))) = (sending && f.hold.is_empty(), peer.as_ref()) {
             let d = seal(Kind::Data, self.id, flow, seq, Role::Gateway, payload, &self.key);
-            if socket.try_send_to(&d, *addr).is_ok() {
+            if send_to_now(&socket, &d, *addr).is_ok() {
                 f.to_client += 1;
                 inc(&self.stats.to_client);
                 return;
@@ -1151,7 +1193,7 @@ impl SessionUdp {
             Kind::Announce => {
                 if newest {
                     let ack = seal(Kind::Announce, self.id, FlowId(0), &mut st.seq, Role::Gateway, &[], &self.key);
-                    let _ = socket.try_send_to(&ack, from);
+                    let _ = send_to_now(&socket, &ack, from);
                 }
             }
             Kind::Data => {
@@ -1163,7 +1205,7 @@ impl SessionUdp {
                     return;
                 };
                 f.last = Instant::now();
-                if f.socket.try_send(payload).is_ok() {
+                if send_now(&f.socket, payload).is_ok() {
                     f.from_client += 1;
                     inc(&self.stats.from_client);
                 } else {
@@ -1184,9 +1226,10 @@ impl SessionUdp {
             for payload in f.hold.take() {
                 if !failed {
                     let d = seal(Kind::Data, self.id, *id, seq, Role::Gateway, &payload, &self.key);
-                    if socket.try_send_to(&d, *addr).is_ok() {
+                    if send_to_now(&socket, &d, *addr).is_ok() {
                         f.to_client += 1;
                         inc(&self.stats.to_client);
+                        inc(&self.stats.delayed);
                         continue;
                     }
                     failed = true;
