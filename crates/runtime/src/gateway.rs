@@ -259,7 +259,9 @@ async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>) {
             _ = shared.shutdown.cancelled() => return,
         };
         if let Some(sid) = baton_proto::datagram::Header::peek_session(&buf[..n]) {
-            match lock(&shared.sessions).get(&sid).cloned() {
+            // Bound first: the sessions lock must not be held while the datagram is handled.
+            let session = lock(&shared.sessions).get(&sid).cloned();
+            match session {
                 Some(session) => session.udp.on_datagram(&udp, peer, &buf[..n]),
                 None => {
                     shared.stats.udp.forged.fetch_add(1, Ordering::Relaxed);

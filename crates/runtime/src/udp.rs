@@ -407,7 +407,7 @@ impl ClientUdp {
                 _ = self.shutdown.cancelled() => return,
             };
             match r {
-                Ok((n, from)) => self.from_app(i, from, &buf[..n]),
+                Ok((n, from)) => self.on_app_datagram(i, from, &buf[..n]),
                 // ICMP errors of earlier sends to applications: nothing to do.
                 Err(e) => debug!(service = %self.services[i].name, "udp receive: {e}"),
             }
@@ -558,7 +558,7 @@ impl ClientUdp {
         Some(f)
     }
 
-    fn from_app(&self, i: usize, from: SocketAddr, payload: &[u8]) {
+    fn on_app_datagram(&self, i: usize, from: SocketAddr, payload: &[u8]) {
         let svc = &self.services[i];
         inc(&svc.counters.from_app);
         if payload.len() > MAX_PAYLOAD {
@@ -643,7 +643,7 @@ impl ClientUdp {
         }
     }
 
-    fn from_gateway(&self, bytes: &[u8]) {
+    fn on_gateway_datagram(&self, bytes: &[u8]) {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let Some(session) = &mut st.session else { return };
@@ -694,7 +694,7 @@ impl ClientUdp {
                 _ = stop.cancelled() => return,
             };
             match r {
-                Ok(n) => self.from_gateway(&buf[..n]),
+                Ok(n) => self.on_gateway_datagram(&buf[..n]),
                 // An ICMP error of an earlier send (gateway port closed, no
                 // route): the control connection judges the path.
                 Err(e) => {
@@ -884,9 +884,9 @@ pub(crate) struct SessionUdp {
 #[derive(Debug, Default)]
 struct GatewayState {
     control: Option<UnboundedSender<Message>>,
-    /// Counts control connections; `confirmed == attached` once a datagram
-    /// from the client authenticated on the current one.
-    attached: u64,
+    /// Counts control connections; `confirmed == attachments` once a
+    /// datagram from the client authenticated on the current one.
+    attachments: u64,
     confirmed: u64,
     peer: Option<(Arc<UdpSocket>, SocketAddr)>,
     seq: u64,
@@ -905,7 +905,7 @@ impl GatewayState {
     /// Datagrams go out only to an address confirmed since the client's
     /// current control connection: after a switch the old one is stale.
     fn sending(&self) -> bool {
-        self.attached() && self.confirmed == self.attached && self.peer.is_some()
+        self.attached() && self.confirmed == self.attachments && self.peer.is_some()
     }
 
     fn tell(&self, msg: Message) {
@@ -973,30 +973,23 @@ impl SessionUdp {
 
     /// Runs the timers until `released` (then every flow ends).
     pub(crate) fn start(self: &Arc<Self>, released: CancellationToken) {
-        let tasks = &self.tasks;
         let me = self.clone();
-        let released2 = released.clone();
-        tasks.spawn(async move {
+        self.tasks.spawn(async move {
             let mut every = tokio::time::interval(tick_period(&me.config));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = every.tick() => me.tick(),
-                    _ = released2.cancelled() => break,
+                    _ = released.cancelled() => break,
                 }
             }
+            // Flow tasks and flows still opening end with the session.
             me.released.cancel();
             let mut st = lock(&me.state);
             for (_, mut f) in st.flows.drain() {
                 f.stop.cancel();
                 add(&me.stats.dropped, f.hold.take().len() as u64);
             }
-        });
-        // Flow tasks end with the session.
-        let mine = self.released.clone();
-        tasks.spawn(async move {
-            released.cancelled().await;
-            mine.cancel();
         });
     }
 
@@ -1005,7 +998,7 @@ impl SessionUdp {
     pub(crate) fn attach(&self, control: UnboundedSender<Message>) {
         let mut st = lock(&self.state);
         st.control = Some(control);
-        st.attached += 1;
+        st.attachments += 1;
         // Time without a control connection is not idleness: the client
         // agent may have held datagrams all along.
         let now = Instant::now();
@@ -1122,7 +1115,7 @@ impl SessionUdp {
                 _ = stop.cancelled() => return,
             };
             match r {
-                Ok(n) => self.from_target(flow, &buf[..n]),
+                Ok(n) => self.on_target_datagram(flow, &buf[..n]),
                 // The target's port is closed (ICMP): the application's
                 // business, as it would be without baton.
                 Err(e) => {
@@ -1133,7 +1126,7 @@ impl SessionUdp {
         }
     }
 
-    fn from_target(&self, flow: FlowId, payload: &[u8]) {
+    fn on_target_datagram(&self, flow: FlowId, payload: &[u8]) {
         if payload.len() > MAX_PAYLOAD {
             inc(&self.stats.too_large);
             return;
@@ -1147,7 +1140,7 @@ impl SessionUdp {
         inc(&self.stats.from_target);
         if let (true, Some((socket, addr))) = (sending && f.hold.is_empty(), peer.as_ref()) {
             let d = seal(Kind::Data, self.id, flow, seq, Role::Gateway, payload, &self.key);
-            if send_to_now(&socket, &d, *addr).is_ok() {
+            if send_to_now(socket, &d, *addr).is_ok() {
                 f.to_client += 1;
                 inc(&self.stats.to_client);
                 return;
@@ -1184,8 +1177,8 @@ impl SessionUdp {
                 debug!(client = %self.client, session = %sid(self.id), addr = %from, "udp datagrams follow the client to a new address");
             }
             st.peer = Some((socket.clone(), from));
-            if st.attached() && st.confirmed != st.attached {
-                st.confirmed = st.attached;
+            if st.attached() && st.confirmed != st.attachments {
+                st.confirmed = st.attachments;
                 self.flush_all(st);
             }
         }
@@ -1193,13 +1186,13 @@ impl SessionUdp {
             Kind::Announce => {
                 if newest {
                     let ack = seal(Kind::Announce, self.id, FlowId(0), &mut st.seq, Role::Gateway, &[], &self.key);
-                    let _ = send_to_now(&socket, &ack, from);
+                    let _ = send_to_now(socket, &ack, from);
                 }
             }
             Kind::Data => {
                 let Some(f) = st.flows.get_mut(&h.flow) else {
                     inc(&self.stats.unknown_flow);
-                    if st.told_unknown.insert(h.flow) {
+                    if !st.opening.contains(&h.flow) && st.told_unknown.insert(h.flow) {
                         st.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
                     }
                     return;
@@ -1226,7 +1219,7 @@ impl SessionUdp {
             for payload in f.hold.take() {
                 if !failed {
                     let d = seal(Kind::Data, self.id, *id, seq, Role::Gateway, &payload, &self.key);
-                    if send_to_now(&socket, &d, *addr).is_ok() {
+                    if send_to_now(socket, &d, *addr).is_ok() {
                         f.to_client += 1;
                         inc(&self.stats.to_client);
                         inc(&self.stats.delayed);
