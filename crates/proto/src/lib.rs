@@ -14,8 +14,9 @@ pub mod stream;
 pub mod wire;
 
 pub use datagram::FlowId;
+pub use wire::FlowEnd;
 pub use crypto::{ClientHandshake, ClientKey, ControlCipher, CryptoError, GatewayHandshake, LegKey, PublicKey, Role, SessionKeys};
 pub use replay::{ReplayBuffer, ReplayError};
 pub use session::{Liveness, LivenessAction};
 pub use stream::{Admission, AdmitError, Offset, StreamId, StreamState, StreamTable};
-pub use wire::{ConnKind, FlowEnd, Message, Preface, RefuseReason, ResetCode, WireError};
+pub use wire::{ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};

@@ -324,15 +324,15 @@ pub struct GatewaySpec {
 pub struct ClientService {
     /// The gateway (a key of `[gateways]`) that relays this service.
     pub gateway: String,
+    /// `"tcp"` (default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where applications connect: `ip:port`, or a bare port for loopback.
     /// A LAN address makes this host a connectivity box for its LAN.
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// The service's name on the gateway, if different from this table's key.
     pub remote: Option<String>,
-    /// `"tcp"` (default) or `"udp"`.
-    #[serde(default)]
-    pub protocol: Protocol,
 }
 
 /// The transport of a service.
