@@ -86,8 +86,8 @@ fn send_to_now(socket: &UdpSocket, d: &[u8], to: SocketAddr) -> io::Result<usize
     SockRef::from(socket).send_to(d, &to.into())
 }
 
-/// Checks the timers this often: a tenth of the idle timeout is soon enough
-/// to expire, and announce retries need at least [`ANNOUNCE_EVERY`].
+/// Checks the timers this often: a quarter of the idle timeout is soon
+/// enough to expire, and announce retries need at least [`ANNOUNCE_EVERY`].
 fn tick_period(config: &UdpConfig) -> Duration {
     (config.idle_timeout / 4).clamp(Duration::from_millis(10), ANNOUNCE_EVERY)
 }
@@ -865,6 +865,9 @@ pub struct GatewayFlowStatus {
     pub idle_ms: u64,
 }
 
+/// Unknown flows reported to a client per tick, at most.
+const MAX_TOLD: usize = 64;
+
 /// The UDP flows of one gateway session.
 #[derive(Debug)]
 pub(crate) struct SessionUdp {
@@ -971,8 +974,12 @@ impl SessionUdp {
         })
     }
 
-    /// Runs the timers until `released` (then every flow ends).
+    /// Runs the timers until `released` (then every flow ends). A client
+    /// with no UDP service never has a flow: nothing to run.
     pub(crate) fn start(self: &Arc<Self>, released: CancellationToken) {
+        if self.services.is_empty() {
+            return;
+        }
         let me = self.clone();
         self.tasks.spawn(async move {
             let mut every = tokio::time::interval(tick_period(&me.config));
@@ -1192,7 +1199,9 @@ impl SessionUdp {
             Kind::Data => {
                 let Some(f) = st.flows.get_mut(&h.flow) else {
                     inc(&self.stats.unknown_flow);
-                    if !st.opening.contains(&h.flow) && st.told_unknown.insert(h.flow) {
+                    // Bounded: an authenticated client naming many unknown
+                    // flows must not grow this set.
+                    if !st.opening.contains(&h.flow) && st.told_unknown.len() < MAX_TOLD && st.told_unknown.insert(h.flow) {
                         st.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
                     }
                     return;
