@@ -130,5 +130,24 @@ pub(crate) fn render(st: &Value) -> String {
             let _ = writeln!(out, "{:<14} {:<18} {:<10} {}", s(&e["at_unix_ms"]), s(&e["kind"]), s(&e["interface"]), s(&e["reason"]));
         }
     }
+    let udp_services = st["udp"]["services"].as_array().cloned().unwrap_or_default();
+    if !udp_services.is_empty() {
+        let _ = writeln!(out, "\nUDP SERVICE      GATEWAY          FLOWS  SENT      RECEIVED  DELAYED  DROPPED  EXPIRED  LISTEN");
+        for u in &udp_services {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
+                s(&u["service"]),
+                s(&u["gateway"]),
+                s(&u["flows"]),
+                s(&u["sent"]),
+                s(&u["received"]),
+                s(&u["delayed"]),
+                s(&u["dropped"]),
+                s(&u["flows_expired"]),
+                s(&u["listen"])
+            );
+        }
+    }
     out
 }

@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut};
 
+use crate::datagram::FlowId;
 use crate::stream::{Offset, StreamId};
 
 /// Protocol version spoken by this build.
@@ -326,6 +327,44 @@ pub enum Message {
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
     LegReply { result: Result<Offset, RefuseReason>, detail: String },
+    /// Client → gateway: a UDP flow of `service` starts (or, after a
+    /// reconnect, goes on); its datagrams follow over UDP. Keyed.
+    FlowOpen { flow: FlowId, service: String },
+    /// Gateway → client: the flow may send (its target socket is ready), or
+    /// it is refused. Keyed.
+    FlowReply { flow: FlowId, result: Result<(), RefuseReason>, detail: String },
+    /// Either way: the flow is gone on the sender's side (idle, or never
+    /// known there). Keyed.
+    FlowClose { flow: FlowId, why: FlowEnd },
+}
+
+/// Why a UDP flow ended, carried in [`Message::FlowClose`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlowEnd {
+    /// No datagram either way for the idle timeout.
+    Idle,
+    /// A datagram named a flow the sender does not hold (expired there).
+    Unknown,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl FlowEnd {
+    fn code(self) -> u8 {
+        match self {
+            Self::Idle => 1,
+            Self::Unknown => 2,
+            Self::Other(c) => c,
+        }
+    }
+    fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::Idle,
+            2 => Self::Unknown,
+            c => Self::Other(c),
+        }
+    }
 }
 
 mod ty {
@@ -347,6 +386,9 @@ mod ty {
     pub(super) const INCOMING: u8 = 0x1A;
     pub(super) const LEG_OPEN: u8 = 0x20;
     pub(super) const LEG_REPLY: u8 = 0x21;
+    pub(super) const FLOW_OPEN: u8 = 0x30;
+    pub(super) const FLOW_REPLY: u8 = 0x31;
+    pub(super) const FLOW_CLOSE: u8 = 0x32;
 }
 
 /// A frame header, parsed and bounded.
@@ -391,6 +433,9 @@ impl Message {
             Self::Incoming { .. } => ty::INCOMING,
             Self::LegOpen { .. } => ty::LEG_OPEN,
             Self::LegReply { .. } => ty::LEG_REPLY,
+            Self::FlowOpen { .. } => ty::FLOW_OPEN,
+            Self::FlowReply { .. } => ty::FLOW_REPLY,
+            Self::FlowClose { .. } => ty::FLOW_CLOSE,
         }
     }
 
@@ -490,6 +535,22 @@ impl Message {
                 }
                 put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
             }
+            Self::FlowOpen { flow, service } => {
+                out.put_u32(flow.0);
+                put_str(out, service, MAX_NAME);
+            }
+            Self::FlowReply { flow, result, detail } => {
+                out.put_u32(flow.0);
+                out.put_u8(match result {
+                    Ok(()) => 0,
+                    Err(reason) => reason.code(),
+                });
+                put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+            Self::FlowClose { flow, why } => {
+                out.put_u32(flow.0);
+                out.put_u8(why.code());
+            }
         }
         let len = out.len() - start - FRAME_HEADER_LEN;
         assert!(len <= MAX_PAYLOAD, "message built by this process exceeds the frame bound");
@@ -586,6 +647,16 @@ impl Message {
                 let off = get_u64(&mut r)?;
                 let result = if code == 0 { Ok(Offset(off)) } else { Err(RefuseReason::from_code(code)) };
                 Self::LegReply { result, detail: get_str(&mut r, MAX_REASON)? }
+            }
+            ty::FLOW_OPEN => Self::FlowOpen { flow: FlowId(get_u32(&mut r)?), service: get_name(&mut r)? },
+            ty::FLOW_REPLY => {
+                let flow = FlowId(get_u32(&mut r)?);
+                let code = get_u8(&mut r)?;
+                let result = if code == 0 { Ok(()) } else { Err(RefuseReason::from_code(code)) };
+                Self::FlowReply { flow, result, detail: get_str(&mut r, MAX_REASON)? }
+            }
+            ty::FLOW_CLOSE => {
+                Self::FlowClose { flow: FlowId(get_u32(&mut r)?), why: FlowEnd::from_code(get_u8(&mut r)?) }
             }
             other => return Err(WireError::UnknownType(other)),
         };
@@ -763,6 +834,15 @@ mod tests {
             compression: Compression::Zstd,
         });
         roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
+        roundtrip(Message::FlowOpen { flow: FlowId(1), service: "dns".into() });
+        roundtrip(Message::FlowReply { flow: FlowId(2), result: Ok(()), detail: String::new() });
+        roundtrip(Message::FlowReply {
+            flow: FlowId(u32::MAX),
+            result: Err(RefuseReason::ServiceNotAllowed),
+            detail: "no".into(),
+        });
+        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Idle });
+        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Unknown });
         roundtrip(Message::LegReply {
             result: Err(RefuseReason::TargetUnreachable),
             detail: "connection refused".into(),

@@ -86,6 +86,7 @@ pub async fn status(client: &Client) -> Value {
         "sessions": sessions,
         "streams": client.streams(),
         "exposed": client.exposed(),
+        "udp": client.udp_status(),
         "switches": client.switches(),
         "engine": client.engine_status().await,
         "events": client.recent_events(),

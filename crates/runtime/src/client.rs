@@ -206,6 +206,8 @@ struct Link {
     switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
     /// Client services through this gateway and what it said of them.
     exposed: Mutex<Vec<ExposedStatus>>,
+    /// The UDP services relayed by this gateway, and their flows.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug)]
@@ -235,6 +237,8 @@ struct Core {
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
     released: CancellationToken,
+    /// The link's UDP flows, which move with this session.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,10 +265,18 @@ impl Client {
     pub async fn start(config: ClientConfig, key: ClientKey, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for (name, svc) in &config.services {
+            if svc.protocol == crate::config::Protocol::Udp {
+                continue;
+            }
             let l = TcpListener::bind(svc.listen).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));
+        }
+        let tasks = TaskTracker::new();
+        let mut udp = HashMap::new();
+        for name in config.gateways.keys() {
+            udp.insert(name.clone(), crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?);
         }
         let links = config
             .gateways
@@ -279,6 +291,7 @@ impl Client {
                     switch_tx,
                     switch_rx: Mutex::new(Some(switch_rx)),
                     exposed: Mutex::new(expose::initial(&config, name)),
+                    udp: udp[name].clone(),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -301,7 +314,7 @@ impl Client {
             paths,
             switches: Mutex::new(Vec::new()),
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
             limits,
             events: Arc::new(crate::decide::Events::new()),
             decider,
@@ -310,6 +323,10 @@ impl Client {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
+        for link in shared.links.values() {
+            service_addrs.extend(link.udp.service_addrs());
+            link.udp.start();
+        }
         for (name, l) in listeners {
             service_addrs.insert(name.clone(), l.local_addr()?);
             info!(service = %name, addr = %l.local_addr()?, "service listening");
@@ -414,6 +431,16 @@ impl Client {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
         names.into_iter().flat_map(|g| lock(&self.shared.links[g].exposed).clone()).collect()
+    }
+
+    /// UDP services, flows and their counters.
+    pub fn udp_status(&self) -> crate::udp::UdpStatus {
+        let mut out = crate::udp::UdpStatus { services: Vec::new(), flows: Vec::new(), gateways: Vec::new() };
+        for g in self.gateway_names() {
+            self.shared.links[&g].udp.status(&mut out);
+        }
+        out.flows.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
+        out
     }
 
     /// Live streams over all sessions.
@@ -621,6 +648,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         };
         backoff = Duration::from_millis(50);
         let core = adopt(&shared, &link, core, &est);
+        core.udp.route(core.id, &core.leg_key, &est.route.path, est.route.gateway_addr);
         let from = outage.as_ref().map(|o| o.2.clone());
         let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
         link.state.send_replace(LinkState::Up(info));
@@ -640,6 +668,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                 ControlEnd::Switched(new_est, req, started, at) => {
                     let from = lock(&core.route).path.name.clone();
                     *lock(&core.route) = new_est.route.clone();
+                    core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
                     link.state.send_replace(LinkState::Up(info));
                     let why = req.reason.clone();
@@ -655,6 +684,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     warn!(gateway = %link.gateway, path = %from, "path lost: {why}; switching");
                     core.up.send_replace(false);
                     *lock(&core.control) = None;
+                    core.udp.detach();
                     // Legs on the failed path are cut so that nothing waits on them.
                     lock(&core.route).cut.cancel();
                     // Bind first: the watch's read guard must be gone before the write.
@@ -719,6 +749,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
+        udp: link.udp.clone(),
     });
     *lock(&link.core) = Some(core.clone());
     shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
@@ -972,6 +1003,7 @@ async fn run_control(
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
     *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);
@@ -1123,6 +1155,7 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
+        m @ (Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None

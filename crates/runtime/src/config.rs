@@ -336,6 +336,9 @@ pub struct GatewayConfig {
     /// addresses of this host (any 127.x address on Linux loopback).
     #[serde(default, deserialize_with = "addr_blocks")]
     pub virtual_pool: Vec<AddrBlock>,
+    /// How UDP services' flows are held and expired.
+    #[serde(default)]
+    pub udp: UdpConfig,
     /// Authorised client agents by id.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientEntry>,
@@ -356,6 +359,9 @@ pub struct GatewayExposed {
 pub struct GatewayService {
     /// Where the real server listens: any host the gateway reaches.
     pub target: HostPort,
+    /// `"tcp"` (default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// A client agent the gateway accepts.
@@ -436,6 +442,9 @@ pub struct ClientConfig {
     /// through it (push, publish/subscribe).
     #[serde(default)]
     pub exposed: BTreeMap<String, ExposedService>,
+    /// How UDP services' flows are held and expired.
+    #[serde(default)]
+    pub udp: UdpConfig,
 }
 
 /// A client service: a server on the client's side that the gateway's side
@@ -476,6 +485,9 @@ pub struct GatewaySpec {
 pub struct ClientService {
     /// The gateway (a key of `[gateways]`) that relays this service.
     pub gateway: String,
+    /// `"tcp"` (default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where applications connect: `ip:port`, or a bare port for loopback.
     /// A LAN address makes this host a connectivity box for its LAN.
     #[serde(deserialize_with = "socket_addr")]
@@ -487,6 +499,69 @@ pub struct ClientService {
     #[serde(default, deserialize_with = "compression")]
     pub compress: baton_proto::Compression,
 }
+
+/// The transport of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Connections, relayed as byte-exact streams.
+    #[default]
+    Tcp,
+    /// Datagrams, relayed one for one; may be dropped during a switch.
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// `[udp]`: how the flows of UDP services are held and expired (both the
+/// client agent and the gateway have one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpConfig {
+    /// Datagrams held per flow while it cannot be sent (switch, no path,
+    /// flow not yet accepted); beyond it the oldest are dropped and
+    /// counted. Default 256.
+    pub hold: usize,
+    /// Bytes held per flow, the same way. Default 1MiB.
+    #[serde(deserialize_with = "size")]
+    pub hold_bytes: usize,
+    /// A flow with no datagram either way for this long is removed.
+    /// Default 60s.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most flows per session; datagrams of further flows are dropped
+    /// (client agent) or their flows refused (gateway). Default 1024.
+    pub max_flows: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self { hold: 256, hold_bytes: 1 << 20, idle_timeout: Duration::from_secs(60), max_flows: 1024 }
+    }
+}
+
+impl UdpConfig {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if !(1..=MAX_UDP_HOLD).contains(&self.hold) {
+            return Err(key_error(path, "udp.hold", format!("must be 1 to {MAX_UDP_HOLD} datagrams")));
+        }
+        if !(1..=MAX_UDP_FLOWS).contains(&self.max_flows) {
+            return Err(key_error(path, "udp.max_flows", format!("must be 1 to {MAX_UDP_FLOWS}")));
+        }
+        Ok(())
+    }
+}
+
+/// Bounds of `[udp]` values: beyond them a typo would hold gigabytes.
+const MAX_UDP_HOLD: usize = 65_536;
+const MAX_UDP_FLOWS: usize = 1 << 20;
 
 impl ClientService {
     /// The name the gateway knows this service by.
@@ -590,6 +665,7 @@ impl GatewayConfig {
                 return Err(key_error(path, format!("services.{name}"), NAME_RULE));
             }
         }
+        self.udp.validate(path)?;
         for (id, client) in &self.clients {
             if !valid_name(id) {
                 return Err(key_error(path, format!("clients.{id}"), NAME_RULE));
@@ -681,6 +757,7 @@ impl ClientConfig {
         if self.dead_after <= self.keepalive {
             return Err(key_error(path, "dead_after", "must be longer than `keepalive`"));
         }
+        self.udp.validate(path)?;
         for (name, i) in &self.interfaces {
             if !valid_name(name) {
                 return Err(key_error(path, format!("interfaces.{name}"), NAME_RULE));
@@ -735,7 +812,8 @@ impl ClientConfig {
             if s.listen.port() == 0 {
                 continue;
             }
-            if let Some(other) = listens.insert(s.listen, name) {
+            // A TCP and a UDP service may share an address: they are different sockets.
+            if let Some(other) = listens.insert((s.protocol, s.listen), name) {
                 return Err(key_error(
                     path,
                     format!("services.{name}.listen"),
@@ -916,6 +994,44 @@ mod tests {
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("fd00::1/64".parse::<AddrBlock>().is_err());
         assert!("10.0.0.0/33".parse::<AddrBlock>().is_err());
+    }
+
+    #[test]
+    fn udp_services_and_settings() {
+        let g = gw(r#"listen = ["0.0.0.0:1"]
+                      [udp]
+                      hold = 16
+                      idle_timeout = "2s"
+                      [services.dns]
+                      target = "10.0.0.53:53"
+                      protocol = "udp"
+                      [services.pg]
+                      target = "db:5432""#)
+        .unwrap();
+        assert_eq!(g.services["dns"].protocol, Protocol::Udp);
+        assert_eq!(g.services["pg"].protocol, Protocol::Tcp);
+        assert_eq!((g.udp.hold, g.udp.idle_timeout, g.udp.hold_bytes, g.udp.max_flows), (16, Duration::from_secs(2), 1 << 20, 1024));
+        for (text, key) in [
+            ("[services.a]\ntarget = \"h:1\"\nprotocol = \"sctp\"", "services.a.protocol"),
+            ("[udp]\nhold = 0", "udp.hold"),
+            ("[udp]\nmax_flows = 0", "udp.max_flows"),
+            ("[udp]\nidle_timeout = \"0s\"", "udp.idle_timeout"),
+            ("[udp]\nhold_bytes = \"lots\"", "udp.hold_bytes"),
+            ("[udp]\nhodl = 3", "udp.hodl"),
+        ] {
+            let e = gw(&format!("listen = [\"0.0.0.0:1\"]\n{text}")).unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(key_of(e), key, "{msg}");
+        }
+        let base = "id = \"c\"\nkey_file = \"k\"\n[gateways.g]\naddresses = [\"h:1\"]\n";
+        let svc = |name: &str, proto: &str| format!("[services.{name}]\ngateway = \"g\"\nlisten = 5353\nprotocol = \"{proto}\"\n");
+        // TCP and UDP on one port are two sockets; two UDP services are a clash.
+        let c = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "tcp"), svc("b", "udp"))).unwrap();
+        assert_eq!(c.services["b"].protocol, Protocol::Udp);
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "udp"), svc("b", "udp"))).unwrap_err();
+        assert_eq!(key_of(e), "services.b.listen");
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}[udp]\nhold = 100000\n")).unwrap_err();
+        assert_eq!(key_of(e), "udp.hold");
     }
 
     #[test]

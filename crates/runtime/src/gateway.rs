@@ -63,6 +63,8 @@ pub struct GatewayStats {
     pub legs_refused: AtomicU64,
     /// Connections closed for a protocol violation (garbage, forged tags).
     pub protocol_errors: AtomicU64,
+    /// UDP flows and datagrams.
+    pub udp: Arc<crate::udp::UdpStats>,
 }
 
 /// A running gateway.
@@ -106,6 +108,8 @@ struct Session {
     to_session: mpsc::UnboundedSender<ToSession>,
     /// Fires when the session is released: every stream resets and ends.
     released: CancellationToken,
+    /// The session's UDP flows.
+    udp: Arc<crate::udp::SessionUdp>,
 }
 
 #[derive(Debug)]
@@ -165,7 +169,8 @@ impl Gateway {
             let udp = tokio::net::UdpSocket::bind(addr)
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
-            shared.tasks.spawn(answer_probes(shared.clone(), udp));
+            crate::udp::tune(&udp);
+            shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp)));
         }
         let s2 = shared.clone();
         tokio::spawn(async move {
@@ -203,6 +208,16 @@ impl Gateway {
     /// listening now.
     pub fn client_address(&self, client_id: &str) -> Option<std::net::IpAddr> {
         lock(&self.shared.exposures).address_of(client_id)
+    }
+
+    /// Every UDP flow of every session.
+    pub fn udp_flows(&self) -> Vec<crate::udp::GatewayFlowStatus> {
+        let sessions: Vec<_> = lock(&self.shared.sessions).values().cloned().collect();
+        let mut out = Vec::new();
+        for s in sessions {
+            s.udp.status(&mut out);
+        }
+        out
     }
 
     /// The gateway's counters.
@@ -248,11 +263,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Answers authenticated path probes with a reply of the same size; anything
-/// else is dropped without an answer.
-async fn answer_probes(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
-    use baton_proto::probe::{Probe, PROBE_LEN};
-    let mut buf = [0u8; PROBE_LEN + 1];
+/// Answers authenticated path probes with a reply of the same size, and
+/// hands relayed datagrams of UDP services to their session; anything else
+/// is dropped without an answer.
+async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>) {
+    use baton_proto::probe::Probe;
+    let mut buf = vec![0u8; baton_proto::datagram::MAX_DATAGRAM + 1];
     loop {
         let (n, peer) = tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
@@ -261,6 +277,17 @@ async fn answer_probes(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        if let Some(sid) = baton_proto::datagram::Header::peek_session(&buf[..n]) {
+            // Bound first: the sessions lock must not be held while the datagram is handled.
+            let session = lock(&shared.sessions).get(&sid).cloned();
+            match session {
+                Some(session) => session.udp.on_datagram(&udp, peer, &buf[..n]),
+                None => {
+                    shared.stats.udp.forged.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            continue;
+        }
         let Some(sid) = Probe::peek_session(&buf[..n]) else { continue };
         let Some(session) = lock(&shared.sessions).get(&sid).cloned() else { continue };
         let Some(p) = Probe::open(&buf[..n], &session.leg_key) else { continue };
@@ -395,6 +422,15 @@ async fn control(
                 finished: Mutex::new(Tombstones::default()),
                 to_session,
                 released: shared.shutdown.child_token(),
+                udp: crate::udp::SessionUdp::new(
+                    &shared.config,
+                    &client_id,
+                    &entry.services,
+                    session_id,
+                    keys.leg_key(),
+                    shared.stats.udp.clone(),
+                    shared.tasks.clone(),
+                ),
             });
             let admitted = {
                 let mut sessions = lock(&shared.sessions);
@@ -411,6 +447,7 @@ async fn control(
             shared.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
             info!(%peer, client = %client_id, session = %sid(session_id), "session up");
             shared.tasks.spawn(session_task(shared.clone(), session.clone(), from_streams));
+            session.udp.start(session.released.clone());
             session
         }
     };
@@ -424,6 +461,7 @@ async fn control(
     if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone() }) {
         old.close.cancel();
     }
+    session.udp.attach(tx.clone());
     *lock(&session.last_heard) = Instant::now();
     // What the client may have missed while detached: half-closes, resets, acks.
     for s in lock(&session.streams).values() {
@@ -531,6 +569,7 @@ fn on_control(
                 s.abort.cancel();
             }
         }
+        m @ (Message::FlowOpen { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
             release(shared, session, "client disconnected");
@@ -729,7 +768,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
         return Ok(());
     }
-    if !session.services.contains(&service) || !shared.config.services.contains_key(&service) {
+    let tcp = shared.config.services.get(&service).is_some_and(|s| s.protocol == crate::config::Protocol::Tcp);
+    if !session.services.contains(&service) || !tcp {
         lock(&session.table).close(stream_id);
         leg.write_all(&refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"))).await?;
         return Ok(());

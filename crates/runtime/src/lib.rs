@@ -10,6 +10,7 @@ mod frame;
 pub mod gateway;
 pub mod path;
 pub mod stream;
+pub mod udp;
 mod util;
 pub mod verify;
 
