@@ -166,20 +166,31 @@ alive() { # alive NAME
     kill -0 "${PIDOF[$1]}" 2>/dev/null
 }
 
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+# listening PORT: whether a socket listens on HOST:PORT, read from
+# /proc/net/tcp rather than by connecting: a probe connection to a baton
+# client's listener would open a stream (and, through it, a connection to the
+# target that a one-client server such as iperf3 would then wait on), and one
+# to socat would leave a forked child behind.
+# A wildcard listener (0.0.0.0) counts too: it holds the port on 127.0.0.1.
+listening() {
+    local port
+    port=$(printf '%04X' "$1")
+    awk -v p="$port" '($2 == "0100007F:" p || $2 == "00000000:" p) && $4 == "0A" { found = 1 }
+        END { exit !found }' /proc/net/tcp
+}
 
 wait_port() { # wait_port PORT NAME SECONDS
     local port=$1 name=$2 secs=$3 i
     for ((i = 0; i < secs * 10; i++)); do
-        port_open "$port" && return 0
-        alive "$name" || die "$name exited before $HOST:$port accepted connections"
+        listening "$port" && return 0
+        alive "$name" || die "$name exited before $HOST:$port listened"
         sleep 0.1
     done
-    die "$name: $HOST:$port did not accept connections within ${secs}s"
+    die "$name: $HOST:$port did not listen within ${secs}s"
 }
 
 check_free() { # check_free PORT WHAT ENVVAR
-    if port_open "$1"; then
+    if listening "$1"; then
         die "$HOST:$1 ($2) is already in use; pick another with $3=PORT"
     fi
 }
@@ -320,14 +331,10 @@ if has_peer socat; then
     socat_hop socat-iperf1 "$SOCAT_IPERF_PORT" $((SOCAT_IPERF_PORT + 1))
     socat_hop socat-echo2 $((SOCAT_ECHO_PORT + 1)) "$ECHO_PORT"
     socat_hop socat-echo1 "$SOCAT_ECHO_PORT" $((SOCAT_ECHO_PORT + 1))
-    # socat binds before it accepts; a probe connection would spawn (and
-    # leave) a child, so wait on the listening socket instead.
-    for port in "$SOCAT_IPERF_PORT" $((SOCAT_IPERF_PORT + 1)) "$SOCAT_ECHO_PORT" $((SOCAT_ECHO_PORT + 1)); do
-        for ((i = 0; i < BENCH_STARTUP_TIMEOUT * 10; i++)); do
-            grep -q ":$(printf '%04X' "$port") 00000000:0000 0A" /proc/net/tcp && break
-            sleep 0.1
-        done
-    done
+    wait_port $((SOCAT_IPERF_PORT + 1)) socat-iperf2 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$SOCAT_IPERF_PORT" socat-iperf1 "$BENCH_STARTUP_TIMEOUT"
+    wait_port $((SOCAT_ECHO_PORT + 1)) socat-echo2 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$SOCAT_ECHO_PORT" socat-echo1 "$BENCH_STARTUP_TIMEOUT"
     IPERF_AT[socat]=$SOCAT_IPERF_PORT ECHO_AT[socat]=$SOCAT_ECHO_PORT
     RELAYS[socat]="socat-iperf1 socat-iperf2 socat-echo1 socat-echo2"
 fi
