@@ -179,6 +179,7 @@ def main():
         f"machine: {env('MACHINE', '?')}; CPUs {env('BUSY_BEFORE', '?')}% busy just before the tests",
         f"iperf3: {env('IPERF_VERSION', '?')}, {env('DURATION', '?')} s per test; "
         f"rr: {env('RR_COUNT', '?')} round trips after {env('RR_WARMUP', '?')} warm-up, one connection, TCP_NODELAY",
+        f"baton: client agent and gateway, tokio worker threads {env('BATON_WORKERS') or 'one per core'}",
         f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION', '?')} tcp mode, "
         f"splice-request + splice-response, nbthread {env('HAPROXY_NBTHREAD', '?')}; "
         f"socat {env('SOCAT_VERSION', '?')} -b {env('SOCAT_BUF', '?')}, fork, nodelay",

@@ -20,6 +20,7 @@ PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is alwa
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
+BATON_WORKERS=${BATON_WORKERS:-}         # tokio worker threads per baton process (empty: one per core)
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
 BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for the relays
@@ -270,9 +271,12 @@ gateway = "bench"
 listen = "$HOST:$ECHO_VIA_PORT"
 EOF
 
-    start gateway "$BATON" gateway -c "$TMP/gateway.toml"
+    # baton's runtime takes its worker count from TOKIO_WORKER_THREADS;
+    # only the baton processes get it.
+    workers=(); [[ -n $BATON_WORKERS ]] && workers=(env "TOKIO_WORKER_THREADS=$BATON_WORKERS")
+    start gateway "${workers[@]}" "$BATON" gateway -c "$TMP/gateway.toml"
     wait_port "$GATEWAY_PORT" gateway "$BENCH_STARTUP_TIMEOUT"
-    start client "$BATON" client -c "$TMP/client.toml"
+    start client "${workers[@]}" "$BATON" client -c "$TMP/client.toml"
     wait_port "$IPERF_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     wait_port "$ECHO_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     IPERF_AT[baton]=$IPERF_VIA_PORT ECHO_AT[baton]=$ECHO_VIA_PORT RELAYS[baton]="client gateway"
@@ -501,7 +505,7 @@ done
 # ---- tables -------------------------------------------------------------------
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
-export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF
+export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_WORKERS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 export MACHINE="$(nproc) cores, $(uname -sr)"
 export IPERF_VERSION="$(iperf3 --version 2>/dev/null | head -n 1)"

@@ -142,7 +142,7 @@ fn nofile_limits(path: &Path) -> Result<(usize, usize)> {
 }
 
 /// What was asked and what the limits allow.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Plan {
     sessions: usize,
     streams: usize,
@@ -752,12 +752,6 @@ struct Report {
     gateway_warnings: usize,
 }
 
-impl Default for Plan {
-    fn default() -> Self {
-        Plan { sessions: 0, streams: 0, storm: 0 }
-    }
-}
-
 fn kib_per(delta_kib: u64, n: usize) -> String {
     if n == 0 {
         return "-".into();
@@ -929,5 +923,59 @@ async fn hold_conn(mut s: TcpStream) {
         if s.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: Options,
+    }
+
+    fn opts(args: &[&str]) -> Options {
+        Cli::parse_from(std::iter::once("scale").chain(args.iter().copied())).opts
+    }
+
+    #[test]
+    fn plan_fits_the_descriptor_limit() {
+        // 20,000 descriptors: 18,500 after the margin; sessions first, then two per stream.
+        let p = Plan::fit(&opts(&[]), 20_000);
+        assert_eq!((p.sessions, p.streams, p.storm), (10_000, 4_250, 1_000));
+        let p = Plan::fit(&opts(&["--sessions", "1000"]), 20_000);
+        assert_eq!((p.sessions, p.streams), (1_000, 8_750));
+        let p = Plan::fit(&opts(&["--sessions", "100", "--streams", "1000", "--storm", "500"]), 1_048_576);
+        assert_eq!((p.sessions, p.streams, p.storm), (100, 1_000, 100));
+    }
+
+    #[test]
+    fn streams_are_spread_evenly() {
+        let p = Plan { sessions: 4, streams: 10, storm: 0 };
+        let per: Vec<usize> = (0..4).map(|i| p.streams_of(i)).collect();
+        assert_eq!(per, [3, 3, 2, 2]);
+        assert_eq!(per.iter().sum::<usize>(), 10);
+    }
+
+    #[test]
+    fn sources_are_distinct_loopback_addresses() {
+        assert_eq!(source(1, 0), IpAddr::V4(Ipv4Addr::new(127, 1, 0, 1)));
+        assert_eq!(source(2, 9_999), IpAddr::V4(Ipv4Addr::new(127, 2, 39, 250)));
+        let all: std::collections::HashSet<_> = (0..60_000).map(|i| source(1, i)).collect();
+        assert_eq!(all.len(), 60_000);
+    }
+
+    #[test]
+    fn reads_the_open_files_limit() {
+        let dir = std::env::temp_dir().join(format!("baton-scale-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("limits");
+        std::fs::write(&f, "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 20000                files\n").unwrap();
+        assert_eq!(nofile_limits(&f).unwrap(), (1024, 20_000));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
