@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# bench/run.sh: throughput (iperf3) and request/response latency (baton-bench
-# rr), measured directly and through baton, side by side in one run, on
-# loopback only. See bench/README.md for the knobs and how to read the table.
+# bench/run.sh: throughput (iperf3), CPU per gigabyte and request/response
+# latency (baton-bench rr), measured directly, through baton, through two
+# chained HAProxy processes and through two chained socat processes, side by
+# side in one run, on loopback only. See bench/README.md for the knobs and how
+# to read the tables.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,10 +16,14 @@ RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
 ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
-BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: skip everything that needs baton
+PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured)
+BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
+HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
+SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
+BATON_WORKERS=${BATON_WORKERS:-}         # tokio worker threads per baton process (empty: one per core)
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
-BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for baton
+BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for the relays
 
 # Ports, all on 127.0.0.1. Targets:
 IPERF_PORT=${BENCH_IPERF_PORT:-5201}         # iperf3 server
@@ -26,6 +32,11 @@ ECHO_PORT=${BENCH_ECHO_PORT:-17000}          # baton-bench echo server
 GATEWAY_PORT=${BENCH_GATEWAY_PORT:-17700}    # gateway listen
 IPERF_VIA_PORT=${BENCH_IPERF_VIA_PORT:-15201} # client's listener for iperf
 ECHO_VIA_PORT=${BENCH_ECHO_VIA_PORT:-15000}   # client's listener for echo
+# The peers: first hop's listeners; the second hop listens on the next port.
+HAPROXY_IPERF_PORT=${BENCH_HAPROXY_IPERF_PORT:-15211} # and 15212
+HAPROXY_ECHO_PORT=${BENCH_HAPROXY_ECHO_PORT:-15010}   # and 15011
+SOCAT_IPERF_PORT=${BENCH_SOCAT_IPERF_PORT:-15221}     # and 15222
+SOCAT_ECHO_PORT=${BENCH_SOCAT_ECHO_PORT:-15020}       # and 15021
 
 HOST=127.0.0.1 # never anything but loopback
 BATON=$ROOT/target/release/baton
@@ -34,6 +45,15 @@ export BATON_LOG=${BATON_LOG:-warn}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+[[ $BENCH_DIRECT_ONLY == 1 ]] && PEERS=direct
+has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
+for p in $PEERS; do
+    case $p in direct|baton|haproxy|socat) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat)" ;; esac
+done
+# Measurement order: direct first, then the relays.
+ORDER=(direct)
+for p in baton haproxy socat; do has_peer "$p" && ORDER+=("$p"); done
 
 # ---- peers ------------------------------------------------------------------
 as_root() {
@@ -53,20 +73,29 @@ apt_install() {
 
 command -v iperf3 >/dev/null || apt_install iperf3
 command -v python3 >/dev/null || apt_install python3
-command -v cargo >/dev/null || die "cargo not found"
+# Debian puts haproxy in /usr/sbin, which a non-root PATH may lack.
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+if has_peer haproxy && [[ ! -x $HAPROXY ]]; then
+    # The package's service is not wanted: only our own processes run.
+    apt_install haproxy
+    HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+    [[ -x $HAPROXY ]] || die "haproxy not found after installing it"
+fi
+if has_peer socat && ! command -v socat >/dev/null; then apt_install socat; fi
+command -v cargo >/dev/null || [[ $BENCH_SKIP_BUILD == 1 ]] || die "cargo not found"
 
 # ---- build ------------------------------------------------------------------
 if [[ $BENCH_SKIP_BUILD != 1 ]]; then
-    if [[ $BENCH_DIRECT_ONLY == 1 ]]; then
-        log "building baton-bench (release)"
-        cargo build --release --quiet -p baton-bench
-    else
+    if has_peer baton; then
         log "building baton and baton-bench (release)"
         cargo build --release --quiet -p baton -p baton-bench
+    else
+        log "building baton-bench (release)"
+        cargo build --release --quiet -p baton-bench
     fi
 fi
 [[ -x $BENCHBIN ]] || die "$BENCHBIN missing"
-[[ $BENCH_DIRECT_ONLY == 1 || -x $BATON ]] || die "$BATON missing"
+! has_peer baton || [[ -x $BATON ]] || die "$BATON missing"
 
 # ---- temp dir, processes, cleanup --------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench.XXXXXX")
@@ -79,6 +108,8 @@ cleanup() {
     local pid name
     # shellcheck disable=SC2317 # reached through the EXIT trap
     if [[ -n ${FG:-} ]]; then kill "$FG" 2>/dev/null || true; fi
+    # socat forks a child per connection; the children die with their
+    # connections, which end when the processes below do.
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         local alive=0
@@ -92,8 +123,8 @@ cleanup() {
     local logdir
     logdir="$(dirname "$BENCH_RESULTS")/logs"
     if mkdir -p "$logdir" 2>/dev/null; then
-        rm -f "$logdir"/*.log "$logdir"/*.toml
-        cp "$TMP"/*.log "$TMP"/*.toml "$logdir"/ 2>/dev/null || true
+        rm -f "$logdir"/*.log "$logdir"/*.toml "$logdir"/*.cfg
+        cp "$TMP"/*.log "$TMP"/*.toml "$TMP"/*.cfg "$logdir"/ 2>/dev/null || true
     fi
     if [[ $rc != 0 ]]; then
         log "logs of this run: ${logdir#"$ROOT"/}"
@@ -136,30 +167,53 @@ alive() { # alive NAME
     kill -0 "${PIDOF[$1]}" 2>/dev/null
 }
 
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+# listening PORT: whether a socket listens on HOST:PORT, read from
+# /proc/net/tcp rather than by connecting: a probe connection to a baton
+# client's listener would open a stream (and, through it, a connection to the
+# target that a one-client server such as iperf3 would then wait on), and one
+# to socat would leave a forked child behind.
+# A wildcard listener (0.0.0.0) counts too: it holds the port on 127.0.0.1.
+listening() {
+    local port
+    port=$(printf '%04X' "$1")
+    awk -v p="$port" '($2 == "0100007F:" p || $2 == "00000000:" p) && $4 == "0A" { found = 1 }
+        END { exit !found }' /proc/net/tcp
+}
 
 wait_port() { # wait_port PORT NAME SECONDS
     local port=$1 name=$2 secs=$3 i
     for ((i = 0; i < secs * 10; i++)); do
-        port_open "$port" && return 0
-        alive "$name" || die "$name exited before $HOST:$port accepted connections"
+        listening "$port" && return 0
+        alive "$name" || die "$name exited before $HOST:$port listened"
         sleep 0.1
     done
-    die "$name: $HOST:$port did not accept connections within ${secs}s"
+    die "$name: $HOST:$port did not listen within ${secs}s"
 }
 
 check_free() { # check_free PORT WHAT ENVVAR
-    if port_open "$1"; then
+    if listening "$1"; then
         die "$HOST:$1 ($2) is already in use; pick another with $3=PORT"
     fi
 }
 
 check_free "$IPERF_PORT" "iperf3 server" BENCH_IPERF_PORT
 check_free "$ECHO_PORT" "echo server" BENCH_ECHO_PORT
-if [[ $BENCH_DIRECT_ONLY != 1 ]]; then
+if has_peer baton; then
     check_free "$GATEWAY_PORT" "baton gateway" BENCH_GATEWAY_PORT
     check_free "$IPERF_VIA_PORT" "baton client, iperf service" BENCH_IPERF_VIA_PORT
     check_free "$ECHO_VIA_PORT" "baton client, echo service" BENCH_ECHO_VIA_PORT
+fi
+if has_peer haproxy; then
+    check_free "$HAPROXY_IPERF_PORT" "haproxy hop 1, iperf" BENCH_HAPROXY_IPERF_PORT
+    check_free $((HAPROXY_IPERF_PORT + 1)) "haproxy hop 2, iperf" BENCH_HAPROXY_IPERF_PORT
+    check_free "$HAPROXY_ECHO_PORT" "haproxy hop 1, echo" BENCH_HAPROXY_ECHO_PORT
+    check_free $((HAPROXY_ECHO_PORT + 1)) "haproxy hop 2, echo" BENCH_HAPROXY_ECHO_PORT
+fi
+if has_peer socat; then
+    check_free "$SOCAT_IPERF_PORT" "socat hop 1, iperf" BENCH_SOCAT_IPERF_PORT
+    check_free $((SOCAT_IPERF_PORT + 1)) "socat hop 2, iperf" BENCH_SOCAT_IPERF_PORT
+    check_free "$SOCAT_ECHO_PORT" "socat hop 1, echo" BENCH_SOCAT_ECHO_PORT
+    check_free $((SOCAT_ECHO_PORT + 1)) "socat hop 2, echo" BENCH_SOCAT_ECHO_PORT
 fi
 
 # ---- targets ----------------------------------------------------------------
@@ -171,8 +225,12 @@ start_iperf_server
 start echo "$BENCHBIN" echo --listen "$HOST:$ECHO_PORT"
 wait_port "$ECHO_PORT" echo 10
 
+# Per peer: the port iperf3 and rr connect to, and the relay processes whose
+# CPU time is counted (by name, see PIDOF).
+declare -A IPERF_AT=([direct]=$IPERF_PORT) ECHO_AT=([direct]=$ECHO_PORT) RELAYS=([direct]="")
+
 # ---- baton ------------------------------------------------------------------
-if [[ $BENCH_DIRECT_ONLY != 1 ]]; then
+if has_peer baton; then
     keygen_out=$("$BATON" keygen laptop --out "$TMP/laptop.key") \
         || die "baton keygen failed"
     PUBKEY=$(printf '%s\n' "$keygen_out" | sed -n 's/^key = "\(.*\)"$/\1/p' | tail -n 1)
@@ -194,9 +252,12 @@ key = "$PUBKEY"
 services = ["iperf", "echo"]
 EOF
 
+    # The admin socket lives in the run's own directory so that concurrent
+    # runs (or a real agent on this machine) do not collide on the default.
     cat >"$TMP/client.toml" <<EOF
 id = "laptop"
 key_file = "laptop.key"
+admin = "$TMP/admin.sock"
 
 [gateways.bench]
 addresses = ["$HOST:$GATEWAY_PORT"]
@@ -210,27 +271,94 @@ gateway = "bench"
 listen = "$HOST:$ECHO_VIA_PORT"
 EOF
 
-    start gateway "$BATON" gateway -c "$TMP/gateway.toml"
+    # baton's runtime takes its worker count from TOKIO_WORKER_THREADS;
+    # only the baton processes get it.
+    workers=(); [[ -n $BATON_WORKERS ]] && workers=(env "TOKIO_WORKER_THREADS=$BATON_WORKERS")
+    start gateway "${workers[@]}" "$BATON" gateway -c "$TMP/gateway.toml"
     wait_port "$GATEWAY_PORT" gateway "$BENCH_STARTUP_TIMEOUT"
-    start client "$BATON" client -c "$TMP/client.toml"
+    start client "${workers[@]}" "$BATON" client -c "$TMP/client.toml"
     wait_port "$IPERF_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     wait_port "$ECHO_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
+    IPERF_AT[baton]=$IPERF_VIA_PORT ECHO_AT[baton]=$ECHO_VIA_PORT RELAYS[baton]="client gateway"
+fi
 
-    # The listener may be up before the path to the gateway is: wait for a
-    # real round trip through baton.
+# ---- HAProxy: two processes, the first forwarding to the second -------------
+# TCP mode with splicing forced on in both directions (the kernel moves the
+# bytes between the sockets without copying them through user space), one
+# thread per core like baton's runtime.
+haproxy_cfg() { # haproxy_cfg IPERF_LISTEN IPERF_NEXT ECHO_LISTEN ECHO_NEXT
+    cat <<EOF
+global
+    nbthread $HAPROXY_NBTHREAD
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option splice-request
+    option splice-response
+frontend iperf
+    bind $HOST:$1
+    default_backend iperf
+backend iperf
+    server next $HOST:$2
+frontend echo
+    bind $HOST:$3
+    default_backend echo
+backend echo
+    server next $HOST:$4
+EOF
+}
+if has_peer haproxy; then
+    haproxy_cfg $((HAPROXY_IPERF_PORT + 1)) "$IPERF_PORT" $((HAPROXY_ECHO_PORT + 1)) "$ECHO_PORT" >"$TMP/haproxy2.cfg"
+    haproxy_cfg "$HAPROXY_IPERF_PORT" $((HAPROXY_IPERF_PORT + 1)) "$HAPROXY_ECHO_PORT" $((HAPROXY_ECHO_PORT + 1)) >"$TMP/haproxy1.cfg"
+    for h in 2 1; do
+        # -db: stay in the foreground, so that the pid is haproxy's own.
+        start "haproxy$h" "$HAPROXY" -db -f "$TMP/haproxy$h.cfg"
+    done
+    wait_port $((HAPROXY_IPERF_PORT + 1)) haproxy2 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$HAPROXY_IPERF_PORT" haproxy1 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$HAPROXY_ECHO_PORT" haproxy1 "$BENCH_STARTUP_TIMEOUT"
+    IPERF_AT[haproxy]=$HAPROXY_IPERF_PORT ECHO_AT[haproxy]=$HAPROXY_ECHO_PORT RELAYS[haproxy]="haproxy1 haproxy2"
+fi
+
+# ---- socat: two hops per target ---------------------------------------------
+# One process per listener, forking a child per connection; TCP_NODELAY on
+# every socket as baton and HAProxy set it, so that rr compares relays and
+# not Nagle's algorithm.
+if has_peer socat; then
+    socat_hop() { # socat_hop NAME LISTEN NEXT
+        start "$1" socat -b "$SOCAT_BUF" "TCP-LISTEN:$2,bind=$HOST,fork,reuseaddr,nodelay" "TCP:$HOST:$3,nodelay"
+    }
+    socat_hop socat-iperf2 $((SOCAT_IPERF_PORT + 1)) "$IPERF_PORT"
+    socat_hop socat-iperf1 "$SOCAT_IPERF_PORT" $((SOCAT_IPERF_PORT + 1))
+    socat_hop socat-echo2 $((SOCAT_ECHO_PORT + 1)) "$ECHO_PORT"
+    socat_hop socat-echo1 "$SOCAT_ECHO_PORT" $((SOCAT_ECHO_PORT + 1))
+    wait_port $((SOCAT_IPERF_PORT + 1)) socat-iperf2 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$SOCAT_IPERF_PORT" socat-iperf1 "$BENCH_STARTUP_TIMEOUT"
+    wait_port $((SOCAT_ECHO_PORT + 1)) socat-echo2 "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$SOCAT_ECHO_PORT" socat-echo1 "$BENCH_STARTUP_TIMEOUT"
+    IPERF_AT[socat]=$SOCAT_IPERF_PORT ECHO_AT[socat]=$SOCAT_ECHO_PORT
+    RELAYS[socat]="socat-iperf1 socat-iperf2 socat-echo1 socat-echo2"
+fi
+
+# Listeners may be up before the path behind them is: wait for a real round
+# trip through each relay.
+for peer in "${ORDER[@]}"; do
+    [[ $peer == direct ]] && continue
     ok=0
     for ((i = 0; i < BENCH_STARTUP_TIMEOUT * 2; i++)); do
-        if "$BENCHBIN" rr --connect "$HOST:$ECHO_VIA_PORT" --size 64 --count 10 --warmup 0 \
+        if "$BENCHBIN" rr --connect "$HOST:${ECHO_AT[$peer]}" --size 64 --count 10 --warmup 0 \
             --timeout 2 >"$TMP/probe.log" 2>&1; then
             ok=1; break
         fi
-        alive gateway || die "baton gateway exited"
-        alive client || die "baton client exited"
+        for name in ${RELAYS[$peer]}; do alive "$name" || die "$name exited"; done
         sleep 0.5
     done
-    [[ $ok == 1 ]] || die "no echo round trip through baton within ${BENCH_STARTUP_TIMEOUT}s: $(cat "$TMP/probe.log")"
-    log "baton is up: gateway $HOST:$GATEWAY_PORT, client listeners $IPERF_VIA_PORT (iperf) and $ECHO_VIA_PORT (echo)"
-fi
+    [[ $ok == 1 ]] || die "no echo round trip through $peer within ${BENCH_STARTUP_TIMEOUT}s: $(cat "$TMP/probe.log")"
+done
+log "relays up: ${ORDER[*]:1}"
 
 # ---- measurements -------------------------------------------------------------
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
@@ -251,26 +379,65 @@ BUSY_BEFORE=$(cpu_busy)
 if [[ $BUSY_BEFORE != "?" ]] && ((BUSY_BEFORE > 20)); then
     log "warning: the CPUs are ${BUSY_BEFORE}% busy before the tests: other work on this machine will skew the numbers"
 fi
-ROWS=() # "test|unit|direct|baton"
+RESULTS=$TMP/results.tsv # kind, test, peer, values...; rendered at the end
+: >"$RESULTS"
 FAILED=0
+
+# cpu_seconds NAME...: user+system CPU seconds used so far by the named relay
+# processes and every descendant, living or reaped. socat forks a child per
+# connection: a live child is counted from its own /proc/PID/stat, a reaped
+# one through its parent's cutime/cstime, so each is counted exactly once.
+cpu_seconds() {
+    local pids=() name
+    for name in "$@"; do pids+=("${PIDOF[$name]}"); done
+    python3 - "${pids[@]}" <<'EOF'
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+procs = {}
+for d in os.listdir("/proc"):
+    if not d.isdigit():
+        continue
+    try:
+        with open(f"/proc/{d}/stat") as f:
+            s = f.read()
+    except OSError:
+        continue
+    # Fields after "(comm)": state, ppid, ..., utime (14), stime, cutime, cstime (17).
+    f = s[s.rindex(")") + 2:].split()
+    procs[int(d)] = (int(f[1]), sum(int(x) for x in f[11:15]))
+kids = {}
+for pid, (ppid, _) in procs.items():
+    kids.setdefault(ppid, []).append(pid)
+todo, seen, total = [int(p) for p in sys.argv[1:]], set(), 0
+while todo:
+    p = todo.pop()
+    if p in seen or p not in procs:
+        continue
+    seen.add(p)
+    total += procs[p][1]
+    todo += kids.get(p, [])
+print(total / tick)
+EOF
+}
 
 # Measurement functions set globals instead of printing, so that they run in
 # this shell (not a $(...) subshell) and can restart the iperf3 server and
 # record failures.
 
-# iperf_bps PORT STREAMS [-R]: sets BPS to the bits/s received, or "fail"
-iperf_bps() {
+# iperf_run PORT STREAMS [-R]: sets BPS (bits/s received) and BYTES (bytes
+# received), or "fail"
+iperf_run() {
     local port=$1 streams=$2; shift 2
     local out=$TMP/iperf.json extra=()
     # iperf3 accepts --rcv-timeout only when the client receives (-R).
     [[ " $* " == *" -R "* ]] && extra=(--rcv-timeout 10000)
-    BPS=fail
+    BPS=fail BYTES=fail
     if run_fg timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
         --connect-timeout 5000 "${extra[@]}" -J "$@" >"$out" 2>"$TMP/iperf.err" \
-        && BPS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])' "$out" 2>/dev/null); then
+        && read -r BPS BYTES < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["end"]["sum_received"]; print(r["bits_per_second"], r["bytes"])' "$out" 2>/dev/null); then
         return 0
     fi
-    BPS=fail
+    BPS=fail BYTES=fail
     log "iperf3 -c $HOST -p $port -P $streams $* failed: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("error",""))' "$out" 2>/dev/null || true) $(head -c 300 "$TMP/iperf.err")"
     FAILED=1
     # A failed test can leave the iperf3 server busy: start a fresh one.
@@ -292,101 +459,64 @@ rr_stats() {
     fi
 }
 
-via() { [[ $BENCH_DIRECT_ONLY != 1 ]]; }
-
-# median V...: the median of the numeric arguments ("fail" ones are ignored);
-# "fail" if there is none.
-median() {
-    python3 -c '
-import statistics, sys
-v = [float(x) for x in sys.argv[1:] if x not in ("fail", "skip")]
-print(statistics.median(v) if v else "fail")' "$@"
+# rotated R: the peers in measurement order, rotated by round R so that with
+# ROUNDS > 1 no peer always runs first (right after a cool-down) or last.
+rotated() {
+    local r=$1 n=${#ORDER[@]} i
+    for ((i = 0; i < n; i++)); do printf '%s\n' "${ORDER[(i + r) % n]}"; done
 }
 
-# Each test runs ROUNDS times, direct and baton alternating, and the table
-# shows the median of each side.
 for p in $STREAMS; do
     for dir in up down; do
         flag=(); [[ $dir == down ]] && flag=(-R)
         name="iperf3 -P $p $dir"
-        ds=() bs=()
         for ((r = 1; r <= ROUNDS; r++)); do
             tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
-            log "$name: direct$tag"
-            iperf_bps "$IPERF_PORT" "$p" "${flag[@]}"; ds+=("$BPS")
-            if via; then
-                log "$name: baton$tag"
-                iperf_bps "$IPERF_VIA_PORT" "$p" "${flag[@]}"; bs+=("$BPS")
-            fi
+            while read -r peer; do
+                log "$name: $peer$tag"
+                relays=${RELAYS[$peer]}
+                # shellcheck disable=SC2086 # relays is a list of names
+                before=$(cpu_seconds $relays)
+                iperf_run "${IPERF_AT[$peer]}" "$p" "${flag[@]}"
+                # socat's children exit when their connections close: give
+                # them a moment so that their time is in their parent's.
+                [[ $peer == socat ]] && sleep 0.3
+                # shellcheck disable=SC2086
+                after=$(cpu_seconds $relays)
+                cpu=$(awk -v a="$after" -v b="$before" 'BEGIN{printf "%.3f", a - b}')
+                [[ -z $relays ]] && cpu=-
+                printf 'thr\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$BPS" "$BYTES" "$cpu" >>"$RESULTS"
+            done < <(rotated "$r")
         done
-        d=$(median "${ds[@]}")
-        b=skip; via && b=$(median "${bs[@]}")
-        ROWS+=("$name|Gbit/s|$d|$b")
     done
 done
 
 for s in $RR_SIZES; do
-    d50s=() d99s=() b50s=() b99s=()
     for ((r = 1; r <= ROUNDS; r++)); do
         tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
-        log "rr ${s}B: direct$tag"
-        rr_stats "$ECHO_PORT" "$s"; d50s+=("$P50"); d99s+=("$P99")
-        if via; then
-            log "rr ${s}B: baton$tag"
-            rr_stats "$ECHO_VIA_PORT" "$s"; b50s+=("$P50"); b99s+=("$P99")
-        fi
+        while read -r peer; do
+            log "rr ${s}B: $peer$tag"
+            rr_stats "${ECHO_AT[$peer]}" "$s"
+            printf 'rr\trr %sB\t%s\t%s\t%s\n' "$s" "$peer" "$P50" "$P99" >>"$RESULTS"
+        done < <(rotated "$r")
     done
-    b50=skip b99=skip
-    via && { b50=$(median "${b50s[@]}"); b99=$(median "${b99s[@]}"); }
-    ROWS+=("rr ${s}B p50|us|$(median "${d50s[@]}")|$b50")
-    ROWS+=("rr ${s}B p99|us|$(median "${d99s[@]}")|$b99")
 done
 
-
-# ---- table --------------------------------------------------------------------
-fmt_val() { # fmt_val UNIT VALUE
-    case $2 in
-        fail|skip) echo "$2" ;;
-        *) if [[ $1 == Gbit/s ]]; then awk -v v="$2" -v u="$1" 'BEGIN{printf "%.2f %s", v/1e9, u}'
-           else awk -v v="$2" -v u="$1" 'BEGIN{printf "%.1f %s", v, u}'; fi ;;
-    esac
-}
-ratio() { # ratio DIRECT BATON
-    case "$1$2" in *fail*|*skip*) echo "-"; return ;; esac
-    awk -v d="$1" -v b="$2" 'BEGIN{ if (d > 0) printf "%.2f", b/d; else print "-" }'
-}
-
+# ---- tables -------------------------------------------------------------------
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
+export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_WORKERS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+export MACHINE="$(nproc) cores, $(uname -sr)"
+export IPERF_VERSION="$(iperf3 --version 2>/dev/null | head -n 1)"
+export HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | head -n 1 | awk '{print $3}')"
+export SOCAT_VERSION="$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p')"
+export PEER_ORDER="${ORDER[*]}"
 
 mkdir -p "$(dirname "$BENCH_RESULTS")"
-{
-    echo "# baton benchmark"
-    echo
-    echo "- date: $STAMP"
-    echo "- commit: $REV"
-    echo "- machine: $(nproc) cores, $(uname -sr); CPUs ${BUSY_BEFORE}% busy just before the tests"
-    echo "- iperf3: $(iperf3 --version 2>/dev/null | head -n 1), ${DURATION}s per test"
-    echo "- rr: $RR_COUNT round trips after $RR_WARMUP warm-up, one connection, TCP_NODELAY"
-    if ((ROUNDS > 1)); then echo "- each value is the median of $ROUNDS rounds, direct and baton alternating"; fi
-    echo "- ratio = baton / direct (throughput: higher is better; latency: lower is better)"
-    echo
-    echo "| test | direct | baton | ratio |"
-    echo "| --- | ---: | ---: | ---: |"
-} >"$BENCH_RESULTS"
-
+python3 "$ROOT/bench/render.py" "$RESULTS" "$BENCH_RESULTS"
 echo
-printf '%-22s %14s %14s %8s\n' test direct baton ratio
-printf '%-22s %14s %14s %8s\n' ---- ------ ----- -----
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r name unit d b <<<"$row"
-    fd=$(fmt_val "$unit" "$d"); fb=$(fmt_val "$unit" "$b"); r=$(ratio "$d" "$b")
-    printf '%-22s %14s %14s %8s\n' "$name" "$fd" "$fb" "$r"
-    echo "| $name | $fd | $fb | $r |" >>"$BENCH_RESULTS"
-done
-echo
-log "table written to ${BENCH_RESULTS#"$ROOT"/}"
+log "tables written to ${BENCH_RESULTS#"$ROOT"/}"
 
 if [[ $FAILED != 0 ]]; then
     die "some measurements failed (see above)"

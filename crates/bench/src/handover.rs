@@ -11,6 +11,10 @@
 //! observation window. A receiver with no data in the window's last second has **not
 //! recovered**.
 //!
+//! With `--streams N` the application pair opens N connections (N streams in one baton
+//! session), shares the pace among them, and the gap is the longest any stream saw: what it
+//! costs to move many streams at once.
+//!
 //! Needs root; the baton binary is taken from next to this one (`cargo build --release -p
 //! baton -p baton-bench`) unless `--baton` says otherwise.
 
@@ -54,6 +58,10 @@ pub(crate) struct Options {
     /// Events, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "planned,down,readdress")]
     events: Vec<Event>,
+    /// Application connections (streams) per run, comma-separated for several runs: the
+    /// pace is shared among them and the gap is the longest any of them saw.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    streams: Vec<usize>,
     /// Runs of each (system, event); the median gap is reported.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -176,6 +184,7 @@ const RECOVERED_SLACK: Duration = Duration::from_secs(1);
 pub(crate) fn run(opts: &Options) -> Result<()> {
     ensure!(nix_is_root(), "needs root (network namespaces)");
     ensure!(opts.pace > 0.0 && opts.window > 1.5 && opts.warmup >= 0.5 && opts.rounds > 0, "bad --pace/--window/--warmup/--rounds");
+    ensure!(!opts.streams.is_empty() && opts.streams.iter().all(|&n| (1..=1000).contains(&n)), "--streams: 1 to 1000 each");
     let baton = match &opts.baton {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("baton"),
@@ -184,18 +193,20 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
         ensure!(baton.exists(), "{} not found: build it first (cargo build --release -p baton -p baton-bench) or pass --baton", baton.display());
     }
     let window = Duration::from_secs_f64(opts.window);
-    let mut results: Vec<(Event, System, Vec<Outcome>)> = Vec::new();
+    let mut results: Vec<(Event, Column, Vec<Outcome>)> = Vec::new();
     let mut lte_rtt = Duration::from_millis(2 * u64::from(opts.lte_delay));
+    let columns = columns(opts);
     for &event in &opts.events {
-        for &system in &opts.systems {
+        for &column in &columns {
+            let Column { system, streams } = column;
             let mut outs = Vec::new();
             for round in 0..opts.rounds {
-                eprintln!("[handover] {} / {} (round {})", event.title(), system.title(), round + 1);
+                eprintln!("[handover] {} / {} (round {})", event.title(), column.title(opts), round + 1);
                 let o = if system == System::Tcp && event == Event::Planned {
                     Outcome { down: Gap::NotApplicable, up: Gap::NotApplicable, exact: true, note: String::new() }
                 } else {
-                    let (o, rtt) = run_one(opts, &baton, system, event)
-                        .with_context(|| format!("{} / {}", event.title(), system.title()))?;
+                    let (o, rtt) = run_one(opts, &baton, system, event, streams)
+                        .with_context(|| format!("{} / {}", event.title(), column.title(opts)))?;
                     if let Some(rtt) = rtt {
                         lte_rtt = rtt;
                     }
@@ -210,7 +221,7 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
                 );
                 outs.push(o);
             }
-            results.push((event, system, outs));
+            results.push((event, column, outs));
         }
     }
     let table = render(opts, &results, lte_rtt)?;
@@ -231,13 +242,37 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A column of the table: a system with a number of streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Column {
+    system: System,
+    streams: usize,
+}
+
+impl Column {
+    /// The system's name, with the streams when several counts are compared.
+    fn title(self, opts: &Options) -> String {
+        match (opts.streams.len(), self.streams) {
+            (1, 1) => self.system.title().to_owned(),
+            (_, 1) => format!("{}, 1 stream", self.system.title()),
+            (_, n) => format!("{}, {n} streams", self.system.title()),
+        }
+    }
+}
+
+/// Every (system, streams) pair, grouped by stream count so that each group reads like
+/// the single-count table.
+fn columns(opts: &Options) -> Vec<Column> {
+    opts.streams.iter().flat_map(|&streams| opts.systems.iter().map(move |&system| Column { system, streams })).collect()
+}
+
 fn median_gap(outs: &[Outcome], pick: impl Fn(&Outcome) -> Gap) -> Gap {
     let mut v: Vec<Gap> = outs.iter().map(pick).collect();
     v.sort_by_key(|g| g.sort_key());
     v[v.len() / 2]
 }
 
-fn render(opts: &Options, results: &[(Event, System, Vec<Outcome>)], lte_rtt: Duration) -> Result<String> {
+fn render(opts: &Options, results: &[(Event, Column, Vec<Outcome>)], lte_rtt: Duration) -> Result<String> {
     let window = Duration::from_secs_f64(opts.window);
     let mut out = String::new();
     writeln!(out, "# baton handover benchmark\n")?;
@@ -258,11 +293,19 @@ fn render(opts: &Options, results: &[(Event, System, Vec<Outcome>)], lte_rtt: Du
         opts.window,
         opts.rounds
     )?;
-    writeln!(out, "- gap: longest pause between two reads that returned data, at the receiving application\n")?;
-    let systems: Vec<System> = opts.systems.clone();
+    if opts.streams.iter().any(|&n| n > 1) {
+        writeln!(
+            out,
+            "- streams: the application pair opens that many connections (one baton session) and shares the pace among them"
+        )?;
+        writeln!(out, "- gap: longest pause between two reads that returned data, at the receiving application, the worst of all streams\n")?;
+    } else {
+        writeln!(out, "- gap: longest pause between two reads that returned data, at the receiving application\n")?;
+    }
+    let systems = columns(opts);
     write!(out, "| event | direction |")?;
     for s in &systems {
-        write!(out, " {} |", s.title())?;
+        write!(out, " {} |", s.title(opts))?;
     }
     writeln!(out, " baton target |")?;
     write!(out, "| --- | --- |")?;
@@ -273,20 +316,20 @@ fn render(opts: &Options, results: &[(Event, System, Vec<Outcome>)], lte_rtt: Du
     for &event in &opts.events {
         for (dir, name) in [(true, "server → mobile"), (false, "mobile → server")] {
             write!(out, "| {} | {name} |", event.title())?;
-            let gap_of = |s: System| {
+            let gap_of = |s: Column| {
                 results
                     .iter()
-                    .find(|(e, sys, _)| *e == event && *sys == s)
+                    .find(|(e, col, _)| *e == event && *col == s)
                     .map(|(_, _, outs)| median_gap(outs, |o| if dir { o.down } else { o.up }))
             };
-            let baton = gap_of(System::Baton);
             for &s in &systems {
                 let Some(g) = gap_of(s) else {
                     write!(out, " - |")?;
                     continue;
                 };
+                let baton = gap_of(Column { system: System::Baton, ..s });
                 let mut cell = g.cell(window);
-                match (s, g, baton) {
+                match (s.system, g, baton) {
                     (System::Baton, Gap::Resumed(d), _) => {
                         cell += if d <= event.target(lte_rtt) { " ✓" } else { " ✗" };
                     }
@@ -301,16 +344,16 @@ fn render(opts: &Options, results: &[(Event, System, Vec<Outcome>)], lte_rtt: Du
             writeln!(out, " ≤ {} ms |", event.target(lte_rtt).as_millis())?;
         }
     }
-    writeln!(out, "\n(×: the system's gap divided by baton's; ✓/✗: baton within its target or not.)\n")?;
+    writeln!(out, "\n(×: the system's gap divided by baton's with as many streams; ✓/✗: baton within its target or not.)\n")?;
     let mut notes = String::new();
-    for (event, system, outs) in results {
+    for (event, column, outs) in results {
         for (i, o) in outs.iter().enumerate() {
             if !o.exact || !o.note.is_empty() {
                 writeln!(
                     notes,
                     "- {} / {} (round {}): {}{}",
                     event.title(),
-                    system.title(),
+                    column.title(opts),
                     i + 1,
                     if o.exact { "bytes exact" } else { "NOT EXACT or a receiver failed" },
                     if o.note.is_empty() { String::new() } else { format!("; {}", o.note) }
@@ -324,7 +367,7 @@ fn render(opts: &Options, results: &[(Event, System, Vec<Outcome>)], lte_rtt: Du
     Ok(out)
 }
 
-fn command_line(cmd: &mut Command) -> String {
+pub(crate) fn command_line(cmd: &mut Command) -> String {
     cmd.output()
         .ok()
         .filter(|o| o.status.success())
@@ -332,7 +375,7 @@ fn command_line(cmd: &mut Command) -> String {
 }
 
 /// Runs one (system, event) in a fresh bed; also returns the lte round trip measured there.
-fn run_one(opts: &Options, baton: &Path, system: System, event: Event) -> Result<(Outcome, Option<Duration>)> {
+fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: usize) -> Result<(Outcome, Option<Duration>)> {
     let bed = Bed::new(&format!("ho_{}", system.title().split(',').next().unwrap_or("x")))?;
     bed.set_delay(Link::Wlan, opts.wlan_delay)?;
     bed.set_delay(Link::Lte, opts.lte_delay)?;
@@ -351,26 +394,36 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event) -> Result
         }
         System::Tcp => (listen(&bed, server, false)?, server, false),
     };
-    let mobile = bed
-        .in_ns(Host::Mobile, || -> io::Result<TcpStream> {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(if mptcp { Protocol::MPTCP } else { Protocol::TCP }))?;
-            s.connect_timeout(&SockAddr::from(connect_to), Duration::from_secs(5))?;
-            Ok(s.into())
-        })?
-        .with_context(|| format!("connecting to {connect_to}"))?;
-    let (srv, _) = accept_within(&listener, Duration::from_secs(10))?;
-    let pace = opts.pace * MIB;
+    // One connection at a time, so that each accepted one is the pair of the one just made.
+    let mut pairs = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mobile = bed
+            .in_ns(Host::Mobile, || -> io::Result<TcpStream> {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(if mptcp { Protocol::MPTCP } else { Protocol::TCP }))?;
+                s.connect_timeout(&SockAddr::from(connect_to), Duration::from_secs(5))?;
+                Ok(s.into())
+            })?
+            .with_context(|| format!("connecting to {connect_to}"))?;
+        let (srv, _) = accept_within(&listener, Duration::from_secs(10))?;
+        pairs.push((mobile, srv));
+    }
+    // The pace is shared; writes stay ~8 ms apart whatever the stream count, so that the
+    // gap measures the switch and not the pacing.
+    let pace = opts.pace * MIB / streams as f64;
+    let chunk = ((pace * 0.008) as usize).clamp(64, CHUNK);
     let stop = Arc::new(AtomicBool::new(false));
     let seed = 0x4a11_0000 + system as u64 * 16 + event as u64;
-    let flows = [
-        Flow::start(srv.try_clone()?, mobile.try_clone()?, seed, Dir::Down, pace, &stop),
-        Flow::start(mobile.try_clone()?, srv.try_clone()?, seed, Dir::Up, pace, &stop),
-    ];
+    let mut flows = Vec::with_capacity(2 * streams);
+    for (i, (mobile, srv)) in pairs.iter().enumerate() {
+        let seed = seed + ((i as u64) << 32);
+        flows.push(Flow::start(srv.try_clone()?, mobile.try_clone()?, seed, Dir::Down, pace, chunk, &stop));
+        flows.push(Flow::start(mobile.try_clone()?, srv.try_clone()?, seed, Dir::Up, pace, chunk, &stop));
+    }
     let warm = Instant::now();
     if mptcp {
         // The second subflow joins once data has flowed (the connection is then fully
         // established); it must be there before anything happens.
-        if let Err(e) = wait_subflows(&bed, 2, Duration::from_secs(5)) {
+        if let Err(e) = wait_subflows(&bed, 2 * streams, Duration::from_secs(5)) {
             stop.store(true, Ordering::Relaxed);
             for f in flows {
                 f.finish();
@@ -405,20 +458,39 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event) -> Result
         note = rig.switch_note();
     }
     stop.store(true, Ordering::Relaxed);
-    let [down, up] = flows;
-    let (down, up) = (down.finish(), up.finish());
-    let _ = mobile.shutdown(std::net::Shutdown::Both);
-    let _ = srv.shutdown(std::net::Shutdown::Both);
-    for (what, r) in [("mobile receiver", &down), ("server receiver", &up)] {
-        if let Some(e) = &r.error {
-            if !note.is_empty() {
-                note += "; ";
-            }
-            note += &format!("{what}: {e}");
-        }
+    let received: Vec<(Dir, Received)> = flows.into_iter().map(|f| (f.dir, f.finish())).collect();
+    for (mobile, srv) in &pairs {
+        let _ = mobile.shutdown(std::net::Shutdown::Both);
+        let _ = srv.shutdown(std::net::Shutdown::Both);
     }
-    let exact = down.mismatch.is_none() && up.mismatch.is_none() && down.error.is_none() && up.error.is_none();
-    let outcome = Outcome { down: down.gap(t0, end), up: up.gap(t0, end), exact, note };
+    let mut exact = true;
+    let (mut downs, mut ups) = (Vec::new(), Vec::new());
+    for (i, (dir, r)) in received.iter().enumerate() {
+        let what = if *dir == Dir::Down { "mobile receiver" } else { "server receiver" };
+        if let Some(e) = &r.error {
+            // One line per kind of failure is enough with many streams.
+            if !note.contains(what) {
+                if !note.is_empty() {
+                    note += "; ";
+                }
+                note += &format!("{what} (stream {}): {e}", i / 2);
+            }
+        }
+        exact &= r.mismatch.is_none() && r.error.is_none();
+        if *dir == Dir::Down { downs.push(r.gap(t0, end)) } else { ups.push(r.gap(t0, end)) }
+    }
+    let worst = |v: &[Gap]| v.iter().copied().max_by_key(|g| g.sort_key()).unwrap_or(Gap::NotApplicable);
+    if streams > 1 {
+        let mid = |v: &mut Vec<Gap>| {
+            v.sort_by_key(|g| g.sort_key());
+            v[v.len() / 2].cell(Duration::from_secs_f64(opts.window))
+        };
+        if !note.is_empty() {
+            note += "; ";
+        }
+        note += &format!("median stream: server→mobile {}, mobile→server {}", mid(&mut downs.clone()), mid(&mut ups.clone()));
+    }
+    let outcome = Outcome { down: worst(&downs), up: worst(&ups), exact, note };
     drop(baton_rig);
     drop(bed);
     Ok((outcome, lte_rtt))
@@ -505,6 +577,7 @@ fn wait_subflows(bed: &Bed, n: usize, limit: Duration) -> Result<()> {
 
 /// One direction of the application traffic: a paced sender and a checking receiver.
 struct Flow {
+    dir: Dir,
     sender: JoinHandle<io::Result<u64>>,
     receiver: JoinHandle<Received>,
 }
@@ -536,12 +609,12 @@ impl Received {
 }
 
 impl Flow {
-    fn start(from: TcpStream, to: TcpStream, seed: u64, dir: Dir, pace: f64, stop: &Arc<AtomicBool>) -> Flow {
+    fn start(from: TcpStream, to: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, stop: &Arc<AtomicBool>) -> Flow {
         let s = stop.clone();
-        let sender = std::thread::spawn(move || send_paced(from, seed, dir, pace, &s));
+        let sender = std::thread::spawn(move || send_paced(from, seed, dir, pace, chunk, &s));
         let s = stop.clone();
         let receiver = std::thread::spawn(move || receive(to, seed, dir, &s));
-        Flow { sender, receiver }
+        Flow { dir, sender, receiver }
     }
 
     fn finish(self) -> Received {
@@ -554,11 +627,11 @@ impl Flow {
     }
 }
 
-fn send_paced(mut s: TcpStream, seed: u64, dir: Dir, pace: f64, stop: &AtomicBool) -> io::Result<u64> {
+fn send_paced(mut s: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, stop: &AtomicBool) -> io::Result<u64> {
     s.set_write_timeout(Some(Duration::from_millis(100)))?;
     let _ = s.set_nodelay(true);
     let mut pattern = Pattern::new(seed, dir);
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; chunk];
     let (mut off, mut len) = (0, 0);
     let start = Instant::now();
     let mut sent = 0u64;

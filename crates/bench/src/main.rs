@@ -6,6 +6,9 @@
 //! * `baton-bench handover` (root) measures the pause in a steady stream when
 //!   the network changes, for baton, kernel MPTCP and plain TCP, in a
 //!   network-namespace bed (see `handover.rs` and bench/README.md).
+//! * `baton-bench scale` measures how many sessions and idle streams one gateway
+//!   holds, their memory, how fast they are accepted and how fast a storm of
+//!   switching clients is absorbed (see `scale.rs`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod handover;
+mod scale;
 
 #[derive(Parser, Debug)]
 #[command(name = "baton-bench", version, about = "Benchmark helpers for baton")]
@@ -60,12 +64,24 @@ enum Cmd {
     /// Handover gaps of baton, kernel MPTCP and plain TCP in a namespace bed
     /// (root): planned switch, link down, re-addressing.
     Handover(handover::Options),
+    /// One gateway with many sessions and idle streams: memory, accept times, and a storm
+    /// of clients switching at once.
+    Scale(scale::Options),
+    /// The scale benchmark's targets: accept, hold and echo connections (started by `scale`).
+    #[command(hide = true)]
+    Hold {
+        /// Addresses to listen on.
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Handover(opts) => handover::run(&opts),
+        Cmd::Scale(opts) => scale::run(&opts),
+        Cmd::Hold { listen } => scale::hold(&listen),
         Cmd::Echo { listen } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Renders the measurements of bench/run.sh as tables of ratios.
+
+Input: a TSV file of raw results, one line per measurement:
+    thr <test> <peer> <bits/s> <bytes> <relay cpu seconds or ->
+    rr  <test> <peer> <p50 us> <p99 us>
+("fail" in place of a number when the measurement failed). Each (test, peer)
+may appear several times (ROUNDS); the median is shown.
+
+Output: the tables on stdout (plain text) and as markdown in the file named
+by the second argument, with the run's context from the environment.
+"""
+
+import os
+import statistics
+import sys
+
+NAMES = {"direct": "direct", "baton": "baton", "haproxy": "haproxy x2", "socat": "socat x2"}
+# The issue's targets: throughput at least this many times the peers'.
+THROUGHPUT_TARGET = 1.2
+
+
+def num(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def median(vs):
+    vs = [v for v in vs if v is not None]
+    return statistics.median(vs) if vs else None
+
+
+def load(path):
+    thr, cpu, rr50, rr99 = {}, {}, {}, {}
+    tests_thr, tests_rr = [], []
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            kind, test, peer = parts[0], parts[1], parts[2]
+            if kind == "thr":
+                bps, nbytes, secs = num(parts[3]), num(parts[4]), num(parts[5])
+                thr.setdefault((test, peer), []).append(bps)
+                if secs is not None and nbytes:
+                    cpu.setdefault((test, peer), []).append(secs / (nbytes / 1e9))
+                if test not in tests_thr:
+                    tests_thr.append(test)
+            elif kind == "rr":
+                rr50.setdefault((test, peer), []).append(num(parts[3]))
+                rr99.setdefault((test, peer), []).append(num(parts[4]))
+                if test not in tests_rr:
+                    tests_rr.append(test)
+    med = lambda d: {k: median(v) for k, v in d.items()}
+    return tests_thr, tests_rr, med(thr), med(cpu), med(rr50), med(rr99)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "Gbit/s":
+        return f"{v / 1e9:.2f} {unit}"
+    if unit == "s/GB":
+        return f"{v:.2f} {unit}"
+    if unit == "x":
+        return f"{v:.2f}"
+    return f"{v:.1f} {unit}"
+
+
+class Table:
+    def __init__(self, title, header):
+        self.title, self.header, self.rows = title, header, []
+
+    def add(self, cells):
+        self.rows.append(cells)
+
+    def text(self):
+        widths = [max(len(str(r[i])) for r in [self.header] + self.rows) for i in range(len(self.header))]
+        out = [self.title, ""]
+        for j, r in enumerate([self.header, ["-" * w for w in widths]] + self.rows):
+            out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        return "\n".join(out) + "\n"
+
+    def markdown(self):
+        out = [f"### {self.title}", ""]
+        out.append("| " + " | ".join(self.header) + " |")
+        out.append("| --- |" + " ---: |" * (len(self.header) - 1))
+        for r in self.rows:
+            out.append("| " + " | ".join(str(c) for c in r) + " |")
+        return "\n".join(out) + "\n"
+
+
+def main():
+    tests_thr, tests_rr, thr, cpu, rr50, rr99 = load(sys.argv[1])
+    peers = os.environ.get("PEER_ORDER", "direct baton haproxy socat").split()
+    relays = [p for p in peers if p != "direct"]
+    others = [p for p in relays if p != "baton"]
+    has_baton = "baton" in peers
+
+    # 1. Throughput and latency, with baton's ratios to each peer.
+    ratio_cols = [f"baton/{NAMES[p].split()[0]}" for p in others + ["direct"]] if has_baton else []
+    main_t = Table("Throughput and request/response latency", ["test"] + [NAMES[p] for p in peers] + ratio_cols)
+    for test in tests_thr:
+        row = [test] + [fmt(thr.get((test, p)), "Gbit/s") for p in peers]
+        if has_baton:
+            row += [fmt(ratio(thr.get((test, "baton")), thr.get((test, p))), "x") for p in others + ["direct"]]
+        main_t.add(row)
+    for test in tests_rr:
+        for label, d in (("p50", rr50), ("p99", rr99)):
+            row = [f"{test} {label}"] + [fmt(d.get((test, p)), "us") for p in peers]
+            if has_baton:
+                row += [fmt(ratio(d.get((test, "baton")), d.get((test, p))), "x") for p in others + ["direct"]]
+            main_t.add(row)
+
+    tables = [main_t]
+    # 2. CPU of the relay processes per gigabyte received by iperf3.
+    if relays:
+        cpu_ratio_cols = [f"baton/{NAMES[p].split()[0]}" for p in others] if has_baton else []
+        cpu_t = Table("CPU of the relay processes per GB relayed (user+system)", ["test"] + [NAMES[p] for p in relays] + cpu_ratio_cols)
+        for test in tests_thr:
+            row = [test] + [fmt(cpu.get((test, p)), "s/GB") for p in relays]
+            if has_baton:
+                row += [fmt(ratio(cpu.get((test, "baton")), cpu.get((test, p))), "x") for p in others]
+            cpu_t.add(row)
+        tables.append(cpu_t)
+        # 3. Latency added to the direct round trip.
+        add_t = Table("Latency added to the direct round trip (relay - direct)", ["test"] + [NAMES[p] for p in relays] + cpu_ratio_cols)
+        for test in tests_rr:
+            for label, d in (("p50", rr50), ("p99", rr99)):
+                base = d.get((test, "direct"))
+                added = {p: (d.get((test, p)) - base if d.get((test, p)) is not None and base is not None else None) for p in relays}
+                row = [f"{test} {label}"] + [fmt(added[p], "us") for p in relays]
+                if has_baton:
+                    row += [fmt(ratio(added["baton"], added[p]) if added[p] and added[p] > 0 else None, "x") for p in others]
+                add_t.add(row)
+        tables.append(add_t)
+
+    # 4. The issue's targets, met or not.
+    targets = Table("Issue 7 targets", ["target", "result", "worst case"])
+    if has_baton:
+        for p in others:
+            rs = [(ratio(thr.get((t, "baton")), thr.get((t, p))), t) for t in tests_thr]
+            rs = [(r, t) for r, t in rs if r is not None]
+            if rs:
+                worst = min(rs)
+                ok = worst[0] >= THROUGHPUT_TARGET
+                targets.add([f"throughput >= {THROUGHPUT_TARGET}x {NAMES[p]}", "met" if ok else "NOT met", f"{worst[0]:.2f}x ({worst[1]})"])
+        if "haproxy" in others:
+            worst, ok = None, True
+            for test in tests_rr:
+                for label, d in (("p50", rr50), ("p99", rr99)):
+                    b, h, base = d.get((test, "baton")), d.get((test, "haproxy")), d.get((test, "direct"))
+                    if None in (b, h, base):
+                        continue
+                    excess = (b - base) - (h - base)
+                    if excess > 0:
+                        ok = False
+                    if worst is None or excess > worst[0]:
+                        worst = (excess, f"{test} {label}")
+            if worst:
+                targets.add(["added latency <= haproxy x2's (p50, p99)", "met" if ok else "NOT met", f"{worst[0]:+.1f} us vs haproxy ({worst[1]})"])
+            rs = [(ratio(cpu.get((t, "baton")), cpu.get((t, "haproxy"))), t) for t in tests_thr]
+            rs = [(r, t) for r, t in rs if r is not None]
+            if rs:
+                worst = max(rs)
+                targets.add(["CPU per GB <= haproxy x2's", "met" if worst[0] <= 1.0 else "NOT met", f"{worst[0]:.2f}x ({worst[1]})"])
+        tables.append(targets)
+
+    env = os.environ.get
+    context = [
+        f"date: {env('STAMP', '?')}",
+        f"commit: {env('REV', '?')}",
+        f"machine: {env('MACHINE', '?')}; CPUs {env('BUSY_BEFORE', '?')}% busy just before the tests",
+        f"iperf3: {env('IPERF_VERSION', '?')}, {env('DURATION', '?')} s per test; "
+        f"rr: {env('RR_COUNT', '?')} round trips after {env('RR_WARMUP', '?')} warm-up, one connection, TCP_NODELAY",
+        f"baton: client agent and gateway, tokio worker threads {env('BATON_WORKERS') or 'one per core'}",
+        f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION', '?')} tcp mode, "
+        f"splice-request + splice-response, nbthread {env('HAPROXY_NBTHREAD', '?')}; "
+        f"socat {env('SOCAT_VERSION', '?')} -b {env('SOCAT_BUF', '?')}, fork, nodelay",
+        "CPU: user+system seconds of the relay's processes (and socat's per-connection children) "
+        "during the test, per GB iperf3 received",
+    ]
+    if int(env("ROUNDS", "1")) > 1:
+        context.append(f"each value is the median of {env('ROUNDS')} rounds, peers in rotating order")
+    context.append("ratios: baton / peer (throughput: higher is better; latency and CPU: lower is better)")
+
+    print()
+    for t in tables:
+        print(t.text())
+    with open(sys.argv[2], "w") as f:
+        f.write("# baton benchmark\n\n")
+        f.write("".join(f"- {c}\n" for c in context))
+        f.write("\n")
+        f.write("\n".join(t.markdown() for t in tables))
+
+
+if __name__ == "__main__":
+    main()
