@@ -171,15 +171,18 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         println!("mh_goto: baton listen remove {B}: {out}");
         assert!(out.contains(&format!("{B} → {A}")), "the agent chose the other address: {out}");
         assert!(out.contains(&format!("advertised: {A}")) && !out.contains(&format!("advertised: {A} {B}")), "{out}");
+        rig.finish_exchange(app, Duration::from_secs(30)).await;
+        // Measured once the windows are past: a gap still open at `until` counts.
         let gap1 = arrivals.longest_gap(t1, t1 + took1 + Duration::from_millis(500));
         let gap2 = arrivals.longest_gap(t2, t2 + took2 + Duration::from_millis(500));
-        rig.finish_exchange(app, Duration::from_secs(30)).await;
 
         let sw = rig.switches();
         assert_eq!(sw.len(), 2, "{sw:?}");
         for (r, (from, to), gap) in [(&sw[0], (A, B), gap1), (&sw[1], (B, A), gap2)] {
             println!("mh_goto: {}; the application's longest gap {} ms", pause(r), gap.as_millis());
             assert_eq!(r["kind"], "planned", "{r}");
+            // Make before break: nothing like the old leg's one-second drain fallback.
+            assert!(gap < Duration::from_secs(1), "the application paused {} ms: {r}", gap.as_millis());
             assert!(r["reason"].as_str().unwrap().contains("go-to"), "{r}");
             assert_eq!((r["gateway_addr_from"].as_str(), r["gateway_addr_to"].as_str()), (Some(from), Some(to)), "{r}");
             assert_eq!((r["from"].as_str(), r["to"].as_str()), (Some("wlan"), Some("wlan")), "{r}");
@@ -249,10 +252,13 @@ async fn a_name_with_a_dead_first_address_connects_through_the_next() {
         println!("mh_dns: resumed {} ms after the path came back", back.elapsed().as_millis());
         assert_eq!(session(&st)["failed_searches"], 0, "{st}");
         rig.finish_exchange(app, Duration::from_secs(30)).await;
+        // Both interfaces were being tried when the path came back: the session may resume
+        // on either (and the engine may later bring it back to wlan).
         let sw = rig.switches();
-        assert_eq!(sw.len(), 1, "{sw:?}");
         println!("mh_dns: {}; the application's longest gap {} ms", pause(&sw[0]), arrivals.longest_gap(cut, Instant::now()).as_millis());
         assert_eq!(sw[0]["kind"], "unexpected", "{}", sw[0]);
+        assert_eq!((sw[0]["gateway_addr_from"].as_str(), sw[0]["gateway_addr_to"].as_str()), (Some(A), Some(A)), "{}", sw[0]);
+        assert!(sw[0]["duration_ms"].as_u64().unwrap() >= 2000, "the pause covers the outage: {}", sw[0]);
     })
     .await
     .expect("scenario within its time limit");

@@ -318,6 +318,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     LinkState::Up(info) => {
                         let new_identity = client.probe_identity();
                         if new_identity.as_ref().map(|i| (i.0, i.2)) != identity.as_ref().map(|i| (i.0, i.2)) {
+                            // Another gateway address: the probes in flight and the
+                            // measurements so far were of paths to the old one.
+                            if identity.as_ref().is_some_and(|i| new_identity.as_ref().is_some_and(|n| n.2 != i.2)) {
+                                pending.clear();
+                                engine.on_target_changed();
+                            }
                             probers.clear();
                             identity = new_identity;
                         }

@@ -40,7 +40,7 @@ use super::{
     handshake_on, AddressStatus, Client, Core, Established, Link, LinkState, Route, SessionError, Shared, SwitchRecord,
     SwitchRequest,
 };
-use crate::path::{connect_via, Path};
+use crate::path::{connect_via, Path, LOOPBACK};
 use crate::util::lock;
 
 /// How long an attempt waits for the interface before trying the next one
@@ -130,10 +130,16 @@ pub(super) async fn search(
     };
     let mut last = SessionError::Unreachable("no address of the gateway to try".into());
     for addr in order {
-        let fit: Vec<Path> =
-            paths.iter().filter(|p| p.source.is_none_or(|s| s.is_ipv4() == addr.is_ipv4())).cloned().collect();
+        // Only the interfaces that can reach it: its address family, and the
+        // loopback device for this host's addresses alone.
+        let fit: Vec<Path> = paths
+            .iter()
+            .filter(|p| p.source.is_none_or(|s| s.is_ipv4() == addr.is_ipv4()))
+            .filter(|p| p.device.is_none() || (p.name == LOOPBACK) == addr.ip().is_loopback())
+            .cloned()
+            .collect();
         if fit.is_empty() {
-            lock(&link.book).failed(addr, "no interface of its address family".into());
+            lock(&link.book).failed(addr, "no interface can reach it".into());
             continue;
         }
         for n in 1..=retries {
