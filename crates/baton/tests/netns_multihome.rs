@@ -263,3 +263,44 @@ async fn a_name_with_a_dead_first_address_connects_through_the_next() {
     .await
     .expect("scenario within its time limit");
 }
+
+/// e. Congestion: ROUTER drops the UDP path probes to 10.89.1.2 (TCP still flows, so the
+/// path never fails). The decision engine sees the current path lose probes on every
+/// interface — there is no better interface — and the agent roams to the gateway's other
+/// address as a planned switch; the engine's measurements start over there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_lost_towards_the_first_address_roam_the_session() {
+    tokio::time::timeout(LIMIT, async {
+        let opts = Options { server_link2: true, listen: Some(format!("\"{A}\", \"{B}\"")), ..Options::default() };
+        let mut rig = Rig::start("mh_congest", opts).await;
+        rig.wait_status(Duration::from_secs(5), "both addresses advertised", |st| session(st)["advertised"] == serde_json::json!([A, B]))
+            .await;
+        let (app, arrivals) = rig.start_timed_exchange(35, 12 * MIB, MIB);
+        rig.wait_received(MIB / 2).await;
+        let drop = ["iptables", "-I", "FORWARD", "-d", "10.89.1.2", "-p", "udp", "-j", "DROP"];
+        rig.sh(baton_netbed::Host::Router, &drop);
+        let degraded = Instant::now();
+        let st = rig
+            .wait_status(Duration::from_secs(30), "the session roamed to the second address", |st| on(st, B))
+            .await;
+        let roamed = degraded.elapsed();
+        rig.finish_exchange(app, Duration::from_secs(40)).await;
+        let gap = arrivals.longest_gap(degraded, degraded + roamed + Duration::from_secs(1));
+        // The engine cannot tell a congested gateway address from a congested interface:
+        // it may first move to lte (whose probes go to the same address), and roams only
+        // once no interface is better.
+        let sw = rig.switches();
+        for r in &sw {
+            println!("mh_congest: {}", pause(r));
+        }
+        println!("mh_congest: on {B} {} ms after the probes to {A} began to be lost; the application's longest gap {} ms", roamed.as_millis(), gap.as_millis());
+        let roam = sw.iter().find(|r| r["gateway_addr_to"] == B).unwrap();
+        assert_eq!(roam["kind"], "planned", "{roam}");
+        assert!(roam["reason"].as_str().unwrap().starts_with("congestion: "), "{roam}");
+        assert_eq!(roam["gateway_addr_from"], A, "{roam}");
+        assert!(sw.iter().all(|r| r["kind"] == "planned"), "the path never failed: {sw:?}");
+        assert_eq!(rig.gateway_status()["stats"]["roams"], 1);
+    })
+    .await
+    .expect("scenario within its time limit");
+}
