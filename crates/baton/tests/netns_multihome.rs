@@ -280,9 +280,7 @@ async fn probes_lost_towards_the_first_address_roam_the_session() {
         let drop = ["iptables", "-I", "FORWARD", "-d", "10.89.1.2", "-p", "udp", "-j", "DROP"];
         rig.sh(baton_netbed::Host::Router, &drop);
         let degraded = Instant::now();
-        let st = rig
-            .wait_status(Duration::from_secs(30), "the session roamed to the second address", |st| on(st, B))
-            .await;
+        rig.wait_status(Duration::from_secs(30), "the session roamed to the second address", |st| on(st, B)).await;
         let roamed = degraded.elapsed();
         rig.finish_exchange(app, Duration::from_secs(40)).await;
         let gap = arrivals.longest_gap(degraded, degraded + roamed + Duration::from_secs(1));

@@ -145,6 +145,10 @@ impl Book {
     pub(crate) fn order(&mut self, first: Option<SocketAddr>, exclude: Option<SocketAddr>) -> Vec<SocketAddr> {
         if let Some(f) = first {
             if !self.known(f) {
+                // Bounded like the advertised list: the oldest goes.
+                if self.extra.len() >= baton_proto::wire::MAX_ADDRESSES {
+                    self.extra.remove(0);
+                }
                 self.extra.push(f);
             }
         }

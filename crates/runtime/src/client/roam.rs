@@ -122,14 +122,31 @@ pub(super) async fn search(
     let began = Instant::now();
     let (retries, delay) =
         shared.config.gateways.get(&link.gateway).map_or((1, Duration::ZERO), |g| (g.retries.max(1), g.retry_delay));
-    resolve(shared, link).await;
-    let order = {
+    // Names are resolved again at each search, but not before `first`
+    // (the current address on an interface switch, a go-to's target) has
+    // been tried: a planned switch need not wait for DNS.
+    let mut resolved = first.is_none();
+    if resolved {
+        resolve(shared, link).await;
+    }
+    let mut order = {
         let mut b = lock(&link.book);
         b.begin_search();
         b.order(first, exclude)
     };
     let mut last = SessionError::Unreachable("no address of the gateway to try".into());
-    for addr in order {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    loop {
+        let next = order.iter().copied().find(|a| !tried.contains(a));
+        if !resolved && (next.is_none() || !tried.is_empty()) {
+            // `first` failed: now the names, and the order they give.
+            resolved = true;
+            resolve(shared, link).await;
+            order = lock(&link.book).order(first, exclude);
+            continue;
+        }
+        let Some(addr) = next else { break };
+        tried.push(addr);
         // Only the interfaces that can reach it: its address family, and the
         // loopback device for this host's addresses alone.
         let fit: Vec<Path> = paths
