@@ -104,6 +104,24 @@ pub(crate) fn render(st: &Value) -> String {
             );
         }
     }
+    let exposed = st["exposed"].as_array().cloned().unwrap_or_default();
+    if !exposed.is_empty() {
+        let _ = writeln!(out, "\nCLIENT SERVICE   GATEWAY          STATE       GATEWAY ADDRESS          TARGET                 CONNECTIONS");
+        for e in &exposed {
+            // A refusal shows its reason where the address would be.
+            let at = if e["address"].is_null() { e["error"].clone() } else { e["address"].clone() };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<11} {:<24} {:<22} {}",
+                s(&e["name"]),
+                s(&e["gateway"]),
+                s(&e["state"]),
+                s(&at),
+                s(&e["target"]),
+                s(&e["connections"])
+            );
+        }
+    }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
     if !switches.is_empty() {
@@ -134,6 +152,25 @@ pub(crate) fn render(st: &Value) -> String {
         let _ = writeln!(out, "\nRECENT EVENTS");
         for e in events.iter().rev().take(10) {
             let _ = writeln!(out, "{:<14} {:<18} {:<10} {}", s(&e["at_unix_ms"]), s(&e["kind"]), s(&e["interface"]), s(&e["reason"]));
+        }
+    }
+    let udp_services = st["udp"]["services"].as_array().cloned().unwrap_or_default();
+    if !udp_services.is_empty() {
+        let _ = writeln!(out, "\nUDP SERVICE      GATEWAY          FLOWS  SENT      RECEIVED  DELAYED  DROPPED  EXPIRED  LISTEN");
+        for u in &udp_services {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
+                s(&u["service"]),
+                s(&u["gateway"]),
+                s(&u["flows"]),
+                s(&u["sent"]),
+                s(&u["received"]),
+                s(&u["delayed"]),
+                s(&u["dropped"]),
+                s(&u["flows_expired"]),
+                s(&u["listen"])
+            );
         }
     }
     out

@@ -11,6 +11,9 @@
 //! direction where the other side says it stopped. With no interface at all
 //! everything is held (bounded by the replay buffers) until one comes back,
 //! for at most the switch timeout.
+//!
+//! The agent also serves client services (server → client) that it exposes
+//! through a gateway: see the `expose` module.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,11 +40,15 @@ use baton_proto::{
     Role, StreamId,
 };
 
+mod expose;
+
+pub use expose::{ExposedState, ExposedStatus};
+
 use crate::util::{lock, sid};
 use crate::config::ClientConfig;
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
+use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamInbox, StreamLimits, StreamShared, Tombstones, ToSession};
 
 mod book;
 mod roam;
@@ -156,6 +163,9 @@ pub struct StreamStatus {
     pub id: u64,
     /// Service name.
     pub service: String,
+    /// Opened from the gateway's side: a connection to a client service
+    /// (its id has [`StreamId::GATEWAY`] set).
+    pub incoming: bool,
     /// Bytes taken from the application.
     pub sent: u64,
     /// Of those, bytes the gateway confirmed (the rest is held for replay).
@@ -210,6 +220,10 @@ struct Link {
     /// A move to another gateway address, to announce on the next control
     /// connection (`Roam`).
     pending_roam: Mutex<Option<(SocketAddr, SocketAddr)>>,
+    /// Client services through this gateway and what it said of them.
+    exposed: Mutex<Vec<ExposedStatus>>,
+    /// The UDP services relayed by this gateway, and their flows.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug)]
@@ -241,6 +255,8 @@ struct Core {
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
     released: CancellationToken,
+    /// The link's UDP flows, which move with this session.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,10 +283,18 @@ impl Client {
     pub async fn start(config: ClientConfig, key: ClientKey, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for (name, svc) in &config.services {
+            if svc.protocol == crate::config::Protocol::Udp {
+                continue;
+            }
             let l = TcpListener::bind(svc.listen).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));
+        }
+        let tasks = TaskTracker::new();
+        let mut udp = HashMap::new();
+        for name in config.gateways.keys() {
+            udp.insert(name.clone(), crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?);
         }
         let links = config
             .gateways
@@ -285,6 +309,8 @@ impl Client {
                     switch_rx: Mutex::new(Some(switch_rx)),
                     book: Mutex::new(book::Book::new(g.addresses.clone())),
                     pending_roam: Mutex::new(None),
+                    exposed: Mutex::new(expose::initial(&config, name)),
+                    udp: udp[name].clone(),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -307,7 +333,7 @@ impl Client {
             paths,
             switches: Mutex::new(Vec::new()),
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
             limits,
             events: Arc::new(crate::decide::Events::new()),
             decider,
@@ -316,6 +342,10 @@ impl Client {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
+        for link in shared.links.values() {
+            service_addrs.extend(link.udp.service_addrs());
+            link.udp.start();
+        }
         for (name, l) in listeners {
             service_addrs.insert(name.clone(), l.local_addr()?);
             info!(service = %name, addr = %l.local_addr()?, "service listening");
@@ -395,6 +425,7 @@ impl Client {
                     gateway: g.clone(),
                     id: s.shared.id.0,
                     service: s.service.clone(),
+                    incoming: s.shared.id.is_gateway_opened(),
                     sent: s.shared.taken.load(Ordering::Relaxed),
                     confirmed: s.shared.peer_acked.load(Ordering::Relaxed),
                     received: s.shared.delivered.load(Ordering::Relaxed),
@@ -410,6 +441,24 @@ impl Client {
             }
         }
         out.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// The client services this agent exposes, with where each gateway
+    /// listens for them.
+    pub fn exposed(&self) -> Vec<ExposedStatus> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        names.into_iter().flat_map(|g| lock(&self.shared.links[g].exposed).clone()).collect()
+    }
+
+    /// UDP services, flows and their counters.
+    pub fn udp_status(&self) -> crate::udp::UdpStatus {
+        let mut out = crate::udp::UdpStatus { services: Vec::new(), flows: Vec::new(), gateways: Vec::new() };
+        for g in self.gateway_names() {
+            self.shared.links[&g].udp.status(&mut out);
+        }
+        out.flows.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
         out
     }
 
@@ -619,6 +668,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         };
         backoff = Duration::from_millis(50);
         let core = adopt(&shared, &link, core, &est);
+        core.udp.route(core.id, &core.leg_key, &est.route.path, est.route.gateway_addr);
         let from = outage.as_ref().map(|o| o.2.clone());
         let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
         link.state.send_replace(LinkState::Up(info));
@@ -638,6 +688,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                 ControlEnd::Switched(new_est, req, started, at) => {
                     let from = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
                     *lock(&core.route) = new_est.route.clone();
+                    core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
                     link.state.send_replace(LinkState::Up(info));
                     let why = req.reason.clone();
@@ -654,6 +705,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     roam::path_failed(&shared, &link, &from);
                     core.up.send_replace(false);
                     *lock(&core.control) = None;
+                    core.udp.detach();
                     // Legs on the failed path are cut so that nothing waits on them.
                     lock(&core.route).cut.cancel();
                     // Bind first: the watch's read guard must be gone before the write.
@@ -718,6 +770,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
+        udp: link.udp.clone(),
     });
     *lock(&link.core) = Some(core.clone());
     shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
@@ -726,6 +779,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
 
 fn release_core(link: &Link, core: &Core, why: &str) {
     info!(gateway = %link.gateway, session = %sid(core.id), "session released: {why}");
+    expose::forget(link);
     core.released.cancel();
     core.up.send_replace(false);
     let mut slot = lock(&link.core);
@@ -967,6 +1021,7 @@ async fn run_control(
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
     roam::announce(link, core);
     *lock(&core.last_heard) = std::time::Instant::now();
@@ -988,6 +1043,11 @@ async fn run_control(
         let _ = core.to_session.send(ToSession::Ack { stream: s.shared.id, urgent: false });
     }
     for m in lock(&core.finished).messages() {
+        cipher.seal(&m, &mut out);
+    }
+    // Every connection declares the client services again: after a resume
+    // the answer is the same, after a new session the gateway listens anew.
+    if let Some(m) = expose::declaration(link) {
         cipher.seal(&m, &mut out);
     }
     if let Err(e) = w.write_all(&out).await {
@@ -1015,9 +1075,15 @@ async fn run_control(
                         liveness.on_receive(Instant::now().into_std());
                         *lock(&core.last_heard) = std::time::Instant::now();
                         // Addresses and go-to are the multihomed gateway's (roam.rs).
-                        let msg = roam::on_message(shared, link, &route, msg);
-                        if let Some(reply) = msg.and_then(|m| on_control(core, m)) {
-                            cipher.seal(&reply, &mut out);
+                        match roam::on_message(shared, link, &route, msg) {
+                            None => {}
+                            Some(Message::Incoming { stream, service }) => expose::on_incoming(shared, link, core, stream, service),
+                            Some(Message::Exposed { entries }) => expose::on_exposed(link, entries),
+                            Some(msg) => {
+                                if let Some(reply) = on_control(core, msg) {
+                                    cipher.seal(&reply, &mut out);
+                                }
+                            }
                         }
                     }
                     Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
@@ -1095,6 +1161,7 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
+        m @ (Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None
@@ -1300,15 +1367,7 @@ async fn serve_stream(
     let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
-    if *core.up.borrow() {
-        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
-    }
-    let end = stream::run(app, st.clone(), inbox, limits, core.to_session.clone()).await;
-    if matches!(end, StreamEnd::Finished) {
-        lock(&core.finished).push(st.tombstone());
-    }
-    lock(&core.streams).remove(&id);
+    let end = relay(shared, &core, &cs, inbox, app).await;
     match end {
         StreamEnd::Finished => Ok(()),
         StreamEnd::Aborted if core.released.is_cancelled() => Err(StreamClose::Fault("session ended".into())),
@@ -1316,4 +1375,27 @@ async fn serve_stream(
         StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!("application connection failed: {e}"))),
         other => Err(StreamClose::Fault(other.to_string())),
     }
+}
+
+/// Relays a stream registered in the session: dials its first leg (if the
+/// session is up and none was dialed yet: otherwise the reconnect does),
+/// runs it to its end, and keeps a finished stream's tombstone.
+async fn relay(
+    shared: &Arc<Shared>,
+    core: &Arc<Core>,
+    cs: &Arc<ClientStream>,
+    inbox: StreamInbox,
+    local: TcpStream,
+) -> StreamEnd {
+    if *core.up.borrow() && cs.generation.load(Ordering::Acquire) == 0 {
+        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
+    }
+    let st = &cs.shared;
+    let end = stream::run(local, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    if matches!(end, StreamEnd::Finished) {
+        lock(&core.finished).push(st.tombstone());
+    }
+    lock(&core.streams).remove(&st.id);
+    end
 }

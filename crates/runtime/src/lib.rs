@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod gateway_admin;
 pub mod path;
 pub mod stream;
+pub mod udp;
 mod util;
 pub mod verify;
 

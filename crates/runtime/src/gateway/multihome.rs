@@ -204,7 +204,8 @@ impl Gateway {
         let udp = tokio::net::UdpSocket::bind(bound).await.map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
         let stop = serving(shared, bound);
         shared.tasks.spawn(accept_loop(shared.clone(), l, stop.clone()));
-        shared.tasks.spawn(answer_probes(shared.clone(), udp, stop));
+        crate::udp::tune(&udp);
+        shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
         info!(addr = %bound, "listening on a new address");
         advertise(shared);
         Ok(bound)
