@@ -99,6 +99,56 @@ enum Command {
         #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
         admin: PathBuf,
     },
+    /// Planned move of the client agent's session to another address of its
+    /// gateway (make before break).
+    Roam {
+        /// The gateway's `ip:port` to move to; without it, the next address.
+        to: Option<String>,
+        /// The gateway (required with an address when there are several).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// The agent's admin socket.
+        #[arg(long, default_value = baton_runtime::admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
+    /// Show a gateway's addresses (served, advertised) and sessions.
+    GatewayStatus {
+        /// The gateway's admin socket.
+        #[arg(long, default_value = baton_runtime::gateway_admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Direct a client agent to another address of the gateway ("go to").
+    Goto {
+        /// The client agent's id.
+        client: String,
+        /// The gateway's `ip:port` to go to; without it, the agent chooses.
+        to: Option<String>,
+        /// Seconds to wait for the session to arrive.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// The gateway's admin socket.
+        #[arg(long, default_value = baton_runtime::gateway_admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
+    /// Serve one more address on a running gateway (`add`), or give one up
+    /// after directing its sessions elsewhere (`remove`); the gateway
+    /// advertises the new set to its client agents.
+    Listen {
+        /// `add` or `remove`.
+        #[arg(value_parser = ["add", "remove"])]
+        action: String,
+        /// `ip:port`.
+        addr: String,
+        /// Seconds `remove` waits for the sessions to move.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// The gateway's admin socket.
+        #[arg(long, default_value = baton_runtime::gateway_admin::DEFAULT_SOCKET)]
+        admin: PathBuf,
+    },
     /// Show baton at work on loopback: no root, no configuration.
     Demo {
         /// Concurrent streams.
@@ -152,8 +202,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
+                let admin = cfg.admin.clone();
                 let gw = Gateway::start(cfg, shutdown.clone()).await?;
-                wait_for_signal().await;
+                let path = admin.clone().unwrap_or_else(|| PathBuf::from(baton_runtime::gateway_admin::DEFAULT_SOCKET));
+                let admin_task = tokio::spawn(baton_runtime::gateway_admin::serve(gw.clone(), path, shutdown.clone()));
+                tokio::select! {
+                    _ = wait_for_signal() => {}
+                    r = admin_task => match r {
+                        // A configured socket must work; the default one may be
+                        // another gateway's on the same host.
+                        Ok(Err(e)) if admin.is_some() => {
+                            shutdown.cancel();
+                            return Err(e.into());
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("{e}; running without an admin socket (set `admin` in the configuration)");
+                            wait_for_signal().await;
+                        }
+                        _ => wait_for_signal().await,
+                    },
+                }
                 shutdown.cancel();
                 gw.wait().await;
                 Ok(ExitCode::SUCCESS)
@@ -231,6 +299,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Roam { to, gateway, admin } => {
+            let req = baton_runtime::admin::Request::Roam { gateway, to };
+            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
+            if reply["ok"] != true {
+                anyhow::bail!("roam failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+            }
+            for sw in reply["switches"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: {} → {} via {} in {} ms ({} streams, longest stall {} ms)",
+                    sw["gateway"].as_str().unwrap_or("?"),
+                    sw["gateway_addr_from"].as_str().unwrap_or("?"),
+                    sw["gateway_addr_to"].as_str().unwrap_or("?"),
+                    sw["to"].as_str().unwrap_or("?"),
+                    sw["duration_ms"],
+                    sw["streams"],
+                    sw["longest_stall_ms"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GatewayStatus { admin, json } => {
+            let req = baton_runtime::gateway_admin::Request::Status;
+            let reply = runtime()?.block_on(baton_runtime::gateway_admin::request(&admin, &req))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", status::render_gateway(&reply));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Goto { client, to, wait, admin } => {
+            let req = baton_runtime::gateway_admin::Request::Goto { client, to, wait_ms: Some(wait * 1000) };
+            gateway_moves(&admin, &req)
+        }
+        Command::Listen { action, addr, wait, admin } => {
+            let req = if action == "add" {
+                baton_runtime::gateway_admin::Request::ListenAdd { addr }
+            } else {
+                baton_runtime::gateway_admin::Request::ListenRemove { addr, wait_ms: Some(wait * 1000) }
+            };
+            gateway_moves(&admin, &req)
+        }
         Command::Demo { streams, mib, pace } => {
             anyhow::ensure!(streams > 0, "--streams must be at least 1");
             anyhow::ensure!(pace > 0, "--pace must be at least 1");
@@ -246,6 +356,35 @@ fn admin_simple(admin: &Path, req: baton_runtime::admin::Request) -> anyhow::Res
         anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
     }
     println!("{}", reply["message"].as_str().unwrap_or("ok"));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a go-to or listen request to the gateway and prints where each
+/// session went; fails if one did not move.
+fn gateway_moves(admin: &Path, req: &baton_runtime::gateway_admin::Request) -> anyhow::Result<ExitCode> {
+    let reply = runtime()?.block_on(baton_runtime::gateway_admin::request(admin, req))?;
+    if reply["ok"] != true {
+        anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
+    }
+    if let Some(a) = reply["addr"].as_str() {
+        println!("listening on {a}");
+    }
+    if let Some(adv) = reply["advertised"].as_array() {
+        let list: Vec<String> = adv.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        println!("advertised: {}", list.join(" "));
+    }
+    let mut stuck = 0;
+    for m in reply["moves"].as_array().into_iter().flatten() {
+        let (client, session) = (m["client"].as_str().unwrap_or("?"), m["session_id"].as_str().unwrap_or("?"));
+        let (from, to) = (m["from"].as_str().unwrap_or("-"), m["to"].as_str().unwrap_or("-"));
+        if m["moved"] == true {
+            println!("{client} (session {session}): {from} → {to} in {} ms", m["ms"]);
+        } else {
+            stuck += 1;
+            println!("{client} (session {session}): still on {to} after {} ms", m["ms"]);
+        }
+    }
+    anyhow::ensure!(stuck == 0, "{stuck} session(s) did not move");
     Ok(ExitCode::SUCCESS)
 }
 

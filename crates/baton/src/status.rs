@@ -64,6 +64,24 @@ pub(crate) fn render(st: &Value) -> String {
             g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default()
         );
     }
+    for g in st["sessions"].as_array().into_iter().flatten() {
+        let addrs = g["addresses"].as_array().cloned().unwrap_or_default();
+        if addrs.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n{} ADDRESSES (failed searches in a row: {})", s(&g["gateway"]), s(&g["failed_searches"]));
+        for a in &addrs {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<24} {:<8} {:<3} {}",
+                s(&a["addr"]),
+                s(&a["origin"]),
+                s(&a["state"]),
+                s(&a["attempts"]),
+                a["error"].as_str().unwrap_or("")
+            );
+        }
+    }
     let streams = st["streams"].as_array().cloned().unwrap_or_default();
     if !streams.is_empty() {
         let _ = writeln!(out, "\nSTREAM  GATEWAY          SERVICE          SENT B        RECEIVED B    RESENT B   LEGS  COMPRESS");
@@ -110,12 +128,18 @@ pub(crate) fn render(st: &Value) -> String {
         let _ = writeln!(out, "KIND        GATEWAY          FROM → TO              PAUSE ms  STALL ms  RESENT B  STREAMS  REASON");
     }
     for w in switches.iter().rev().take(20) {
+        // A roam to another gateway address shows the addresses too.
+        let moved = if w["gateway_addr_from"] != w["gateway_addr_to"] {
+            format!("{}@{} → {}@{}", s(&w["from"]), s(&w["gateway_addr_from"]), s(&w["to"]), s(&w["gateway_addr_to"]))
+        } else {
+            format!("{} → {}", s(&w["from"]), s(&w["to"]))
+        };
         let _ = writeln!(
             out,
             "{:<11} {:<16} {:<22} {:<9} {:<9} {:<9} {:<8} {}",
             s(&w["kind"]),
             s(&w["gateway"]),
-            format!("{} → {}", s(&w["from"]), s(&w["to"])),
+            moved,
             s(&w["duration_ms"]),
             s(&w["longest_stall_ms"]),
             s(&w["bytes_resent"]),
@@ -148,6 +172,33 @@ pub(crate) fn render(st: &Value) -> String {
                 s(&u["listen"])
             );
         }
+    }
+    out
+}
+
+/// Renders the gateway's status document as text.
+pub(crate) fn render_gateway(st: &Value) -> String {
+    let list = |v: &Value| v.as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(" ");
+    let mut out = String::new();
+    let _ = writeln!(out, "listening:  {}", list(&st["listening"]));
+    let _ = writeln!(out, "advertised: {}", list(&st["advertised"]));
+    let _ = writeln!(
+        out,
+        "roams: {}   go-tos: {}",
+        s(&st["stats"]["roams"]),
+        s(&st["stats"]["gotos"])
+    );
+    let _ = writeln!(out, "\nCLIENT           SESSION           ADDRESS                  PEER                     STREAMS");
+    for g in st["sessions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<17} {:<24} {:<24} {}",
+            s(&g["client"]),
+            s(&g["session_id"]),
+            s(&g["gateway_addr"]),
+            s(&g["peer"]),
+            s(&g["streams"])
+        );
     }
     out
 }

@@ -6,6 +6,7 @@
 //!   wlan 10.81.1.2/24 ──veth── rwlan 10.81.1.1/24
 //!   lte  10.82.1.2/24 ──veth── rlte  10.82.1.1/24
 //!                              rsrv  10.89.1.1/24 ──veth──── srv 10.89.1.2/24
+//!                              rsrv2 10.90.1.1/24 ──veth──── srv2 10.90.1.2/24  (add_server_link)
 //! ```
 //!
 //! MOBILE has two default routes (wlan metric 100, lte metric 200), ROUTER forwards, SERVER
@@ -136,6 +137,47 @@ fn addr_in(net: [u8; 3], host: u8) -> Ipv4Addr {
 }
 
 const SERVER_NET: [u8; 3] = [10, 89, 1];
+/// SERVER's second link, made by [`Bed::add_server_link`].
+const SERVER2_NET: [u8; 3] = [10, 90, 1];
+/// Routing table SERVER uses for what leaves from its second address.
+const SERVER2_TABLE: &str = "90";
+/// Where `ip netns exec` finds a namespace's own `/etc` files (`hosts`, ...).
+const NETNS_ETC: &str = "/etc/netns";
+
+/// One of SERVER's links: a multihomed server (a gateway with two
+/// addresses on two networks, seed 003).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerLink {
+    /// `srv`, 10.89.1.2 (ROUTER 10.89.1.1 on `rsrv`): always there.
+    First,
+    /// `srv2`, 10.90.1.2 (ROUTER 10.90.1.1 on `rsrv2`): after [`Bed::add_server_link`].
+    Second,
+}
+
+impl ServerLink {
+    /// Interface name on SERVER.
+    pub fn ifname(self) -> &'static str {
+        match self {
+            ServerLink::First => "srv",
+            ServerLink::Second => "srv2",
+        }
+    }
+
+    /// Interface name of the same link on ROUTER.
+    pub fn router_ifname(self) -> &'static str {
+        match self {
+            ServerLink::First => "rsrv",
+            ServerLink::Second => "rsrv2",
+        }
+    }
+
+    fn net(self) -> [u8; 3] {
+        match self {
+            ServerLink::First => SERVER_NET,
+            ServerLink::Second => SERVER2_NET,
+        }
+    }
+}
 /// MOBILE's LAN: MOBILE is .1 on `lan0`, LAN is .2 on `eth0`.
 const LAN_NET: [u8; 3] = [10, 88, 1];
 const ROUTER_OCTET: u8 = 1;
@@ -208,6 +250,8 @@ struct LinkState {
 #[derive(Default)]
 struct State {
     links: [LinkState; 2],
+    /// SERVER links whose traffic ROUTER drops.
+    blocked: Vec<ServerLink>,
 }
 
 /// A mobile host, a router and a server in three fresh network namespaces.
@@ -387,6 +431,75 @@ link set lo up
 ", addr_in(LAN_NET, HOST_OCTET)),
         )?;
         Ok(())
+    }
+
+    /// Gives SERVER a second link, `srv2` (10.90.1.2/24), to ROUTER's `rsrv2`
+    /// (10.90.1.1/24): SERVER becomes multihomed. What SERVER sends from
+    /// 10.90.1.2 leaves by `srv2` (a source rule), so each address works
+    /// while the other link is blocked. May be called while traffic flows:
+    /// it is how an address appears at run time.
+    pub fn add_server_link(&self) -> io::Result<()> {
+        let s = self.ns(Host::Server);
+        let (second, router) = (addr_in(SERVER2_NET, HOST_OCTET), addr_in(SERVER2_NET, ROUTER_OCTET));
+        self.ip_batch(
+            Host::Router,
+            &format!(
+                "link add rsrv2 type veth peer name srv2 netns {s}\n\
+                 addr add {}/24 dev rsrv2\n\
+                 link set rsrv2 up\n",
+                addr_in(SERVER2_NET, ROUTER_OCTET)
+            ),
+        )?;
+        self.ip_batch(
+            Host::Server,
+            &format!(
+                "addr add {second}/24 dev srv2\n\
+                 link set srv2 up\n\
+                 route add default via {router} dev srv2 table {SERVER2_TABLE}\n\
+                 rule add from {second} lookup {SERVER2_TABLE}\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// SERVER's address on `link`: 10.89.1.2 or 10.90.1.2.
+    pub fn server_addr_on(&self, link: ServerLink) -> Ipv4Addr {
+        addr_in(link.net(), HOST_OCTET)
+    }
+
+    /// Makes ROUTER drop everything it would forward to or from SERVER's
+    /// `link` (`blocked`), or forward it again: the path to that address of
+    /// SERVER is cut for every MOBILE link at once, while SERVER itself,
+    /// its addresses and its other link stay as they are.
+    pub fn block_server_link(&self, link: ServerLink, blocked: bool) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.blocked.contains(&link) == blocked {
+            return Ok(());
+        }
+        let op = if blocked { "-I" } else { "-D" };
+        let dev = link.router_ifname();
+        for dir in ["-i", "-o"] {
+            run_ok(
+                self.command(Host::Router, "iptables").args(["-w", "5", op, "FORWARD", dir, dev, "-j", "DROP"]),
+                None,
+                CMD_TIMEOUT,
+            )?;
+        }
+        if blocked {
+            st.blocked.push(link);
+        } else {
+            st.blocked.retain(|l| *l != link);
+        }
+        Ok(())
+    }
+
+    /// Gives `host` its own `/etc/hosts` (`ip netns exec` mounts
+    /// `/etc/netns/<ns>/hosts` over it for the programs it starts, such as
+    /// the daemons of [`command`](Self::command)); removed with the bed.
+    pub fn set_hosts(&self, host: Host, text: &str) -> io::Result<()> {
+        let dir = Path::new(NETNS_ETC).join(self.ns(host));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), text)
     }
 
     /// MOBILE's address on its LAN (10.88.1.1), once [`add_lan`](Self::add_lan) ran.
@@ -821,6 +934,7 @@ impl Drop for Bed {
         self.children.kill_all();
         for ns in &self.ns {
             remove_ns(ns);
+            let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
         }
     }
 }
@@ -869,6 +983,14 @@ fn sweep_stale() {
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             remove_ns(name);
+        }
+    }
+    // `/etc` files of beds whose namespaces are already gone.
+    for entry in std::fs::read_dir(NETNS_ETC).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(NS_PREFIX).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

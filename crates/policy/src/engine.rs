@@ -790,6 +790,19 @@ impl Engine {
         }
     }
 
+    /// The probes now measure other paths through the same interfaces: the
+    /// session moved to another address of a multihomed gateway, which the
+    /// probes go to. What was measured towards the old address says nothing
+    /// about the new one, so every interface's measurements start over.
+    pub fn on_target_changed(&mut self) {
+        for e in &mut self.entries {
+            e.window = Window::default();
+            e.health = Health::Unknown;
+            e.stall = None;
+            e.throughput = None;
+        }
+    }
+
     // ---- activities ----
 
     /// Check Activity: probe and judge the current path.

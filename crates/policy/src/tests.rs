@@ -299,6 +299,17 @@ fn a_growing_stall_reaches_critical_without_new_reports() {
 }
 
 #[test]
+fn a_new_probe_target_starts_the_measurements_over() {
+    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100)]).link("eth0", |t| (t < 10.0).then_some(ms(5))).start();
+    sim.run_until(13.0);
+    let before = sim.engine.interfaces(sim.now)[0].clone();
+    assert!(before.stats.loss.is_some_and(|l| l > 0.0), "{before:?}");
+    sim.engine.on_target_changed();
+    let after = sim.engine.interfaces(sim.now)[0].clone();
+    assert_eq!((after.stats.samples, after.health), (0, Health::Unknown), "{after:?}");
+}
+
+#[test]
 fn losing_probes_reaches_critical() {
     let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600)])
         .link("eth0", |t| (t < 40.0).then_some(ms(5)))

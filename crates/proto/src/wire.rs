@@ -38,6 +38,8 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_ACKS: usize = 250;
 /// Longest human-readable reason carried in a refusal.
 pub const MAX_REASON: usize = 512;
+/// Most gateway addresses in one [`Message::Addresses`] (fits [`MAX_PAYLOAD`]).
+pub const MAX_ADDRESSES: usize = 64;
 /// Most client services one client agent may expose through one gateway
 /// (bounds [`Message::Expose`] and [`Message::Exposed`] to one frame).
 pub const MAX_EXPOSED: usize = 32;
@@ -327,6 +329,19 @@ pub enum Message {
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
     LegReply { result: Result<Offset, RefuseReason>, detail: String },
+    /// Gateway → client, keyed: every address at which the gateway accepts
+    /// client agents now (seed 003's dynamic computer addresses), sent once
+    /// the session is up and again whenever the set changes. The list
+    /// replaces the previous one; at most [`MAX_ADDRESSES`].
+    Addresses { list: Vec<SocketAddr> },
+    /// Gateway → client, keyed: move the session to another address of the
+    /// gateway, make before break (seed 003's "Go To"). `None` lets the
+    /// client choose the next address it knows.
+    GoTo { addr: Option<SocketAddr> },
+    /// Client → gateway, keyed: the session moved from one gateway address
+    /// to another (seed 003's "Roam"). Sent on the new control connection,
+    /// since after a failure the old one is gone.
+    Roam { from: SocketAddr, to: SocketAddr },
     /// Client → gateway: a UDP flow of `service` starts (or, after a
     /// reconnect, goes on); its datagrams follow over UDP. Keyed.
     FlowOpen { flow: FlowId, service: String },
@@ -386,6 +401,10 @@ mod ty {
     pub(super) const INCOMING: u8 = 0x1A;
     pub(super) const LEG_OPEN: u8 = 0x20;
     pub(super) const LEG_REPLY: u8 = 0x21;
+    // Multihomed gateway (seed 003): 0x40..0x4F.
+    pub(super) const ADDRESSES: u8 = 0x40;
+    pub(super) const GO_TO: u8 = 0x41;
+    pub(super) const ROAM: u8 = 0x42;
     pub(super) const FLOW_OPEN: u8 = 0x30;
     pub(super) const FLOW_REPLY: u8 = 0x31;
     pub(super) const FLOW_CLOSE: u8 = 0x32;
@@ -433,6 +452,9 @@ impl Message {
             Self::Incoming { .. } => ty::INCOMING,
             Self::LegOpen { .. } => ty::LEG_OPEN,
             Self::LegReply { .. } => ty::LEG_REPLY,
+            Self::Addresses { .. } => ty::ADDRESSES,
+            Self::GoTo { .. } => ty::GO_TO,
+            Self::Roam { .. } => ty::ROAM,
             Self::FlowOpen { .. } => ty::FLOW_OPEN,
             Self::FlowReply { .. } => ty::FLOW_REPLY,
             Self::FlowClose { .. } => ty::FLOW_CLOSE,
@@ -534,6 +556,20 @@ impl Message {
                     }
                 }
                 put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+            Self::Addresses { list } => {
+                assert!(list.len() <= MAX_ADDRESSES, "too many addresses for one frame");
+                out.put_u8(list.len() as u8);
+                list.iter().for_each(|a| put_addr(out, a));
+            }
+            Self::GoTo { addr: None } => out.put_u8(0),
+            Self::GoTo { addr: Some(a) } => {
+                out.put_u8(1);
+                put_addr(out, a);
+            }
+            Self::Roam { from, to } => {
+                put_addr(out, from);
+                put_addr(out, to);
             }
             Self::FlowOpen { flow, service } => {
                 out.put_u32(flow.0);
@@ -648,6 +684,20 @@ impl Message {
                 let result = if code == 0 { Ok(Offset(off)) } else { Err(RefuseReason::from_code(code)) };
                 Self::LegReply { result, detail: get_str(&mut r, MAX_REASON)? }
             }
+            ty::ADDRESSES => {
+                let n = get_u8(&mut r)? as usize;
+                if n > MAX_ADDRESSES {
+                    return Err(WireError::TooLong(n));
+                }
+                let list = (0..n).map(|_| get_addr(&mut r)).collect::<Result<_, _>>()?;
+                Self::Addresses { list }
+            }
+            ty::GO_TO => match get_u8(&mut r)? {
+                0 => Self::GoTo { addr: None },
+                1 => Self::GoTo { addr: Some(get_addr(&mut r)?) },
+                _ => return Err(WireError::Invalid("go-to flag")),
+            },
+            ty::ROAM => Self::Roam { from: get_addr(&mut r)?, to: get_addr(&mut r)? },
             ty::FLOW_OPEN => Self::FlowOpen { flow: FlowId(get_u32(&mut r)?), service: get_name(&mut r)? },
             ty::FLOW_REPLY => {
                 let flow = FlowId(get_u32(&mut r)?);
@@ -763,6 +813,33 @@ fn get_str(r: &mut &[u8], max: usize) -> Result<String, WireError> {
     Ok(s)
 }
 
+/// A socket address: family (4 or 6), the address, the port (never 0).
+fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.put_u8(4);
+            out.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.put_u8(6);
+            out.put_slice(&ip.octets());
+        }
+    }
+    out.put_u16(a.port());
+}
+
+fn get_addr(r: &mut &[u8]) -> Result<SocketAddr, WireError> {
+    let ip = match get_u8(r)? {
+        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(r)?)),
+        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(r)?)),
+        _ => return Err(WireError::Invalid("address family")),
+    };
+    match get_u16(r)? {
+        0 => Err(WireError::Invalid("port 0")),
+        port => Ok(SocketAddr::new(ip, port)),
+    }
+}
+
 fn get_name(r: &mut &[u8]) -> Result<String, WireError> {
     let s = get_str(r, MAX_NAME)?;
     if !valid_name(&s) {
@@ -834,6 +911,14 @@ mod tests {
             compression: Compression::Zstd,
         });
         roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
+        let v6: SocketAddr = "[2001:db8::7]:7700".parse().unwrap();
+        let v4: SocketAddr = "10.90.1.2:7700".parse().unwrap();
+        roundtrip(Message::Addresses { list: vec![] });
+        roundtrip(Message::Addresses { list: vec![v4, v6] });
+        roundtrip(Message::Addresses { list: vec![v6; MAX_ADDRESSES] });
+        roundtrip(Message::GoTo { addr: None });
+        roundtrip(Message::GoTo { addr: Some(v6) });
+        roundtrip(Message::Roam { from: v4, to: v6 });
         roundtrip(Message::FlowOpen { flow: FlowId(1), service: "dns".into() });
         roundtrip(Message::FlowReply { flow: FlowId(2), result: Ok(()), detail: String::new() });
         roundtrip(Message::FlowReply {
@@ -886,6 +971,17 @@ mod tests {
         assert!(!valid_name(""));
         assert!(!valid_name(&"a".repeat(65)));
         assert!(valid_name("laptop-7.office_2"));
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        // Family 5, port 0, more entries than the bound, a truncated entry.
+        assert_eq!(Message::decode(ty::GO_TO, &[1, 5, 1, 2, 3, 4, 0, 80]), Err(WireError::Invalid("address family")));
+        assert_eq!(Message::decode(ty::GO_TO, &[1, 4, 1, 2, 3, 4, 0, 0]), Err(WireError::Invalid("port 0")));
+        assert_eq!(Message::decode(ty::GO_TO, &[2]), Err(WireError::Invalid("go-to flag")));
+        assert_eq!(Message::decode(ty::ADDRESSES, &[MAX_ADDRESSES as u8 + 1]), Err(WireError::TooLong(MAX_ADDRESSES + 1)));
+        assert_eq!(Message::decode(ty::ADDRESSES, &[1, 4, 1, 2, 3]), Err(WireError::Truncated));
+        assert_eq!(Message::decode(ty::ADDRESSES, &[0, 9]), Err(WireError::Trailing(1)));
     }
 
     #[test]

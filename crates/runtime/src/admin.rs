@@ -4,7 +4,8 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"switch","to":"lte"}`,
 //! `{"cmd":"mode","mode":"manual"}`, `{"cmd":"approve"}`, `{"cmd":"decline"}`,
-//! `{"cmd":"set_interface","name":"wlan","up":false}`, and `{"cmd":"events"}`,
+//! `{"cmd":"set_interface","name":"wlan","up":false}`,
+//! `{"cmd":"roam","gateway":"gw","to":"10.90.1.2:7700"}` (both optional), and `{"cmd":"events"}`,
 //! which answers with one line per event for as long as the connection stays.
 //! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
@@ -54,6 +55,15 @@ pub enum Request {
         /// Up or down.
         up: bool,
     },
+    /// Planned move to another address of the gateway (seed 003's roam).
+    Roam {
+        /// The gateway; required when there are several and `to` is given.
+        #[serde(default)]
+        gateway: Option<String>,
+        /// `ip:port` of the gateway to move to; none: the next address.
+        #[serde(default)]
+        to: Option<String>,
+    },
 }
 
 /// The status document (`baton status --json`).
@@ -78,6 +88,14 @@ pub async fn status(client: &Client) -> Value {
             }
         })
         .collect();
+    let mut sessions = sessions;
+    for v in &mut sessions {
+        // The gateway's addresses and how the last search fared (client/roam.rs).
+        let book = v["gateway"].as_str().and_then(|g| client.gateway_addresses(g));
+        if let (Some(Ok(Value::Object(extra))), Some(obj)) = (book.map(serde_json::to_value), v.as_object_mut()) {
+            obj.extend(extra);
+        }
+    }
     let current = client.current_path();
     json!({
         "ok": true,
@@ -122,6 +140,7 @@ async fn handle(client: &Client, line: &str) -> Value {
             Ok(()) => json!({"ok": true}),
             Err(e) => json!({"ok": false, "error": e}),
         },
+        Request::Roam { gateway, to } => roam(client, gateway, to).await,
     }
 }
 
@@ -220,4 +239,16 @@ pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
     let mut lines = BufReader::new(r).lines();
     let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other("the agent closed the admin connection"))?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+/// `{"cmd":"roam"}`: a planned move to another address of the gateway.
+async fn roam(client: &Client, gateway: Option<String>, to: Option<String>) -> Value {
+    let to = match to.as_deref().map(str::parse::<std::net::SocketAddr>).transpose() {
+        Ok(t) => t,
+        Err(_) => return json!({"ok": false, "error": format!("invalid address {:?}: expected ip:port", to.unwrap_or_default())}),
+    };
+    match client.roam(gateway.as_deref(), to, "requested by the user").await {
+        Ok(records) => json!({"ok": true, "switches": records}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
 }

@@ -45,10 +45,17 @@ mod expose;
 pub use expose::{ExposedState, ExposedStatus};
 
 use crate::util::{lock, sid};
-use crate::config::{ClientConfig, HostPort};
+use crate::config::ClientConfig;
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
 use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamInbox, StreamLimits, StreamShared, Tombstones, ToSession};
+
+mod book;
+mod roam;
+
+pub use book::AddressStatus;
+pub use roam::AddressBookStatus;
+use roam::AddrChoice;
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -128,6 +135,11 @@ pub struct SwitchRecord {
     pub from: String,
     /// Interface after.
     pub to: String,
+    /// Gateway address before (`ip:port`).
+    pub gateway_addr_from: String,
+    /// Gateway address after: different from before when the session
+    /// roamed to another address of the gateway.
+    pub gateway_addr_to: String,
     /// When the switch started (Unix time, milliseconds).
     pub at_unix_ms: u64,
     /// From the start (or from the failure) to every stream resumed, in ms.
@@ -199,11 +211,15 @@ struct Shared {
 #[derive(Debug)]
 struct Link {
     gateway: String,
-    addresses: Vec<HostPort>,
     state: watch::Sender<LinkState>,
     core: Mutex<Option<Arc<Core>>>,
     switch_tx: mpsc::UnboundedSender<SwitchRequest>,
     switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
+    /// The gateway's addresses: static, resolved and advertised.
+    book: Mutex<book::Book>,
+    /// A move to another gateway address, to announce on the next control
+    /// connection (`Roam`).
+    pending_roam: Mutex<Option<(SocketAddr, SocketAddr)>>,
     /// Client services through this gateway and what it said of them.
     exposed: Mutex<Vec<ExposedStatus>>,
     /// The UDP services relayed by this gateway, and their flows.
@@ -213,6 +229,8 @@ struct Link {
 #[derive(Debug)]
 struct SwitchRequest {
     to: String,
+    /// Which gateway address to move to.
+    addr: AddrChoice,
     /// Why (recorded with the switch).
     reason: String,
     /// `None`: the session already was on `to`.
@@ -285,11 +303,12 @@ impl Client {
                 let (switch_tx, switch_rx) = mpsc::unbounded_channel();
                 let link = Link {
                     gateway: name.clone(),
-                    addresses: g.addresses.clone(),
                     state: watch::channel(LinkState::Connecting).0,
                     core: Mutex::new(None),
                     switch_tx,
                     switch_rx: Mutex::new(Some(switch_rx)),
+                    book: Mutex::new(book::Book::new(g.addresses.clone())),
+                    pending_roam: Mutex::new(None),
                     exposed: Mutex::new(expose::initial(&config, name)),
                     udp: udp[name].clone(),
                 };
@@ -469,7 +488,7 @@ impl Client {
         for link in self.shared.links.values() {
             let (done, rx) = oneshot::channel();
             link.switch_tx
-                .send(SwitchRequest { to: to.to_owned(), reason: reason.to_owned(), done })
+                .send(SwitchRequest { to: to.to_owned(), addr: AddrChoice::Keep, reason: reason.to_owned(), done })
                 .map_err(|_| "client stopped".to_owned())?;
             waits.push(rx);
         }
@@ -609,8 +628,9 @@ struct Established {
 async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
     let Some(mut switch_rx) = lock(&link.switch_rx).take() else { return };
     let mut backoff = Duration::from_millis(50);
-    // Set while the path is lost: (when, from which interface, why).
-    let mut outage: Option<(Instant, SystemTime, String, String)> = None;
+    // Set while the path is lost: (when, from which interface, why, from
+    // which gateway address).
+    let mut outage: Option<(Instant, SystemTime, String, String, SocketAddr)> = None;
     let mut preferred: Option<String> = None;
     loop {
         let core = lock(&link.core).clone();
@@ -652,8 +672,8 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         let from = outage.as_ref().map(|o| o.2.clone());
         let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
         link.state.send_replace(LinkState::Up(info));
-        if let Some((since, at, from, why)) = outage.take() {
-            let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, from, since, at, why).await;
+        if let Some((since, at, from, why, from_addr)) = outage.take() {
+            let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, (from, from_addr), since, at, why).await;
             info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
             report_path(&shared, &core, &record, est.rtt);
             lock(&shared.switches).push(record);
@@ -666,7 +686,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
             match end {
                 ControlEnd::Shutdown => return,
                 ControlEnd::Switched(new_est, req, started, at) => {
-                    let from = lock(&core.route).path.name.clone();
+                    let from = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
                     *lock(&core.route) = new_est.route.clone();
                     core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
@@ -680,8 +700,9 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     est = *new_est;
                 }
                 ControlEnd::Failed(why) => {
-                    let from = lock(&core.route).path.name.clone();
-                    warn!(gateway = %link.gateway, path = %from, "path lost: {why}; switching");
+                    let (from, from_addr) = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
+                    warn!(gateway = %link.gateway, path = %from, gateway_addr = %from_addr, "path lost: {why}; switching");
+                    roam::path_failed(&shared, &link, &from);
                     core.up.send_replace(false);
                     *lock(&core.control) = None;
                     core.udp.detach();
@@ -693,7 +714,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                         link.state.send_replace(LinkState::Switching(info));
                     }
                     early_relegs(&shared, &core, &from);
-                    outage = Some((Instant::now(), SystemTime::now(), from, why));
+                    outage = Some((Instant::now(), SystemTime::now(), from, why, from_addr));
                     preferred = None;
                     break;
                 }
@@ -775,7 +796,7 @@ async fn relegs_and_record(
     link: &Link,
     core: &Arc<Core>,
     kind: SwitchKind,
-    from: String,
+    (from, from_addr): (String, SocketAddr),
     started: Instant,
     at: SystemTime,
     reason: String,
@@ -819,12 +840,18 @@ async fn relegs_and_record(
     let resent_after: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
     let settle = duration.max(Duration::from_millis(250)) * 2;
     let (shared2, streams2, key) = (shared.clone(), streams.clone(), (link.gateway.clone(), unix_ms(at)));
+    let (to, to_addr) = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
+    if to_addr != from_addr {
+        *lock(&link.pending_roam) = Some((from_addr, to_addr));
+    }
     shared.tasks.spawn(async move { settle_record(shared2, key, streams2, resent_before, settle).await });
     SwitchRecord {
         kind,
         gateway: link.gateway.clone(),
         from,
-        to: lock(&core.route).path.name.clone(),
+        to,
+        gateway_addr_from: from_addr.to_string(),
+        gateway_addr_to: to_addr.to_string(),
         at_unix_ms: unix_ms(at),
         duration_ms: duration.as_millis() as u64,
         longest_stall_ms: longest.as_millis() as u64,
@@ -887,8 +914,8 @@ async fn settle_record(
     }
 }
 
-/// Tries the usable paths (the preferred one first) and the gateway's
-/// addresses until a control connection is established.
+/// Tries the gateway's addresses over the usable paths (the preferred one
+/// first) until a control connection is established (`roam::search`).
 async fn connect_any(shared: &Shared, link: &Link, resume: u64, preferred: Option<&str>) -> Result<Established, SessionError> {
     let mut paths = shared.paths.usable();
     if let Some(p) = preferred {
@@ -900,35 +927,26 @@ async fn connect_any(shared: &Shared, link: &Link, resume: u64, preferred: Optio
     if paths.is_empty() {
         return Err(SessionError::Unreachable("no usable interface".into()));
     }
-    let mut last = SessionError::Unreachable("no address".into());
-    for path in &paths {
-        for addr in &link.addresses {
-            match handshake(shared, path, addr, resume).await {
-                Ok(x) => return Ok(x),
-                Err(e @ SessionError::Refused { .. }) => return Err(e),
-                Err(e) => last = e,
-            }
-        }
-    }
-    Err(last)
+    roam::search(shared, link, resume, &paths, None, None, true).await
 }
 
-async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -> Result<Established, SessionError> {
-    let unreachable = |e: std::io::Error| SessionError::Unreachable(format!("{addr} via {}: {e}", path.name));
+/// Runs the session handshake on a connection to `target` made over
+/// `path` (see `roam::search`, which dials); `rtt` is how long TCP's own
+/// handshake took: one round trip of the path.
+async fn handshake_on(
+    shared: &Shared,
+    path: &Path,
+    target: SocketAddr,
+    mut stream: TcpStream,
+    rtt: Duration,
+    resume: u64,
+) -> Result<Established, SessionError> {
+    let unreachable = |e: std::io::Error| SessionError::Unreachable(format!("{target} via {}: {e}", path.name));
     let timeout = shared.config.connect_timeout;
-    let target = tokio::net::lookup_host((addr.host.as_str(), addr.port))
-        .await
-        .map_err(unreachable)?
-        .find(|a| path.source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
-        .ok_or_else(|| SessionError::Unreachable(format!("{addr}: no address of the right family")))?;
     // This connection's own token, under the interface's: cutting this route
     // (a failed control connection) must not cut later connections on the
     // same interface, while the interface going down cuts them all.
     let cut = shared.paths.cut_token(&path.name).child_token();
-    let began = Instant::now();
-    let mut stream = connect_via(target, path, timeout).await.map_err(unreachable)?;
-    // TCP's handshake is one round trip of the path.
-    let rtt = began.elapsed();
     let _ = stream.set_nodelay(true);
     let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, resume, &shared.rng)
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -1005,6 +1023,7 @@ async fn run_control(
     let (tx, mut rx) = mpsc::unbounded_channel();
     core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
+    roam::announce(link, core);
     *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);
     // Streams accepted while no control connection was up have no leg yet.
@@ -1055,10 +1074,12 @@ async fn run_control(
                     Ok(msg) => {
                         liveness.on_receive(Instant::now().into_std());
                         *lock(&core.last_heard) = std::time::Instant::now();
-                        match msg {
-                            Message::Incoming { stream, service } => expose::on_incoming(shared, link, core, stream, service),
-                            Message::Exposed { entries } => expose::on_exposed(link, entries),
-                            msg => {
+                        // Addresses and go-to are the multihomed gateway's (roam.rs).
+                        match roam::on_message(shared, link, &route, msg) {
+                            None => {}
+                            Some(Message::Incoming { stream, service }) => expose::on_incoming(shared, link, core, stream, service),
+                            Some(Message::Exposed { entries }) => expose::on_exposed(link, entries),
+                            Some(msg) => {
                                 if let Some(reply) = on_control(core, msg) {
                                     cipher.seal(&reply, &mut out);
                                 }
@@ -1073,31 +1094,16 @@ async fn run_control(
             Some(req) = switch_rx.recv() => {
                 let started = Instant::now();
                 let at = SystemTime::now();
-                if req.to == route.path.name {
-                    let _ = req.done.send(Ok(None));
-                    continue;
-                }
-                let Some(path) = shared.paths.get(&req.to) else {
-                    let _ = req.done.send(Err(format!("interface {:?} is not known or not up", req.to)));
-                    continue;
-                };
                 // Make before break: the old connection and legs keep
                 // carrying data while the new ones are set up.
-                let addrs: Vec<_> = std::iter::once(HostPort { host: route.gateway_addr.ip().to_string(), port: route.gateway_addr.port() })
-                    .chain(link.addresses.iter().cloned())
-                    .collect();
-                let mut last = String::new();
-                for addr in &addrs {
-                    match handshake(shared, &path, addr, core.id).await {
-                        Ok(new) if new.session_id == core.id => {
-                            *lock(&core.control) = None;
-                            return ControlEnd::Switched(Box::new(new), req, started, at);
-                        }
-                        Ok(_) => { last = "the gateway no longer holds the session".into(); break; }
-                        Err(e) => last = e.to_string(),
+                match roam::planned(shared, link, core, &route, &req).await {
+                    Ok(Some(new)) => {
+                        *lock(&core.control) = None;
+                        return ControlEnd::Switched(Box::new(new), req, started, at);
                     }
+                    Ok(None) => { let _ = req.done.send(Ok(None)); }
+                    Err(e) => { let _ = req.done.send(Err(e)); }
                 }
-                let _ = req.done.send(Err(format!("cannot switch to {}: {last}", req.to)));
             }
             _ = shared.shutdown.cancelled() => {
                 cipher.seal(&Message::Disconnect, &mut out);

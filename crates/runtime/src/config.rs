@@ -133,6 +133,10 @@ fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::E
         .collect()
 }
 
+fn opt_socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+    socket_addrs(d).map(Some)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     let v = humantime::parse_duration(&s)
@@ -342,6 +346,15 @@ pub struct GatewayConfig {
     /// Authorised client agents by id.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientEntry>,
+    /// The addresses announced to client agents (seed 003's dynamic
+    /// addresses), when they differ from the listen addresses (NAT, port
+    /// forwarding). Without it the gateway announces its listen addresses,
+    /// wildcards left out, following `baton listen add|remove`.
+    #[serde(default, deserialize_with = "opt_socket_addrs")]
+    pub advertise: Option<Vec<SocketAddr>>,
+    /// The gateway's admin socket (`baton goto`, `baton listen`, `baton
+    /// gateway-status`). Without it the default path is used if free.
+    pub admin: Option<PathBuf>,
 }
 
 /// A client service as the gateway knows it.
@@ -475,8 +488,17 @@ pub struct InterfaceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
-    /// The gateway's addresses, tried in order.
+    /// The gateway's static addresses, tried in order: IP literals or host
+    /// names, of which every resolved address is tried. The addresses the
+    /// gateway advertises once connected are tried after these.
     pub addresses: Vec<HostPort>,
+    /// Connection attempts per address before the next one is tried (seed
+    /// 003's retry count). Default 1.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// Pause between two attempts at the same address. Default 500ms.
+    #[serde(default = "defaults::retry_delay", deserialize_with = "duration")]
+    pub retry_delay: Duration,
 }
 
 /// A service offered to local applications.
@@ -602,6 +624,12 @@ mod defaults {
     pub(super) fn priority() -> u32 {
         100
     }
+    pub(super) fn retries() -> u32 {
+        1
+    }
+    pub(super) fn retry_delay() -> Duration {
+        Duration::from_millis(500)
+    }
     pub(super) fn admin() -> std::path::PathBuf {
         std::path::PathBuf::from(crate::admin::DEFAULT_SOCKET)
     }
@@ -659,6 +687,14 @@ impl GatewayConfig {
         }
         if self.max_streams_per_session == 0 {
             return Err(key_error(path, "max_streams_per_session", "must be at least 1"));
+        }
+        if let Some(adv) = &self.advertise {
+            if adv.len() > baton_proto::wire::MAX_ADDRESSES {
+                return Err(key_error(path, "advertise", format!("at most {} addresses", baton_proto::wire::MAX_ADDRESSES)));
+            }
+            if let Some(a) = adv.iter().find(|a| a.ip().is_unspecified() || a.port() == 0) {
+                return Err(key_error(path, "advertise", format!("{a} cannot be reached: give the address clients dial")));
+            }
         }
         for name in self.services.keys() {
             if !valid_name(name) {
@@ -769,6 +805,9 @@ impl ClientConfig {
         for (name, g) in &self.gateways {
             if g.addresses.is_empty() {
                 return Err(key_error(path, format!("gateways.{name}.addresses"), "at least one address is needed"));
+            }
+            if !(1..=100).contains(&g.retries) {
+                return Err(key_error(path, format!("gateways.{name}.retries"), "must be 1 to 100"));
             }
         }
         let mut listens = BTreeMap::new();
@@ -925,6 +964,27 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(key_of(e), "services.pg.listen");
+    }
+
+    #[test]
+    fn multihome_keys_parse_and_are_checked() {
+        let base = "id = \"m\"\nkey_file = \"m.key\"\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n";
+        let c = ClientConfig::from_toml(Path::new("c.toml"), base).unwrap();
+        assert_eq!((c.gateways["gw"].retries, c.gateways["gw"].retry_delay), (1, Duration::from_millis(500)));
+        let c = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}retries = 3\nretry_delay = \"200ms\"\n")).unwrap();
+        assert_eq!((c.gateways["gw"].retries, c.gateways["gw"].retry_delay), (3, Duration::from_millis(200)));
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}retries = 0\n")).unwrap_err();
+        assert_eq!(key_of(e), "gateways.gw.retries");
+        let g = gw(r#"listen = ["0.0.0.0:7700"]
+                      advertise = ["192.0.2.1:7700", "[2001:db8::1]:7700"]
+                      admin = "/run/baton-gw.sock""#)
+        .unwrap();
+        assert_eq!(g.advertise.unwrap().len(), 2);
+        assert!(gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap().advertise.is_none());
+        let e = gw(r#"listen = ["0.0.0.0:7700"]
+                      advertise = ["0.0.0.0:7700"]"#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "advertise");
     }
 
     #[test]

@@ -205,6 +205,10 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     events.publish("proposal_withdrawn", Some(&to), "no longer better".into(), false)
                 }
                 Decision::Warn { reason, no_alternative } => {
+                    // No interface can take over: another address of the gateway may.
+                    if no_alternative && engine.mode() == Mode::Auto {
+                        client.roam_for_congestion(reason.to_string());
+                    }
                     let why = if no_alternative {
                         format!("{reason}; no other interface: the connection may soon be unavailable")
                     } else {
@@ -213,6 +217,11 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     events.publish("warning", client.current_path().as_deref(), why, no_alternative);
                 }
                 Decision::LinkGoing { reason } => {
+                    // A lost path is the link's own business (it searches every
+                    // address); a degraded one may be the gateway address's.
+                    if !matches!(reason, baton_policy::Reason::PathLost { .. }) && engine.mode() == Mode::Auto {
+                        client.roam_for_congestion(reason.to_string());
+                    }
                     events.publish("link_going", client.current_path().as_deref(), reason.to_string(), true)
                 }
                 Decision::StartSearch { reason } => events.publish("search", None, reason.to_string(), false),
@@ -309,6 +318,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     LinkState::Up(info) => {
                         let new_identity = client.probe_identity();
                         if new_identity.as_ref().map(|i| (i.0, i.2)) != identity.as_ref().map(|i| (i.0, i.2)) {
+                            // Another gateway address: the probes in flight and the
+                            // measurements so far were of paths to the old one.
+                            if identity.as_ref().is_some_and(|i| new_identity.as_ref().is_some_and(|n| n.2 != i.2)) {
+                                pending.clear();
+                                engine.on_target_changed();
+                            }
                             probers.clear();
                             identity = new_identity;
                         }

@@ -63,9 +63,17 @@ pub struct GatewayStats {
     pub legs_refused: AtomicU64,
     /// Connections closed for a protocol violation (garbage, forged tags).
     pub protocol_errors: AtomicU64,
+    /// Sessions that moved to another address of the gateway.
+    pub roams: AtomicU64,
+    /// Go-to commands sent to client agents.
+    pub gotos: AtomicU64,
     /// UDP flows and datagrams.
     pub udp: Arc<crate::udp::UdpStats>,
 }
+
+mod multihome;
+
+pub use multihome::{GatewaySessionStatus, GoToReport};
 
 /// A running gateway.
 #[derive(Debug, Clone)]
@@ -84,6 +92,10 @@ struct Shared {
     stats: GatewayStats,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Addresses served now, and what stops serving each (multihome.rs).
+    served: Mutex<Vec<(SocketAddr, CancellationToken)>>,
+    /// The addresses advertised to client agents now.
+    advertised: Mutex<Vec<SocketAddr>>,
 }
 
 #[derive(Debug)]
@@ -117,6 +129,9 @@ struct Attached {
     tx: mpsc::UnboundedSender<Message>,
     /// Fires to close this control connection (replaced or detached).
     close: CancellationToken,
+    /// The gateway address the connection came to, and from where.
+    local: SocketAddr,
+    peer: SocketAddr,
 }
 
 /// Why a connection was closed early.
@@ -159,10 +174,13 @@ impl Gateway {
             stats: GatewayStats::default(),
             shutdown,
             tasks: TaskTracker::new(),
+            served: Mutex::new(Vec::new()),
+            advertised: Mutex::new(Vec::new()),
         });
         for l in listeners {
             let shared2 = shared.clone();
-            shared.tasks.spawn(accept_loop(shared2, l));
+            let stop = multihome::serving(&shared, l.local_addr()?);
+            shared.tasks.spawn(accept_loop(shared2, l, stop));
         }
         for addr in &local_addrs {
             // Path probes come over UDP to the same address and port.
@@ -170,8 +188,9 @@ impl Gateway {
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
             crate::udp::tune(&udp);
-            shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp)));
+            shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), multihome::serving(&shared, *addr)));
         }
+        multihome::advertise(&shared);
         let s2 = shared.clone();
         tokio::spawn(async move {
             s2.shutdown.cancelled().await;
@@ -235,7 +254,7 @@ impl Gateway {
 
 
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -247,7 +266,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
@@ -266,7 +285,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 /// Answers authenticated path probes with a reply of the same size, and
 /// hands relayed datagrams of UDP services to their session; anything else
 /// is dropped without an answer.
-async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>) {
+async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>, stop: CancellationToken) {
     use baton_proto::probe::Probe;
     let mut buf = vec![0u8; baton_proto::datagram::MAX_DATAGRAM + 1];
     loop {
@@ -275,7 +294,7 @@ async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>) {
                 Ok(x) => x,
                 Err(_) => continue,
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         if let Some(sid) = baton_proto::datagram::Header::peek_session(&buf[..n]) {
             // Bound first: the sessions lock must not be held while the datagram is handled.
@@ -458,9 +477,12 @@ async fn control(
     // Attach: this connection replaces any earlier one of the session.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let close = session.released.child_token();
-    if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone() }) {
+    let local = w.local_addr()?;
+    if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone(), local, peer }) {
         old.close.cancel();
     }
+    // The gateway's addresses, for the client to roam to (seed 003, Figure 9).
+    let _ = tx.send(Message::Addresses { list: lock(&shared.advertised).clone() });
     session.udp.attach(tx.clone());
     *lock(&session.last_heard) = Instant::now();
     // What the client may have missed while detached: half-closes, resets, acks.
@@ -569,6 +591,7 @@ fn on_control(
                 s.abort.cancel();
             }
         }
+        Message::Roam { from, to } => multihome::on_roam(shared, session, from, to),
         m @ (Message::FlowOpen { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");

@@ -8,6 +8,7 @@ pub mod config;
 pub mod decide;
 mod frame;
 pub mod gateway;
+pub mod gateway_admin;
 pub mod path;
 pub mod stream;
 pub mod udp;

@@ -38,6 +38,19 @@ pub struct Options {
     /// MOBILE as a connectivity box: the service listens on MOBILE's LAN
     /// address and the application runs on the LAN host.
     pub lan: bool,
+    /// SERVER is multihomed from the start: its second link (10.90.1.2 on
+    /// `srv2`) is made before the daemons start.
+    pub server_link2: bool,
+    /// The gateway's `listen` addresses (TOML list items); default
+    /// `"10.89.1.2:7700"`.
+    pub listen: Option<String>,
+    /// The agent's `gateways.gw.addresses` (TOML list items); default
+    /// `"10.89.1.2:7700"`.
+    pub addresses: Option<String>,
+    /// More keys of the agent's `[gateways.gw]` table (`retries`, ...).
+    pub gateway_spec: &'static str,
+    /// MOBILE's `/etc/hosts` as the daemons see it.
+    pub mobile_hosts: Option<String>,
 }
 
 /// A bed with a gateway, a verifying server and a client agent whose session is up.
@@ -47,6 +60,8 @@ pub struct Rig {
     pub name: String,
     pub dir: PathBuf,
     pub admin: PathBuf,
+    /// The gateway's admin socket.
+    pub gw_admin: PathBuf,
     gateway: ChildGuard,
     client: ChildGuard,
     server: tokio::task::JoinHandle<()>,
@@ -76,6 +91,12 @@ impl Rig {
         if let Some((wlan, lte)) = opts.delays {
             bed.set_delay(Link::Wlan, wlan).expect("wlan delay");
             bed.set_delay(Link::Lte, lte).expect("lte delay");
+        }
+        if opts.server_link2 {
+            bed.add_server_link().expect("SERVER's second link");
+        }
+        if let Some(hosts) = &opts.mobile_hosts {
+            bed.set_hosts(Host::Mobile, hosts).expect("MOBILE's /etc/hosts");
         }
         let (app_host, app_addr) = if opts.lan {
             bed.add_lan().expect("LAN host");
@@ -117,12 +138,16 @@ impl Rig {
             .to_owned();
 
         let gw_file = dir.join("gateway.toml");
+        let gw_admin = dir.join("gw.sock");
+        let first = format!("\"{server_ip}:{GATEWAY_PORT}\"");
         std::fs::write(
             &gw_file,
             format!(
-                "listen = [\"{server_ip}:{GATEWAY_PORT}\"]\n{}\n\
+                "listen = [{}]\nadmin = \"{}\"\n{}\n\
                  [services.data]\ntarget = \"{target}\"\n\
                  [clients.m]\nkey = \"{public}\"\nservices = [\"data\"]\n",
+                opts.listen.as_deref().unwrap_or(&first),
+                gw_admin.display(),
                 opts.gateway
             ),
         )
@@ -133,10 +158,12 @@ impl Rig {
             &client_file,
             format!(
                 "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n{}\n\
-                 [gateways.gw]\naddresses = [\"{server_ip}:{GATEWAY_PORT}\"]\n\
+                 [gateways.gw]\naddresses = [{}]\n{}\n\
                  [services.data]\ngateway = \"gw\"\nlisten = \"{app_addr}\"\n",
                 admin.display(),
-                opts.client
+                opts.client,
+                opts.addresses.as_deref().unwrap_or(&first),
+                opts.gateway_spec
             ),
         )
         .expect("write client.toml");
@@ -153,7 +180,7 @@ impl Rig {
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = spawn_daemon(&bed, Host::Mobile, "client", &client_file, &dir);
-        let mut rig = Rig { name: name.to_owned(), dir, admin, gateway, client, server, reports, started, app_host, app_addr, bed };
+        let mut rig = Rig { name: name.to_owned(), dir, admin, gw_admin, gateway, client, server, reports, started, app_host, app_addr, bed };
         let st = rig
             .wait_status(Duration::from_secs(20), "the session up", |st| {
                 st["sessions"][0]["state"] == "up" && st["sessions"][0]["interface"] == "wlan"
@@ -221,6 +248,32 @@ impl Rig {
         let out = run_bounded(&mut cmd, None, Duration::from_secs(30)).expect("run baton switch");
         assert!(out.status.success(), "baton switch {iface}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Runs `baton ARGS --admin SOCK` (the gateway's socket for gateway
+    /// commands, the agent's otherwise); its stdout, or its stderr as the error.
+    pub fn baton(&self, args: &[&str]) -> Result<String, String> {
+        let gateway_cmd = matches!(args.first(), Some(&("goto" | "listen" | "gateway-status")));
+        let mut cmd = Command::new(baton_bin());
+        cmd.args(args).arg("--admin").arg(if gateway_cmd { &self.gw_admin } else { &self.admin });
+        let out = run_bounded(&mut cmd, None, Duration::from_secs(30)).map_err(|e| format!("run baton {args:?}: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// `baton gateway-status --json`.
+    pub fn gateway_status(&self) -> Value {
+        let text = self.baton(&["gateway-status", "--json"]).unwrap_or_else(|e| panic!("{}: gateway-status: {e}", self.name));
+        serde_json::from_str(&text).expect("gateway status is JSON")
+    }
+
+    /// The log of `which` daemon (`client` or `gateway`) so far.
+    pub fn daemon_log(&self, which: &str) -> String {
+        self.log(which)
     }
 
     /// Opens an application connection to the agent's service, from MOBILE

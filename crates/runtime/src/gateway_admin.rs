@@ -1,0 +1,187 @@
+//! The gateway's admin API: JSON lines on a local (Unix) socket, like the
+//! client agent's. `baton gateway-status`, `baton goto` and `baton listen`
+//! use it.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"goto","client":"m","to":"10.90.1.2:7700"}`
+//! (`to` optional: the client agent chooses), `{"cmd":"listen_add","addr":"10.90.1.2:7700"}`,
+//! `{"cmd":"listen_remove","addr":"10.89.1.2:7700"}`; `goto` and
+//! `listen_remove` take an optional `"wait_ms"` (default 10000), how long to
+//! wait for the sessions to move. Responses: `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::gateway::Gateway;
+
+/// Where the gateway's admin socket is unless the config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/tmp/baton-gateway.sock";
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 4096;
+
+/// How long a go-to waits for the sessions to move unless told.
+const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+
+/// A request to the gateway's admin API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Addresses served and advertised, sessions, counters.
+    Status,
+    /// Direct a client agent's sessions to another address of the gateway.
+    Goto {
+        /// The client agent's id.
+        client: String,
+        /// `ip:port` to go to; none: the client agent chooses.
+        #[serde(default)]
+        to: Option<String>,
+        /// How long to wait for the sessions to move, in ms.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Serve (and advertise) one more address.
+    ListenAdd {
+        /// `ip:port`.
+        addr: String,
+    },
+    /// Give up an address, directing its sessions elsewhere first.
+    ListenRemove {
+        /// `ip:port`, as listed by `status`.
+        addr: String,
+        /// How long to wait for the sessions to move, in ms.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+}
+
+/// The status document (`baton gateway-status --json`).
+pub fn status(gw: &Gateway) -> Value {
+    let st = gw.stats();
+    json!({
+        "ok": true,
+        "listening": gw.listening().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "advertised": gw.advertised().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "sessions": gw.sessions(),
+        "stats": {
+            "sessions_accepted": st.sessions_accepted.load(Ordering::Relaxed),
+            "sessions_resumed": st.sessions_resumed.load(Ordering::Relaxed),
+            "roams": st.roams.load(Ordering::Relaxed),
+            "gotos": st.gotos.load(Ordering::Relaxed),
+        },
+    })
+}
+
+fn addr(s: &str) -> Result<SocketAddr, Value> {
+    s.parse().map_err(|_| json!({"ok": false, "error": format!("invalid address {s:?}: expected ip:port")}))
+}
+
+async fn handle(gw: &Gateway, line: &str) -> Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let wait = |ms: Option<u64>| ms.map_or(DEFAULT_WAIT, Duration::from_millis);
+    match req {
+        Request::Status => status(gw),
+        Request::Goto { client, to, wait_ms } => {
+            let to = match to.as_deref().map(addr).transpose() {
+                Ok(t) => t,
+                Err(e) => return e,
+            };
+            match gw.goto(&client, to, wait(wait_ms)).await {
+                Ok(moves) => json!({"ok": true, "moves": moves}),
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
+        Request::ListenAdd { addr: a } => match addr(&a) {
+            Ok(a) => match gw.listen_add(a).await {
+                Ok(bound) => json!({"ok": true, "addr": bound.to_string(), "advertised": gw.advertised()}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Err(e) => e,
+        },
+        Request::ListenRemove { addr: a, wait_ms } => match addr(&a) {
+            Ok(a) => match gw.listen_remove(a, wait(wait_ms)).await {
+                Ok(moves) => json!({"ok": true, "moves": moves, "advertised": gw.advertised()}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Err(e) => e,
+        },
+    }
+}
+
+/// Serves the admin API on `path` until `shutdown`. A socket file left by a
+/// crashed gateway is replaced; a live one is an error.
+pub async fn serve(gw: Gateway, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("admin socket {} is in use by another gateway", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create admin socket {}: {e}", path.display())))?;
+    info!(socket = %path.display(), "gateway admin API listening");
+    loop {
+        let (conn, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 64)).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = if line.len() > MAX_REQUEST {
+                    json!({"ok": false, "error": "request too long"})
+                } else {
+                    handle(&gw, &line).await
+                };
+                let mut text = reply.to_string();
+                text.push('\n');
+                if w.write_all(text.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Sends one request to the gateway's admin socket at `path`.
+pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
+    let conn = UnixStream::connect(path).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot reach the gateway at {}: {e} (is `baton gateway` running? --admin PATH)", path.display()),
+        )
+    })?;
+    let (r, mut w) = conn.into_split();
+    let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    text.push('\n');
+    w.write_all(text.as_bytes()).await?;
+    let mut lines = BufReader::new(r).lines();
+    let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other("the gateway closed the admin connection"))?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
