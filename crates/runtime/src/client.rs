@@ -1190,8 +1190,12 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
                         if *core.up.borrow() {
                             let (shared2, core2) = (shared.clone(), core.clone());
                             shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
+                        } else {
+                            // The reconnect re-legs every stream but those
+                            // whose leg opened during the outage: this one's
+                            // is gone too, so it must not count as fresh.
+                            *lock(&s.leg_opened) = None;
                         }
-                        // Otherwise the reconnect re-legs every stream.
                     }
                 }
             },
