@@ -144,20 +144,26 @@ async fn handle(client: &Client, line: &str) -> Value {
     }
 }
 
+/// Binds an admin socket at `path`. A socket file left by a crashed `owner`
+/// (agent or gateway) is replaced; a live one is an error.
+pub(crate) async fn bind_socket(path: &Path, owner: &str) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("admin socket {} is in use by another {owner}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create admin socket {}: {e}", path.display())))
+}
+
 /// Serves the admin API on `path` until `shutdown`. An old socket file left
 /// by a crashed agent is replaced; a live one is an error.
 pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
-    if path.exists() {
-        if UnixStream::connect(&path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("admin socket {} is in use by another agent", path.display()),
-            ));
-        }
-        std::fs::remove_file(&path)?;
-    }
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create admin socket {}: {e}", path.display())))?;
+    let listener = bind_socket(&path, "agent").await?;
     info!(socket = %path.display(), "admin API listening");
     loop {
         let (conn, _) = tokio::select! {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -123,17 +123,7 @@ async fn handle(gw: &Gateway, line: &str) -> Value {
 /// Serves the admin API on `path` until `shutdown`. A socket file left by a
 /// crashed gateway is replaced; a live one is an error.
 pub async fn serve(gw: Gateway, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
-    if path.exists() {
-        if UnixStream::connect(&path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("admin socket {} is in use by another gateway", path.display()),
-            ));
-        }
-        std::fs::remove_file(&path)?;
-    }
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create admin socket {}: {e}", path.display())))?;
+    let listener = crate::admin::bind_socket(&path, "gateway").await?;
     info!(socket = %path.display(), "gateway admin API listening");
     loop {
         let (conn, _) = tokio::select! {
