@@ -285,12 +285,23 @@ async fn degrade_the_only_link(rig: &mut Rig, kind: &str, app: tokio::task::Join
     events
 }
 
+/// The single-link scenarios hold a link at 30 % loss each way for seconds. At that loss
+/// TCP's retransmission back-off alone can leave the control connection silent for the
+/// default 4 s `dead_after` (about 1 run in 20), and the agent then reconnects on the same
+/// link: the liveness check at work, not the engine these scenarios are about. A longer
+/// `dead_after` keeps them on the engine's decisions.
+const SLOW_DEATH: &str = "dead_after = \"20s\"\n";
+
 /// 4. One interface only (lte is `never_use`): wlan degraded, the engine reports that the
 /// only link is going (`link_going`) and does not switch; the stream survives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_interface_reports_link_going_and_stays() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: policy("[policy.interfaces.lte]\nnever_use = true\n"), ..Options::default() };
+        let opts = Options {
+            client_keys: SLOW_DEATH.into(),
+            client: policy("[policy.interfaces.lte]\nnever_use = true\n"),
+            ..Options::default()
+        };
         let mut rig = Rig::start("decide_single", opts).await;
         let st = rig.wait_health(Duration::from_secs(10), "wlan", "good").await;
         let lte = iface(&st, "lte").unwrap();
@@ -313,7 +324,8 @@ async fn single_interface_reports_link_going_and_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_link_down_warns_and_stays() {
     tokio::time::timeout(LIMIT, async {
-        let mut rig = Rig::start("decide_nolte", Options { client: policy(""), ..Options::default() }).await;
+        let opts = Options { client_keys: SLOW_DEATH.into(), client: policy(""), ..Options::default() };
+        let mut rig = Rig::start("decide_nolte", opts).await;
         rig.bed.link_down(Link::Lte).unwrap();
         let st = rig
             .wait_status(Duration::from_secs(10), "lte unusable", |st| iface(st, "lte").is_some_and(|i| i["usable"] == false))

@@ -226,9 +226,20 @@ impl Paths {
         self.get(name).is_some()
     }
 
-    /// The token that fires when `name` goes down.
+    /// The token that fires when `name` goes down. A connection set up just
+    /// before its path went down takes its token after the cut: that token
+    /// comes back already fired (decided under the same lock as `set_up`),
+    /// so no connection outlives its path unnoticed.
     pub(crate) fn cut_token(&self, name: &str) -> CancellationToken {
-        lock(&self.entries).iter().find(|e| e.path.name == name).map_or_else(CancellationToken::new, |e| e.cut.clone())
+        let entries = lock(&self.entries);
+        match entries.iter().find(|e| e.path.name == name) {
+            Some(e) if e.up => e.cut.clone(),
+            _ => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        }
     }
 
     pub(crate) fn status(&self) -> Vec<PathStatus> {
