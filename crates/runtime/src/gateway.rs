@@ -569,7 +569,7 @@ fn on_control(
                 s.abort.cancel();
             }
         }
-        m @ (Message::FlowOpen { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
+        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
             release(shared, session, "client disconnected");
