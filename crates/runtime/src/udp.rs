@@ -563,9 +563,6 @@ impl ClientUdp {
     /// failure, or planned switch) on `path` to `gateway_addr`: datagrams
     /// leave from there from now on, held ones first.
     pub(crate) fn route(self: &Arc<Self>, id: u64, key: &LegKey, path: &Path, gateway_addr: SocketAddr) {
-        if self.unused() {
-            return;
-        }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         match &mut st.session {
@@ -592,6 +589,11 @@ impl ClientUdp {
                     self.end_exposed(f);
                 }
             }
+        }
+        if self.unused() {
+            // The session is known only to refuse what the gateway opens (a
+            // client service it takes for UDP): no socket, no announces.
+            return;
         }
         let same = st.route.as_ref().is_some_and(|r| r.path == path.name && r.gateway_addr == gateway_addr);
         if !same {
@@ -1216,7 +1218,8 @@ pub struct UdpStats {
     /// accepted by the agent).
     pub delayed: AtomicU64,
     /// Datagrams from targets dropped: hold bound reached while the client
-    /// was away, or still held when the flow or session ended.
+    /// was away, or still held when the flow or session ended; or sent to a
+    /// client service that the agent does not serve over UDP.
     pub dropped: AtomicU64,
     /// Datagrams that failed authentication, ignored.
     pub forged: AtomicU64,
@@ -1318,6 +1321,10 @@ struct GatewayState {
     by_server: HashMap<String, HashMap<SocketAddr, FlowId>>,
     /// Last flow id allocated here (without [`FlowId::GATEWAY`]).
     next_flow: u32,
+    /// Client services the agent said it does not serve over UDP (its
+    /// configuration differs): their datagrams are dropped for the rest of
+    /// the session instead of asking again for every one.
+    not_served: HashSet<String>,
     /// Unknown flows already told to the client since the last tick.
     told_unknown: HashSet<FlowId>,
 }
@@ -1536,6 +1543,9 @@ impl SessionUdp {
                     add(&self.stats.dropped, held);
                     inc(&self.stats.flows_refused);
                     warn!(client = %self.client, service = %f.service, server = %f.target, "the client agent refused the udp client service flow: {reason}: {detail}");
+                    if reason == RefuseReason::ServiceNotAllowed {
+                        st.not_served.insert(f.service);
+                    }
                 }
             }
             Message::FlowClose { flow, why } => {
@@ -1679,6 +1689,10 @@ impl SessionUdp {
         }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        if st.not_served.contains(service) {
+            inc(&self.stats.dropped);
+            return;
+        }
         let known = st.by_server.get(service).and_then(|m| m.get(&from)).copied();
         let id = match known {
             Some(id) => id,

@@ -776,3 +776,38 @@ async fn a_released_agents_udp_client_service_socket_closes() {
     .await
     .expect("test took too long");
 }
+
+/// An agent whose `telemetry` is TCP while the gateway's is UDP refuses the
+/// gateway's flow; the gateway counts it, asks only once per session, and
+/// the TCP client service on the same port is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_for_a_service_the_agent_serves_over_tcp_is_refused_once() {
+    tokio::time::timeout(LIMIT, async {
+        let shutdown = CancellationToken::new();
+        let k = key();
+        let gw = udp_gateway(17, &[("a", &k)], "", &shutdown).await;
+        let (target, mut got) = tagged_udp_target("a").await;
+        let (push_target, _) = tagged_server("a").await;
+        // No `protocol`: TCP on the agent's side.
+        let more = format!("[exposed.telemetry]\ngateway = \"gw\"\ntarget = \"{target}\"\n");
+        let c = agent("a", &k, &gw, push_target, &more, &shutdown).await;
+        let addr = telemetry_address(&c).await;
+        let server = udp_socket("127.0.0.1").await;
+        let refused = || gw.stats().udp.flows_refused.load(Ordering::Relaxed);
+        server.send_to(b"1", addr).await.unwrap();
+        assert!(eventually(Duration::from_secs(5), || refused() == 1).await, "the agent refused the flow");
+        assert!(server_flows(&gw).is_empty());
+        for i in 0..5u8 {
+            server.send_to(&[i], addr).await.unwrap();
+        }
+        assert!(recv_within(&server, Duration::from_millis(300)).await.is_none(), "nothing answers");
+        assert!(got.try_recv().is_err(), "nothing reached the target");
+        assert_eq!((refused(), gw.stats().udp.flows_opened.load(Ordering::Relaxed)), (1, 1), "asked once");
+        assert!(server_flows(&gw).is_empty());
+        assert!(c.udp_status().exposed.is_empty(), "the agent has no UDP client service");
+        assert_eq!(push(addr, b"still").await, b"a got still");
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
