@@ -24,6 +24,15 @@
 //! their flows while detached: time without a path does not count as idle
 //! on the gateway.
 //!
+//! UDP client services (server → client) use the same flows the other way
+//! round: the gateway's socket for the service, on the agent's assigned
+//! address, reads servers' datagrams; each server address is a flow that
+//! the **gateway** opens (`FlowOpen` to the agent, an id with
+//! [`FlowId::GATEWAY`] set), and the agent answers (`FlowReply`) once it has
+//! a socket connected to the service's target. From there on the flow's
+//! datagrams cross, are held, roam and expire like any other; the target's
+//! answers go back to the server from the service's socket.
+//!
 //! Every socket operation under the state locks is non-blocking
 //! (a send that fails at once): one slow socket never stalls the others, and a datagram
 //! that cannot be sent at once is held, never waited for.
@@ -219,7 +228,7 @@ pub struct ExposedUdpStatus {
     pub flows_opened: u64,
     /// Flows removed here after the idle timeout.
     pub flows_expired: u64,
-    /// Flows closed by the gateway (its idle timeout, or its session gone).
+    /// Flows closed by the gateway (its idle timeout).
     pub flows_closed: u64,
     /// Flows refused here (target unresolvable, too many flows).
     pub flows_refused: u64,
@@ -623,7 +632,11 @@ impl ClientUdp {
         for f in flows.values_mut().filter(|f| f.open) {
             self.flush(f, session, route);
         }
+        // Time without a path is not idleness: the gateway held the
+        // servers' datagrams meanwhile.
+        let now = Instant::now();
         for (id, f) in exposed_flows.iter_mut() {
+            f.last = now;
             self.flush_exposed(*id, f, session, route);
         }
     }
@@ -1048,8 +1061,15 @@ impl ClientUdp {
                 }
             }
         }
-        let idle: Vec<FlowId> =
-            st.exposed_flows.iter().filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout).map(|(id, _)| *id).collect();
+        // As on the gateway, a client service's flow is idle only while the
+        // session has a path: without one the gateway holds its datagrams.
+        let live = st.session.as_ref().is_some_and(|s| s.live);
+        let idle: Vec<FlowId> = st
+            .exposed_flows
+            .iter()
+            .filter(|(_, f)| live && now.duration_since(f.last) >= self.config.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
         for id in idle {
             if let Some(f) = st.exposed_flows.remove(&id) {
                 let svc = &self.exposed[f.service];
