@@ -173,6 +173,25 @@ pub(crate) fn render(st: &Value) -> String {
             );
         }
     }
+    let udp_exposed = st["udp"]["exposed"].as_array().cloned().unwrap_or_default();
+    if !udp_exposed.is_empty() {
+        let _ = writeln!(out, "\nUDP CLIENT SVC   GATEWAY          FLOWS  RECEIVED  SENT      DELAYED  DROPPED  EXPIRED  TARGET");
+        for u in &udp_exposed {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
+                s(&u["service"]),
+                s(&u["gateway"]),
+                s(&u["flows"]),
+                s(&u["received"]),
+                s(&u["sent"]),
+                s(&u["delayed"]),
+                s(&u["dropped"]),
+                s(&u["flows_expired"]),
+                s(&u["target"])
+            );
+        }
+    }
     out
 }
 

@@ -21,7 +21,8 @@
 //! refused, and only the newest datagram may move the peer's address.
 //!
 //! Flows are announced on the control connection (`FlowOpen`, `FlowReply`,
-//! `FlowClose`); while a flow cannot be sent on (no path, no answer yet)
+//! `FlowClose`) by the side that opens them: the client agent for a UDP
+//! service, the gateway for a UDP client service; while a flow cannot be sent on (no path, no answer yet)
 //! its datagrams wait in a bounded [`HoldQueue`] that drops the oldest.
 
 use std::collections::VecDeque;
@@ -46,14 +47,31 @@ pub const MAX_PAYLOAD: usize = MAX_DATAGRAM - OVERHEAD;
 const MAGIC: &[u8; 4] = b"BTND";
 const VERSION: u8 = 1;
 
-/// Identifies a flow (one application source address of one UDP service)
-/// within its session. Allocated by the client agent, counting up from 1.
+/// Identifies a flow within its session: one application source address
+/// of one UDP service, allocated by the client agent counting up from 1, or
+/// one server source address of one UDP client service (server → client),
+/// allocated by the gateway with [`FlowId::GATEWAY`] set, so that the two
+/// spaces never meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowId(pub u32);
 
+impl FlowId {
+    /// The bit that marks an id allocated by the gateway.
+    pub const GATEWAY: u32 = 1 << 31;
+
+    /// Whether the gateway opened this flow (a UDP client service's).
+    pub fn is_gateway_opened(self) -> bool {
+        self.0 & Self::GATEWAY != 0
+    }
+}
+
 impl std::fmt::Display for FlowId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "f{}", self.0)
+        if self.is_gateway_opened() {
+            write!(f, "gf{}", self.0 & !Self::GATEWAY)
+        } else {
+            write!(f, "f{}", self.0)
+        }
     }
 }
 

@@ -342,11 +342,14 @@ pub enum Message {
     /// to another (seed 003's "Roam"). Sent on the new control connection,
     /// since after a failure the old one is gone.
     Roam { from: SocketAddr, to: SocketAddr },
-    /// Client → gateway: a UDP flow of `service` starts (or, after a
-    /// reconnect, goes on); its datagrams follow over UDP. Keyed.
+    /// A UDP flow of `service` starts (or, after a reconnect, goes on); its
+    /// datagrams follow over UDP. Client → gateway for a UDP service (a
+    /// flow id of the agent's space); gateway → client for a UDP client
+    /// service, when a server sends to it (an id with [`FlowId::GATEWAY`]
+    /// set). Keyed.
     FlowOpen { flow: FlowId, service: String },
-    /// Gateway → client: the flow may send (its target socket is ready), or
-    /// it is refused. Keyed.
+    /// The answer to a [`Message::FlowOpen`], the other way: the flow may
+    /// send (its socket to the target is ready), or it is refused. Keyed.
     FlowReply { flow: FlowId, result: Result<(), RefuseReason>, detail: String },
     /// Either way: the flow is gone on the sender's side (idle, or never
     /// known there). Keyed.
@@ -920,6 +923,7 @@ mod tests {
         roundtrip(Message::GoTo { addr: Some(v6) });
         roundtrip(Message::Roam { from: v4, to: v6 });
         roundtrip(Message::FlowOpen { flow: FlowId(1), service: "dns".into() });
+        roundtrip(Message::FlowOpen { flow: FlowId(FlowId::GATEWAY | 1), service: "telemetry".into() });
         roundtrip(Message::FlowReply { flow: FlowId(2), result: Ok(()), detail: String::new() });
         roundtrip(Message::FlowReply {
             flow: FlowId(u32::MAX),

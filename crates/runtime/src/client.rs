@@ -454,7 +454,7 @@ impl Client {
 
     /// UDP services, flows and their counters.
     pub fn udp_status(&self) -> crate::udp::UdpStatus {
-        let mut out = crate::udp::UdpStatus { services: Vec::new(), flows: Vec::new(), gateways: Vec::new() };
+        let mut out = crate::udp::UdpStatus::default();
         for g in self.gateway_names() {
             self.shared.links[&g].udp.status(&mut out);
         }
@@ -1161,7 +1161,7 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
-        m @ (Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
+        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None

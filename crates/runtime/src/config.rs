@@ -364,6 +364,11 @@ pub struct GatewayExposed {
     /// The port servers connect to, on the address assigned to each client
     /// agent that exposes the service.
     pub port: u16,
+    /// `"tcp"` (default): servers connect, and each connection is a stream;
+    /// `"udp"`: servers send datagrams, and each server address is a flow.
+    /// A TCP and a UDP client service may share a port.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// A service the gateway relays to.
@@ -469,6 +474,11 @@ pub struct ExposedService {
     pub gateway: String,
     /// Where the service really listens: this host or its LAN.
     pub target: HostPort,
+    /// `"tcp"` (default) or `"udp"`: must match the gateway's
+    /// `exposed.NAME.protocol`; the agent refuses connections or flows of
+    /// the other protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// An interface the client agent may send from.
@@ -741,8 +751,9 @@ impl GatewayConfig {
             if e.port == 0 {
                 return Err(key_error(path, key, "ports are 1 to 65535"));
             }
-            if let Some(other) = ports.insert(e.port, name) {
-                return Err(key_error(path, key, format!("port {} is already used by exposed.{other}", e.port)));
+            // A TCP and a UDP client service may share a port: different sockets.
+            if let Some(other) = ports.insert((e.protocol, e.port), name) {
+                return Err(key_error(path, key, format!("{} port {} is already used by exposed.{other}", e.protocol, e.port)));
             }
             // A client agent's address must be free on the service's port.
             let clash = self.listen.iter().find(|l| {
@@ -1024,6 +1035,22 @@ mod tests {
                       prot = 7000"#)
         .unwrap_err();
         assert_eq!(key_of(e), "exposed.push.prot");
+        // A TCP and a UDP client service may share a port; two UDP ones may not.
+        let c = gw(&format!("{base}[exposed.push-udp]\nport = 7000\nprotocol = \"udp\"\n")).unwrap();
+        assert_eq!((c.exposed["push"].protocol, c.exposed["push-udp"].protocol), (Protocol::Tcp, Protocol::Udp));
+        let two_udp = "[exposed.a-udp]\nport = 7000\nprotocol = \"udp\"\n[exposed.b-udp]\nport = 7000\nprotocol = \"udp\"\n";
+        let e = gw(&format!("{base}{two_udp}")).unwrap_err();
+        assert!(e.to_string().contains("udp port 7000 is already used by exposed.a-udp"), "{e}");
+        assert_eq!(key_of(e), "exposed.b-udp.port");
+        let e = gw(&format!("{base}[exposed.push-udp]\nport = 7001\nprotocol = \"sctp\"\n")).unwrap_err();
+        assert_eq!(key_of(e), "exposed.push-udp.protocol");
+        // The gateway's listen port is taken for UDP too (path probes, datagrams).
+        let e = gw(r#"listen = ["0.0.0.0:7000"]
+                      [exposed.push]
+                      port = 7000
+                      protocol = "udp""#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.port");
 
         let client = |extra: &str| {
             ClientConfig::from_toml(
@@ -1037,6 +1064,11 @@ mod tests {
         assert_eq!(key_of(e), "exposed.push.gateway");
         let e = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"8080\"\n").unwrap_err();
         assert_eq!(key_of(e), "exposed.push.target");
+        assert_eq!(c.exposed["push"].protocol, Protocol::Tcp);
+        let c = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n").unwrap();
+        assert_eq!(c.exposed["push"].protocol, Protocol::Udp);
+        let e = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"quic\"\n").unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.protocol");
     }
 
     #[test]

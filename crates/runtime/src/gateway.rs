@@ -592,7 +592,7 @@ fn on_control(
             }
         }
         Message::Roam { from, to } => multihome::on_roam(shared, session, from, to),
-        m @ (Message::FlowOpen { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
+        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
             release(shared, session, "client disconnected");

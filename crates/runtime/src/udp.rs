@@ -24,6 +24,15 @@
 //! their flows while detached: time without a path does not count as idle
 //! on the gateway.
 //!
+//! UDP client services (server → client) use the same flows the other way
+//! round: the gateway's socket for the service, on the agent's assigned
+//! address, reads servers' datagrams; each server address is a flow that
+//! the **gateway** opens (`FlowOpen` to the agent, an id with
+//! [`FlowId::GATEWAY`] set), and the agent answers (`FlowReply`) once it has
+//! a socket connected to the service's target. From there on the flow's
+//! datagrams cross, are held, roam and expire like any other; the target's
+//! answers go back to the server from the service's socket.
+//!
 //! Every socket operation under the state locks is non-blocking
 //! (a send that fails at once): one slow socket never stalls the others, and a datagram
 //! that cannot be sent at once is held, never waited for.
@@ -203,8 +212,70 @@ pub struct UdpLinkStatus {
     pub unknown_flow: u64,
 }
 
-/// UDP services, flows and counters of the client agent, for `baton status`.
+/// One UDP client service of the client agent (server → client), with
+/// counters since start.
 #[derive(Debug, Clone, Serialize)]
+pub struct ExposedUdpStatus {
+    /// The gateway's name.
+    pub gateway: String,
+    /// Service name (as the gateway knows it).
+    pub service: String,
+    /// Where the service really runs, on this side.
+    pub target: String,
+    /// Live flows (one per server address at the gateway).
+    pub flows: usize,
+    /// Flows the gateway opened.
+    pub flows_opened: u64,
+    /// Flows removed here after the idle timeout.
+    pub flows_expired: u64,
+    /// Flows closed by the gateway (its idle timeout).
+    pub flows_closed: u64,
+    /// Flows refused here (target unresolvable, too many flows).
+    pub flows_refused: u64,
+    /// Datagrams from the gateway's side delivered to the target.
+    pub received: u64,
+    /// Datagrams from the target.
+    pub from_target: u64,
+    /// Of those, datagrams sent to the gateway.
+    pub sent: u64,
+    /// Of those, datagrams that waited in the hold queue first.
+    pub delayed: u64,
+    /// Datagrams from the target dropped: hold bound reached, or still held
+    /// when their flow ended.
+    pub dropped: u64,
+    /// Datagrams from the target too large to relay, dropped.
+    pub too_large: u64,
+    /// Datagrams the target's socket would not take.
+    pub send_errors: u64,
+}
+
+/// One flow of a UDP client service at the client agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExposedFlowStatus {
+    /// The gateway's name.
+    pub gateway: String,
+    /// Service name.
+    pub service: String,
+    /// Flow id within the session (2^31 or more: opened by the gateway).
+    pub flow: u32,
+    /// The target's address.
+    pub target: SocketAddr,
+    /// Datagrams from the gateway's side delivered to the target.
+    pub received: u64,
+    /// Datagrams from the target.
+    pub from_target: u64,
+    /// Of those, sent to the gateway.
+    pub sent: u64,
+    /// Of those, dropped at the hold bound.
+    pub dropped: u64,
+    /// Held now, waiting for a path.
+    pub held: usize,
+    /// Since the last datagram either way, in ms.
+    pub idle_ms: u64,
+}
+
+/// UDP services, flows and counters of the client agent, for `baton status`.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct UdpStatus {
     /// Per service.
     pub services: Vec<UdpServiceStatus>,
@@ -212,6 +283,10 @@ pub struct UdpStatus {
     pub flows: Vec<UdpFlowStatus>,
     /// Per gateway.
     pub gateways: Vec<UdpLinkStatus>,
+    /// Per UDP client service.
+    pub exposed: Vec<ExposedUdpStatus>,
+    /// Per live flow of a UDP client service.
+    pub exposed_flows: Vec<ExposedFlowStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +305,31 @@ struct ServiceCounters {
     send_errors: AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct ExposedCounters {
+    flows_opened: AtomicU64,
+    flows_expired: AtomicU64,
+    flows_closed: AtomicU64,
+    flows_refused: AtomicU64,
+    received: AtomicU64,
+    from_target: AtomicU64,
+    sent: AtomicU64,
+    delayed: AtomicU64,
+    dropped: AtomicU64,
+    too_large: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+/// A UDP client service through this gateway: servers beside the gateway
+/// send to this agent's address there, and each server address is a flow
+/// that the gateway opens.
+#[derive(Debug)]
+struct ExposedUdp {
+    name: String,
+    target: HostPort,
+    counters: ExposedCounters,
+}
+
 #[derive(Debug)]
 struct UdpService {
     name: String,
@@ -245,7 +345,9 @@ struct UdpService {
 pub(crate) struct ClientUdp {
     gateway: String,
     config: UdpConfig,
+    connect_timeout: Duration,
     services: Vec<UdpService>,
+    exposed: Vec<ExposedUdp>,
     state: Mutex<ClientState>,
     forged: AtomicU64,
     replayed: AtomicU64,
@@ -263,6 +365,16 @@ struct ClientState {
     flows: HashMap<FlowId, ClientFlow>,
     by_app: HashMap<(usize, SocketAddr), FlowId>,
     next_flow: u32,
+    /// Flows of client services, opened by the gateway.
+    exposed_flows: HashMap<FlowId, ExposedFlow>,
+    /// Client service flows whose target is being resolved, with their session.
+    exposed_opening: HashMap<FlowId, u64>,
+}
+
+impl ClientState {
+    fn flow_count(&self) -> usize {
+        self.flows.len() + self.exposed_flows.len() + self.exposed_opening.len()
+    }
 }
 
 #[derive(Debug)]
@@ -316,6 +428,23 @@ struct ClientFlow {
     dropped: u64,
 }
 
+/// A flow of a UDP client service: one server's datagrams, to and from the
+/// service's target.
+#[derive(Debug)]
+struct ExposedFlow {
+    service: usize,
+    /// Connected to the target: only its answers are read.
+    socket: Arc<UdpSocket>,
+    target: SocketAddr,
+    stop: CancellationToken,
+    hold: HoldQueue,
+    last: Instant,
+    received: u64,
+    from_target: u64,
+    sent: u64,
+    dropped: u64,
+}
+
 /// A socket for datagrams to `gateway` out of `path`, bound the way legs
 /// are (device, source address).
 fn route_socket(path: &Path, gateway: SocketAddr) -> io::Result<UdpSocket> {
@@ -348,6 +477,12 @@ impl ClientUdp {
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> io::Result<Arc<Self>> {
+        let exposed = config
+            .exposed
+            .iter()
+            .filter(|(_, e)| e.protocol == Protocol::Udp && e.gateway == gateway)
+            .map(|(name, e)| ExposedUdp { name: name.clone(), target: e.target.clone(), counters: ExposedCounters::default() })
+            .collect();
         let mut services = Vec::new();
         for (name, svc) in &config.services {
             if svc.protocol != Protocol::Udp || svc.gateway != gateway {
@@ -369,7 +504,9 @@ impl ClientUdp {
         Ok(Arc::new(Self {
             gateway: gateway.to_owned(),
             config: config.udp.clone(),
+            connect_timeout: config.connect_timeout,
             services,
+            exposed,
             state: Mutex::new(ClientState::default()),
             forged: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -384,9 +521,15 @@ impl ClientUdp {
         self.services.iter().map(|s| (s.name.clone(), s.listen))
     }
 
+    /// Neither UDP services nor UDP client services go through this
+    /// gateway: nothing to do.
+    fn unused(&self) -> bool {
+        self.services.is_empty() && self.exposed.is_empty()
+    }
+
     /// Starts reading the services' sockets and the timers.
     pub(crate) fn start(self: &Arc<Self>) {
-        if self.services.is_empty() {
+        if self.unused() {
             return;
         }
         for i in 0..self.services.len() {
@@ -429,9 +572,6 @@ impl ClientUdp {
     /// failure, or planned switch) on `path` to `gateway_addr`: datagrams
     /// leave from there from now on, held ones first.
     pub(crate) fn route(self: &Arc<Self>, id: u64, key: &LegKey, path: &Path, gateway_addr: SocketAddr) {
-        if self.services.is_empty() {
-            return;
-        }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         match &mut st.session {
@@ -451,7 +591,18 @@ impl ClientUdp {
                 for f in st.flows.values_mut() {
                     f.open = false;
                 }
+                // The gateway opened those in the session that is gone:
+                // a server that goes on sending opens them again.
+                st.exposed_opening.clear();
+                for (_, f) in st.exposed_flows.drain() {
+                    self.end_exposed(f);
+                }
             }
+        }
+        if self.unused() {
+            // The session is known only to refuse what the gateway opens (a
+            // client service it takes for UDP): no socket, no announces.
+            return;
         }
         let same = st.route.as_ref().is_some_and(|r| r.path == path.name && r.gateway_addr == gateway_addr);
         if !same {
@@ -473,13 +624,20 @@ impl ClientUdp {
                 }
             }
         }
-        let ClientState { session: Some(session), route: Some(route), flows, .. } = st else { return };
+        let ClientState { session: Some(session), route: Some(route), flows, exposed_flows, .. } = st else { return };
         session.live = true;
         session.confirmed = false;
         session.announces = 0;
         announce(session, route);
         for f in flows.values_mut().filter(|f| f.open) {
             self.flush(f, session, route);
+        }
+        // Time without a path is not idleness: the gateway held the
+        // servers' datagrams meanwhile.
+        let now = Instant::now();
+        for (id, f) in exposed_flows.iter_mut() {
+            f.last = now;
+            self.flush_exposed(*id, f, session, route);
         }
     }
 
@@ -517,10 +675,19 @@ impl ClientUdp {
     }
 
     /// A UDP control message from the gateway.
-    pub(crate) fn on_control(&self, msg: Message) {
+    pub(crate) fn on_control(self: &Arc<Self>, msg: Message) {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         match msg {
+            Message::FlowOpen { flow, service } => self.on_flow_open(st, flow, service),
+            Message::FlowClose { flow, why } if flow.is_gateway_opened() => {
+                if let Some(f) = st.exposed_flows.remove(&flow) {
+                    let svc = &self.exposed[f.service];
+                    inc(&svc.counters.flows_closed);
+                    debug!(service = %svc.name, %flow, ?why, "udp client service flow closed by the gateway");
+                    self.end_exposed(f);
+                }
+            }
             Message::FlowReply { flow, result: Ok(()), .. } => {
                 let Some(f) = st.flows.get_mut(&flow) else { return };
                 f.open = true;
@@ -548,6 +715,173 @@ impl ClientUdp {
         }
     }
 
+    /// The gateway opens a flow of a client service (a server sent to it):
+    /// open a socket to the service's target, then say so.
+    fn on_flow_open(self: &Arc<Self>, st: &mut ClientState, flow: FlowId, service: String) {
+        let Some(session) = &st.session else { return };
+        let refuse = |reason: RefuseReason, detail: String| {
+            warn!(gateway = %self.gateway, service = %service, %flow, "udp client service flow refused: {reason}: {detail}");
+            session.tell(Message::FlowReply { flow, result: Err(reason), detail });
+        };
+        if !flow.is_gateway_opened() {
+            refuse(RefuseReason::BadStream, format!("flow {flow} is an id of the agent's space"));
+            return;
+        }
+        let Some(i) = self.exposed.iter().position(|e| e.name == service) else {
+            let detail = format!("this agent exposes no udp client service {service:?} through this gateway (exposed.{service}.protocol must be \"udp\" on both sides)");
+            refuse(RefuseReason::ServiceNotAllowed, detail);
+            return;
+        };
+        if let Some(f) = st.exposed_flows.get(&flow) {
+            // Sent again after a reconnect: the flow goes on.
+            if f.service == i {
+                session.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+            } else {
+                refuse(RefuseReason::BadStream, format!("flow {flow} belongs to client service {:?}", self.exposed[f.service].name));
+            }
+            return;
+        }
+        if st.exposed_opening.contains_key(&flow) {
+            return;
+        }
+        if st.flow_count() >= self.config.max_flows {
+            inc(&self.exposed[i].counters.flows_refused);
+            refuse(RefuseReason::CapacityFull, format!("the session holds its maximum of {} udp flows", self.config.max_flows));
+            return;
+        }
+        let session_id = session.id;
+        st.exposed_opening.insert(flow, session_id);
+        self.tasks.spawn(self.clone().open_exposed(flow, i, session_id));
+    }
+
+    async fn open_exposed(self: Arc<Self>, flow: FlowId, i: usize, session_id: u64) {
+        let target = self.exposed[i].target.clone();
+        let connect = async {
+            let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+            Ok::<_, io::Error>((flow_socket(addr)?, addr))
+        };
+        let r = tokio::select! {
+            r = tokio::time::timeout(self.connect_timeout, connect) => r,
+            _ = self.shutdown.cancelled() => return,
+        };
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        // The session changed meanwhile: the gateway that asked is gone.
+        if st.exposed_opening.get(&flow) != Some(&session_id) {
+            return;
+        }
+        st.exposed_opening.remove(&flow);
+        let Some(session) = st.session.as_ref().filter(|s| s.id == session_id) else { return };
+        let svc = &self.exposed[i];
+        let (socket, addr) = match r {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                inc(&svc.counters.flows_refused);
+                warn!(service = %svc.name, "udp client service flow refused: {target}: {e}");
+                session.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail: format!("{target}: {e}") });
+                return;
+            }
+            Err(_) => {
+                inc(&svc.counters.flows_refused);
+                let detail = format!("{target}: not resolved within {:?}", self.connect_timeout);
+                warn!(service = %svc.name, "udp client service flow refused: {detail}");
+                session.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail });
+                return;
+            }
+        };
+        let socket = Arc::new(socket);
+        let stop = self.shutdown.child_token();
+        st.exposed_flows.insert(
+            flow,
+            ExposedFlow {
+                service: i,
+                socket: socket.clone(),
+                target: addr,
+                stop: stop.clone(),
+                hold: HoldQueue::new(self.config.hold, self.config.hold_bytes),
+                last: Instant::now(),
+                received: 0,
+                from_target: 0,
+                sent: 0,
+                dropped: 0,
+            },
+        );
+        inc(&svc.counters.flows_opened);
+        debug!(service = %svc.name, %flow, target = %addr, "udp client service flow open");
+        session.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+        drop(guard);
+        self.tasks.spawn(self.clone().read_exposed_target(flow, socket, stop));
+    }
+
+    async fn read_exposed_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
+        let mut buf = vec![0u8; MAX_PAYLOAD + 1];
+        loop {
+            let r = tokio::select! {
+                r = socket.recv(&mut buf) => r,
+                _ = stop.cancelled() => return,
+            };
+            match r {
+                Ok(n) => self.on_exposed_target_datagram(flow, &buf[..n]),
+                // The target's port is closed (ICMP): the server's business,
+                // as it would be without baton.
+                Err(e) => {
+                    debug!(gateway = %self.gateway, %flow, "udp receive from client service target: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// A datagram from a client service's target, for the server of `flow`.
+    fn on_exposed_target_datagram(&self, flow: FlowId, payload: &[u8]) {
+        let mut guard = lock(&self.state);
+        let ClientState { session, route, exposed_flows, .. } = &mut *guard;
+        let Some(f) = exposed_flows.get_mut(&flow) else { return };
+        let c = &self.exposed[f.service].counters;
+        if payload.len() > MAX_PAYLOAD {
+            inc(&c.too_large);
+            return;
+        }
+        f.last = Instant::now();
+        f.from_target += 1;
+        inc(&c.from_target);
+        if let (Some(session), Some(route)) = (session, route) {
+            if session.live && f.hold.is_empty() {
+                let d = seal(Kind::Data, session.id, flow, &mut session.seq, Role::Client, payload, &session.key);
+                if send_now(&route.socket, &d).is_ok() {
+                    f.sent += 1;
+                    inc(&c.sent);
+                    return;
+                }
+            }
+        }
+        let dropped = f.hold.push(payload.to_vec());
+        f.dropped += dropped;
+        add(&c.dropped, dropped);
+    }
+
+    /// Sends what a client service's flow holds, oldest first; what cannot
+    /// be sent stays held.
+    fn flush_exposed(&self, id: FlowId, f: &mut ExposedFlow, session: &mut ClientSession, route: &RouteSocket) {
+        let (sent, dropped) = drain_hold(&mut f.hold, id, session, route);
+        let c = &self.exposed[f.service].counters;
+        f.sent += sent;
+        add(&c.sent, sent);
+        add(&c.delayed, sent);
+        f.dropped += dropped;
+        add(&c.dropped, dropped);
+    }
+
+    /// A client service's flow is gone: its reader stops, what it held
+    /// counts as dropped.
+    fn end_exposed(&self, mut f: ExposedFlow) {
+        f.stop.cancel();
+        add(&self.exposed[f.service].counters.dropped, f.hold.take().len() as u64);
+    }
+
     /// Removes a flow; what it still held counts as dropped.
     fn remove(&self, st: &mut ClientState, id: FlowId) -> Option<ClientFlow> {
         let mut f = st.flows.remove(&id)?;
@@ -570,12 +904,13 @@ impl ClientUdp {
         let id = match st.by_app.get(&(i, from)) {
             Some(id) => *id,
             None => {
-                if st.flows.len() >= self.config.max_flows {
+                if st.flow_count() >= self.config.max_flows {
                     inc(&svc.counters.over_max_flows);
                     return;
                 }
+                // The gateway's space (top bit) is never used here.
                 let id = loop {
-                    st.next_flow = st.next_flow.wrapping_add(1);
+                    st.next_flow = st.next_flow.wrapping_add(1) & !FlowId::GATEWAY;
                     let id = FlowId(st.next_flow);
                     if id.0 != 0 && !st.flows.contains_key(&id) {
                         break id;
@@ -624,23 +959,13 @@ impl ClientUdp {
 
     /// Sends what `f` holds, oldest first; what cannot be sent stays held.
     fn flush(&self, f: &mut ClientFlow, session: &mut ClientSession, route: &RouteSocket) {
-        let held = f.hold.take();
-        let mut failed = false;
-        for payload in held {
-            if !failed {
-                let d = seal(Kind::Data, session.id, f.id, &mut session.seq, Role::Client, &payload, &session.key);
-                if send_now(&route.socket, &d).is_ok() {
-                    f.sent += 1;
-                    inc(&self.services[f.service].counters.sent);
-                    inc(&self.services[f.service].counters.delayed);
-                    continue;
-                }
-                failed = true;
-            }
-            let dropped = f.hold.push(payload);
-            f.dropped += dropped;
-            add(&self.services[f.service].counters.dropped, dropped);
-        }
+        let (sent, dropped) = drain_hold(&mut f.hold, f.id, session, route);
+        let c = &self.services[f.service].counters;
+        f.sent += sent;
+        add(&c.sent, sent);
+        add(&c.delayed, sent);
+        f.dropped += dropped;
+        add(&c.dropped, dropped);
     }
 
     fn on_gateway_datagram(&self, bytes: &[u8]) {
@@ -666,6 +991,21 @@ impl ClientUdp {
                     for stop in st.retiring.drain(..) {
                         self.stop_after(stop, LINGER);
                     }
+                }
+            }
+            Kind::Data if h.flow.is_gateway_opened() => {
+                let Some(f) = st.exposed_flows.get_mut(&h.flow) else {
+                    inc(&self.unknown_flow);
+                    session.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
+                    return;
+                };
+                f.last = Instant::now();
+                let c = &self.exposed[f.service].counters;
+                if send_now(&f.socket, payload).is_ok() {
+                    f.received += 1;
+                    inc(&c.received);
+                } else {
+                    inc(&c.send_errors);
                 }
             }
             Kind::Data => {
@@ -721,7 +1061,27 @@ impl ClientUdp {
                 }
             }
         }
-        let ClientState { session: Some(session), route: Some(route), flows, .. } = st else { return };
+        // As on the gateway, a client service's flow is idle only while the
+        // session has a path: without one the gateway holds its datagrams.
+        let live = st.session.as_ref().is_some_and(|s| s.live);
+        let idle: Vec<FlowId> = st
+            .exposed_flows
+            .iter()
+            .filter(|(_, f)| live && now.duration_since(f.last) >= self.config.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(f) = st.exposed_flows.remove(&id) {
+                let svc = &self.exposed[f.service];
+                inc(&svc.counters.flows_expired);
+                debug!(service = %svc.name, flow = %id, "udp client service flow idle: removed");
+                self.end_exposed(f);
+                if let Some(s) = &st.session {
+                    s.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
+                }
+            }
+        }
+        let ClientState { session: Some(session), route: Some(route), flows, exposed_flows, .. } = st else { return };
         if !session.live {
             return;
         }
@@ -731,6 +1091,9 @@ impl ClientUdp {
         // Datagrams that a full socket buffer sent back to the queue.
         for f in flows.values_mut().filter(|f| f.open && !f.hold.is_empty()) {
             self.flush(f, session, route);
+        }
+        for (id, f) in exposed_flows.iter_mut().filter(|(_, f)| !f.hold.is_empty()) {
+            self.flush_exposed(*id, f, session, route);
         }
     }
 
@@ -774,7 +1137,41 @@ impl ClientUdp {
                 idle_ms: now.duration_since(f.last).as_millis() as u64,
             });
         }
-        if !self.services.is_empty() {
+        for (i, e) in self.exposed.iter().enumerate() {
+            let c = &e.counters;
+            out.exposed.push(ExposedUdpStatus {
+                gateway: self.gateway.clone(),
+                service: e.name.clone(),
+                target: e.target.to_string(),
+                flows: st.exposed_flows.values().filter(|f| f.service == i).count(),
+                flows_opened: get(&c.flows_opened),
+                flows_expired: get(&c.flows_expired),
+                flows_closed: get(&c.flows_closed),
+                flows_refused: get(&c.flows_refused),
+                received: get(&c.received),
+                from_target: get(&c.from_target),
+                sent: get(&c.sent),
+                delayed: get(&c.delayed),
+                dropped: get(&c.dropped),
+                too_large: get(&c.too_large),
+                send_errors: get(&c.send_errors),
+            });
+        }
+        for (id, f) in &st.exposed_flows {
+            out.exposed_flows.push(ExposedFlowStatus {
+                gateway: self.gateway.clone(),
+                service: self.exposed[f.service].name.clone(),
+                flow: id.0,
+                target: f.target,
+                received: f.received,
+                from_target: f.from_target,
+                sent: f.sent,
+                dropped: f.dropped,
+                held: f.hold.len(),
+                idle_ms: now.duration_since(f.last).as_millis() as u64,
+            });
+        }
+        if !self.unused() {
             out.gateways.push(UdpLinkStatus {
                 gateway: self.gateway.clone(),
                 interface: st.route.as_ref().map(|r| r.path.clone()),
@@ -788,6 +1185,25 @@ impl ClientUdp {
     }
 }
 
+/// Sends what `hold` holds for flow `id`, oldest first, while the socket
+/// takes it; the rest stays held. Returns how many were sent and dropped.
+fn drain_hold(hold: &mut HoldQueue, id: FlowId, session: &mut ClientSession, route: &RouteSocket) -> (u64, u64) {
+    let (mut sent, mut dropped) = (0, 0);
+    let mut failed = false;
+    for payload in hold.take() {
+        if !failed {
+            let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, &payload, &session.key);
+            if send_now(&route.socket, &d).is_ok() {
+                sent += 1;
+                continue;
+            }
+            failed = true;
+        }
+        dropped += hold.push(payload);
+    }
+    (sent, dropped)
+}
+
 fn announce(session: &mut ClientSession, route: &RouteSocket) {
     session.announces += 1;
     let d = seal(Kind::Announce, session.id, FlowId(0), &mut session.seq, Role::Client, &[], &session.key);
@@ -798,28 +1214,32 @@ fn announce(session: &mut ClientSession, route: &RouteSocket) {
 // Gateway
 // ---------------------------------------------------------------------
 
-/// The gateway's UDP counters since start, over all sessions.
+/// The gateway's UDP counters since start, over all sessions. Flows of UDP
+/// client services count here too, their servers standing for targets.
 #[derive(Debug, Default)]
 pub struct UdpStats {
-    /// Flows opened.
+    /// Flows opened (by client agents, and for servers of client services).
     pub flows_opened: AtomicU64,
-    /// Flows refused (service not allowed, too many flows, target unreachable).
+    /// Flows refused (service not allowed, too many flows, target
+    /// unreachable; for a client service: refused by the client agent).
     pub flows_refused: AtomicU64,
     /// Flows removed here after the idle timeout.
     pub flows_expired: AtomicU64,
     /// Flows closed by their client agent.
     pub flows_closed: AtomicU64,
-    /// Datagrams from client agents sent on to targets.
+    /// Datagrams from client agents sent on to targets (or servers).
     pub from_client: AtomicU64,
-    /// Datagrams from targets.
+    /// Datagrams from targets (or servers of client services).
     pub from_target: AtomicU64,
     /// Datagrams sent to client agents.
     pub to_client: AtomicU64,
     /// Of those, datagrams that waited in the hold queue first (client
-    /// switching, address not yet confirmed).
+    /// switching, address not yet confirmed, client service flow not yet
+    /// accepted by the agent).
     pub delayed: AtomicU64,
     /// Datagrams from targets dropped: hold bound reached while the client
-    /// was away, or still held when the flow or session ended.
+    /// was away, or still held when the flow or session ended; or sent to a
+    /// client service that the agent does not serve over UDP.
     pub dropped: AtomicU64,
     /// Datagrams that failed authentication, ignored.
     pub forged: AtomicU64,
@@ -831,6 +1251,19 @@ pub struct UdpStats {
     pub too_large: AtomicU64,
     /// Datagrams a target's socket would not take.
     pub send_errors: AtomicU64,
+    /// Datagrams of servers to a client service dropped because their flow
+    /// would pass `udp.max_flows`.
+    pub over_max_flows: AtomicU64,
+}
+
+/// Who opened a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The client agent: an application's datagrams to a UDP service.
+    Agent,
+    /// The gateway: a server's datagrams to a UDP client service.
+    Gateway,
 }
 
 /// One UDP flow at the gateway.
@@ -842,9 +1275,15 @@ pub struct GatewayFlowStatus {
     pub session: String,
     /// Flow id within the session.
     pub flow: u32,
-    /// Service name.
+    /// Service name (a client service's for flows the gateway opened).
     pub service: String,
-    /// The target's address.
+    /// `agent` (a UDP service's flow) or `gateway` (a UDP client service's:
+    /// a server sent to the agent's address).
+    pub opened_by: Origin,
+    /// `opening` (a client service's flow the agent has not accepted yet:
+    /// datagrams are held) or `open`.
+    pub state: &'static str,
+    /// The target's address; for a client service, the server's.
     pub target: SocketAddr,
     /// Where the session's datagrams go: the address of the client agent's
     /// newest authenticated datagram.
@@ -876,6 +1315,8 @@ pub(crate) struct SessionUdp {
     key: LegKey,
     /// The UDP services this client may use, with their targets.
     services: HashMap<String, HostPort>,
+    /// The UDP client services this client may expose.
+    exposed: HashSet<String>,
     config: UdpConfig,
     connect_timeout: Duration,
     stats: Arc<UdpStats>,
@@ -896,6 +1337,14 @@ struct GatewayState {
     window: ReplayWindow,
     flows: HashMap<FlowId, GatewayFlow>,
     opening: HashSet<FlowId>,
+    /// Flows of client services, by service and server address.
+    by_server: HashMap<String, HashMap<SocketAddr, FlowId>>,
+    /// Last flow id allocated here (without [`FlowId::GATEWAY`]).
+    next_flow: u32,
+    /// Client services the agent said it does not serve over UDP (its
+    /// configuration differs): their datagrams are dropped for the rest of
+    /// the session instead of asking again for every one.
+    not_served: HashSet<String>,
     /// Unknown flows already told to the client since the last tick.
     told_unknown: HashSet<FlowId>,
 }
@@ -916,13 +1365,35 @@ impl GatewayState {
             let _ = c.send(msg);
         }
     }
+
+    /// Removes a flow and stops what reads for it; what it held is
+    /// returned, to be counted as dropped.
+    fn remove(&mut self, id: FlowId) -> Option<(GatewayFlow, u64)> {
+        let mut f = self.flows.remove(&id)?;
+        f.stop.cancel();
+        if f.origin == Origin::Gateway {
+            if let Some(m) = self.by_server.get_mut(&f.service) {
+                m.remove(&f.target);
+            }
+        }
+        let held = f.hold.take().len() as u64;
+        Some((f, held))
+    }
 }
 
 #[derive(Debug)]
 struct GatewayFlow {
     service: String,
+    origin: Origin,
+    /// An agent's flow: a socket of its own, connected to the target. A
+    /// client service's flow: the service's socket, shared by its flows.
     socket: Arc<UdpSocket>,
+    /// The target; for a client service's flow, the server.
     target: SocketAddr,
+    /// The client agent takes the flow's datagrams (always, for its own).
+    open: bool,
+    /// Stops the flow's reader (an agent's flow); for a client service's,
+    /// fires when the service stops listening.
     stop: CancellationToken,
     hold: HoldQueue,
     last: Instant,
@@ -930,6 +1401,16 @@ struct GatewayFlow {
     from_target: u64,
     to_client: u64,
     dropped: u64,
+}
+
+impl GatewayFlow {
+    /// Sends a datagram of the client agent to the gateway's side.
+    fn send(&self, payload: &[u8]) -> io::Result<usize> {
+        match self.origin {
+            Origin::Agent => send_now(&self.socket, payload),
+            Origin::Gateway => send_to_now(&self.socket, payload, self.target),
+        }
+    }
 }
 
 /// A socket of the gateway's own for one flow, connected to `target`.
@@ -960,11 +1441,17 @@ impl SessionUdp {
             .iter()
             .filter_map(|name| config.services.get(name).filter(|s| s.protocol == Protocol::Udp).map(|s| (name.clone(), s.target.clone())))
             .collect();
+        let exposed = config
+            .clients
+            .get(client)
+            .map(|c| c.exposes.iter().filter(|n| config.exposed.get(*n).is_some_and(|e| e.protocol == Protocol::Udp)).cloned().collect())
+            .unwrap_or_default();
         Arc::new(Self {
             id,
             client: client.to_owned(),
             key,
             services,
+            exposed,
             config: config.udp.clone(),
             connect_timeout: config.connect_timeout,
             stats,
@@ -975,9 +1462,10 @@ impl SessionUdp {
     }
 
     /// Runs the timers until `released` (then every flow ends). A client
-    /// with no UDP service never has a flow: nothing to run.
+    /// with no UDP service nor UDP client service never has a flow: nothing
+    /// to run.
     pub(crate) fn start(self: &Arc<Self>, released: CancellationToken) {
-        if self.services.is_empty() {
+        if self.services.is_empty() && self.exposed.is_empty() {
             return;
         }
         let me = self.clone();
@@ -993,6 +1481,7 @@ impl SessionUdp {
             // Flow tasks and flows still opening end with the session.
             me.released.cancel();
             let mut st = lock(&me.state);
+            st.by_server.clear();
             for (_, mut f) in st.flows.drain() {
                 f.stop.cancel();
                 add(&me.stats.dropped, f.hold.take().len() as u64);
@@ -1012,6 +1501,11 @@ impl SessionUdp {
         for f in st.flows.values_mut() {
             f.last = now;
         }
+        // Idempotent on the agent: the flows of client services it holds go
+        // on, the others it opens (its answer may have been lost).
+        for (id, f) in st.flows.iter().filter(|(_, f)| f.origin == Origin::Gateway) {
+            st.tell(Message::FlowOpen { flow: *id, service: f.service.clone() });
+        }
     }
 
     /// A UDP control message from the client agent.
@@ -1025,6 +1519,10 @@ impl SessionUdp {
                     warn!(client = %self.client, service = %service, %flow, "udp flow refused: {reason}: {detail}");
                     st.tell(Message::FlowReply { flow, result: Err(reason), detail });
                 };
+                if flow.is_gateway_opened() {
+                    refuse(st, RefuseReason::BadStream, format!("flow {flow}: ids with the top bit set are the gateway's"));
+                    return;
+                }
                 if let Some(f) = st.flows.get(&flow) {
                     // Sent again after a reconnect: the flow goes on.
                     if f.service == service {
@@ -1048,13 +1546,33 @@ impl SessionUdp {
                 st.opening.insert(flow);
                 self.tasks.spawn(self.clone().open_flow(flow, service, target));
             }
+            // The agent's answer about a client service's flow.
+            Message::FlowReply { flow, result: Ok(()), .. } => {
+                let Some(f) = st.flows.get_mut(&flow).filter(|f| f.origin == Origin::Gateway) else { return };
+                if !f.open {
+                    f.open = true;
+                    debug!(client = %self.client, service = %f.service, %flow, server = %f.target, "udp client service flow accepted by the agent");
+                    self.flush_all(st);
+                }
+            }
+            Message::FlowReply { flow, result: Err(reason), detail } => {
+                if !flow.is_gateway_opened() {
+                    return;
+                }
+                if let Some((f, held)) = st.remove(flow) {
+                    add(&self.stats.dropped, held);
+                    inc(&self.stats.flows_refused);
+                    warn!(client = %self.client, service = %f.service, server = %f.target, "the client agent refused the udp client service flow: {reason}: {detail}");
+                    if reason == RefuseReason::ServiceNotAllowed {
+                        st.not_served.insert(f.service);
+                    }
+                }
+            }
             Message::FlowClose { flow, why } => {
-                if let Some(mut f) = st.flows.remove(&flow) {
-                    f.stop.cancel();
-                    let held = f.hold.take().len() as u64;
+                if let Some((f, held)) = st.remove(flow) {
                     add(&self.stats.dropped, held);
                     inc(&self.stats.flows_closed);
-                    debug!(client = %self.client, %flow, ?why, "udp flow closed by the client");
+                    debug!(client = %self.client, %flow, service = %f.service, ?why, "udp flow closed by the client");
                 }
             }
             other => debug!("ignoring control message {:#04x} on the udp side", other.ty()),
@@ -1092,26 +1610,30 @@ impl SessionUdp {
         };
         let socket = Arc::new(socket);
         let stop = self.released.child_token();
-        st.flows.insert(
-            flow,
-            GatewayFlow {
-                service: service.clone(),
-                socket: socket.clone(),
-                target: addr,
-                stop: stop.clone(),
-                hold: HoldQueue::new(self.config.hold, self.config.hold_bytes),
-                last: Instant::now(),
-                from_client: 0,
-                from_target: 0,
-                to_client: 0,
-                dropped: 0,
-            },
-        );
+        let f = self.new_flow(service.clone(), Origin::Agent, socket.clone(), addr, stop.clone());
+        st.flows.insert(flow, f);
         inc(&self.stats.flows_opened);
         debug!(client = %self.client, %service, %flow, target = %addr, "udp flow open");
         st.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
         drop(st);
         self.tasks.spawn(self.clone().read_target(flow, socket, stop));
+    }
+
+    fn new_flow(&self, service: String, origin: Origin, socket: Arc<UdpSocket>, target: SocketAddr, stop: CancellationToken) -> GatewayFlow {
+        GatewayFlow {
+            service,
+            origin,
+            socket,
+            target,
+            open: origin == Origin::Agent,
+            stop,
+            hold: HoldQueue::new(self.config.hold, self.config.hold_bytes),
+            last: Instant::now(),
+            from_client: 0,
+            from_target: 0,
+            to_client: 0,
+            dropped: 0,
+        }
     }
 
     async fn read_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
@@ -1139,13 +1661,20 @@ impl SessionUdp {
             return;
         }
         let mut guard = lock(&self.state);
-        let sending = guard.sending();
-        let GatewayState { peer, seq, flows, .. } = &mut *guard;
+        self.to_client(&mut guard, flow, payload);
+    }
+
+    /// A datagram of `flow` from the gateway's side: sent to the client
+    /// agent at once if the flow can send and holds nothing older, held
+    /// otherwise.
+    fn to_client(&self, st: &mut GatewayState, flow: FlowId, payload: &[u8]) {
+        let sending = st.sending();
+        let GatewayState { peer, seq, flows, .. } = st;
         let Some(f) = flows.get_mut(&flow) else { return };
         f.last = Instant::now();
         f.from_target += 1;
         inc(&self.stats.from_target);
-        if let (true, Some((socket, addr))) = (sending && f.hold.is_empty(), peer.as_ref()) {
+        if let (true, Some((socket, addr))) = (sending && f.open && f.hold.is_empty(), peer.as_ref()) {
             let d = seal(Kind::Data, self.id, flow, seq, Role::Gateway, payload, &self.key);
             if send_to_now(socket, &d, *addr).is_ok() {
                 f.to_client += 1;
@@ -1156,6 +1685,59 @@ impl SessionUdp {
         let dropped = f.hold.push(payload.to_vec());
         f.dropped += dropped;
         add(&self.stats.dropped, dropped);
+    }
+
+    /// A datagram that the server at `from` sent to this client's UDP client
+    /// service `service`, received on the service's `socket` (`stop` fires
+    /// when it stops listening). A new server address is a new flow, which
+    /// the client agent is told about; its datagrams are held until the
+    /// agent accepts it.
+    pub(crate) fn on_server_datagram(
+        &self,
+        service: &str,
+        socket: &Arc<UdpSocket>,
+        stop: &CancellationToken,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
+        if payload.len() > MAX_PAYLOAD {
+            inc(&self.stats.too_large);
+            return;
+        }
+        if !self.exposed.contains(service) {
+            return;
+        }
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if st.not_served.contains(service) {
+            inc(&self.stats.dropped);
+            return;
+        }
+        let known = st.by_server.get(service).and_then(|m| m.get(&from)).copied();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                if st.flows.len() + st.opening.len() >= self.config.max_flows {
+                    inc(&self.stats.over_max_flows);
+                    return;
+                }
+                let id = loop {
+                    st.next_flow = st.next_flow.wrapping_add(1) & !FlowId::GATEWAY;
+                    let id = FlowId(FlowId::GATEWAY | st.next_flow);
+                    if st.next_flow != 0 && !st.flows.contains_key(&id) {
+                        break id;
+                    }
+                };
+                let f = self.new_flow(service.to_owned(), Origin::Gateway, socket.clone(), from, stop.child_token());
+                st.flows.insert(id, f);
+                st.by_server.entry(service.to_owned()).or_default().insert(from, id);
+                inc(&self.stats.flows_opened);
+                debug!(client = %self.client, service, flow = %id, server = %from, "udp client service flow starts");
+                st.tell(Message::FlowOpen { flow: id, service: service.to_owned() });
+                id
+            }
+        };
+        self.to_client(st, id, payload);
     }
 
     /// A datagram from the client agent, as received on `socket` from `from`.
@@ -1207,7 +1789,7 @@ impl SessionUdp {
                     return;
                 };
                 f.last = Instant::now();
-                if send_now(&f.socket, payload).is_ok() {
+                if f.send(payload).is_ok() {
                     f.from_client += 1;
                     inc(&self.stats.from_client);
                 } else {
@@ -1217,13 +1799,13 @@ impl SessionUdp {
         }
     }
 
-    /// Sends what every flow holds, oldest first, while it can.
+    /// Sends what every open flow holds, oldest first, while it can.
     fn flush_all(&self, st: &mut GatewayState) {
         if !st.sending() {
             return;
         }
         let GatewayState { peer: Some((socket, addr)), seq, flows, .. } = st else { return };
-        for (id, f) in flows.iter_mut().filter(|(_, f)| !f.hold.is_empty()) {
+        for (id, f) in flows.iter_mut().filter(|(_, f)| f.open && !f.hold.is_empty()) {
             let mut failed = false;
             for payload in f.hold.take() {
                 if !failed {
@@ -1247,6 +1829,14 @@ impl SessionUdp {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         st.told_unknown.clear();
+        // A client service that stopped listening (its owner, a later
+        // session of the client, was released) ends its flows here too.
+        let unheard: Vec<FlowId> = st.flows.iter().filter(|(_, f)| f.origin == Origin::Gateway && f.stop.is_cancelled()).map(|(id, _)| *id).collect();
+        for id in unheard {
+            if let Some((_, held)) = st.remove(id) {
+                add(&self.stats.dropped, held);
+            }
+        }
         // While the client agent is away its flows wait for it: idleness
         // counts only with a control connection up.
         if !st.attached() {
@@ -1256,9 +1846,8 @@ impl SessionUdp {
         let idle: Vec<FlowId> =
             st.flows.iter().filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout).map(|(id, _)| *id).collect();
         for id in idle {
-            if let Some(mut f) = st.flows.remove(&id) {
-                f.stop.cancel();
-                add(&self.stats.dropped, f.hold.take().len() as u64);
+            if let Some((f, held)) = st.remove(id) {
+                add(&self.stats.dropped, held);
                 inc(&self.stats.flows_expired);
                 debug!(client = %self.client, flow = %id, service = %f.service, "udp flow idle: removed");
                 st.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
@@ -1277,6 +1866,8 @@ impl SessionUdp {
                 session: sid(self.id),
                 flow: id.0,
                 service: f.service.clone(),
+                opened_by: f.origin,
+                state: if f.open { "open" } else { "opening" },
                 target: f.target,
                 client_addr: st.peer.as_ref().map(|(_, a)| *a),
                 sending: st.sending(),

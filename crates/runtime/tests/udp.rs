@@ -1,7 +1,8 @@
 //! UDP services on loopback: datagrams through the client agent and the
 //! gateway, across planned and sudden switches (two loopback addresses
 //! stand in for two interfaces), the hold bound, idle expiry on both sides,
-//! and forged or replayed datagrams.
+//! and forged or replayed datagrams; then the same for UDP client services
+//! (server → client), whose flows the gateway opens.
 //!
 //! The test itself is the service's target (a UDP socket it reads and
 //! writes), so it sees every datagram the gateway relays. Sockets get 4 MiB
@@ -19,15 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proto::datagram::{Header, Kind, MAX_PAYLOAD};
-use baton_proto::{FlowId, Message, Role};
-use baton_runtime::client::LinkState;
+use baton_proto::{ClientKey, FlowId, Message, Role};
+use baton_runtime::client::{ExposedState, LinkState};
 use baton_runtime::config::ClientConfig;
-use baton_runtime::udp::{GatewayFlowStatus, UdpFlowStatus, UdpServiceStatus};
+use baton_runtime::udp::{GatewayFlowStatus, Origin, UdpFlowStatus, UdpServiceStatus};
 use baton_runtime::{Client, Gateway};
 use common::*;
 use socket2::SockRef;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Every test ends within this, whatever goes wrong.
@@ -511,6 +513,492 @@ async fn forged_and_replayed_datagrams_are_ignored_and_never_move_the_flow() {
         assert!(recv_within(&a, Duration::from_millis(200)).await.is_none());
         assert_eq!(stats(), (4, 1, 4));
         println!("forged {}, replayed {}, relayed {}", stats().0, stats().1, stats().2);
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
+
+// ---------------------------------------------------------------------
+// UDP client services
+// ---------------------------------------------------------------------
+//
+// The gateway's `telemetry` is a UDP client service on port 7000, the same
+// port as the TCP `push`: servers beside the gateway send datagrams to an
+// agent's address there, and each server address is a flow the gateway
+// opens. Each test has its own pool (127.77.N.0/24, N from 11) so that
+// tests running in parallel never share an address.
+
+const PORT: u16 = 7000;
+
+/// A gateway with the TCP client service `push` and the UDP client service
+/// `telemetry`, both on port 7000, the pool `127.77.{net}.0/24`, `[udp]`
+/// settings `udp`, and the given clients: (id, key), each allowed both.
+async fn udp_gateway(net: u8, clients: &[(&str, &ClientKey)], udp: &str, shutdown: &CancellationToken) -> Gateway {
+    let mut toml = format!(
+        "listen = [\"127.0.0.1:0\"]\nvirtual_pool = \"127.77.{net}.0/24\"\n[udp]\n{udp}\n[exposed.push]\nport = {PORT}\n\
+         [exposed.telemetry]\nport = {PORT}\nprotocol = \"udp\"\n"
+    );
+    for (id, key) in clients {
+        toml.push_str(&format!("[clients.{id}]\nkey = \"{}\"\nexposes = [\"push\", \"telemetry\"]\n", key.public()));
+    }
+    gateway(&toml, shutdown).await
+}
+
+/// A client agent with the interfaces `a` (127.0.0.2) and `b` (127.0.0.3)
+/// exposing `telemetry` (over `protocol`, to `target`) and `push` (TCP, to
+/// `push_target`) through `gw`, with `[udp]` settings `udp`.
+#[allow(clippy::too_many_arguments)]
+async fn cs_agent(
+    id: &str,
+    key: &ClientKey,
+    gw: &Gateway,
+    target: SocketAddr,
+    protocol: &str,
+    push_target: SocketAddr,
+    udp: &str,
+    shutdown: &CancellationToken,
+) -> Client {
+    let toml = format!(
+        "id = \"{id}\"\nkey_file = \"unused\"\n[udp]\n{udp}\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n\
+         [interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{}\"]\n\
+         [exposed.push]\ngateway = \"gw\"\ntarget = \"{push_target}\"\n\
+         [exposed.telemetry]\ngateway = \"gw\"\ntarget = \"{target}\"\nprotocol = \"{protocol}\"\n",
+        gw.local_addrs()[0]
+    );
+    let cfg = ClientConfig::from_toml(std::path::Path::new("udp-client-services.toml"), &toml).unwrap();
+    let c = Client::start(cfg, key.clone(), shutdown.clone()).await.unwrap();
+    c.wait_up("gw").await.unwrap();
+    c
+}
+
+/// A UDP client service agent (`telemetry` over UDP).
+async fn udp_agent(
+    id: &str,
+    key: &ClientKey,
+    gw: &Gateway,
+    target: SocketAddr,
+    push_target: SocketAddr,
+    udp: &str,
+    shutdown: &CancellationToken,
+) -> Client {
+    cs_agent(id, key, gw, target, "udp", push_target, udp, shutdown).await
+}
+
+/// Where the gateway listens for the agent's client service `name`.
+async fn exposed_address(c: &Client, name: &str) -> SocketAddr {
+    let find = || c.exposed().into_iter().find(|e| e.name == name).unwrap();
+    assert!(eventually(Duration::from_secs(10), || find().state != ExposedState::Pending).await, "the gateway never answered for {name}");
+    let e = find();
+    assert_eq!(e.state, ExposedState::Listening, "{e:?}");
+    e.address.unwrap()
+}
+
+async fn telemetry_address(c: &Client) -> SocketAddr {
+    exposed_address(c, "telemetry").await
+}
+
+/// A TCP service on the client's side that answers each connection with
+/// "NAME got " and everything it read.
+async fn tagged_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let _ = s.write_all(&[format!("{name} got ").as_bytes(), &got].concat()).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Pushes `msg` to `addr` over TCP, half-closes, and returns the whole answer.
+async fn push(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await.expect("push stalled").unwrap();
+    got
+}
+
+/// A UDP service on the client's side that answers each datagram with
+/// "NAME got " and the datagram, and reports what it received.
+async fn tagged_udp_target(name: &'static str) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let s = udp_socket("127.0.0.1").await;
+    let addr = s.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let mut reply = format!("{name} got ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&reply, from).await;
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    });
+    (addr, rx)
+}
+
+fn exposed_status(c: &Client) -> baton_runtime::udp::ExposedUdpStatus {
+    c.udp_status().exposed.into_iter().find(|e| e.service == "telemetry").unwrap()
+}
+
+fn server_flows(gw: &Gateway) -> Vec<GatewayFlowStatus> {
+    gw.udp_flows().into_iter().filter(|f| f.opened_by == Origin::Gateway).collect()
+}
+
+/// (a) Servers beside the gateway send numbered datagrams to an agent's UDP
+/// client service; its target gets each one exactly, and each server gets
+/// exactly the target's answers, from the address it sent to. The TCP
+/// client service on the same port works alongside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_reach_an_agents_udp_client_service_and_get_its_answers_exactly() {
+    tokio::time::timeout(LIMIT, async {
+        const N: u64 = 300;
+        let shutdown = CancellationToken::new();
+        let k = key();
+        let gw = udp_gateway(11, &[("a", &k)], "", &shutdown).await;
+        let (target, mut got) = tagged_udp_target("a").await;
+        let push_target = tagged_server("a").await;
+        let c = udp_agent("a", &k, &gw, target, push_target, "", &shutdown).await;
+        let addr = telemetry_address(&c).await;
+        assert_eq!((addr.port(), Some(addr.ip())), (PORT, gw.client_address("a")));
+        assert_eq!(exposed_address(&c, "push").await, addr, "TCP and UDP client services share the agent's address and port");
+
+        let servers = [udp_socket("127.0.0.1").await, udp_socket("127.0.0.1").await];
+        // Sizes from empty to large, not only the numbered ones.
+        for (i, size) in [0usize, 1, 1472, 30_000].into_iter().enumerate() {
+            let d: Vec<u8> = (0..size).map(|k| (i * 31 + k * 7) as u8).collect();
+            servers[i % 2].send_to(&d, addr).await.unwrap();
+            let (back, from) = recv_within(&servers[i % 2], Duration::from_secs(10)).await.expect("an answer within 10s");
+            assert_eq!(from, addr, "answers come from the address the server sent to");
+            assert!(back == [b"a got ".as_slice(), &d].concat(), "{size}-byte datagram: answer changed");
+            assert!(got.recv().await.unwrap() == d, "{size}-byte datagram changed on its way to the target");
+        }
+        for n in 0..N {
+            // The two servers take turns: each must get its own answers.
+            let s = &servers[(n % 2) as usize];
+            s.send_to(&numbered(n), addr).await.unwrap();
+            let (back, from) = recv_within(s, Duration::from_secs(10)).await.expect("an answer within 10s");
+            assert_eq!(from, addr);
+            assert_eq!(back.get(..6), Some(&b"a got "[..]));
+            assert_eq!(number_of(&back[6..]), Some(n), "answer to datagram {n}");
+            assert_eq!(number_of(&got.recv().await.unwrap()), Some(n), "datagram {n} at the target");
+        }
+        assert!(recv_within(&servers[0], Duration::from_millis(200)).await.is_none(), "no answer twice");
+        assert!(got.try_recv().is_err(), "no datagram twice");
+        assert_eq!(push(addr, b"tcp too").await, b"a got tcp too");
+
+        // Both sides show two flows, one per server, opened by the gateway.
+        let per_server = N / 2 + 2;
+        let flows = server_flows(&gw);
+        println!("gateway: {flows:?}");
+        assert_eq!(flows.len(), 2);
+        let mut servers_seen: Vec<SocketAddr> = flows.iter().map(|f| f.target).collect();
+        servers_seen.sort();
+        let mut want: Vec<SocketAddr> = servers.iter().map(|s| s.local_addr().unwrap()).collect();
+        want.sort();
+        assert_eq!(servers_seen, want);
+        for f in &flows {
+            assert!(f.flow >= 1 << 31, "gateway flow ids have the top bit: {}", f.flow);
+            assert_eq!((f.service.as_str(), f.state), ("telemetry", "open"));
+            assert_eq!((f.from_target, f.to_client, f.from_client, f.dropped), (per_server, per_server, per_server, 0));
+        }
+        let e = exposed_status(&c);
+        println!("agent: {e:?}");
+        assert_eq!((e.flows, e.flows_opened, e.flows_refused), (2, 2, 0));
+        assert_eq!((e.received, e.from_target, e.sent, e.dropped), (2 * per_server, 2 * per_server, 2 * per_server, 0));
+        let st = baton_runtime::admin::status(&c).await;
+        assert_eq!(st["udp"]["exposed_flows"].as_array().unwrap().len(), 2, "{st}");
+        let tele = st["exposed"].as_array().unwrap().iter().find(|e| e["name"] == "telemetry").unwrap().clone();
+        assert_eq!((tele["protocol"].as_str(), tele["state"].as_str()), (Some("udp"), Some("listening")));
+        let us = &gw.stats().udp;
+        assert_eq!((us.forged.load(Ordering::Relaxed), us.replayed.load(Ordering::Relaxed)), (0, 0));
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
+
+/// (b) Two agents expose the same UDP port, each on its own address: every
+/// datagram reaches the agent it was sent to, and only that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_the_same_udp_port_each_get_their_own_datagrams() {
+    tokio::time::timeout(LIMIT, async {
+        let shutdown = CancellationToken::new();
+        let (ka, kb) = (key(), key());
+        let gw = udp_gateway(12, &[("a", &ka), ("b", &kb)], "", &shutdown).await;
+        let (ta, mut got_a) = tagged_udp_target("a").await;
+        let (tb, mut got_b) = tagged_udp_target("b").await;
+        let push_target = tagged_server("x").await;
+        let a = udp_agent("a", &ka, &gw, ta, push_target, "", &shutdown).await;
+        let b = udp_agent("b", &kb, &gw, tb, push_target, "", &shutdown).await;
+        let (addr_a, addr_b) = (telemetry_address(&a).await, telemetry_address(&b).await);
+        assert_ne!(addr_a.ip(), addr_b.ip());
+        assert_eq!((addr_a.port(), addr_b.port()), (PORT, PORT));
+        // One server socket sends to both, interleaved: answers must not cross.
+        let server = udp_socket("127.0.0.1").await;
+        for i in 0..50 {
+            let (to_a, to_b) = (format!("reading {i} for a"), format!("reading {i} for b"));
+            server.send_to(to_a.as_bytes(), addr_a).await.unwrap();
+            server.send_to(to_b.as_bytes(), addr_b).await.unwrap();
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let (d, from) = recv_within(&server, Duration::from_secs(10)).await.expect("both answer within 10s");
+                answers.push((from, String::from_utf8(d).unwrap()));
+            }
+            answers.sort();
+            let mut want = vec![(addr_a, format!("a got {to_a}")), (addr_b, format!("b got {to_b}"))];
+            want.sort();
+            assert_eq!(answers, want);
+            assert_eq!(got_a.recv().await.unwrap(), to_a.as_bytes());
+            assert_eq!(got_b.recv().await.unwrap(), to_b.as_bytes());
+        }
+        assert!(recv_within(&server, Duration::from_millis(200)).await.is_none());
+        assert!(got_a.try_recv().is_err() && got_b.try_recv().is_err(), "a datagram reached an agent twice");
+        let (ea, eb) = (exposed_status(&a), exposed_status(&b));
+        assert_eq!((ea.flows_opened, ea.received, eb.flows_opened, eb.received), (1, 50, 1, 50));
+        let flows = server_flows(&gw);
+        assert_eq!(flows.len(), 2, "one flow per agent: {flows:?}");
+        assert!(flows.iter().all(|f| f.from_target == 50 && f.to_client == 50 && f.target == server.local_addr().unwrap()));
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
+
+
+/// (c) A server pushes numbered datagrams to the agent's UDP client service
+/// while the target answers with its own, across a planned and a sudden
+/// switch of the agent and then an outage longer than the hold bound lasts:
+/// each way, received + counted drops == sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_udp_push_flow_crosses_planned_and_sudden_switches() {
+    tokio::time::timeout(LIMIT, async {
+        const N: u64 = 2500;
+        // A small hold bound, so that a pause of a few milliseconds may
+        // already drop: the count must still match the loss exactly.
+        const HOLD: u64 = 8;
+        let hold = format!("hold = {HOLD}");
+        let shutdown = CancellationToken::new();
+        let k = key();
+        let gw = udp_gateway(13, &[("a", &k)], &hold, &shutdown).await;
+        let target = udp_socket("127.0.0.1").await;
+        let push_target = tagged_server("a").await;
+        let c = udp_agent("a", &k, &gw, target.local_addr().unwrap(), push_target, &hold, &shutdown).await;
+        let addr = telemetry_address(&c).await;
+        // The flow opens: the target learns the agent's socket for it and
+        // answers once.
+        let server = udp_socket("127.0.0.1").await;
+        server.send_to(b"hello", addr).await.unwrap();
+        let (d, flow_addr) = recv_within(&target, Duration::from_secs(10)).await.expect("first datagram reaches the target");
+        assert_eq!(d, b"hello");
+        target.send_to(b"hello", flow_addr).await.unwrap();
+        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"hello".to_vec(), addr));
+
+        // Push: server → target; answers: target → server.
+        let (server2, target2) = (server.clone(), target.clone());
+        let pace = |s: Arc<UdpSocket>, to: SocketAddr| async move {
+            let mut every = tokio::time::interval(Duration::from_millis(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..N {
+                every.tick().await;
+                s.send_to(&numbered(i), to).await.unwrap();
+            }
+        };
+        let push_task = tokio::spawn(pace(server2, addr));
+        let answer_task = tokio::spawn(pace(target2, flow_addr));
+        let at_target = tokio::spawn(collect(target.clone(), Duration::from_secs(3)));
+        let at_server = tokio::spawn(collect(server.clone(), Duration::from_secs(3)));
+
+        let drops = || (server_flows(&gw)[0].dropped, exposed_status(&c).dropped);
+        let mut phases = Vec::new();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = c.switch("b").await.unwrap();
+        assert_eq!((r[0].from.as_str(), r[0].to.as_str()), ("a", "b"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        phases.push(("planned a→b", drops()));
+        // Sudden: b goes down while datagrams flow both ways.
+        c.set_path_up("b", false).unwrap();
+        assert!(eventually(Duration::from_secs(10), || c.switches().len() >= 2).await, "no sudden switch");
+        assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
+        c.set_path_up("b", true).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        phases.push(("sudden b→a", drops()));
+        // No path at all for a while: both sides hold up to the bound and
+        // drop the oldest beyond it.
+        c.set_path_up("a", false).unwrap();
+        c.set_path_up("b", false).unwrap();
+        assert!(eventually(Duration::from_secs(10), || server_flows(&gw).iter().all(|f| !f.sending)).await, "the gateway holds");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.set_path_up("b", true).unwrap();
+        assert_eq!(c.wait_up("gw").await.unwrap().path, "b");
+        c.set_path_up("a", true).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let outage = drops();
+        phases.push(("no path 300 ms, then b", outage));
+        println!("cumulative drops (gateway, agent) after each switch: {phases:?}");
+        assert!(outage.0 > phases[1].1 .0 && outage.1 > phases[1].1 .1, "the outage passed the hold bound on both sides: {phases:?}");
+        push_task.await.unwrap();
+        answer_task.await.unwrap();
+
+        let got_push = at_target.await.unwrap();
+        let got_answers = at_server.await.unwrap();
+        let (set_push, set_answers) = (exactly_once(&got_push, "push"), exactly_once(&got_answers, "answers"));
+        assert!(set_push.iter().chain(&set_answers).all(|n| *n < N));
+        let g = &server_flows(&gw)[0];
+        let e = exposed_status(&c);
+        let ef = &c.udp_status().exposed_flows[0];
+        let switches: Vec<_> = c.switches().iter().map(|w| (w.kind, w.duration_ms)).collect();
+        println!(
+            "push: {} of {N} received, {} dropped by the gateway ({} held then sent over all flows); answers: {} of {N} received, {} dropped by the agent ({} held then sent); switches (kind, ms) {switches:?}",
+            set_push.len(),
+            g.dropped,
+            gw.stats().udp.delayed.load(Ordering::Relaxed),
+            set_answers.len(),
+            e.dropped,
+            e.delayed,
+        );
+        assert_eq!(set_push.len() as u64 + g.dropped, N, "push: received + counted drops == sent");
+        assert_eq!(set_answers.len() as u64 + e.dropped, N, "answers: received + counted drops == sent");
+        assert_eq!((g.from_target, g.to_client + g.dropped), (N + 1, N + 1));
+        assert_eq!((ef.from_target, ef.sent + ef.dropped, ef.received), (N + 1, N + 1, set_push.len() as u64 + 1));
+        assert_eq!((e.flows_opened, e.flows_closed, e.flows_expired), (1, 0, 0), "one flow throughout");
+        let us = &gw.stats().udp;
+        assert_eq!((us.forged.load(Ordering::Relaxed), us.replayed.load(Ordering::Relaxed)), (0, 0));
+        assert_eq!(gw.session_count(), 1, "one session throughout");
+        target.send_to(b"still there", flow_addr).await.unwrap();
+        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"still there".to_vec(), addr), "answers still come from the agent's address");
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
+
+/// (d) A gateway-opened flow with no datagram either way for the idle
+/// timeout is removed on both sides, whichever side's timeout is shorter;
+/// the server's next datagram opens a new flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_udp_client_service_flows_expire_on_both_sides() {
+    tokio::time::timeout(LIMIT, async {
+        let server = udp_socket("127.0.0.1").await;
+        // (agent's idle timeout, gateway's idle timeout, pool)
+        for (agent_idle, gw_idle, net) in [("400ms", "30s", 14), ("30s", "400ms", 15)] {
+            let shutdown = CancellationToken::new();
+            let k = key();
+            let gw = udp_gateway(net, &[("a", &k)], &format!("idle_timeout = \"{gw_idle}\""), &shutdown).await;
+            let (target, _got) = tagged_udp_target("a").await;
+            let push_target = tagged_server("a").await;
+            let c = udp_agent("a", &k, &gw, target, push_target, &format!("idle_timeout = \"{agent_idle}\""), &shutdown).await;
+            let addr = telemetry_address(&c).await;
+            server.send_to(b"ping", addr).await.unwrap();
+            assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"a got ping".to_vec(), addr));
+            assert_eq!((c.udp_status().exposed_flows.len(), server_flows(&gw).len()), (1, 1));
+            assert!(
+                eventually(Duration::from_secs(5), || c.udp_status().exposed_flows.is_empty() && server_flows(&gw).is_empty()).await,
+                "agent {agent_idle}, gateway {gw_idle}: the flow stayed: {:?} {:?}",
+                c.udp_status().exposed_flows,
+                server_flows(&gw)
+            );
+            let e = exposed_status(&c);
+            let us = &gw.stats().udp;
+            let gw_counts = (us.flows_expired.load(Ordering::Relaxed), us.flows_closed.load(Ordering::Relaxed));
+            if agent_idle == "400ms" {
+                assert_eq!((e.flows, e.flows_expired, e.flows_closed), (0, 1, 0), "the agent expired it");
+                assert_eq!(gw_counts, (0, 1), "the gateway was told");
+            } else {
+                assert_eq!((e.flows, e.flows_expired, e.flows_closed), (0, 0, 1), "the gateway expired it and told the agent");
+                assert_eq!(gw_counts, (1, 0));
+            }
+            let st = baton_runtime::admin::status(&c).await;
+            assert_eq!(st["udp"]["exposed_flows"].as_array().unwrap().len(), 0, "{st}");
+            // The server goes on: a new flow.
+            server.send_to(b"again", addr).await.unwrap();
+            assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"a got again".to_vec(), addr));
+            assert_eq!(exposed_status(&c).flows_opened, 2);
+            shutdown.cancel();
+        }
+    })
+    .await
+    .expect("test took too long");
+}
+
+/// When the agent's session is released the service's socket closes (its
+/// address and port can be bound again); the agent gets the same address
+/// back with its next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_agents_udp_client_service_socket_closes() {
+    tokio::time::timeout(LIMIT, async {
+        let shutdown = CancellationToken::new();
+        let k = key();
+        let gw = udp_gateway(16, &[("a", &k)], "", &shutdown).await;
+        let (target, _got) = tagged_udp_target("a").await;
+        let push_target = tagged_server("a").await;
+        let first = CancellationToken::new();
+        let a = udp_agent("a", &k, &gw, target, push_target, "", &first).await;
+        let addr = telemetry_address(&a).await;
+        let server = udp_socket("127.0.0.1").await;
+        server.send_to(b"1", addr).await.unwrap();
+        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap().0, b"a got 1");
+        assert_eq!(server_flows(&gw).len(), 1);
+        first.cancel();
+        a.wait().await;
+        assert!(eventually(Duration::from_secs(5), || gw.session_count() == 0).await);
+        assert!(server_flows(&gw).is_empty());
+        // Nothing holds the address and port any more.
+        let rebound = async {
+            loop {
+                match UdpSocket::bind(addr).await {
+                    Ok(s) => return s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        };
+        drop(tokio::time::timeout(Duration::from_secs(5), rebound).await.expect("the released service's socket is still bound"));
+
+        let again = udp_agent("a", &k, &gw, target, push_target, "", &shutdown).await;
+        assert_eq!(telemetry_address(&again).await, addr);
+        server.send_to(b"2", addr).await.unwrap();
+        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap().0, b"a got 2");
+        shutdown.cancel();
+    })
+    .await
+    .expect("test took too long");
+}
+
+/// An agent whose `telemetry` is TCP while the gateway's is UDP refuses the
+/// gateway's flow; the gateway counts it, asks only once per session, and
+/// the TCP client service on the same port is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_for_a_service_the_agent_serves_over_tcp_is_refused_once() {
+    tokio::time::timeout(LIMIT, async {
+        let shutdown = CancellationToken::new();
+        let k = key();
+        let gw = udp_gateway(17, &[("a", &k)], "", &shutdown).await;
+        let (target, mut got) = tagged_udp_target("a").await;
+        let push_target = tagged_server("a").await;
+        let c = cs_agent("a", &k, &gw, target, "tcp", push_target, "", &shutdown).await;
+        let addr = telemetry_address(&c).await;
+        let server = udp_socket("127.0.0.1").await;
+        let refused = || gw.stats().udp.flows_refused.load(Ordering::Relaxed);
+        server.send_to(b"1", addr).await.unwrap();
+        assert!(eventually(Duration::from_secs(5), || refused() == 1).await, "the agent refused the flow");
+        assert!(server_flows(&gw).is_empty());
+        for i in 0..5u8 {
+            server.send_to(&[i], addr).await.unwrap();
+        }
+        assert!(recv_within(&server, Duration::from_millis(300)).await.is_none(), "nothing answers");
+        assert!(got.try_recv().is_err(), "nothing reached the target");
+        assert_eq!((refused(), gw.stats().udp.flows_opened.load(Ordering::Relaxed)), (1, 1), "asked once");
+        assert!(server_flows(&gw).is_empty());
+        assert!(c.udp_status().exposed.is_empty(), "the agent has no UDP client service");
+        assert_eq!(push(addr, b"still").await, b"a got still");
         shutdown.cancel();
     })
     .await

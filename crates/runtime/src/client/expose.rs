@@ -11,6 +11,9 @@
 //! the stream is relayed, and moved on switches, like the streams local
 //! applications open. A target that cannot be reached resets the stream,
 //! and the gateway closes the server's connection.
+//!
+//! A UDP client service (`protocol = "udp"`) is declared the same way; its
+//! flows are the UDP side's business (see [`crate::udp`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32};
@@ -22,6 +25,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{relay, ClientStream, Core, Link, Shared};
+use crate::config::Protocol;
 use crate::stream::{StreamEnd, StreamShared, ToSession};
 use crate::util::lock;
 
@@ -34,6 +38,8 @@ pub struct ExposedStatus {
     pub gateway: String,
     /// Where the service really runs, on this side.
     pub target: String,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
     /// `pending` (not yet answered by the gateway), `listening`, or `refused`.
     pub state: ExposedState,
     /// Where the gateway listens for it: the address it assigned to this
@@ -41,7 +47,8 @@ pub struct ExposedStatus {
     pub address: Option<SocketAddr>,
     /// Why the gateway refused it.
     pub error: Option<String>,
-    /// Connections the gateway's side made to it so far.
+    /// Connections the gateway's side made to it so far (TCP; a UDP client
+    /// service's flows are counted in the UDP status).
     pub connections: u64,
 }
 
@@ -68,6 +75,7 @@ pub(super) fn initial(config: &crate::config::ClientConfig, gateway: &str) -> Ve
             name: name.clone(),
             gateway: gateway.to_owned(),
             target: e.target.to_string(),
+            protocol: e.protocol,
             state: ExposedState::Pending,
             address: None,
             error: None,
@@ -129,9 +137,14 @@ pub(super) fn on_incoming(shared: &Arc<Shared>, link: &Link, core: &Arc<Core>, s
         // Announced again after a reconnect: already being served, or done.
         return;
     }
-    let target = shared.config.exposed.get(&service).filter(|e| e.gateway == link.gateway).map(|e| e.target.clone());
+    let exposed = shared.config.exposed.get(&service).filter(|e| e.gateway == link.gateway);
+    let target = exposed.filter(|e| e.protocol == Protocol::Tcp).map(|e| e.target.clone());
     let Some(target) = target else {
-        warn!(gateway = %link.gateway, service = %service, "connection for a client service this agent does not expose: refused");
+        if exposed.is_some() {
+            warn!(gateway = %link.gateway, service = %service, "connection for a udp client service: refused (exposed.{service}.protocol differs at the gateway)");
+        } else {
+            warn!(gateway = %link.gateway, service = %service, "connection for a client service this agent does not expose: refused");
+        }
         let _ = core.to_session.send(ToSession::Control(Message::StreamReset { stream, code: ResetCode::Refused }));
         return;
     };

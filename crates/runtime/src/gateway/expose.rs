@@ -12,11 +12,15 @@
 //! stream is relayed, and survives switches, exactly like the streams the
 //! agent opens.
 //!
+//! A UDP client service (`protocol = "udp"`) gets a datagram socket on the
+//! same address and port instead: each server address that sends to it is a
+//! flow of the owning session's UDP side, opened from the gateway's side
+//! (see [`crate::udp`]), and its datagrams go the way an agent's UDP flows
+//! do, back to the server from the same socket.
+//!
 //! The listeners belong to the client id, not to a session: a client agent
 //! that restarts (new session, same id) takes them over, and they close when
-//! the session that owns them is released. Only TCP is relayed so far; a
-//! UDP client service would bind a datagram socket on the same address and
-//! reuse the address book and the Expose/Exposed exchange as they are.
+//! the session that owns them is released.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -25,12 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proto::{Message, RefuseReason};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{send_control, stream_ended, Session, Shared};
-use crate::config::AddrBlock;
+use crate::config::{AddrBlock, Protocol};
 use crate::stream::{self, StreamLimits, StreamShared};
 use crate::util::{lock, sid};
 
@@ -204,9 +208,9 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
     };
     let mut bound = Vec::new();
     for s in to_bind {
-        let port = shared.config.exposed[&s].port;
-        let at = SocketAddr::new(addr, port);
-        match bind(at).await {
+        let e = &shared.config.exposed[&s];
+        let at = SocketAddr::new(addr, e.port);
+        match bind(at, e.protocol).await {
             Ok(l) => bound.push((s, at, l)),
             Err(e) => {
                 warn!(client = %client, service = %s, "cannot listen on {at} for the client service: {e}");
@@ -224,7 +228,10 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
                 for (s, at, l) in bound {
                     entry.listening.insert(s.clone(), at);
                     results.insert(s.clone(), Ok(at));
-                    shared.tasks.spawn(accept_loop(shared.clone(), client.clone(), s, l, stop.clone()));
+                    match l {
+                        Listener::Tcp(l) => shared.tasks.spawn(accept_loop(shared.clone(), client.clone(), s, l, stop.clone())),
+                        Listener::Udp(u) => shared.tasks.spawn(datagram_loop(shared.clone(), client.clone(), s, u, stop.clone())),
+                    };
                 }
             }
             None => {
@@ -251,10 +258,20 @@ fn reply(asked: &[String], mut results: HashMap<String, Result<SocketAddr, Refus
     Message::Exposed { entries }
 }
 
-async fn bind(at: SocketAddr) -> std::io::Result<TcpListener> {
+/// What listens for a client service.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+async fn bind(at: SocketAddr, protocol: Protocol) -> std::io::Result<Listener> {
     let deadline = tokio::time::Instant::now() + BIND_RETRY;
     loop {
-        match TcpListener::bind(at).await {
+        let r = match protocol {
+            Protocol::Tcp => TcpListener::bind(at).await.map(Listener::Tcp),
+            Protocol::Udp => UdpSocket::bind(at).await.map(Listener::Udp),
+        };
+        match r {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -300,6 +317,39 @@ async fn accept_loop(shared: Arc<Shared>, client: String, service: String, liste
             continue;
         };
         open_stream(&shared, &session, &service, conn, peer);
+    }
+}
+
+/// Reads what servers send to a UDP client service and hands it to the
+/// session that owns the client's services now, until `stop`.
+async fn datagram_loop(shared: Arc<Shared>, client: String, service: String, socket: UdpSocket, stop: CancellationToken) {
+    crate::udp::tune(&socket);
+    let socket = Arc::new(socket);
+    // One byte more than a relayable payload: a datagram that fills it was
+    // larger (the kernel truncates to the buffer).
+    let mut buf = vec![0u8; baton_proto::datagram::MAX_PAYLOAD + 1];
+    let mut owner: Option<Arc<Session>> = None;
+    loop {
+        let (n, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(client = %client, service = %service, "udp receive: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        // The owner changes when the agent restarts (a new session).
+        let id = lock(&shared.exposures).by_client.get(&client).map(|e| e.owner);
+        if owner.as_ref().map(|s| s.id) != id {
+            owner = id.and_then(|id| lock(&shared.sessions).get(&id).cloned());
+        }
+        match &owner {
+            Some(session) => session.udp.on_server_datagram(&service, &socket, &stop, from, &buf[..n]),
+            None => debug!(client = %client, %from, "client service datagram while the session ends: dropped"),
+        }
     }
 }
 
