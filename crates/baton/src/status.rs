@@ -64,6 +64,46 @@ pub(crate) fn render(st: &Value) -> String {
             g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default()
         );
     }
+    let streams = st["streams"].as_array().cloned().unwrap_or_default();
+    if !streams.is_empty() {
+        let _ = writeln!(out, "\nSTREAM  GATEWAY          SERVICE          SENT B        RECEIVED B    RESENT B   LEGS  COMPRESS");
+        for t in streams.iter().take(50) {
+            let compress = match t["compress"].as_str() {
+                Some("none") | None => "-".to_owned(),
+                Some(c) => format!("{c} {:.2}:1", t["compression_ratio"].as_f64().unwrap_or(1.0)),
+            };
+            let _ = writeln!(
+                out,
+                "{:<7} {:<16} {:<16} {:<13} {:<13} {:<10} {:<5} {}",
+                s(&t["id"]),
+                s(&t["gateway"]),
+                s(&t["service"]),
+                s(&t["sent"]),
+                s(&t["received"]),
+                s(&t["resent"]),
+                s(&t["legs"]),
+                compress
+            );
+        }
+    }
+    let exposed = st["exposed"].as_array().cloned().unwrap_or_default();
+    if !exposed.is_empty() {
+        let _ = writeln!(out, "\nCLIENT SERVICE   GATEWAY          STATE       GATEWAY ADDRESS          TARGET                 CONNECTIONS");
+        for e in &exposed {
+            // A refusal shows its reason where the address would be.
+            let at = if e["address"].is_null() { e["error"].clone() } else { e["address"].clone() };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<11} {:<24} {:<22} {}",
+                s(&e["name"]),
+                s(&e["gateway"]),
+                s(&e["state"]),
+                s(&at),
+                s(&e["target"]),
+                s(&e["connections"])
+            );
+        }
+    }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
     if !switches.is_empty() {
@@ -88,6 +128,25 @@ pub(crate) fn render(st: &Value) -> String {
         let _ = writeln!(out, "\nRECENT EVENTS");
         for e in events.iter().rev().take(10) {
             let _ = writeln!(out, "{:<14} {:<18} {:<10} {}", s(&e["at_unix_ms"]), s(&e["kind"]), s(&e["interface"]), s(&e["reason"]));
+        }
+    }
+    let udp_services = st["udp"]["services"].as_array().cloned().unwrap_or_default();
+    if !udp_services.is_empty() {
+        let _ = writeln!(out, "\nUDP SERVICE      GATEWAY          FLOWS  SENT      RECEIVED  DELAYED  DROPPED  EXPIRED  LISTEN");
+        for u in &udp_services {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
+                s(&u["service"]),
+                s(&u["gateway"]),
+                s(&u["flows"]),
+                s(&u["sent"]),
+                s(&u["received"]),
+                s(&u["delayed"]),
+                s(&u["dropped"]),
+                s(&u["flows_expired"]),
+                s(&u["listen"])
+            );
         }
     }
     out

@@ -44,6 +44,8 @@ fn bad_config_exits_64_naming_the_key() {
         ("gateway", "listen = [\"0.0.0.0:1\"]\ninactivity_timeout = \"later\"\n", "inactivity_timeout"),
         ("client", "id = \"x\"\nkey_file = \"k\"\n[gateways.g]\naddresses = [\"gw:7700\"]\n[services.s]\ngateway = \"g\"\nlisten = \"127.0.0.1\"\n", "services.s.listen"),
         ("client", "id = \"x\"\nkey_file = \"k\"\n[gateways.g]\naddresses = [\"gw:7700\"]\nmode = \"fast\"\n", "gateways.g.mode"),
+        ("gateway", "listen = [\"0.0.0.0:1\"]\n[services.dns]\ntarget = \"h:53\"\nprotocol = \"sctp\"\n", "services.dns.protocol"),
+        ("client", "id = \"x\"\nkey_file = \"k\"\n[udp]\nhold = 0\n[gateways.g]\naddresses = [\"gw:7700\"]\n", "udp.hold"),
     ];
     for (i, (cmd, text, key)) in cases.iter().enumerate() {
         let f = write(&d, &format!("c{i}.toml"), text);

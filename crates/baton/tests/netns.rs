@@ -348,3 +348,42 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
     .await
     .expect("scenario within its time limit");
 }
+
+/// f. MOBILE as a connectivity box: the agent listens on its LAN address
+/// (10.88.1.1) and serves an application on a second LAN host, which has no
+/// route to the server of its own. The stream survives a planned switch and
+/// wlan going down, byte-exact both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectivity_box_serves_a_lan_host_across_switches() {
+    tokio::time::timeout(LIMIT, async {
+        let mut rig = Rig::start("lanbox", Options { lan: true, ..Options::default() }).await;
+        assert_eq!(rig.app_host, Host::Lan);
+        // Without the box the LAN host cannot reach the server network.
+        let direct = rig.bed.in_ns(Host::Lan, || {
+            std::net::TcpStream::connect_timeout(&SocketAddr::from((rig.bed.server_addr(), 7700)), Duration::from_secs(1))
+        });
+        assert!(direct.unwrap().is_err(), "the LAN host must depend on the box");
+
+        let app = rig.start_exchange(21, 6 * MIB, 2 * MIB);
+        rig.wait_received(MIB).await;
+        let line = rig.switch("lte");
+        assert!(line.starts_with("gw: wlan → lte"), "{line}");
+        rig.wait_received(2 * MIB).await;
+        rig.switch("wlan");
+        rig.wait_received(3 * MIB).await;
+        rig.bed.link_down(Link::Wlan).unwrap();
+        rig.wait_status(Duration::from_secs(15), "the unexpected switch", |st| {
+            st["switches"].as_array().is_some_and(|v| v.len() == 3) && st["sessions"][0]["state"] == "up"
+        })
+        .await;
+        rig.finish_exchange(app, Duration::from_secs(40)).await;
+        let sw = rig.switches();
+        assert_record(&sw[0], "planned", "wlan", &["lte"]);
+        assert_record(&sw[2], "unexpected", "wlan", &["lte"]);
+        // The agent saw the LAN host as the application's address.
+        let log = std::fs::read_to_string(rig.dir.join("client.log")).unwrap_or_default();
+        assert!(log.contains(&rig.bed.lan_host_addr().to_string()), "the agent logs the LAN application's address");
+    })
+    .await
+    .expect("scenario within its time limit");
+}

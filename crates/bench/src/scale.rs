@@ -533,6 +533,9 @@ async fn open_leg(ctx: &Ctx, src: IpAddr, sess: &Sess, stream: u64, service: &st
         generation: sess.generation,
         received: Offset(0),
         service: service.to_owned(),
+        // A resumed idle stream rewinds: it has nothing in flight.
+        handover: false,
+        compression: baton_proto::Compression::None,
     };
     let open_tag = sess.leg_key.seal_open(&open, &mut out);
     io(async { Ok(leg.write_all(&out).await?) }).await?;

@@ -65,6 +65,9 @@ pub enum Host {
     Router,
     /// The far end, one link `srv`.
     Server,
+    /// A second host on MOBILE's LAN (`lan0`, 10.88.1.0/24), for MOBILE as a
+    /// connectivity box; exists after [`Bed::add_lan`].
+    Lan,
 }
 
 /// One of MOBILE's two uplinks.
@@ -133,6 +136,8 @@ fn addr_in(net: [u8; 3], host: u8) -> Ipv4Addr {
 }
 
 const SERVER_NET: [u8; 3] = [10, 89, 1];
+/// MOBILE's LAN: MOBILE is .1 on `lan0`, LAN is .2 on `eth0`.
+const LAN_NET: [u8; 3] = [10, 88, 1];
 const ROUTER_OCTET: u8 = 1;
 const HOST_OCTET: u8 = 2;
 
@@ -210,7 +215,8 @@ struct State {
 /// Dropping the bed tears all of it down. All methods take `&self`, so a bed can be shared
 /// between the threads of a test.
 pub struct Bed {
-    ns: [String; 3],
+    /// Mobile, router, server, and the LAN host's name (made by `add_lan`).
+    ns: [String; 4],
     state: Mutex<State>,
     children: Registry,
 }
@@ -236,6 +242,7 @@ impl Bed {
                 format!("{base}-mobile"),
                 format!("{base}-router"),
                 format!("{base}-server"),
+                format!("{base}-lan"),
             ],
             state: Mutex::new(State::default()),
             children: Registry::default(),
@@ -246,7 +253,7 @@ impl Bed {
     }
 
     fn setup(&self) -> io::Result<()> {
-        for ns in &self.ns {
+        for ns in &self.ns[..3] {
             run_ok(
                 Command::new("ip").args(["netns", "add", ns]),
                 None,
@@ -269,7 +276,7 @@ impl Bed {
                     settings.push(("ipv4/conf/all/promote_secondaries", "1"));
                     settings.push(("ipv4/conf/default/promote_secondaries", "1"));
                 }
-                Host::Server => {}
+                Host::Server | Host::Lan => {}
             }
             self.in_ns(host, || -> io::Result<()> {
                 for (key, value) in settings {
@@ -279,7 +286,7 @@ impl Bed {
                 Ok(())
             })??;
         }
-        let [_, r, s] = &self.ns;
+        let [_, r, s, _] = &self.ns;
         let mut mobile = String::new();
         for link in Link::ALL {
             let (dev, peer) = (link.ifname(), link.router_ifname());
@@ -346,6 +353,50 @@ impl Bed {
             st.links[link.index()].octet = HOST_OCTET;
         }
         Ok(())
+    }
+
+    /// Adds the LAN host: a namespace with `eth0` (10.88.1.2/24) wired to
+    /// MOBILE's `lan0` (10.88.1.1/24), so that MOBILE serves the LAN as a
+    /// connectivity box. MOBILE has no route from the LAN to its uplinks:
+    /// LAN hosts reach the outside only through what MOBILE relays.
+    pub fn add_lan(&self) -> io::Result<()> {
+        let lan = self.ns(Host::Lan);
+        run_ok(Command::new("ip").args(["netns", "add", lan]), None, CMD_TIMEOUT)?;
+        self.in_ns(Host::Lan, || -> io::Result<()> {
+            for key in ["ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"] {
+                std::fs::write(format!("/proc/sys/net/{key}"), "1")
+                    .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
+            }
+            Ok(())
+        })??;
+        self.ip_batch(
+            Host::Mobile,
+            &format!(
+                "link add lan0 type veth peer name eth0 netns {lan}
+addr add {}/24 dev lan0
+link set lan0 up
+",
+                addr_in(LAN_NET, ROUTER_OCTET)
+            ),
+        )?;
+        self.ip_batch(
+            Host::Lan,
+            &format!("addr add {}/24 dev eth0
+link set eth0 up
+link set lo up
+", addr_in(LAN_NET, HOST_OCTET)),
+        )?;
+        Ok(())
+    }
+
+    /// MOBILE's address on its LAN (10.88.1.1), once [`add_lan`](Self::add_lan) ran.
+    pub fn box_lan_addr(&self) -> Ipv4Addr {
+        addr_in(LAN_NET, ROUTER_OCTET)
+    }
+
+    /// The LAN host's address (10.88.1.2), once [`add_lan`](Self::add_lan) ran.
+    pub fn lan_host_addr(&self) -> Ipv4Addr {
+        addr_in(LAN_NET, HOST_OCTET)
     }
 
     /// Name of the host's network namespace (for `ip netns exec NAME ...`).

@@ -199,6 +199,7 @@ impl SessionKeys {
             leg: LegKey(
                 hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 leg")),
                 hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 probe")),
+                hmac::Key::new(hmac::HMAC_SHA256, &expand(b"baton/1 datagram")),
             ),
         }
     }
@@ -286,9 +287,10 @@ impl ControlCipher {
     }
 }
 
-/// Authenticates leg preambles (and path probes) of one session.
+/// Authenticates leg preambles, path probes and relayed datagrams of one
+/// session, each with a key of its own.
 #[derive(Clone)]
-pub struct LegKey(hmac::Key, hmac::Key);
+pub struct LegKey(hmac::Key, hmac::Key, hmac::Key);
 
 impl fmt::Debug for LegKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -306,6 +308,12 @@ impl LegKey {
     /// for a preamble.
     pub(crate) fn probe_key(&self) -> &hmac::Key {
         &self.1
+    }
+
+    /// The key that tags relayed datagrams of UDP services, separate so
+    /// that no datagram can pass for a probe or a preamble.
+    pub(crate) fn datagram_key(&self) -> &hmac::Key {
+        &self.2
     }
 
     /// Appends a tagged LegOpen frame; returns its tag, which the reply must echo.
@@ -587,6 +595,8 @@ mod tests {
             generation: 0,
             received: Offset(0),
             service: "echo".into(),
+            handover: false,
+            compression: crate::wire::Compression::None,
         };
         let mut buf = Vec::new();
         let t = ck.leg_key().seal_open(&open, &mut buf);

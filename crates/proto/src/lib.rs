@@ -6,14 +6,17 @@
 //! keeps every rule of the protocol unit-testable and deterministic.
 
 pub mod crypto;
+pub mod datagram;
 pub mod probe;
 pub mod replay;
 pub mod session;
 pub mod stream;
 pub mod wire;
 
+pub use datagram::FlowId;
+pub use wire::FlowEnd;
 pub use crypto::{ClientHandshake, ClientKey, ControlCipher, CryptoError, GatewayHandshake, LegKey, PublicKey, Role, SessionKeys};
 pub use replay::{ReplayBuffer, ReplayError};
 pub use session::{Liveness, LivenessAction};
 pub use stream::{Admission, AdmitError, Offset, StreamId, StreamState, StreamTable};
-pub use wire::{ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};
+pub use wire::{Compression, ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};

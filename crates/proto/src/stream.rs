@@ -8,14 +8,30 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-/// Identifies a stream within its session. Allocated by the client agent,
-/// counting up from 0.
+/// Identifies a stream within its session. The client agent allocates the
+/// streams it opens, counting up from 0; the gateway allocates the streams of
+/// client services (server → client) with [`StreamId::GATEWAY`] set, so the
+/// two spaces never meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u64);
 
+impl StreamId {
+    /// The bit that marks an id allocated by the gateway.
+    pub const GATEWAY: u64 = 1 << 63;
+
+    /// Whether the gateway opened this stream (a client service's connection).
+    pub fn is_gateway_opened(self) -> bool {
+        self.0 & Self::GATEWAY != 0
+    }
+}
+
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}", self.0)
+        if self.is_gateway_opened() {
+            write!(f, "g{}", self.0 & !Self::GATEWAY)
+        } else {
+            write!(f, "s{}", self.0)
+        }
     }
 }
 
@@ -82,7 +98,8 @@ impl StreamState {
 pub enum Admission {
     /// Opens a new stream.
     New,
-    /// Resumes a live stream.
+    /// Attaches to a live stream: a resume, or the first leg of a stream the
+    /// gateway opened (its bytes may already wait in the replay buffer).
     Resume,
 }
 
@@ -105,6 +122,10 @@ pub enum AdmitError {
     /// The session holds its maximum of live streams.
     #[error("too many live streams")]
     TooMany,
+    /// An id from the gateway's space that the gateway has not opened, or
+    /// has closed: only the gateway starts such streams.
+    #[error("stream id not opened by the gateway")]
+    Unopened,
 }
 
 /// The gateway's view of a session's streams: which ids were ever used,
@@ -112,13 +133,18 @@ pub enum AdmitError {
 ///
 /// Ids are handed out in order by the client agent but legs may arrive out
 /// of order; ids skipped so far are kept as gaps (bounded) so that each id is
-/// admitted as new at most once.
+/// admitted as new at most once. Ids of the gateway's own space are never
+/// admitted as new: [`StreamTable::open_gateway`] creates them, live and
+/// waiting for their first leg.
 #[derive(Debug, Clone)]
 pub struct StreamTable {
     next_unseen: u64,
     gaps: BTreeSet<u64>,
-    live: HashMap<StreamId, u32>,
+    /// Live streams and the generation of their current leg; `None` until a
+    /// gateway-opened stream's first leg arrives.
+    live: HashMap<StreamId, Option<u32>>,
     max_live: usize,
+    next_gateway: u64,
 }
 
 /// How far ahead of the highest admitted id a new stream may be.
@@ -127,7 +153,21 @@ pub const MAX_ID_GAP: u64 = 4096;
 impl StreamTable {
     /// An empty table admitting at most `max_live` live streams.
     pub fn new(max_live: usize) -> Self {
-        Self { next_unseen: 0, gaps: BTreeSet::new(), live: HashMap::new(), max_live }
+        Self { next_unseen: 0, gaps: BTreeSet::new(), live: HashMap::new(), max_live, next_gateway: StreamId::GATEWAY }
+    }
+
+    /// Opens a stream from the gateway's side (a client service's
+    /// connection): a fresh id from the gateway's space, live and waiting
+    /// for the client agent's first leg, which may carry any generation.
+    pub fn open_gateway(&mut self) -> Result<StreamId, AdmitError> {
+        if self.live.len() >= self.max_live {
+            return Err(AdmitError::TooMany);
+        }
+        // 2^63 ids: a session would need centuries to wrap.
+        let id = StreamId(self.next_gateway);
+        self.next_gateway = StreamId::GATEWAY | (self.next_gateway + 1);
+        self.live.insert(id, None);
+        Ok(id)
     }
 
     /// Decides whether a leg announcing `(stream, generation)` may attach.
@@ -137,11 +177,14 @@ impl StreamTable {
     /// one needs a newer generation than its current leg.
     pub fn admit(&mut self, stream: StreamId, generation: u32) -> Result<Admission, AdmitError> {
         if let Some(g) = self.live.get_mut(&stream) {
-            if *g >= generation {
+            if g.is_some_and(|g| g >= generation) {
                 return Err(AdmitError::StaleGeneration);
             }
-            *g = generation;
+            *g = Some(generation);
             return Ok(Admission::Resume);
+        }
+        if stream.is_gateway_opened() {
+            return Err(AdmitError::Unopened);
         }
         {
             if self.live.len() >= self.max_live {
@@ -157,7 +200,7 @@ impl StreamTable {
             } else if !self.gaps.remove(&id) {
                 return Err(AdmitError::Reused);
             }
-            self.live.insert(stream, generation);
+            self.live.insert(stream, Some(generation));
             Ok(Admission::New)
         }
     }
@@ -172,9 +215,10 @@ impl StreamTable {
         self.live.len()
     }
 
-    /// Current leg generation of a live stream.
+    /// Current leg generation of a live stream (`None` also while a
+    /// gateway-opened stream waits for its first leg).
     pub fn generation(&self, stream: StreamId) -> Option<u32> {
-        self.live.get(&stream).copied()
+        self.live.get(&stream).copied().flatten()
     }
 }
 
@@ -215,6 +259,30 @@ mod tests {
         t.admit(StreamId(0), 0).unwrap();
         t.admit(StreamId(1), 0).unwrap();
         assert_eq!(t.admit(StreamId(2), 0), Err(AdmitError::TooMany));
+    }
+
+    #[test]
+    fn gateway_opened_ids_never_meet_client_ids() {
+        let mut t = StreamTable::new(3);
+        let g = t.open_gateway().unwrap();
+        assert!(g.is_gateway_opened());
+        assert_eq!(g.to_string(), "g0");
+        assert_eq!(StreamId(0).to_string(), "s0");
+        assert_ne!(t.open_gateway().unwrap(), g);
+        // The first leg may carry any generation (earlier attempts may have
+        // been lost); then only newer ones.
+        assert_eq!(t.generation(g), None);
+        assert_eq!(t.admit(g, 2), Ok(Admission::Resume));
+        assert_eq!(t.admit(g, 2), Err(AdmitError::StaleGeneration));
+        assert_eq!(t.admit(g, 3), Ok(Admission::Resume));
+        // A client cannot open or revive an id of the gateway's space.
+        t.close(g);
+        assert_eq!(t.admit(g, 9), Err(AdmitError::Unopened));
+        assert_eq!(t.admit(StreamId(StreamId::GATEWAY | 77), 0), Err(AdmitError::Unopened));
+        // Client ids still count from 0, with the live limit shared.
+        assert_eq!(t.admit(StreamId(0), 0), Ok(Admission::New));
+        assert_eq!(t.admit(StreamId(1), 0), Ok(Admission::New));
+        assert_eq!(t.open_gateway(), Err(AdmitError::TooMany));
     }
 
     proptest! {

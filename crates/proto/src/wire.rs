@@ -5,18 +5,25 @@
 //! After it, a control connection carries [`Frame`]s: a 3-byte header
 //! (type, big-endian length), the payload, and once the session is keyed a
 //! 32-byte authentication tag (HMAC-SHA256). A leg carries one `LegOpen` frame from the
-//! client agent, one `LegReply` frame from the gateway, and then the
-//! application's bytes, unchanged.
+//! client agent, one `LegReply` frame from the gateway, and then in each
+//! direction the stream offset of the leg's first byte ([`LEG_START_LEN`]
+//! bytes, big-endian) followed by the application's bytes, unchanged.
 //!
 //! Decoding never panics and every length is checked against a bound before
 //! anything is allocated: the inputs come from the network.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use bytes::{Buf, BufMut};
 
+use crate::datagram::FlowId;
 use crate::stream::{Offset, StreamId};
 
 /// Protocol version spoken by this build.
 pub const VERSION: u8 = 1;
+
+/// Length of the start offset that opens each direction of a leg.
+pub const LEG_START_LEN: usize = 8;
 /// Length of the connection preface.
 pub const PREFACE_LEN: usize = 8;
 /// Length of a frame header: type (1) and payload length (2).
@@ -31,6 +38,9 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_ACKS: usize = 250;
 /// Longest human-readable reason carried in a refusal.
 pub const MAX_REASON: usize = 512;
+/// Most client services one client agent may expose through one gateway
+/// (bounds [`Message::Expose`] and [`Message::Exposed`] to one frame).
+pub const MAX_EXPOSED: usize = 32;
 
 const MAGIC: &[u8; 5] = b"BATON";
 
@@ -113,6 +123,20 @@ pub enum WireError {
     BadTag,
 }
 
+/// How a stream's bytes travel on its legs. Offsets always count the
+/// application's bytes, so a compressed stream resumes at exact offsets:
+/// each direction of each leg is a compressed stream of its own that starts
+/// at the leg's start offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Compression {
+    /// The application's bytes, unchanged.
+    #[default]
+    None = 0,
+    /// Zstandard, flushed at each write so nothing waits for more input.
+    Zstd = 1,
+}
+
 /// Why a gateway refused a session, a stream or a leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -135,6 +159,9 @@ pub enum RefuseReason {
     TargetUnreachable,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The gateway cannot listen for a client service (its address is not
+    /// on the host, or the port is taken by another program).
+    ListenFailed,
     /// A reason this build does not know (sent by a newer peer).
     Other(u8),
 }
@@ -151,6 +178,7 @@ impl RefuseReason {
             Self::BadStream => 7,
             Self::TargetUnreachable => 8,
             Self::ShuttingDown => 9,
+            Self::ListenFailed => 10,
             Self::Other(c) => c,
         }
     }
@@ -166,6 +194,7 @@ impl RefuseReason {
             7 => Self::BadStream,
             8 => Self::TargetUnreachable,
             9 => Self::ShuttingDown,
+            10 => Self::ListenFailed,
             c => Self::Other(c),
         }
     }
@@ -183,6 +212,7 @@ impl std::fmt::Display for RefuseReason {
             Self::BadStream => "stream or generation not acceptable",
             Self::TargetUnreachable => "target unreachable",
             Self::ShuttingDown => "gateway shutting down",
+            Self::ListenFailed => "gateway cannot listen for the service",
             Self::Other(c) => return write!(f, "reason {c}"),
         };
         f.write_str(s)
@@ -199,6 +229,9 @@ pub enum ResetCode {
     SessionEnded,
     /// Bytes needed to resume the stream are gone.
     Unrecoverable,
+    /// The receiving end could not open the stream: a client agent that
+    /// cannot reach the target of a client service it exposes.
+    Refused,
     /// A code this build does not know.
     Other(u8),
 }
@@ -209,6 +242,7 @@ impl ResetCode {
             Self::Peer => 1,
             Self::SessionEnded => 2,
             Self::Unrecoverable => 3,
+            Self::Refused => 4,
             Self::Other(c) => c,
         }
     }
@@ -217,6 +251,7 @@ impl ResetCode {
             1 => Self::Peer,
             2 => Self::SessionEnded,
             3 => Self::Unrecoverable,
+            4 => Self::Refused,
             c => Self::Other(c),
         }
     }
@@ -260,19 +295,76 @@ pub enum Message {
     /// Gateway → client: the leg of this stream broke on the gateway's side;
     /// open a new one. Keyed.
     Releg { stream: StreamId },
+    /// Client → gateway, keyed: the client services this agent serves
+    /// (server → client, seed 000's "client services"). Sent on every
+    /// control connection; the gateway answers [`Message::Exposed`].
+    Expose { services: Vec<String> },
+    /// Gateway → client, keyed: for each service of an [`Message::Expose`],
+    /// where the gateway listens for it (on the address it assigned to this
+    /// client agent) or why it does not.
+    Exposed { entries: Vec<(String, Result<SocketAddr, RefuseReason>)> },
+    /// Gateway → client, keyed: a connection arrived for a client service.
+    /// The gateway opened `stream` (an id from its own space, see
+    /// [`StreamId::GATEWAY`]); the client agent connects to the service's
+    /// target and dials a leg for the stream, or resets it.
+    Incoming { stream: StreamId, service: String },
     /// Client → gateway on a leg: which stream this leg carries and from
     /// which offset the client needs the gateway's bytes. `service` is set
-    /// only when the stream is new (generation 0).
+    /// only when the stream is new (generation 0). `handover` marks a
+    /// planned switch: the old leg stays good, so each sender may go on
+    /// from where it stopped on it instead of rewinding to `received`; the
+    /// receiver drains the old leg up to the new leg's start offset.
     LegOpen {
         session_id: u64,
         stream: StreamId,
         generation: u32,
         received: Offset,
         service: String,
+        handover: bool,
+        /// How the stream's bytes travel on its legs, chosen when it opens.
+        compression: Compression,
     },
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
     LegReply { result: Result<Offset, RefuseReason>, detail: String },
+    /// Client → gateway: a UDP flow of `service` starts (or, after a
+    /// reconnect, goes on); its datagrams follow over UDP. Keyed.
+    FlowOpen { flow: FlowId, service: String },
+    /// Gateway → client: the flow may send (its target socket is ready), or
+    /// it is refused. Keyed.
+    FlowReply { flow: FlowId, result: Result<(), RefuseReason>, detail: String },
+    /// Either way: the flow is gone on the sender's side (idle, or never
+    /// known there). Keyed.
+    FlowClose { flow: FlowId, why: FlowEnd },
+}
+
+/// Why a UDP flow ended, carried in [`Message::FlowClose`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlowEnd {
+    /// No datagram either way for the idle timeout.
+    Idle,
+    /// A datagram named a flow the sender does not hold (expired there).
+    Unknown,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl FlowEnd {
+    fn code(self) -> u8 {
+        match self {
+            Self::Idle => 1,
+            Self::Unknown => 2,
+            Self::Other(c) => c,
+        }
+    }
+    fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::Idle,
+            2 => Self::Unknown,
+            c => Self::Other(c),
+        }
+    }
 }
 
 mod ty {
@@ -289,8 +381,14 @@ mod ty {
     pub(super) const STREAM_FIN: u8 = 0x15;
     pub(super) const ACKS: u8 = 0x16;
     pub(super) const RELEG: u8 = 0x17;
+    pub(super) const EXPOSE: u8 = 0x18;
+    pub(super) const EXPOSED: u8 = 0x19;
+    pub(super) const INCOMING: u8 = 0x1A;
     pub(super) const LEG_OPEN: u8 = 0x20;
     pub(super) const LEG_REPLY: u8 = 0x21;
+    pub(super) const FLOW_OPEN: u8 = 0x30;
+    pub(super) const FLOW_REPLY: u8 = 0x31;
+    pub(super) const FLOW_CLOSE: u8 = 0x32;
 }
 
 /// A frame header, parsed and bounded.
@@ -330,8 +428,14 @@ impl Message {
             Self::StreamFin { .. } => ty::STREAM_FIN,
             Self::Acks { .. } => ty::ACKS,
             Self::Releg { .. } => ty::RELEG,
+            Self::Expose { .. } => ty::EXPOSE,
+            Self::Exposed { .. } => ty::EXPOSED,
+            Self::Incoming { .. } => ty::INCOMING,
             Self::LegOpen { .. } => ty::LEG_OPEN,
             Self::LegReply { .. } => ty::LEG_REPLY,
+            Self::FlowOpen { .. } => ty::FLOW_OPEN,
+            Self::FlowReply { .. } => ty::FLOW_REPLY,
+            Self::FlowClose { .. } => ty::FLOW_CLOSE,
         }
     }
 
@@ -384,12 +488,39 @@ impl Message {
                 }
             }
             Self::Releg { stream } => out.put_u64(stream.0),
-            Self::LegOpen { session_id, stream, generation, received, service } => {
+            Self::Expose { services } => {
+                assert!(services.len() <= MAX_EXPOSED, "too many exposed services for one frame");
+                out.put_u8(services.len() as u8);
+                for s in services {
+                    put_str(out, s, MAX_NAME);
+                }
+            }
+            Self::Exposed { entries } => {
+                assert!(entries.len() <= MAX_EXPOSED, "too many exposed services for one frame");
+                out.put_u8(entries.len() as u8);
+                for (name, result) in entries {
+                    put_str(out, name, MAX_NAME);
+                    match result {
+                        Ok(addr) => {
+                            out.put_u8(0);
+                            put_socket_addr(out, addr);
+                        }
+                        Err(reason) => out.put_u8(reason.code()),
+                    }
+                }
+            }
+            Self::Incoming { stream, service } => {
+                out.put_u64(stream.0);
+                put_str(out, service, MAX_NAME);
+            }
+            Self::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
                 out.put_u64(*session_id);
                 out.put_u64(stream.0);
                 out.put_u32(*generation);
                 out.put_u64(received.0);
                 put_str(out, service, MAX_NAME);
+                out.put_u8(u8::from(*handover));
+                out.put_u8(*compression as u8);
             }
             Self::LegReply { result, detail } => {
                 match result {
@@ -403,6 +534,22 @@ impl Message {
                     }
                 }
                 put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+            Self::FlowOpen { flow, service } => {
+                out.put_u32(flow.0);
+                put_str(out, service, MAX_NAME);
+            }
+            Self::FlowReply { flow, result, detail } => {
+                out.put_u32(flow.0);
+                out.put_u8(match result {
+                    Ok(()) => 0,
+                    Err(reason) => reason.code(),
+                });
+                put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
+            }
+            Self::FlowClose { flow, why } => {
+                out.put_u32(flow.0);
+                out.put_u8(why.code());
             }
         }
         let len = out.len() - start - FRAME_HEADER_LEN;
@@ -453,18 +600,63 @@ impl Message {
                 Self::Acks { entries }
             }
             ty::RELEG => Self::Releg { stream: StreamId(get_u64(&mut r)?) },
+            ty::EXPOSE => {
+                let n = get_u8(&mut r)? as usize;
+                if n > MAX_EXPOSED {
+                    return Err(WireError::TooLong(n));
+                }
+                let services = (0..n).map(|_| get_name(&mut r)).collect::<Result<_, _>>()?;
+                Self::Expose { services }
+            }
+            ty::EXPOSED => {
+                let n = get_u8(&mut r)? as usize;
+                if n > MAX_EXPOSED {
+                    return Err(WireError::TooLong(n));
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = get_name(&mut r)?;
+                    let result = match get_u8(&mut r)? {
+                        0 => Ok(get_socket_addr(&mut r)?),
+                        code => Err(RefuseReason::from_code(code)),
+                    };
+                    entries.push((name, result));
+                }
+                Self::Exposed { entries }
+            }
+            ty::INCOMING => Self::Incoming { stream: StreamId(get_u64(&mut r)?), service: get_name(&mut r)? },
             ty::LEG_OPEN => Self::LegOpen {
                 session_id: get_u64(&mut r)?,
                 stream: StreamId(get_u64(&mut r)?),
                 generation: get_u32(&mut r)?,
                 received: Offset(get_u64(&mut r)?),
                 service: get_str(&mut r, MAX_NAME)?,
+                handover: match get_u8(&mut r)? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("handover flag")),
+                },
+                compression: match get_u8(&mut r)? {
+                    0 => Compression::None,
+                    1 => Compression::Zstd,
+                    _ => return Err(WireError::Invalid("compression")),
+                },
             },
             ty::LEG_REPLY => {
                 let code = get_u8(&mut r)?;
                 let off = get_u64(&mut r)?;
                 let result = if code == 0 { Ok(Offset(off)) } else { Err(RefuseReason::from_code(code)) };
                 Self::LegReply { result, detail: get_str(&mut r, MAX_REASON)? }
+            }
+            ty::FLOW_OPEN => Self::FlowOpen { flow: FlowId(get_u32(&mut r)?), service: get_name(&mut r)? },
+            ty::FLOW_REPLY => {
+                let flow = FlowId(get_u32(&mut r)?);
+                let code = get_u8(&mut r)?;
+                let result = if code == 0 { Ok(()) } else { Err(RefuseReason::from_code(code)) };
+                Self::FlowReply { flow, result, detail: get_str(&mut r, MAX_REASON)? }
+            }
+            ty::FLOW_CLOSE => {
+                Self::FlowClose { flow: FlowId(get_u32(&mut r)?), why: FlowEnd::from_code(get_u8(&mut r)?) }
             }
             other => return Err(WireError::UnknownType(other)),
         };
@@ -498,6 +690,29 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     assert!(s.len() <= max && max <= u16::MAX as usize, "string field over its bound");
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
+}
+
+fn put_socket_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.put_u8(4);
+            out.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.put_u8(6);
+            out.put_slice(&ip.octets());
+        }
+    }
+    out.put_u16(addr.port());
+}
+
+fn get_socket_addr(r: &mut &[u8]) -> Result<SocketAddr, WireError> {
+    let ip = match get_u8(r)? {
+        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(r)?)),
+        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(r)?)),
+        _ => return Err(WireError::Invalid("address family")),
+    };
+    Ok(SocketAddr::new(ip, get_u16(r)?))
 }
 
 fn need(r: &[u8], n: usize) -> Result<(), WireError> {
@@ -577,6 +792,20 @@ mod tests {
         roundtrip(Message::Acks { entries: vec![(StreamId(1), Offset(2)); MAX_ACKS] });
         roundtrip(Message::Acks { entries: vec![] });
         roundtrip(Message::Releg { stream: StreamId(8) });
+        roundtrip(Message::Expose { services: vec!["push".into(); MAX_EXPOSED] });
+        roundtrip(Message::Expose { services: vec![] });
+        let longest = "p".repeat(MAX_NAME);
+        roundtrip(Message::Exposed {
+            entries: (0..MAX_EXPOSED)
+                .map(|i| {
+                    let addr = if i % 2 == 0 { "[fd00::7]:7000" } else { "127.0.10.3:7000" };
+                    let result = if i % 3 == 0 { Err(RefuseReason::ServiceNotAllowed) } else { Ok(addr.parse().unwrap()) };
+                    (longest.clone(), result)
+                })
+                .collect(),
+        });
+        roundtrip(Message::Incoming { stream: StreamId(StreamId::GATEWAY | 5), service: "push".into() });
+        roundtrip(Message::StreamReset { stream: StreamId(4), code: ResetCode::Refused });
         roundtrip(Message::Challenge { session_id: 99, ephemeral: [1; 32] });
         roundtrip(Message::Auth { signature: [3; 64] });
         roundtrip(Message::Accepted { session_id: 5, keepalive_ms: 10, inactivity_ms: 20 });
@@ -592,8 +821,28 @@ mod tests {
             generation: 3,
             received: Offset(4),
             service: "postgres".into(),
+            handover: false,
+            compression: Compression::None,
+        });
+        roundtrip(Message::LegOpen {
+            session_id: 1,
+            stream: StreamId(2),
+            generation: 3,
+            received: Offset(4),
+            service: String::new(),
+            handover: true,
+            compression: Compression::Zstd,
         });
         roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
+        roundtrip(Message::FlowOpen { flow: FlowId(1), service: "dns".into() });
+        roundtrip(Message::FlowReply { flow: FlowId(2), result: Ok(()), detail: String::new() });
+        roundtrip(Message::FlowReply {
+            flow: FlowId(u32::MAX),
+            result: Err(RefuseReason::ServiceNotAllowed),
+            detail: "no".into(),
+        });
+        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Idle });
+        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Unknown });
         roundtrip(Message::LegReply {
             result: Err(RefuseReason::TargetUnreachable),
             detail: "connection refused".into(),
@@ -611,6 +860,14 @@ mod tests {
         let mut v2 = p.encode();
         v2[5] = 2;
         assert_eq!(Preface::decode(&v2).unwrap().version, 2);
+    }
+
+    #[test]
+    fn exposed_lists_are_bounded_and_names_checked() {
+        assert_eq!(Message::decode(ty::EXPOSE, &[MAX_EXPOSED as u8 + 1]), Err(WireError::TooLong(MAX_EXPOSED + 1)));
+        assert_eq!(Message::decode(ty::EXPOSE, &[1, 0, 3, b'a', b' ', b'b']), Err(WireError::Invalid("name")));
+        // An address of an unknown family.
+        assert_eq!(Message::decode(ty::EXPOSED, &[1, 0, 1, b'a', 0, 5, 0, 0]), Err(WireError::Invalid("address family")));
     }
 
     #[test]
@@ -653,7 +910,8 @@ mod tests {
             let mut buf = Vec::new();
             Message::LegOpen {
                 session_id: 1, stream: StreamId(2), generation: 3,
-                received: Offset(4), service: "svc".into(),
+                received: Offset(4), service: "svc".into(), handover: false,
+            compression: Compression::None,
             }.encode(&mut buf);
             let payload = &buf[3..];
             let cut = cut.min(payload.len().saturating_sub(1));

@@ -85,6 +85,8 @@ pub async fn status(client: &Client) -> Value {
         "interfaces": client.paths(),
         "sessions": sessions,
         "streams": client.streams(),
+        "exposed": client.exposed(),
+        "udp": client.udp_status(),
         "switches": client.switches(),
         "engine": client.engine_status().await,
         "events": client.recent_events(),

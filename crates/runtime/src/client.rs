@@ -11,6 +11,9 @@
 //! direction where the other side says it stopped. With no interface at all
 //! everything is held (bounded by the replay buffers) until one comes back,
 //! for at most the switch timeout.
+//!
+//! The agent also serves client services (server → client) that it exposes
+//! through a gateway: see the `expose` module.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,11 +40,15 @@ use baton_proto::{
     Role, StreamId,
 };
 
+mod expose;
+
+pub use expose::{ExposedState, ExposedStatus};
+
 use crate::util::{lock, sid};
 use crate::config::{ClientConfig, HostPort};
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{self, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession};
+use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamInbox, StreamLimits, StreamShared, Tombstones, ToSession};
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -144,6 +151,9 @@ pub struct StreamStatus {
     pub id: u64,
     /// Service name.
     pub service: String,
+    /// Opened from the gateway's side: a connection to a client service
+    /// (its id has [`StreamId::GATEWAY`] set).
+    pub incoming: bool,
     /// Bytes taken from the application.
     pub sent: u64,
     /// Of those, bytes the gateway confirmed (the rest is held for replay).
@@ -154,6 +164,13 @@ pub struct StreamStatus {
     pub resent: u64,
     /// Legs used so far.
     pub legs: u32,
+    /// `zstd` or `none`.
+    pub compress: &'static str,
+    /// Bytes the stream took on its legs, both directions (compressed if it is).
+    pub wire_bytes: u64,
+    /// The application's bytes carried for each byte on the legs (1 when
+    /// not compressed; higher is better).
+    pub compression_ratio: f64,
 }
 
 /// A running client agent.
@@ -187,6 +204,10 @@ struct Link {
     core: Mutex<Option<Arc<Core>>>,
     switch_tx: mpsc::UnboundedSender<SwitchRequest>,
     switch_rx: Mutex<Option<mpsc::UnboundedReceiver<SwitchRequest>>>,
+    /// Client services through this gateway and what it said of them.
+    exposed: Mutex<Vec<ExposedStatus>>,
+    /// The UDP services relayed by this gateway, and their flows.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug)]
@@ -216,6 +237,8 @@ struct Core {
     up: watch::Sender<bool>,
     to_session: mpsc::UnboundedSender<ToSession>,
     released: CancellationToken,
+    /// The link's UDP flows, which move with this session.
+    udp: Arc<crate::udp::ClientUdp>,
 }
 
 #[derive(Debug, Clone)]
@@ -242,10 +265,18 @@ impl Client {
     pub async fn start(config: ClientConfig, key: ClientKey, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for (name, svc) in &config.services {
+            if svc.protocol == crate::config::Protocol::Udp {
+                continue;
+            }
             let l = TcpListener::bind(svc.listen).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));
+        }
+        let tasks = TaskTracker::new();
+        let mut udp = HashMap::new();
+        for name in config.gateways.keys() {
+            udp.insert(name.clone(), crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?);
         }
         let links = config
             .gateways
@@ -259,6 +290,8 @@ impl Client {
                     core: Mutex::new(None),
                     switch_tx,
                     switch_rx: Mutex::new(Some(switch_rx)),
+                    exposed: Mutex::new(expose::initial(&config, name)),
+                    udp: udp[name].clone(),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -270,7 +303,7 @@ impl Client {
                 drop(task);
             }
         }
-        let limits = StreamLimits { replay_buffer: config.replay_buffer };
+        let limits = StreamLimits { replay_buffer: config.replay_buffer, ..StreamLimits::default() };
         let (decider, decider_rx) = mpsc::unbounded_channel();
         let engine = baton_policy::Engine::new(config.policy.clone());
         let shared = Arc::new(Shared {
@@ -281,7 +314,7 @@ impl Client {
             paths,
             switches: Mutex::new(Vec::new()),
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
             limits,
             events: Arc::new(crate::decide::Events::new()),
             decider,
@@ -290,6 +323,10 @@ impl Client {
             shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
+        for link in shared.links.values() {
+            service_addrs.extend(link.udp.service_addrs());
+            link.udp.start();
+        }
         for (name, l) in listeners {
             service_addrs.insert(name.clone(), l.local_addr()?);
             info!(service = %name, addr = %l.local_addr()?, "service listening");
@@ -369,15 +406,40 @@ impl Client {
                     gateway: g.clone(),
                     id: s.shared.id.0,
                     service: s.service.clone(),
+                    incoming: s.shared.id.is_gateway_opened(),
                     sent: s.shared.taken.load(Ordering::Relaxed),
                     confirmed: s.shared.peer_acked.load(Ordering::Relaxed),
                     received: s.shared.delivered.load(Ordering::Relaxed),
                     resent: s.shared.resent.load(Ordering::Relaxed),
                     legs: s.generation.load(Ordering::Relaxed),
+                    compress: match s.shared.compression {
+                        baton_proto::Compression::None => "none",
+                        baton_proto::Compression::Zstd => "zstd",
+                    },
+                    wire_bytes: s.shared.wire_bytes(),
+                    compression_ratio: s.shared.compression_ratio(),
                 });
             }
         }
         out.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// The client services this agent exposes, with where each gateway
+    /// listens for them.
+    pub fn exposed(&self) -> Vec<ExposedStatus> {
+        let mut names: Vec<_> = self.shared.links.keys().collect();
+        names.sort();
+        names.into_iter().flat_map(|g| lock(&self.shared.links[g].exposed).clone()).collect()
+    }
+
+    /// UDP services, flows and their counters.
+    pub fn udp_status(&self) -> crate::udp::UdpStatus {
+        let mut out = crate::udp::UdpStatus { services: Vec::new(), flows: Vec::new(), gateways: Vec::new() };
+        for g in self.gateway_names() {
+            self.shared.links[&g].udp.status(&mut out);
+        }
+        out.flows.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
         out
     }
 
@@ -531,6 +593,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 struct Established {
     session_id: u64,
+    /// Connection set-up to the gateway's first answer: the path's round trip.
+    rtt: Duration,
     leg_key: LegKey,
     cipher: ControlCipher,
     keepalive: Duration,
@@ -584,12 +648,14 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         };
         backoff = Duration::from_millis(50);
         let core = adopt(&shared, &link, core, &est);
+        core.udp.route(core.id, &core.leg_key, &est.route.path, est.route.gateway_addr);
         let from = outage.as_ref().map(|o| o.2.clone());
         let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
         link.state.send_replace(LinkState::Up(info));
         if let Some((since, at, from, why)) = outage.take() {
             let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, from, since, at, why).await;
             info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
+            report_path(&shared, &core, &record, est.rtt);
             lock(&shared.switches).push(record);
         } else if from.is_none() {
             info!(gateway = %link.gateway, path = %est.route.path.name, session = %sid(core.id), "session up");
@@ -602,11 +668,13 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                 ControlEnd::Switched(new_est, req, started, at) => {
                     let from = lock(&core.route).path.name.clone();
                     *lock(&core.route) = new_est.route.clone();
+                    core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
                     let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
                     link.state.send_replace(LinkState::Up(info));
                     let why = req.reason.clone();
                     let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, why).await;
                     info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
+                    report_path(&shared, &core, &record, new_est.rtt);
                     lock(&shared.switches).push(record.clone());
                     let _ = req.done.send(Ok(Some(record)));
                     est = *new_est;
@@ -616,6 +684,7 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     warn!(gateway = %link.gateway, path = %from, "path lost: {why}; switching");
                     core.up.send_replace(false);
                     *lock(&core.control) = None;
+                    core.udp.detach();
                     // Legs on the failed path are cut so that nothing waits on them.
                     lock(&core.route).cut.cancel();
                     // Bind first: the watch's read guard must be gone before the write.
@@ -652,7 +721,7 @@ fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str) {
     let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
     for s in streams {
         let (shared2, core2) = (shared.clone(), core.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
     }
 }
 
@@ -680,6 +749,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         up: watch::channel(false).0,
         to_session,
         released: shared.shutdown.child_token(),
+        udp: link.udp.clone(),
     });
     *lock(&link.core) = Some(core.clone());
     shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
@@ -688,6 +758,7 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
 
 fn release_core(link: &Link, core: &Core, why: &str) {
     info!(gateway = %link.gateway, session = %sid(core.id), "session released: {why}");
+    expose::forget(link);
     core.released.cancel();
     core.up.send_replace(false);
     let mut slot = lock(&link.core);
@@ -717,6 +788,9 @@ async fn relegs_and_record(
     }
     let mut opens = Vec::new();
     let since = started.into_std();
+    // In a planned switch the old legs still work: the new ones go on
+    // where they stop. After a failure they rewind to what the peer has.
+    let start = if kind == SwitchKind::Planned { LegStart::Continue } else { LegStart::Rewind };
     for s in &streams {
         // Streams that already have a leg on the new path (opened early, see
         // `early_relegs`) keep it; one still opening is waited for.
@@ -730,7 +804,7 @@ async fn relegs_and_record(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if !lock(&s2.leg_opened).is_some_and(|t| t >= since) {
-                releg(&shared2, &core2, &s2).await;
+                releg(&shared2, &core2, &s2, start).await;
             }
         }));
     }
@@ -758,6 +832,40 @@ async fn relegs_and_record(
         streams: streams.len(),
         reason,
     }
+}
+
+/// How long the new path's throughput is watched after a switch.
+const PATH_REPORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Measures what a session's new path carries over the window after a
+/// switch and publishes it as a `path_changed` event.
+fn report_path(shared: &Arc<Shared>, core: &Arc<Core>, record: &SwitchRecord, rtt: Duration) {
+    let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
+    let counters = move || {
+        streams.iter().fold((0u64, 0u64), |(d, u), s| {
+            (d + s.shared.delivered.load(Ordering::Relaxed), u + s.shared.peer_acked.load(Ordering::Relaxed))
+        })
+    };
+    let events = shared.events.clone();
+    let (gateway, switch, from, to) = (record.gateway.clone(), record.kind, record.from.clone(), record.to.clone());
+    shared.tasks.spawn(async move {
+        let (d0, u0) = counters();
+        let began = Instant::now();
+        tokio::time::sleep(PATH_REPORT_WINDOW).await;
+        let (d1, u1) = counters();
+        let secs = began.elapsed().as_secs_f64();
+        let per_s = |n: u64| (n as f64 / secs) as u64;
+        events.publish_path(crate::decide::PathReport {
+            gateway,
+            switch,
+            from,
+            to,
+            rtt_ms: rtt.as_secs_f64() * 1e3,
+            down_bytes_per_s: per_s(d1.saturating_sub(d0)),
+            up_bytes_per_s: per_s(u1.saturating_sub(u0)),
+            window_ms: (secs * 1e3) as u64,
+        });
+    });
 }
 
 /// Updates the record of `key` (gateway, start) once the streams have settled on
@@ -817,7 +925,10 @@ async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -
     // (a failed control connection) must not cut later connections on the
     // same interface, while the interface going down cuts them all.
     let cut = shared.paths.cut_token(&path.name).child_token();
+    let began = Instant::now();
     let mut stream = connect_via(target, path, timeout).await.map_err(unreachable)?;
+    // TCP's handshake is one round trip of the path.
+    let rtt = began.elapsed();
     let _ = stream.set_nodelay(true);
     let (hs, first) = ClientHandshake::start(&shared.config.id, &shared.key, resume, &shared.rng)
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -863,6 +974,7 @@ async fn handshake(shared: &Shared, path: &Path, addr: &HostPort, resume: u64) -
     // session are authenticated with it whatever control connection is up.
     Ok(Established {
         session_id,
+        rtt,
         leg_key: keys.leg_key(),
         cipher,
         keepalive,
@@ -891,6 +1003,7 @@ async fn run_control(
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
     *lock(&core.last_heard) = std::time::Instant::now();
     core.up.send_replace(true);
@@ -898,7 +1011,7 @@ async fn run_control(
     for s in lock(&core.streams).values() {
         if s.generation.load(Ordering::Acquire) == 0 && !s.releg_busy.load(Ordering::Acquire) {
             let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
-            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2).await });
+            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2, LegStart::Rewind).await });
         }
     }
     // What the gateway may have missed: half-closes and acks.
@@ -911,6 +1024,11 @@ async fn run_control(
         let _ = core.to_session.send(ToSession::Ack { stream: s.shared.id, urgent: false });
     }
     for m in lock(&core.finished).messages() {
+        cipher.seal(&m, &mut out);
+    }
+    // Every connection declares the client services again: after a resume
+    // the answer is the same, after a new session the gateway listens anew.
+    if let Some(m) = expose::declaration(link) {
         cipher.seal(&m, &mut out);
     }
     if let Err(e) = w.write_all(&out).await {
@@ -937,8 +1055,14 @@ async fn run_control(
                     Ok(msg) => {
                         liveness.on_receive(Instant::now().into_std());
                         *lock(&core.last_heard) = std::time::Instant::now();
-                        if let Some(reply) = on_control(core, msg) {
-                            cipher.seal(&reply, &mut out);
+                        match msg {
+                            Message::Incoming { stream, service } => expose::on_incoming(shared, link, core, stream, service),
+                            Message::Exposed { entries } => expose::on_exposed(link, entries),
+                            msg => {
+                                if let Some(reply) = on_control(core, msg) {
+                                    cipher.seal(&reply, &mut out);
+                                }
+                            }
                         }
                     }
                     Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
@@ -1031,6 +1155,7 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
+        m @ (Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None
@@ -1058,7 +1183,7 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
                     if let Some(s) = s {
                         if *core.up.borrow() {
                             let (shared2, core2) = (shared.clone(), core.clone());
-                            shared.tasks.spawn(async move { releg(&shared2, &core2, &s).await });
+                            shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
                         }
                         // Otherwise the reconnect re-legs every stream.
                     }
@@ -1087,11 +1212,11 @@ async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mp
 
 /// Opens a leg for a stream on the session's current route: its first leg,
 /// or a new one that resumes it. At most one at a time per stream.
-async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>) {
+async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>, start: LegStart) {
     if s.releg_busy.swap(true, Ordering::AcqRel) {
         return;
     }
-    let result = open_leg(shared, core, s).await;
+    let result = open_leg(shared, core, s, start).await;
     s.releg_busy.store(false, Ordering::Release);
     match result {
         Ok(()) => {}
@@ -1114,7 +1239,7 @@ enum LegError {
     Path(String),
 }
 
-async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result<(), LegError> {
+async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream, start: LegStart) -> Result<(), LegError> {
     let route = lock(&core.route).clone();
     let timeout = shared.config.connect_timeout;
     let mut leg = connect_via(route.gateway_addr, &route.path, timeout)
@@ -1124,7 +1249,8 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result
     let generation = s.generation.fetch_add(1, Ordering::AcqRel);
     let received = Offset(s.shared.delivered.load(Ordering::Acquire));
     let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
-    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone() };
+    let handover = start == LegStart::Continue;
+    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone(), handover, compression: s.shared.compression };
     let open_tag = core.leg_key.seal_open(&open, &mut out);
     leg.write_all(&out).await.map_err(|e| LegError::Path(format!("leg: {e}")))?;
     let reply = tokio::select! {
@@ -1139,7 +1265,7 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream) -> Result
     }
     match reply.decode().map_err(|e| LegError::Path(format!("leg reply: {e}")))? {
         Message::LegReply { result: Ok(have), .. } => {
-            s.shared.attach_leg(leg, received, have, route.cut.clone());
+            s.shared.attach_leg(leg, have, start, route.cut.clone());
             *lock(&s.leg_opened) = Some(std::time::Instant::now());
             debug!(stream = %s.shared.id, generation, resume_in = received.0, resume_out = have.0, path = %route.path.name, "leg open");
             Ok(())
@@ -1167,12 +1293,15 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        // On a connectivity box this is a host of the LAN; the server sees
+        // the gateway's address instead.
+        debug!(service = %name, %peer, "application connected");
         let shared2 = shared.clone();
         let link = shared.links[&svc.gateway].clone();
         let remote = remote.clone();
         let name = name.clone();
         shared.tasks.spawn(async move {
-            match serve_stream(&shared2, &link, &remote, app).await {
+            match serve_stream(&shared2, &link, &remote, svc.compress, app).await {
                 Ok(()) => {}
                 // The application's own reset: its business, not a fault.
                 Err(StreamClose::Local(why)) => info!(service = %name, %peer, "connection closed: {why}"),
@@ -1211,7 +1340,13 @@ enum StreamClose {
     Fault(String),
 }
 
-async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app: TcpStream) -> Result<(), StreamClose> {
+async fn serve_stream(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    service: &str,
+    compression: baton_proto::Compression,
+    app: TcpStream,
+) -> Result<(), StreamClose> {
     let Some(core) = wait_core(shared, link).await else {
         baton_os::reset(app);
         return Err(StreamClose::Fault(format!(
@@ -1221,19 +1356,12 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
     };
     let _ = baton_os::tune_relay(&app);
     let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
-    let (st, inbox) = StreamShared::new(id, shared.limits, core.released.child_token());
+    let limits = StreamLimits { compression, ..shared.limits };
+    let (st, inbox) = StreamShared::new(id, limits, core.released.child_token());
     let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
-    if *core.up.borrow() {
-        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2).await });
-    }
-    let end = stream::run(app, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
-    if matches!(end, StreamEnd::Finished) {
-        lock(&core.finished).push(st.tombstone());
-    }
-    lock(&core.streams).remove(&id);
+    let end = relay(shared, &core, &cs, inbox, app).await;
     match end {
         StreamEnd::Finished => Ok(()),
         StreamEnd::Aborted if core.released.is_cancelled() => Err(StreamClose::Fault("session ended".into())),
@@ -1241,4 +1369,27 @@ async fn serve_stream(shared: &Arc<Shared>, link: &Arc<Link>, service: &str, app
         StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!("application connection failed: {e}"))),
         other => Err(StreamClose::Fault(other.to_string())),
     }
+}
+
+/// Relays a stream registered in the session: dials its first leg (if the
+/// session is up and none was dialed yet: otherwise the reconnect does),
+/// runs it to its end, and keeps a finished stream's tombstone.
+async fn relay(
+    shared: &Arc<Shared>,
+    core: &Arc<Core>,
+    cs: &Arc<ClientStream>,
+    inbox: StreamInbox,
+    local: TcpStream,
+) -> StreamEnd {
+    if *core.up.borrow() && cs.generation.load(Ordering::Acquire) == 0 {
+        let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
+        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
+    }
+    let st = &cs.shared;
+    let end = stream::run(local, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    if matches!(end, StreamEnd::Finished) {
+        lock(&core.finished).push(st.tombstone());
+    }
+    lock(&core.streams).remove(&st.id);
+    end
 }

@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_proto::wire::valid_name;
+use baton_proto::wire::{valid_name, MAX_EXPOSED};
 use baton_proto::PublicKey;
 use serde::{de, Deserialize, Deserializer};
 
@@ -114,6 +114,14 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     }
 }
 
+fn compression<'de, D: Deserializer<'de>>(d: D) -> Result<baton_proto::Compression, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "none" => Ok(baton_proto::Compression::None),
+        "zstd" => Ok(baton_proto::Compression::Zstd),
+        other => Err(de::Error::custom(format!("unknown compression {other:?}: expected \"zstd\" or \"none\""))),
+    }
+}
+
 fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
@@ -169,6 +177,116 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     }
 }
 
+/// A block of addresses written `ip/prefix` (or a single `ip`), from which the
+/// gateway assigns client agents their own address (seed 000's virtual IPs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrBlock {
+    /// The block's first address (host bits zero).
+    pub base: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl AddrBlock {
+    /// Most addresses used from one block: more is never needed, and keeps
+    /// an IPv6 /64 from being walked.
+    pub const MAX_USED: u64 = 1 << 16;
+
+    /// How many addresses of the block are handed out. The network and
+    /// broadcast addresses of an IPv4 block (and the subnet-router anycast
+    /// address of an IPv6 one) are left out, as a host cannot use them.
+    pub fn usable(&self) -> u64 {
+        let host_bits = u32::from(self.bits() - self.prefix);
+        let size = 1u128 << host_bits.min(64);
+        let reserved = match self.base {
+            IpAddr::V4(_) if host_bits >= 2 => 2,
+            IpAddr::V6(_) if host_bits >= 1 => 1,
+            _ => 0,
+        };
+        (size - reserved).min(u128::from(Self::MAX_USED)) as u64
+    }
+
+    /// The `i`-th usable address (`i < self.usable()`).
+    pub fn nth(&self, i: u64) -> Option<IpAddr> {
+        if i >= self.usable() {
+            return None;
+        }
+        let host_bits = self.bits() - self.prefix;
+        // Skip the network (or anycast) address when it is reserved.
+        let skip = u128::from(host_bits >= if self.base.is_ipv4() { 2 } else { 1 });
+        let offset = u128::from(i) + skip;
+        Some(match self.base {
+            IpAddr::V4(b) => IpAddr::V4((u32::from(b) + offset as u32).into()),
+            IpAddr::V6(b) => IpAddr::V6((u128::from(b) + offset).into()),
+        })
+    }
+
+    /// Whether `ip` lies in the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let host_bits = u32::from(self.bits() - self.prefix);
+        match (self.base, ip) {
+            (IpAddr::V4(b), IpAddr::V4(x)) => u32::from(b).checked_shr(host_bits).unwrap_or(0) == u32::from(x).checked_shr(host_bits).unwrap_or(0),
+            (IpAddr::V6(b), IpAddr::V6(x)) => u128::from(b).checked_shr(host_bits).unwrap_or(0) == u128::from(x).checked_shr(host_bits).unwrap_or(0),
+            _ => false,
+        }
+    }
+
+    fn bits(&self) -> u8 {
+        if self.base.is_ipv4() {
+            32
+        } else {
+            128
+        }
+    }
+}
+
+impl fmt::Display for AddrBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl std::str::FromStr for AddrBlock {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid address block {s:?}: expected ip/prefix (e.g. \"192.168.102.128/25\") or one ip");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let base: IpAddr = ip.trim().parse().map_err(|_| bad())?;
+        let bits = if base.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= bits).ok_or_else(bad)?,
+        };
+        let block = Self { base, prefix };
+        let host_bits = u32::from(bits - prefix);
+        let host_part = match base {
+            IpAddr::V4(b) => u128::from(u32::from(b) & 1u32.checked_shl(host_bits).map_or(u32::MAX, |m| m - 1)),
+            IpAddr::V6(b) => u128::from(b) & 1u128.checked_shl(host_bits).map_or(u128::MAX, |m| m - 1),
+        };
+        if host_part != 0 {
+            return Err(format!("{s:?} has host bits set: a block starts at its network address"));
+        }
+        Ok(block)
+    }
+}
+
+fn addr_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AddrBlock>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    list.iter().map(|s| s.parse().map_err(de::Error::custom)).collect()
+}
+
 fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(|e| de::Error::custom(format!("{e}")))
@@ -209,9 +327,30 @@ pub struct GatewayConfig {
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, GatewayService>,
+    /// Client services (server → client) by name: where the gateway listens
+    /// for servers that push to client agents.
+    #[serde(default)]
+    pub exposed: BTreeMap<String, GatewayExposed>,
+    /// Addresses assigned to client agents that expose client services, one
+    /// per agent, so that many agents can expose the same port. They must be
+    /// addresses of this host (any 127.x address on Linux loopback).
+    #[serde(default, deserialize_with = "addr_blocks")]
+    pub virtual_pool: Vec<AddrBlock>,
+    /// How UDP services' flows are held and expired.
+    #[serde(default)]
+    pub udp: UdpConfig,
     /// Authorised client agents by id.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientEntry>,
+}
+
+/// A client service as the gateway knows it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayExposed {
+    /// The port servers connect to, on the address assigned to each client
+    /// agent that exposes the service.
+    pub port: u16,
 }
 
 /// A service the gateway relays to.
@@ -220,6 +359,9 @@ pub struct GatewayConfig {
 pub struct GatewayService {
     /// Where the real server listens: any host the gateway reaches.
     pub target: HostPort,
+    /// `"tcp"` (default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// A client agent the gateway accepts.
@@ -230,12 +372,21 @@ pub struct ClientEntry {
     #[serde(deserialize_with = "public_key")]
     pub key: PublicKey,
     /// The services this client may open; all others are refused.
+    #[serde(default)]
     pub services: Vec<String>,
+    /// The client services (keys of `[exposed]`) this client may expose;
+    /// all others are refused.
+    #[serde(default)]
+    pub exposes: Vec<String>,
 }
 
 impl fmt::Debug for ClientEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientEntry").field("key", &self.key).field("services", &self.services).finish()
+        f.debug_struct("ClientEntry")
+            .field("key", &self.key)
+            .field("services", &self.services)
+            .field("exposes", &self.exposes)
+            .finish()
     }
 }
 
@@ -286,6 +437,25 @@ pub struct ClientConfig {
     /// Services to offer to local applications, by name.
     #[serde(default)]
     pub services: BTreeMap<String, ClientService>,
+    /// Client services, by the name the gateway knows them by: services on
+    /// this side (this host or its LAN) that servers behind a gateway reach
+    /// through it (push, publish/subscribe).
+    #[serde(default)]
+    pub exposed: BTreeMap<String, ExposedService>,
+    /// How UDP services' flows are held and expired.
+    #[serde(default)]
+    pub udp: UdpConfig,
+}
+
+/// A client service: a server on the client's side that the gateway's side
+/// connects to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposedService {
+    /// The gateway (a key of `[gateways]`) that listens for it.
+    pub gateway: String,
+    /// Where the service really listens: this host or its LAN.
+    pub target: HostPort,
 }
 
 /// An interface the client agent may send from.
@@ -295,7 +465,7 @@ pub struct InterfaceConfig {
     /// Network device to bind to (`SO_BINDTODEVICE`, needs CAP_NET_RAW).
     pub device: Option<String>,
     /// Source address to send from.
-    pub source: Option<std::net::IpAddr>,
+    pub source: Option<IpAddr>,
     /// Preference, lower first. Default 100.
     #[serde(default = "defaults::priority")]
     pub priority: u32,
@@ -315,13 +485,83 @@ pub struct GatewaySpec {
 pub struct ClientService {
     /// The gateway (a key of `[gateways]`) that relays this service.
     pub gateway: String,
+    /// `"tcp"` (default) or `"udp"`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Where applications connect: `ip:port`, or a bare port for loopback.
     /// A LAN address makes this host a connectivity box for its LAN.
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// The service's name on the gateway, if different from this table's key.
     pub remote: Option<String>,
+    /// `"zstd"` compresses the service's bytes on the way to the gateway
+    /// and back; `"none"` (default) sends them as they are.
+    #[serde(default, deserialize_with = "compression")]
+    pub compress: baton_proto::Compression,
 }
+
+/// The transport of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Connections, relayed as byte-exact streams.
+    #[default]
+    Tcp,
+    /// Datagrams, relayed one for one; may be dropped during a switch.
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// `[udp]`: how the flows of UDP services are held and expired (both the
+/// client agent and the gateway have one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpConfig {
+    /// Datagrams held per flow while it cannot be sent (switch, no path,
+    /// flow not yet accepted); beyond it the oldest are dropped and
+    /// counted. Default 256.
+    pub hold: usize,
+    /// Bytes held per flow, the same way. Default 1MiB.
+    #[serde(deserialize_with = "size")]
+    pub hold_bytes: usize,
+    /// A flow with no datagram either way for this long is removed.
+    /// Default 60s.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most flows per session; datagrams of further flows are dropped
+    /// (client agent) or their flows refused (gateway). Default 1024.
+    pub max_flows: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self { hold: 256, hold_bytes: 1 << 20, idle_timeout: Duration::from_secs(60), max_flows: 1024 }
+    }
+}
+
+impl UdpConfig {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if !(1..=MAX_UDP_HOLD).contains(&self.hold) {
+            return Err(key_error(path, "udp.hold", format!("must be 1 to {MAX_UDP_HOLD} datagrams")));
+        }
+        if !(1..=MAX_UDP_FLOWS).contains(&self.max_flows) {
+            return Err(key_error(path, "udp.max_flows", format!("must be 1 to {MAX_UDP_FLOWS}")));
+        }
+        Ok(())
+    }
+}
+
+/// Bounds of `[udp]` values: beyond them a typo would hold gigabytes.
+const MAX_UDP_HOLD: usize = 65_536;
+const MAX_UDP_FLOWS: usize = 1 << 20;
 
 impl ClientService {
     /// The name the gateway knows this service by.
@@ -425,6 +665,7 @@ impl GatewayConfig {
                 return Err(key_error(path, format!("services.{name}"), NAME_RULE));
             }
         }
+        self.udp.validate(path)?;
         for (id, client) in &self.clients {
             if !valid_name(id) {
                 return Err(key_error(path, format!("clients.{id}"), NAME_RULE));
@@ -437,6 +678,42 @@ impl GatewayConfig {
                         format!("no service {s:?} in [services]"),
                     ));
                 }
+            }
+            for (i, s) in client.exposes.iter().enumerate() {
+                if !self.exposed.contains_key(s) {
+                    return Err(key_error(
+                        path,
+                        format!("clients.{id}.exposes[{i}]"),
+                        format!("no client service {s:?} in [exposed]"),
+                    ));
+                }
+            }
+            if !client.exposes.is_empty() && self.virtual_pool.is_empty() {
+                return Err(key_error(
+                    path,
+                    "virtual_pool",
+                    format!("needed: clients.{id} exposes client services, and each client agent gets its own address from the pool"),
+                ));
+            }
+        }
+        let mut ports = BTreeMap::new();
+        for (name, e) in &self.exposed {
+            let key = format!("exposed.{name}.port");
+            if !valid_name(name) {
+                return Err(key_error(path, format!("exposed.{name}"), NAME_RULE));
+            }
+            if e.port == 0 {
+                return Err(key_error(path, key, "ports are 1 to 65535"));
+            }
+            if let Some(other) = ports.insert(e.port, name) {
+                return Err(key_error(path, key, format!("port {} is already used by exposed.{other}", e.port)));
+            }
+            // A client agent's address must be free on the service's port.
+            let clash = self.listen.iter().find(|l| {
+                l.port() == e.port && (l.ip().is_unspecified() || self.virtual_pool.iter().any(|b| b.contains(l.ip())))
+            });
+            if let Some(l) = clash {
+                return Err(key_error(path, key, format!("port {} clashes with listen address {l}", e.port)));
             }
         }
         Ok(())
@@ -480,6 +757,7 @@ impl ClientConfig {
         if self.dead_after <= self.keepalive {
             return Err(key_error(path, "dead_after", "must be longer than `keepalive`"));
         }
+        self.udp.validate(path)?;
         for (name, i) in &self.interfaces {
             if !valid_name(name) {
                 return Err(key_error(path, format!("interfaces.{name}"), NAME_RULE));
@@ -494,6 +772,28 @@ impl ClientConfig {
             }
         }
         let mut listens = BTreeMap::new();
+        let mut per_gateway = BTreeMap::new();
+        for (name, e) in &self.exposed {
+            if !valid_name(name) {
+                return Err(key_error(path, format!("exposed.{name}"), NAME_RULE));
+            }
+            if !self.gateways.contains_key(&e.gateway) {
+                return Err(key_error(
+                    path,
+                    format!("exposed.{name}.gateway"),
+                    format!("no gateway {:?} in [gateways]", e.gateway),
+                ));
+            }
+            let n = per_gateway.entry(&e.gateway).or_insert(0usize);
+            *n += 1;
+            if *n > MAX_EXPOSED {
+                return Err(key_error(
+                    path,
+                    format!("exposed.{name}"),
+                    format!("at most {MAX_EXPOSED} client services per gateway"),
+                ));
+            }
+        }
         for (name, s) in &self.services {
             if !valid_name(name) {
                 return Err(key_error(path, format!("services.{name}"), NAME_RULE));
@@ -512,7 +812,8 @@ impl ClientConfig {
             if s.listen.port() == 0 {
                 continue;
             }
-            if let Some(other) = listens.insert(s.listen, name) {
+            // A TCP and a UDP service may share an address: they are different sockets.
+            if let Some(other) = listens.insert((s.protocol, s.listen), name) {
                 return Err(key_error(
                     path,
                     format!("services.{name}.listen"),
@@ -624,6 +925,113 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(key_of(e), "services.pg.listen");
+    }
+
+    #[test]
+    fn client_services_are_checked_with_the_key_named() {
+        let base = format!(
+            r#"listen = ["127.0.0.1:7700"]
+               [exposed.push]
+               port = 7000
+               [clients.a]
+               key = "{KEY}"
+            "#
+        );
+        let c = gw(&format!("virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"push\"]\n")).unwrap();
+        assert_eq!(c.virtual_pool[0].usable(), 254);
+        assert!(c.clients["a"].services.is_empty(), "services may be left out");
+        // A list of blocks, and single addresses.
+        let c = gw(&format!("virtual_pool = [\"10.1.0.8/30\", \"10.2.0.9\"]\n{base}exposes = [\"push\"]\n")).unwrap();
+        assert_eq!(c.virtual_pool.len(), 2);
+        assert_eq!(key_of(gw(&format!("{base}exposes = [\"push\"]\n")).unwrap_err()), "virtual_pool");
+        let e = gw(&format!("virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"pull\"]\n")).unwrap_err();
+        assert_eq!(key_of(e), "clients.a.exposes[0]");
+        let e = gw(&format!("virtual_pool = \"127.0.10.0/33\"\n{base}")).unwrap_err();
+        assert_eq!(key_of(e), "virtual_pool");
+        let e = gw(&format!("virtual_pool = \"127.0.10.1/24\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("host bits"), "{e}");
+        let e = gw(&format!("{base}[exposed.pull]\nport = 7000\n")).unwrap_err();
+        // Two client services on one port would clash on every agent's address.
+        assert!(e.to_string().contains("already used by exposed.pull"), "{e}");
+        assert_eq!(key_of(e), "exposed.push.port");
+        let e = gw(r#"listen = ["0.0.0.0:7000"]
+                      [exposed.push]
+                      port = 7000"#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.port");
+        let e = gw(r#"listen = ["127.0.0.1:7700"]
+                      [exposed.push]
+                      prot = 7000"#)
+        .unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.prot");
+
+        let client = |extra: &str| {
+            ClientConfig::from_toml(
+                Path::new("c.toml"),
+                &format!("id = \"a\"\nkey_file = \"k\"\n[gateways.gw]\naddresses = [\"127.0.0.1:7700\"]\n{extra}"),
+            )
+        };
+        let c = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\n").unwrap();
+        assert_eq!(c.exposed["push"].target.port, 8080);
+        let e = client("[exposed.push]\ngateway = \"other\"\ntarget = \"127.0.0.1:8080\"\n").unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.gateway");
+        let e = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"8080\"\n").unwrap_err();
+        assert_eq!(key_of(e), "exposed.push.target");
+    }
+
+    #[test]
+    fn address_blocks_leave_out_what_hosts_cannot_use() {
+        let b: AddrBlock = "192.168.102.0/24".parse().unwrap();
+        assert_eq!((b.usable(), b.nth(0), b.nth(253), b.nth(254)), (254, Some("192.168.102.1".parse().unwrap()), Some("192.168.102.254".parse().unwrap()), None));
+        assert!(b.contains("192.168.102.77".parse().unwrap()) && !b.contains("192.168.103.1".parse().unwrap()));
+        let one: AddrBlock = "10.0.0.5".parse().unwrap();
+        assert_eq!((one.usable(), one.nth(0)), (1, Some("10.0.0.5".parse().unwrap())));
+        let pair: AddrBlock = "10.0.0.6/31".parse().unwrap();
+        assert_eq!(pair.usable(), 2);
+        let v6: AddrBlock = "fd00::/64".parse().unwrap();
+        assert_eq!((v6.usable(), v6.nth(0)), (AddrBlock::MAX_USED, Some("fd00::1".parse().unwrap())));
+        let all: AddrBlock = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("fd00::1/64".parse::<AddrBlock>().is_err());
+        assert!("10.0.0.0/33".parse::<AddrBlock>().is_err());
+    }
+
+    #[test]
+    fn udp_services_and_settings() {
+        let g = gw(r#"listen = ["0.0.0.0:1"]
+                      [udp]
+                      hold = 16
+                      idle_timeout = "2s"
+                      [services.dns]
+                      target = "10.0.0.53:53"
+                      protocol = "udp"
+                      [services.pg]
+                      target = "db:5432""#)
+        .unwrap();
+        assert_eq!(g.services["dns"].protocol, Protocol::Udp);
+        assert_eq!(g.services["pg"].protocol, Protocol::Tcp);
+        assert_eq!((g.udp.hold, g.udp.idle_timeout, g.udp.hold_bytes, g.udp.max_flows), (16, Duration::from_secs(2), 1 << 20, 1024));
+        for (text, key) in [
+            ("[services.a]\ntarget = \"h:1\"\nprotocol = \"sctp\"", "services.a.protocol"),
+            ("[udp]\nhold = 0", "udp.hold"),
+            ("[udp]\nmax_flows = 0", "udp.max_flows"),
+            ("[udp]\nidle_timeout = \"0s\"", "udp.idle_timeout"),
+            ("[udp]\nhold_bytes = \"lots\"", "udp.hold_bytes"),
+            ("[udp]\nhodl = 3", "udp.hodl"),
+        ] {
+            let e = gw(&format!("listen = [\"0.0.0.0:1\"]\n{text}")).unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(key_of(e), key, "{msg}");
+        }
+        let base = "id = \"c\"\nkey_file = \"k\"\n[gateways.g]\naddresses = [\"h:1\"]\n";
+        let svc = |name: &str, proto: &str| format!("[services.{name}]\ngateway = \"g\"\nlisten = 5353\nprotocol = \"{proto}\"\n");
+        // TCP and UDP on one port are two sockets; two UDP services are a clash.
+        let c = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "tcp"), svc("b", "udp"))).unwrap();
+        assert_eq!(c.services["b"].protocol, Protocol::Udp);
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "udp"), svc("b", "udp"))).unwrap_err();
+        assert_eq!(key_of(e), "services.b.listen");
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}[udp]\nhold = 100000\n")).unwrap_err();
+        assert_eq!(key_of(e), "udp.hold");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct Event {
     pub at_unix_ms: u64,
     /// `proposal`, `proposal_withdrawn`, `switch_decided`, `switch_done`,
     /// `switch_failed`, `warning`, `link_going`, `search`, `recovered`,
-    /// `no_path`, `mode`, `declined`.
+    /// `no_path`, `mode`, `declined`, `path_changed`.
     pub kind: &'static str,
     /// The interface concerned, if any.
     pub interface: Option<String>,
@@ -38,6 +38,32 @@ pub struct Event {
     pub reason: String,
     /// Past a critical threshold or the path is lost.
     pub urgent: bool,
+    /// For `path_changed`: what the new path was measured to give.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathReport>,
+}
+
+/// A session's new path after a switch, as measured on it: for applications
+/// that adapt their quality of service (a video bitrate, a sync batch size).
+#[derive(Debug, Clone, Serialize)]
+pub struct PathReport {
+    /// The gateway whose session moved.
+    pub gateway: String,
+    /// `planned` or `unexpected`.
+    pub switch: crate::client::SwitchKind,
+    /// The interface left, and the one now carrying the session.
+    pub from: String,
+    pub to: String,
+    /// Round trip of the new path: connection set-up to the gateway's first
+    /// answer on it, in milliseconds.
+    pub rtt_ms: f64,
+    /// Bytes per second the session's streams received (`down`) and had
+    /// confirmed by the gateway (`up`) over the `window_ms` after the
+    /// switch: what the path carried, which is at most what it can carry
+    /// when the applications sent less.
+    pub down_bytes_per_s: u64,
+    pub up_bytes_per_s: u64,
+    pub window_ms: u64,
 }
 
 /// Most events kept for `baton status`.
@@ -56,8 +82,22 @@ impl Events {
     }
 
     pub(crate) fn publish(&self, kind: &'static str, interface: Option<&str>, reason: String, urgent: bool) {
+        self.publish_event(kind, interface, reason, urgent, None);
+    }
+
+    /// Publishes the measurements of a session's new path.
+    pub(crate) fn publish_path(&self, report: PathReport) {
+        let reason = format!(
+            "{} now on {} (from {}): rtt {:.1} ms, {} B/s down, {} B/s up",
+            report.gateway, report.to, report.from, report.rtt_ms, report.down_bytes_per_s, report.up_bytes_per_s
+        );
+        let to = report.to.clone();
+        self.publish_event("path_changed", Some(&to), reason, false, Some(report));
+    }
+
+    fn publish_event(&self, kind: &'static str, interface: Option<&str>, reason: String, urgent: bool, path: Option<PathReport>) {
         let at_unix_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let e = Event { at_unix_ms, kind, interface: interface.map(str::to_owned), reason, urgent };
+        let e = Event { at_unix_ms, kind, interface: interface.map(str::to_owned), reason, urgent, path };
         info!(kind, interface = e.interface.as_deref().unwrap_or("-"), urgent, "{}", e.reason);
         let mut r = lock(&self.recent);
         r.push_back(e.clone());

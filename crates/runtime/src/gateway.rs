@@ -7,6 +7,10 @@
 //! offsets each side reports. A session whose control connection has been
 //! silent for the inactivity timeout is detached; one that stays detached
 //! for the switch timeout is released with all its streams.
+//!
+//! Client services go the other way (a server here reaches a service on the
+//! client's side): see the `expose` module for the addresses, listeners
+//! and the streams the gateway opens itself.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -27,15 +31,17 @@ use tracing::{debug, info, warn};
 
 use baton_proto::wire::{PREFACE_LEN, TAG_LEN};
 use baton_proto::{
-    ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode, Role,
-    StreamId, StreamTable,
+    Admission, ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode,
+    Role, StreamId, StreamTable,
 };
+
+mod expose;
 
 use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame};
 use crate::stream::{
-    self, tombstone_messages, AckBatch, InEvent, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
+    self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
 };
 
 /// Counters a gateway keeps, for status and tests.
@@ -57,6 +63,8 @@ pub struct GatewayStats {
     pub legs_refused: AtomicU64,
     /// Connections closed for a protocol violation (garbage, forged tags).
     pub protocol_errors: AtomicU64,
+    /// UDP flows and datagrams.
+    pub udp: Arc<crate::udp::UdpStats>,
 }
 
 /// A running gateway.
@@ -71,6 +79,8 @@ struct Shared {
     config: GatewayConfig,
     rng: SystemRandom,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Client services: assigned addresses and listeners per client id.
+    exposures: Mutex<expose::Exposures>,
     stats: GatewayStats,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -84,6 +94,9 @@ struct Session {
     services: HashSet<String>,
     table: Mutex<StreamTable>,
     streams: Mutex<HashMap<StreamId, Arc<StreamShared>>>,
+    /// Streams of client services waiting for the client's first leg, with
+    /// their service: announced again on every reattach until it comes.
+    incoming: Mutex<HashMap<StreamId, String>>,
     /// The control connection now attached, if any.
     control: Mutex<Option<Attached>>,
     /// Last frame from the client, or when the session was detached.
@@ -95,6 +108,8 @@ struct Session {
     to_session: mpsc::UnboundedSender<ToSession>,
     /// Fires when the session is released: every stream resets and ends.
     released: CancellationToken,
+    /// The session's UDP flows.
+    udp: Arc<crate::udp::SessionUdp>,
 }
 
 #[derive(Debug)]
@@ -135,10 +150,12 @@ impl Gateway {
             listeners.push(l);
         }
         let local_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone()));
         let shared = Arc::new(Shared {
             config,
             rng: SystemRandom::new(),
             sessions: Mutex::new(HashMap::new()),
+            exposures,
             stats: GatewayStats::default(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -152,7 +169,8 @@ impl Gateway {
             let udp = tokio::net::UdpSocket::bind(addr)
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
-            shared.tasks.spawn(answer_probes(shared.clone(), udp));
+            crate::udp::tune(&udp);
+            shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp)));
         }
         let s2 = shared.clone();
         tokio::spawn(async move {
@@ -184,6 +202,22 @@ impl Gateway {
     /// Client ids of the sessions held now.
     pub fn session_clients(&self) -> Vec<String> {
         lock(&self.shared.sessions).values().map(|s| s.client_id.clone()).collect()
+    }
+
+    /// The address assigned to a client agent whose client services are
+    /// listening now.
+    pub fn client_address(&self, client_id: &str) -> Option<std::net::IpAddr> {
+        lock(&self.shared.exposures).address_of(client_id)
+    }
+
+    /// Every UDP flow of every session.
+    pub fn udp_flows(&self) -> Vec<crate::udp::GatewayFlowStatus> {
+        let sessions: Vec<_> = lock(&self.shared.sessions).values().cloned().collect();
+        let mut out = Vec::new();
+        for s in sessions {
+            s.udp.status(&mut out);
+        }
+        out
     }
 
     /// The gateway's counters.
@@ -229,11 +263,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Answers authenticated path probes with a reply of the same size; anything
-/// else is dropped without an answer.
-async fn answer_probes(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
-    use baton_proto::probe::{Probe, PROBE_LEN};
-    let mut buf = [0u8; PROBE_LEN + 1];
+/// Answers authenticated path probes with a reply of the same size, and
+/// hands relayed datagrams of UDP services to their session; anything else
+/// is dropped without an answer.
+async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>) {
+    use baton_proto::probe::Probe;
+    let mut buf = vec![0u8; baton_proto::datagram::MAX_DATAGRAM + 1];
     loop {
         let (n, peer) = tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
@@ -242,6 +277,17 @@ async fn answer_probes(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        if let Some(sid) = baton_proto::datagram::Header::peek_session(&buf[..n]) {
+            // Bound first: the sessions lock must not be held while the datagram is handled.
+            let session = lock(&shared.sessions).get(&sid).cloned();
+            match session {
+                Some(session) => session.udp.on_datagram(&udp, peer, &buf[..n]),
+                None => {
+                    shared.stats.udp.forged.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            continue;
+        }
         let Some(sid) = Probe::peek_session(&buf[..n]) else { continue };
         let Some(session) = lock(&shared.sessions).get(&sid).cloned() else { continue };
         let Some(p) = Probe::open(&buf[..n], &session.leg_key) else { continue };
@@ -369,12 +415,22 @@ async fn control(
                 services: entry.services.iter().cloned().collect(),
                 table: Mutex::new(StreamTable::new(shared.config.max_streams_per_session)),
                 streams: Mutex::new(HashMap::new()),
+                incoming: Mutex::new(HashMap::new()),
                 control: Mutex::new(None),
                 last_heard: Mutex::new(Instant::now()),
                 recent_resets: Mutex::new(VecDeque::new()),
                 finished: Mutex::new(Tombstones::default()),
                 to_session,
                 released: shared.shutdown.child_token(),
+                udp: crate::udp::SessionUdp::new(
+                    &shared.config,
+                    &client_id,
+                    &entry.services,
+                    session_id,
+                    keys.leg_key(),
+                    shared.stats.udp.clone(),
+                    shared.tasks.clone(),
+                ),
             });
             let admitted = {
                 let mut sessions = lock(&shared.sessions);
@@ -391,6 +447,7 @@ async fn control(
             shared.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
             info!(%peer, client = %client_id, session = %sid(session_id), "session up");
             shared.tasks.spawn(session_task(shared.clone(), session.clone(), from_streams));
+            session.udp.start(session.released.clone());
             session
         }
     };
@@ -404,6 +461,7 @@ async fn control(
     if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone() }) {
         old.close.cancel();
     }
+    session.udp.attach(tx.clone());
     *lock(&session.last_heard) = Instant::now();
     // What the client may have missed while detached: half-closes, resets, acks.
     for s in lock(&session.streams).values() {
@@ -415,6 +473,11 @@ async fn control(
     }
     for (stream, code) in lock(&session.recent_resets).iter() {
         cipher.seal(&Message::StreamReset { stream: *stream, code: *code }, &mut out);
+    }
+    // Connections to client services the client has not dialed a leg for
+    // (it may never have heard of them while detached).
+    for (stream, service) in lock(&session.incoming).iter() {
+        cipher.seal(&Message::Incoming { stream: *stream, service: service.clone() }, &mut out);
     }
     for m in lock(&session.finished).messages() {
         cipher.seal(&m, &mut out);
@@ -436,6 +499,14 @@ async fn control(
                     Err(e) => break Err(e.into()),
                 };
                 *lock(&session.last_heard) = Instant::now();
+                if let Message::Expose { services } = msg {
+                    let reply = expose::on_expose(shared, &session, services).await;
+                    cipher.seal(&reply, &mut out);
+                    if let Err(e) = w.write_all(&out).await {
+                        break Err(e.into());
+                    }
+                    continue;
+                }
                 match on_control(shared, &session, msg, &mut cipher, &mut out) {
                     Ok(true) => {
                         let _ = w.write_all(&out).await;
@@ -489,11 +560,16 @@ fn on_control(
             }
         }
         Message::StreamReset { stream, code } => {
-            debug!(session = %sid(session.id), %stream, ?code, "stream reset by client");
+            if code == ResetCode::Refused {
+                info!(client = %session.client_id, %stream, "client service connection refused by the client agent (its target is unreachable)");
+            } else {
+                debug!(session = %sid(session.id), %stream, ?code, "stream reset by client");
+            }
             if let Some(s) = lock(&session.streams).get(&stream) {
                 s.abort.cancel();
             }
         }
+        m @ (Message::FlowOpen { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
             release(shared, session, "client disconnected");
@@ -598,16 +674,37 @@ fn release(shared: &Shared, session: &Session, why: &str) {
     if lock(&shared.sessions).remove(&session.id).is_some() {
         debug!(session = %sid(session.id), "releasing session: {why}");
     }
+    expose::on_release(shared, session);
     session.released.cancel();
+}
+
+/// A stream's relay ended: remember a finished one for a client that missed
+/// its end, and forget it.
+fn stream_ended(session: &Session, s: &StreamShared, end: StreamEnd) {
+    let stream_id = s.id;
+    if matches!(end, StreamEnd::Finished) {
+        lock(&session.finished).push(s.tombstone());
+    }
+    lock(&session.streams).remove(&stream_id);
+    lock(&session.incoming).remove(&stream_id);
+    lock(&session.table).close(stream_id);
+    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
+    if s.compression != baton_proto::Compression::None {
+        info!(stream = %stream_id, ratio = format!("{:.2}", s.compression_ratio()), wire = s.wire_bytes(), "compressed stream ended");
+    }
+    match end {
+        StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
+        other => info!(stream = %stream_id, up, down, "stream closed: {other}"),
+    }
 }
 
 async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
     let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut leg))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (session_id, stream_id, generation, received, service) = match frame.decode()? {
-        Message::LegOpen { session_id, stream, generation, received, service } => {
-            (session_id, stream, generation, received, service)
+    let (session_id, stream_id, generation, received, service, handover, compression) = match frame.decode()? {
+        Message::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
+            (session_id, stream, generation, received, service, handover, compression)
         }
         other => return Err(ConnError::Unexpected(other.ty())),
     };
@@ -644,13 +741,18 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         return Ok(());
     }
     let admitted = lock(&session.table).admit(stream_id, generation);
-    if let Err(e) = admitted {
-        leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
-        return Ok(());
-    }
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(e) => {
+            leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
+            return Ok(());
+        }
+    };
     let _ = baton_os::tune_relay(&leg);
-    if generation > 0 {
-        // A new leg for a live stream: resume both directions.
+    if admission == Admission::Resume {
+        // A new leg for a live stream: resume both directions. (The first
+        // leg of a client service's stream too: the server's bytes wait in
+        // the replay buffer from offset 0.)
         let Some(s) = lock(&session.streams).get(&stream_id).cloned() else {
             leg.write_all(&refused(RefuseReason::BadStream, "stream already ended".into())).await?;
             return Ok(());
@@ -658,19 +760,25 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         let have = Offset(s.delivered.load(Ordering::Acquire));
         leg.write_all(&reply(Ok(have), String::new())).await?;
         s.generation.store(generation, Ordering::Relaxed);
-        s.attach_leg(leg, have, received, session.released.child_token());
-        shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
+        let start = if handover { LegStart::Continue } else { LegStart::Rewind };
+        s.attach_leg(leg, received, start, session.released.child_token());
+        if lock(&session.incoming).remove(&stream_id).is_none() {
+            shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
+        }
         debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
         return Ok(());
     }
-    if !session.services.contains(&service) || !shared.config.services.contains_key(&service) {
+    let tcp = shared.config.services.get(&service).is_some_and(|s| s.protocol == crate::config::Protocol::Tcp);
+    if !session.services.contains(&service) || !tcp {
         lock(&session.table).close(stream_id);
         leg.write_all(&refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"))).await?;
         return Ok(());
     }
     // The stream is registered before the target is reached, so that what
     // the client sends about it meanwhile (a half-close) is not lost.
-    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer };
+    // The client chooses the stream's compression when it opens; resumed
+    // legs keep it.
+    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer, compression };
     let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
     lock(&session.streams).insert(stream_id, s.clone());
     let target = &shared.config.services[&service].target;
@@ -697,17 +805,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %stream_id, service = %service, "stream open");
 
-    s.attach_leg(leg, Offset(0), received, session.released.child_token());
+    s.attach_leg(leg, received, LegStart::Rewind, session.released.child_token());
     let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
-    if matches!(end, StreamEnd::Finished) {
-        lock(&session.finished).push(s.tombstone());
-    }
-    lock(&session.streams).remove(&stream_id);
-    lock(&session.table).close(stream_id);
-    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
-    match end {
-        StreamEnd::Finished => debug!(stream = %stream_id, up, down, "stream finished"),
-        other => info!(stream = %stream_id, up, down, "stream closed: {other}"),
-    }
+    stream_ended(&session, &s, end);
     Ok(())
 }

@@ -3,12 +3,14 @@
 
 pub mod admin;
 pub mod client;
+mod codec;
 pub mod config;
 pub mod decide;
 mod frame;
 pub mod gateway;
 pub mod path;
 pub mod stream;
+pub mod udp;
 mod util;
 pub mod verify;
 

@@ -6,15 +6,19 @@
 //! never blocks the other:
 //!
 //! - **outbound** reads the local connection into the replay buffer and
-//!   writes to the current leg from the offset the peer asked for; the
-//!   peer's acknowledgements trim the buffer. When the buffer is full it
-//!   stops reading (backpressure).
+//!   writes to the current leg; the peer's acknowledgements trim the
+//!   buffer. When the buffer is full it stops reading (backpressure). Each
+//!   leg starts with the offset of its first byte. After a failure a new leg
+//!   rewinds to the offset the peer reported; in a planned switch (the old
+//!   leg is still good) it goes on where the old leg stopped, so nothing in
+//!   flight is sent twice and the new path, still in slow start, carries
+//!   only new bytes.
 //! - **inbound** reads the current leg and writes to the local connection,
-//!   skipping bytes it already delivered (a new leg resumes from the offset
-//!   this end reported, which may be behind what the old leg delivered
-//!   meanwhile). While a new leg is being set up it keeps reading the old
-//!   one, so a planned switch costs no stall; the first bytes on the new
-//!   leg retire the old one.
+//!   skipping bytes it already delivered (a rewound leg starts behind what
+//!   the old leg delivered meanwhile). A new leg that starts ahead is held
+//!   while the old one is drained up to its start; if the old leg breaks
+//!   first, or stops moving, a rewound leg is asked for instead. So a
+//!   planned switch costs no stall and no byte is skipped.
 //!
 //! The end of a direction travels on the control connection (StreamFin) and
 //! not as a FIN on the leg, so a leg closed because it was replaced is never
@@ -25,13 +29,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_proto::{Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
+use baton_proto::wire::LEG_START_LEN;
+use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{Compressor, Decompressor};
 use crate::util::lock;
 
 /// Bytes read from a socket at a time.
@@ -42,20 +48,24 @@ const CHUNK: usize = 256 * 1024;
 pub struct StreamLimits {
     /// Most unconfirmed bytes held per direction (replay buffer size).
     pub replay_buffer: usize,
+    /// How the stream's bytes travel on its legs.
+    pub compression: Compression,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { replay_buffer: 8 << 20 }
+        Self { replay_buffer: 8 << 20, compression: Compression::None }
     }
 }
 
 /// Events for the outbound task.
 #[derive(Debug)]
 pub(crate) enum OutEvent {
-    /// A new leg; write to it from this offset (what the peer has). The
-    /// token fires when the leg's path is cut.
-    Leg(OwnedWriteHalf, Offset, CancellationToken),
+    /// A new leg; the peer has everything before the offset. The token
+    /// fires when the leg's path is cut. With `LegStart::Continue` the
+    /// writer goes on from where the old leg stopped if that leg is still
+    /// good; with `Rewind` it starts at the offset.
+    Leg(OwnedWriteHalf, Offset, CancellationToken, LegStart),
     /// The peer delivered everything before this offset.
     Ack(Offset),
 }
@@ -63,11 +73,22 @@ pub(crate) enum OutEvent {
 /// Events for the inbound task.
 #[derive(Debug)]
 pub(crate) enum InEvent {
-    /// A new leg whose first byte is at this offset. The token fires when
-    /// the leg's path is cut.
-    Leg(OwnedReadHalf, Offset, CancellationToken),
+    /// A new leg; its first bytes say the offset it starts at. The token
+    /// fires when the leg's path is cut.
+    Leg(OwnedReadHalf, CancellationToken),
     /// The peer's application finished writing at this offset.
     Fin(Offset),
+}
+
+/// Where a new leg's writer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LegStart {
+    /// At the offset the peer reported: after a failure, whatever was in
+    /// flight on the old leg may be lost.
+    Rewind,
+    /// Where the old leg stopped, if it is still good (a planned switch):
+    /// the peer drains the old leg up to there.
+    Continue,
 }
 
 /// What a stream asks of its session.
@@ -104,6 +125,14 @@ pub(crate) struct StreamShared {
     pub(crate) peer_acked: AtomicU64,
     /// Bytes sent a second time on a new leg.
     pub(crate) resent: AtomicU64,
+    /// How the stream's bytes travel on its legs.
+    pub(crate) compression: Compression,
+    /// The application's bytes put on legs and read from them (resent ones
+    /// included), and what they took on the wire: the compression ratio.
+    pub(crate) plain_out: AtomicU64,
+    pub(crate) wire_out: AtomicU64,
+    pub(crate) plain_in: AtomicU64,
+    pub(crate) wire_in: AtomicU64,
     /// Where the local connection finished writing, once it has.
     pub(crate) fin_at: Mutex<Option<Offset>>,
     /// Generation of the current leg.
@@ -135,6 +164,11 @@ impl StreamShared {
             taken: AtomicU64::new(0),
             peer_acked: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            compression: limits.compression,
+            plain_out: AtomicU64::new(0),
+            wire_out: AtomicU64::new(0),
+            plain_in: AtomicU64::new(0),
+            wire_in: AtomicU64::new(0),
             fin_at: Mutex::new(None),
             generation: AtomicU32::new(0),
             stall: Mutex::new(StallWatch { since: None, last: None, longest: Duration::ZERO }),
@@ -148,13 +182,14 @@ impl StreamShared {
         (shared, StreamInbox { out_rx, in_rx })
     }
 
-    /// Hands a new leg to the stream: the inbound side reads from it from
-    /// `in_from`, the outbound side writes to it from `out_from`.
-    pub(crate) fn attach_leg(&self, leg: TcpStream, in_from: Offset, out_from: Offset, cut: CancellationToken) {
+    /// Hands a new leg to the stream: the peer has this end's bytes up to
+    /// `peer_has`; `start` says whether the writer may go on where the old
+    /// leg stopped.
+    pub(crate) fn attach_leg(&self, leg: TcpStream, peer_has: Offset, start: LegStart, cut: CancellationToken) {
         let (r, w) = leg.into_split();
         // If the tasks are gone the stream is over; the leg just closes.
-        let _ = self.in_tx.send(InEvent::Leg(r, in_from, cut.clone()));
-        let _ = self.out_tx.send(OutEvent::Leg(w, out_from, cut));
+        let _ = self.in_tx.send(InEvent::Leg(r, cut.clone()));
+        let _ = self.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
     }
 
     /// Starts measuring the longest delivery pause (at a switch).
@@ -278,6 +313,20 @@ impl AckBatch {
 }
 
 impl StreamShared {
+    /// Bytes on the legs, both directions.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.wire_out.load(Ordering::Relaxed) + self.wire_in.load(Ordering::Relaxed)
+    }
+
+    /// The application's bytes per byte on the legs, both directions.
+    pub(crate) fn compression_ratio(&self) -> f64 {
+        let plain = self.plain_out.load(Ordering::Relaxed) + self.plain_in.load(Ordering::Relaxed);
+        match self.wire_bytes() {
+            0 => 1.0,
+            wire => plain as f64 / wire as f64,
+        }
+    }
+
     pub(crate) fn tombstone(&self) -> Tombstone {
         Tombstone { id: self.id, delivered: Offset(self.delivered.load(Ordering::Acquire)), fin_at: *lock(&self.fin_at) }
     }
@@ -362,6 +411,50 @@ pub(crate) async fn run(
     }
 }
 
+/// The writing half of a leg and where its writer stands.
+struct OutLeg {
+    w: OwnedWriteHalf,
+    /// Offset of the next byte to write.
+    at: Offset,
+    cut: CancellationToken,
+    /// The start offset that opens the leg, and how much of it is written.
+    head: [u8; LEG_START_LEN],
+    head_sent: usize,
+    /// For a compressed stream: the compressor, and the offset of the first
+    /// byte of the chunk whose compressed form is still being written.
+    zip: Option<(Compressor, Offset)>,
+}
+
+impl OutLeg {
+    fn new(w: OwnedWriteHalf, at: Offset, cut: CancellationToken, compression: Compression) -> io::Result<Self> {
+        let zip = match compression {
+            Compression::None => None,
+            Compression::Zstd => Some((Compressor::new()?, at)),
+        };
+        Ok(Self { w, at, cut, head: at.0.to_be_bytes(), head_sent: 0, zip })
+    }
+
+    /// Whether the peer can have read all this leg carried so far: it
+    /// started properly and its path is not cut.
+    fn is_good(&self) -> bool {
+        self.head_sent == LEG_START_LEN && !self.cut.is_cancelled()
+    }
+
+    /// Where a successor leg may go on: the peer decodes whole chunks only,
+    /// so a chunk not completely written counts as not sent.
+    fn resume_point(&self) -> Offset {
+        match &self.zip {
+            Some((z, start)) if !z.pending().is_empty() => *start,
+            _ => self.at,
+        }
+    }
+
+    /// Whether there is something to write with `end` the buffer's end.
+    fn wants_write(&self, end: Offset) -> bool {
+        self.head_sent < LEG_START_LEN || self.at < end || self.zip.as_ref().is_some_and(|(z, _)| !z.pending().is_empty())
+    }
+}
+
 async fn outbound(
     mut local: ReadHalf<'_>,
     mut events: mpsc::UnboundedReceiver<OutEvent>,
@@ -371,7 +464,7 @@ async fn outbound(
 ) -> Result<(), DirError> {
     let mut buf = ReplayBuffer::new(limits.replay_buffer);
     let mut chunk = vec![0u8; CHUNK.min(limits.replay_buffer)];
-    let mut leg: Option<(OwnedWriteHalf, Offset, CancellationToken)> = None;
+    let mut leg: Option<OutLeg> = None;
     let mut had_leg = false;
     let mut eof = false;
     loop {
@@ -379,7 +472,7 @@ async fn outbound(
             return Ok(());
         }
         let room = buf.free().min(chunk.len());
-        let want_write = matches!(&leg, Some((_, at, _)) if *at < buf.end());
+        let want_write = leg.as_ref().is_some_and(|l| l.wants_write(buf.end()));
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -389,23 +482,32 @@ async fn outbound(
                     buf.ack(upto).map_err(DirError::Unrecoverable)?;
                     shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
                 }
-                Some(OutEvent::Leg(w, from, cut)) => {
-                    // `from` may lie before the buffer's start: an ack sent
-                    // after the peer chose `from` can overtake the new leg's
-                    // reply. Those bytes were delivered, so the peer discards
-                    // whatever comes at their offsets; past the end is a bug.
-                    if from > buf.end() {
-                        return Err(DirError::Unrecoverable(ReplayError::BeyondEnd(from.0, buf.end().0)));
+                Some(OutEvent::Leg(w, peer_has, cut, start)) => {
+                    // `peer_has` may lie before the buffer's start: an ack
+                    // sent after the peer chose it can overtake the new
+                    // leg's reply. Those bytes were delivered, so the peer
+                    // discards whatever comes at their offsets; past the
+                    // end is a bug.
+                    if peer_has > buf.end() {
+                        return Err(DirError::Unrecoverable(ReplayError::BeyondEnd(peer_has.0, buf.end().0)));
                     }
-                    if let Some((_, was_at, _)) = &leg {
-                        if *was_at > from {
-                            shared.resent.fetch_add(was_at.0 - from.0, Ordering::Relaxed);
+                    let _ = buf.ack(peer_has);
+                    shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
+                    let from = match (&leg, start) {
+                        // Everything written to a good old leg reaches the
+                        // peer before that leg's end, so the new one goes on
+                        // from there.
+                        (Some(old), LegStart::Continue) if old.is_good() => old.resume_point().max(peer_has),
+                        _ => peer_has,
+                    };
+                    if let Some(old) = &leg {
+                        if old.at > from {
+                            shared.resent.fetch_add(old.at.0 - from.0, Ordering::Relaxed);
                         }
                     }
-                    // The peer has everything before `from`.
-                    let _ = buf.ack(from);
-                    shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
-                    leg = Some((w, from, cut));
+                    // Dropping the old writer ends that leg after the bytes
+                    // already handed to it: the peer drains it up to `from`.
+                    leg = Some(OutLeg::new(w, from, cut, shared.compression).map_err(DirError::Local)?);
                     if !had_leg && eof {
                         let offset = buf.end();
                         let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset }));
@@ -413,7 +515,7 @@ async fn outbound(
                     had_leg = true;
                 }
             },
-            r = write_leg(&mut leg, &buf), if want_write => {
+            r = write_leg(&mut leg, &buf, shared), if want_write => {
                 if let Err(_e) = r {
                     leg = None;
                     let _ = to_session.send(ToSession::LegLost(shared.id));
@@ -445,23 +547,93 @@ async fn outbound(
 /// (see [`OutEvent::Leg`]): the peer skips offsets it already delivered.
 static FILLER: [u8; 16 * 1024] = [0; 16 * 1024];
 
-async fn write_leg(leg: &mut Option<(OwnedWriteHalf, Offset, CancellationToken)>, buf: &ReplayBuffer) -> io::Result<()> {
-    let Some((w, at, cut)) = leg else { return std::future::pending().await };
-    let bytes = if *at < buf.start() {
-        &FILLER[..FILLER.len().min((buf.start().0 - at.0) as usize)]
+/// One write to the leg: the rest of its start offset, or bytes. Each call
+/// makes at most one write, so dropping it in a `select!` loses nothing.
+async fn write_leg(leg: &mut Option<OutLeg>, buf: &ReplayBuffer, shared: &StreamShared) -> io::Result<()> {
+    let Some(l) = leg else { return std::future::pending().await };
+    let head = l.head_sent < LEG_START_LEN;
+    if !head {
+        if let Some((z, chunk_at)) = &mut l.zip {
+            if z.pending().is_empty() {
+                // The next chunk, compressed and flushed whole; `at` moves
+                // past it now, `resume_point` still says where it began.
+                let plain = plain_from(l.at, buf)?;
+                let plain = &plain[..plain.len().min(crate::codec::MAX_INPUT)];
+                z.compress(plain)?;
+                *chunk_at = l.at;
+                l.at = l.at.advance(plain.len());
+                shared.plain_out.fetch_add(plain.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    let bytes = if head {
+        &l.head[l.head_sent..]
+    } else if let Some((z, _)) = &l.zip {
+        z.pending()
     } else {
-        buf.bytes_from(*at).map_err(|e| io::Error::other(e.to_string()))?
+        plain_from(l.at, buf)?
     };
     let n = tokio::select! {
-        r = w.write(bytes) => r?,
-        _ = cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
+        r = l.w.write(bytes) => r?,
+        _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
     };
     if n == 0 {
         return Err(io::ErrorKind::WriteZero.into());
     }
-    *at = at.advance(n);
+    if head {
+        l.head_sent += n;
+        return Ok(());
+    }
+    shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
+    match &mut l.zip {
+        Some((z, _)) => z.consume(n),
+        None => {
+            l.at = l.at.advance(n);
+            shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
     Ok(())
 }
+
+/// The bytes to send from `at`: filler for what the peer already confirmed.
+fn plain_from(at: Offset, buf: &ReplayBuffer) -> io::Result<&[u8]> {
+    if at < buf.start() {
+        Ok(&FILLER[..FILLER.len().min((buf.start().0 - at.0) as usize)])
+    } else {
+        buf.bytes_from(at).map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+/// The reading half of a leg and where its reader stands.
+struct InLeg {
+    r: OwnedReadHalf,
+    cut: CancellationToken,
+    head: [u8; LEG_START_LEN],
+    head_read: usize,
+    /// Offset of the next byte to read, once the start offset is read.
+    at: u64,
+    /// For a compressed stream: the decompressor, and compressed bytes read
+    /// but not consumed yet (kept between reads).
+    unzip: Option<(Decompressor, Vec<u8>)>,
+}
+
+impl InLeg {
+    fn new(r: OwnedReadHalf, cut: CancellationToken, compression: Compression) -> io::Result<Self> {
+        let unzip = match compression {
+            Compression::None => None,
+            Compression::Zstd => Some((Decompressor::new()?, Vec::new())),
+        };
+        Ok(Self { r, cut, head: [0; LEG_START_LEN], head_read: 0, at: 0, unzip })
+    }
+
+    /// The offset this leg's next byte belongs at, once known.
+    fn next_offset(&self) -> Option<u64> {
+        (self.head_read == LEG_START_LEN).then_some(self.at)
+    }
+}
+
+/// Time a drained old leg may stay silent while a new leg waits for it.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 async fn inbound(
     mut local: WriteHalf<'_>,
@@ -471,14 +643,17 @@ async fn inbound(
 ) -> Result<(), DirError> {
     let mut delivered = 0u64;
     let mut fin: Option<u64> = None;
-    let mut leg: Option<(OwnedReadHalf, u64, CancellationToken)> = None;
-    let mut next: Option<(OwnedReadHalf, u64, CancellationToken)> = None;
+    // The leg being read, and a newer one that takes over from it.
+    let mut leg: Option<InLeg> = None;
+    let mut next: Option<InLeg> = None;
     let mut buf = vec![0u8; CHUNK];
     let mut buf2 = vec![0u8; 64 * 1024];
     // A leg that ends cleanly was closed by the peer: replaced (a new one is
     // on its way) or because the peer's side finished (the half-close is on
     // its way). Only if nothing comes within the grace is a new leg asked for.
     let mut lost_at: Option<tokio::time::Instant> = None;
+    // Set while a new leg waits for the old one to reach its start.
+    let mut drain_by: Option<tokio::time::Instant> = None;
     loop {
         if fin == Some(delivered) {
             local.shutdown().await.map_err(DirError::Local)?;
@@ -489,6 +664,10 @@ async fn inbound(
             let _ = to_session.send(ToSession::Control(ack));
             return Ok(());
         }
+        // A leg that starts beyond what was delivered is read only once the
+        // gap is filled: its bytes could not be delivered yet.
+        let ready = |l: &Option<InLeg>| l.as_ref().is_some_and(|l| l.next_offset().is_none_or(|at| at <= delivered));
+        let (leg_ready, next_ready) = (ready(&leg), ready(&next));
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -499,55 +678,93 @@ async fn inbound(
                     }
                     fin = Some(at.0);
                 }
-                Some(InEvent::Leg(r, from, cut)) => {
-                    if from.0 > delivered {
-                        return Err(DirError::Unrecoverable(ReplayError::Missing(delivered, from.0)));
-                    }
+                Some(InEvent::Leg(r, cut)) => {
+                    let l = InLeg::new(r, cut, shared.compression).map_err(DirError::Local)?;
                     if leg.is_some() {
-                        next = Some((r, from.0, cut));
+                        next = Some(l);
+                        drain_by = None;
                     } else {
-                        leg = Some((r, from.0, cut));
+                        leg = Some(l);
                     }
                 }
             },
-            r = read_leg(&mut next, &mut buf2) => match r {
+            r = read_leg(&mut next, &mut buf2, shared), if next_ready => match r {
+                Ok(0) => {
+                    // The start offset is in. Ahead of the delivered bytes,
+                    // it waits for the old leg to bring the ones between.
+                    if next.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered) {
+                        drain_by = Some(tokio::time::Instant::now() + DRAIN_IDLE);
+                    }
+                }
                 Ok(n) => {
-                    // Both legs carry the same bytes at the same offsets; the
-                    // new one starts a little behind (where this side stood
-                    // when it opened). Until it brings bytes the old one has
-                    // not, both are read, so the old path keeps the
-                    // application fed; then the new leg takes over.
-                    if let Some((_, at, _)) = &mut next {
-                        let start = *at;
-                        *at += n as u64;
+                    // Both legs carry the same bytes at the same offsets; a
+                    // rewound one starts a little behind. Until it brings
+                    // bytes the old one has not, both are read, so the old
+                    // path keeps the application fed; then the new leg
+                    // takes over.
+                    if let Some(l) = &mut next {
+                        let start = l.at;
+                        l.at += n as u64;
                         let before = delivered;
                         delivered = deliver(&mut local, &buf2[..n], start, delivered, shared, to_session).await?;
                         if delivered > before {
                             leg = next.take();
+                            drain_by = None;
                         }
                     }
                 }
-                Err(_) => next = None,
+                Err(_) => {
+                    next = None;
+                    drain_by = None;
+                }
             },
-            r = read_leg(&mut leg, &mut buf) => match r {
+            r = read_leg(&mut leg, &mut buf, shared), if leg_ready => match r {
+                Ok(0) => {
+                    if leg.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered) {
+                        // The only leg starts past a gap (the peer went on
+                        // from an old leg this end lost): ask for a rewound one.
+                        leg = None;
+                        let _ = to_session.send(ToSession::LegLost(shared.id));
+                    }
+                }
                 Ok(n) => {
-                    if let Some((_, at, _)) = &mut leg {
-                        let start = *at;
-                        *at += n as u64;
+                    if let Some(l) = &mut leg {
+                        let start = l.at;
+                        l.at += n as u64;
                         delivered = deliver(&mut local, &buf[..n], start, delivered, shared, to_session).await?;
+                    }
+                    if drain_by.is_some() {
+                        drain_by = Some(tokio::time::Instant::now() + DRAIN_IDLE);
                     }
                 }
                 Err(e) => {
-                    leg = next.take();
-                    if leg.is_none() && fin != Some(delivered) {
-                        if e.kind() == io::ErrorKind::UnexpectedEof {
-                            lost_at = Some(tokio::time::Instant::now() + LEG_EOF_GRACE);
-                        } else {
-                            let _ = to_session.send(ToSession::LegLost(shared.id));
+                    drain_by = None;
+                    let gap = next.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered);
+                    if gap {
+                        // The old leg ended before the new one's start: the
+                        // bytes between are only in the peer's replay buffer.
+                        next = None;
+                        leg = None;
+                        let _ = to_session.send(ToSession::LegLost(shared.id));
+                    } else {
+                        leg = next.take();
+                        if leg.is_none() && fin != Some(delivered) {
+                            if e.kind() == io::ErrorKind::UnexpectedEof {
+                                lost_at = Some(tokio::time::Instant::now() + LEG_EOF_GRACE);
+                            } else {
+                                let _ = to_session.send(ToSession::LegLost(shared.id));
+                            }
                         }
                     }
                 }
             },
+            _ = sleep_until_opt(drain_by) => {
+                // The old leg stopped moving short of the new leg's start.
+                drain_by = None;
+                leg = None;
+                next = None;
+                let _ = to_session.send(ToSession::LegLost(shared.id));
+            }
             _ = sleep_until_opt(lost_at) => {
                 lost_at = None;
                 if leg.is_none() && fin != Some(delivered) {
@@ -568,17 +785,55 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Reads from the leg if there is one (EOF is an error: a leg only ends
-/// because it is replaced or broken).
-async fn read_leg(leg: &mut Option<(OwnedReadHalf, u64, CancellationToken)>, buf: &mut [u8]) -> io::Result<usize> {
-    let Some((r, _, cut)) = leg else { return std::future::pending().await };
-    let n = tokio::select! {
-        r = r.read(buf) => r?,
-        _ = cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
-    };
-    match n {
-        0 => Err(io::ErrorKind::UnexpectedEof.into()),
-        n => Ok(n),
+/// Compressed bytes a leg may hold undecoded: far more than one flushed
+/// chunk needs, so only a hostile or broken peer reaches it.
+const MAX_UNDECODED: usize = 1 << 20;
+
+/// One read from the leg: part of its start offset (returns 0) or the
+/// application's bytes (decompressed if the stream is). EOF is an error: a
+/// leg only ends because it is replaced or broken. Cancel-safe: state lives
+/// in the leg, `buf` is scratch.
+async fn read_leg(leg: &mut Option<InLeg>, buf: &mut [u8], shared: &StreamShared) -> io::Result<usize> {
+    let Some(l) = leg else { return std::future::pending().await };
+    loop {
+        let head = l.head_read < LEG_START_LEN;
+        if !head {
+            if let Some((d, pending)) = &mut l.unzip {
+                // Decode what is held first: a read may carry more than fits.
+                let (used, made) = d.decompress(pending, buf)?;
+                pending.drain(..used);
+                if made > 0 {
+                    shared.plain_in.fetch_add(made as u64, Ordering::Relaxed);
+                    return Ok(made);
+                }
+                if pending.len() > MAX_UNDECODED {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "compressed data does not decode"));
+                }
+            }
+        }
+        let into = if head { &mut l.head[l.head_read..] } else { &mut buf[..] };
+        let n = tokio::select! {
+            r = l.r.read(into) => r?,
+            _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if head {
+            l.head_read += n;
+            if l.head_read == LEG_START_LEN {
+                l.at = u64::from_be_bytes(l.head);
+            }
+            return Ok(0);
+        }
+        shared.wire_in.fetch_add(n as u64, Ordering::Relaxed);
+        match &mut l.unzip {
+            Some((_, pending)) => pending.extend_from_slice(&buf[..n]),
+            None => {
+                shared.plain_in.fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(n);
+            }
+        }
     }
 }
 
@@ -604,4 +859,177 @@ async fn deliver(
     local.write_all(&data[skip..]).await.map_err(DirError::Local)?;
     shared.on_delivered(Instant::now(), to_session, end);
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Two ends of a loopback TCP connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn pattern(from: u64, to: u64) -> Vec<u8> {
+        (from..to).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// A stream whose peer is played by hand: returns the application's
+    /// end, the stream, what the stream asks of its session, and the task.
+    async fn receiver() -> (
+        TcpStream,
+        Arc<StreamShared>,
+        mpsc::UnboundedReceiver<ToSession>,
+        tokio::task::JoinHandle<StreamEnd>,
+    ) {
+        let (app, local) = pair().await;
+        let limits = StreamLimits { replay_buffer: 1 << 20, compression: Compression::None };
+        let (shared, inbox) = StreamShared::new(StreamId(1), limits, CancellationToken::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(local, shared.clone(), inbox, limits, tx));
+        (app, shared, rx, task)
+    }
+
+    /// Attaches a leg and returns the peer's end of it.
+    async fn leg(s: &StreamShared) -> TcpStream {
+        let (mine, peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        peer
+    }
+
+    async fn send(leg: &mut TcpStream, start: u64, upto: u64) {
+        leg.write_all(&start.to_be_bytes()).await.unwrap();
+        leg.write_all(&pattern(start, upto)).await.unwrap();
+    }
+
+    async fn read_exact(app: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got)).await.unwrap().unwrap();
+        got
+    }
+
+    async fn leg_lost(rx: &mut mpsc::UnboundedReceiver<ToSession>) -> bool {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Some(ToSession::LegLost(_)) => return true,
+                    Some(_) => {}
+                    None => return false,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), wait).await.unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn a_leg_that_starts_ahead_waits_until_the_old_leg_is_drained() {
+        let (mut app, s, mut rx, _task) = receiver().await;
+        let mut old = leg(&s).await;
+        send(&mut old, 0, 1000).await;
+        assert_eq!(read_exact(&mut app, 1000).await, pattern(0, 1000));
+        // The peer goes on at 1500 on the new leg before the old one has
+        // brought 1000..1500: the new leg's bytes must wait.
+        let mut new = leg(&s).await;
+        send(&mut new, 1500, 3000).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        old.write_all(&pattern(1000, 1500)).await.unwrap();
+        drop(old);
+        assert_eq!(read_exact(&mut app, 2000).await, pattern(1000, 3000));
+        assert!(rx.try_recv().map_or(true, |m| !matches!(m, ToSession::LegLost(_))));
+        assert_eq!(s.delivered.load(Ordering::Acquire), 3000);
+    }
+
+    #[tokio::test]
+    async fn an_old_leg_that_breaks_short_of_the_new_start_asks_for_a_rewound_leg() {
+        let (mut app, s, mut rx, _task) = receiver().await;
+        let mut old = leg(&s).await;
+        send(&mut old, 0, 1000).await;
+        assert_eq!(read_exact(&mut app, 1000).await, pattern(0, 1000));
+        let mut new = leg(&s).await;
+        send(&mut new, 1500, 3000).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // 1200..1500 never arrive on the old leg.
+        old.write_all(&pattern(1000, 1200)).await.unwrap();
+        drop(old);
+        assert!(leg_lost(&mut rx).await, "the gap must be refilled by a rewound leg");
+        assert_eq!(read_exact(&mut app, 200).await, pattern(1000, 1200));
+        // The rewound leg starts at what was delivered; nothing skipped, nothing doubled.
+        let mut again = leg(&s).await;
+        send(&mut again, 1200, 4000).await;
+        assert_eq!(read_exact(&mut app, 2800).await, pattern(1200, 4000));
+    }
+
+    #[tokio::test]
+    async fn an_old_leg_that_stops_moving_is_given_up_after_the_drain_time() {
+        let (mut app, s, mut rx, _task) = receiver().await;
+        let mut old = leg(&s).await;
+        send(&mut old, 0, 500).await;
+        assert_eq!(read_exact(&mut app, 500).await, pattern(0, 500));
+        let mut new = leg(&s).await;
+        send(&mut new, 900, 1000).await;
+        // The old leg stays open but silent (a black-holed path).
+        let started = Instant::now();
+        assert!(leg_lost(&mut rx).await);
+        assert!(started.elapsed() >= DRAIN_IDLE - Duration::from_millis(50), "gave up after {:?}", started.elapsed());
+        let mut again = leg(&s).await;
+        send(&mut again, 500, 1000).await;
+        assert_eq!(read_exact(&mut app, 500).await, pattern(500, 1000));
+        drop(old);
+    }
+
+    #[tokio::test]
+    async fn a_rewound_leg_is_read_alongside_the_old_one_and_skips_what_was_delivered() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let mut old = leg(&s).await;
+        send(&mut old, 0, 800).await;
+        assert_eq!(read_exact(&mut app, 800).await, pattern(0, 800));
+        let mut new = leg(&s).await;
+        send(&mut new, 300, 2000).await;
+        assert_eq!(read_exact(&mut app, 1200).await, pattern(800, 2000));
+        drop(old);
+    }
+
+    /// The writer: after a planned switch it goes on where the old leg
+    /// stopped; after a failure it rewinds to what the peer has.
+    #[tokio::test]
+    async fn the_writer_continues_on_a_planned_switch_and_rewinds_otherwise() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let (mine, mut old) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        app.write_all(&pattern(0, 5000)).await.unwrap();
+        let mut got = vec![0; 8 + 5000];
+        old.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], &0u64.to_be_bytes());
+        assert_eq!(&got[8..], &pattern(0, 5000)[..]);
+
+        // Planned: the peer reports 3000 delivered, but the old leg is good
+        // and has carried up to 5000, so the new leg starts at 5000.
+        let (mine, mut planned) = pair().await;
+        s.attach_leg(mine, Offset(3000), LegStart::Continue, CancellationToken::new());
+        app.write_all(&pattern(5000, 6000)).await.unwrap();
+        let mut got = vec![0; 8 + 1000];
+        planned.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], &5000u64.to_be_bytes());
+        assert_eq!(&got[8..], &pattern(5000, 6000)[..]);
+        // The old leg is closed after what it carried.
+        let mut rest = Vec::new();
+        old.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(s.resent.load(Ordering::Relaxed), 0);
+
+        // After a failure: rewind to what the peer reports (4500).
+        let (mine, mut rewound) = pair().await;
+        s.attach_leg(mine, Offset(4500), LegStart::Rewind, CancellationToken::new());
+        let mut got = vec![0; 8 + 1500];
+        rewound.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], &4500u64.to_be_bytes());
+        assert_eq!(&got[8..], &pattern(4500, 6000)[..]);
+        assert_eq!(s.resent.load(Ordering::Relaxed), 1500);
+    }
 }

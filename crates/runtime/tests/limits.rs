@@ -79,6 +79,8 @@ async fn silent_session_is_released_with_its_streams() {
         generation: 0,
         received: baton_proto::Offset(0),
         service: "s".into(),
+        handover: false,
+        compression: baton_proto::Compression::None,
     };
     raw.keys.leg_key().seal_open(&open, &mut pre);
     tokio::io::AsyncWriteExt::write_all(&mut leg, &pre).await.unwrap();

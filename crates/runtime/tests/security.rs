@@ -170,7 +170,7 @@ async fn garbage_and_forgeries_close_only_that_connection() {
     //    is dropped.
     let mut leg = TcpStream::connect(gw_addr).await.unwrap();
     let mut pre = Preface::new(ConnKind::Leg).encode().to_vec();
-    let open = Message::LegOpen { session_id: live.id, stream: StreamId(0), generation: 1, received: Offset(0), service: String::new() };
+    let open = Message::LegOpen { session_id: live.id, stream: StreamId(0), generation: 1, received: Offset(0), service: String::new(), handover: false, compression: baton_proto::Compression::None };
     raw.keys.leg_key().seal_open(&open, &mut pre);
     leg.write_all(&pre).await.unwrap();
     assert!(closed_within(&mut leg, Duration::from_secs(2)).await);
@@ -178,7 +178,7 @@ async fn garbage_and_forgeries_close_only_that_connection() {
     // 5. A replay of a valid preamble of our own session (take-over attempt):
     //    the first open is accepted, the replay refused.
     let raw2 = raw_session(gw_addr, "b", &bed.key_b).await.unwrap();
-    let open = Message::LegOpen { session_id: raw2.session_id, stream: StreamId(0), generation: 0, received: Offset(0), service: "beta".into() };
+    let open = Message::LegOpen { session_id: raw2.session_id, stream: StreamId(0), generation: 0, received: Offset(0), service: "beta".into(), handover: false, compression: baton_proto::Compression::None };
     let mut pre = Preface::new(ConnKind::Leg).encode().to_vec();
     let open_tag = raw2.keys.leg_key().seal_open(&open, &mut pre);
     let mut first = TcpStream::connect(gw_addr).await.unwrap();

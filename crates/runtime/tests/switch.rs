@@ -242,3 +242,62 @@ async fn outage_within_the_switch_timeout_resumes_and_beyond_it_closes() {
     assert!(eventually(Duration::from_secs(5), || bed.gw.session_count() == 0).await, "gateway kept the session");
     bed.shutdown.cancel();
 }
+
+/// Bytes in flight on the old legs at a planned switch are not sent again:
+/// the new legs go on where the old ones stop, and the far side drains the
+/// old ones first. The server stalls so that megabytes sit in the old leg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_planned_switch_sends_nothing_twice() {
+    let shutdown = CancellationToken::new();
+    const TOTAL: usize = 16 << 20;
+    let pattern = |i: usize| (i * 31 % 253) as u8;
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = sink.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut got = Vec::with_capacity(TOTAL);
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got).await.unwrap();
+        got
+    });
+    let k = key();
+    let gw = gateway(
+        &format!("listen = [\"127.0.0.1:0\"]\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
+        &shutdown,
+    )
+    .await;
+    let toml = format!(
+        "id = \"m\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
+        gw.local_addrs()[0],
+        service("data")
+    );
+    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
+    client.wait_up("gw").await.unwrap();
+    let app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut app = app;
+        let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+        app.write_all(&data).await.unwrap();
+        app.shutdown().await.unwrap();
+        app
+    });
+    // Switch while the server is stalled and the old leg is full.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let in_flight = {
+        let s = &client.streams()[0];
+        s.sent - s.confirmed
+    };
+    let r = client.switch("b").await.unwrap();
+    assert_eq!(r[0].kind, SwitchKind::Planned);
+    let got = tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap();
+    let _app = writer.await.unwrap();
+    assert_eq!(got.len(), TOTAL);
+    assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i)), "bytes differ");
+    // The record settles after the new legs have run a while.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let rec = client.switches()[0].clone();
+    println!("unconfirmed at the switch: {in_flight} bytes; resent: {}", rec.bytes_resent);
+    assert!(in_flight > MIB, "the test needs bytes in flight at the switch: {in_flight}");
+    assert_eq!(rec.bytes_resent, 0, "{rec:?}");
+    shutdown.cancel();
+}

@@ -35,6 +35,9 @@ pub struct Options {
     pub gateway: &'static str,
     /// One-way delays of wlan and lte in ms (none by default).
     pub delays: Option<(u32, u32)>,
+    /// MOBILE as a connectivity box: the service listens on MOBILE's LAN
+    /// address and the application runs on the LAN host.
+    pub lan: bool,
 }
 
 /// A bed with a gateway, a verifying server and a client agent whose session is up.
@@ -49,6 +52,9 @@ pub struct Rig {
     server: tokio::task::JoinHandle<()>,
     reports: mpsc::UnboundedReceiver<io::Result<Report>>,
     pub started: Instant,
+    /// Where applications connect from, and to.
+    pub app_host: Host,
+    pub app_addr: SocketAddr,
     pub bed: Bed,
 }
 
@@ -71,6 +77,12 @@ impl Rig {
             bed.set_delay(Link::Wlan, wlan).expect("wlan delay");
             bed.set_delay(Link::Lte, lte).expect("lte delay");
         }
+        let (app_host, app_addr) = if opts.lan {
+            bed.add_lan().expect("LAN host");
+            (Host::Lan, SocketAddr::from((bed.box_lan_addr(), SERVICE_PORT)))
+        } else {
+            (Host::Mobile, SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT)))
+        };
         let dir = std::env::temp_dir().join(format!("baton-netns-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -122,7 +134,7 @@ impl Rig {
             format!(
                 "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n{}\n\
                  [gateways.gw]\naddresses = [\"{server_ip}:{GATEWAY_PORT}\"]\n\
-                 [services.data]\ngateway = \"gw\"\nlisten = \"127.0.0.1:{SERVICE_PORT}\"\n",
+                 [services.data]\ngateway = \"gw\"\nlisten = \"{app_addr}\"\n",
                 admin.display(),
                 opts.client
             ),
@@ -141,7 +153,7 @@ impl Rig {
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = spawn_daemon(&bed, Host::Mobile, "client", &client_file, &dir);
-        let mut rig = Rig { name: name.to_owned(), dir, admin, gateway, client, server, reports, started, bed };
+        let mut rig = Rig { name: name.to_owned(), dir, admin, gateway, client, server, reports, started, app_host, app_addr, bed };
         let st = rig
             .wait_status(Duration::from_secs(20), "the session up", |st| {
                 st["sessions"][0]["state"] == "up" && st["sessions"][0]["interface"] == "wlan"
@@ -211,10 +223,10 @@ impl Rig {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// Opens an application connection to the agent's service, from MOBILE.
+    /// Opens an application connection to the agent's service, from MOBILE
+    /// (or from the LAN host when MOBILE is a connectivity box).
     pub fn app_connect(&self) -> tokio::net::TcpStream {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT));
-        connect_in(&self.bed, Host::Mobile, addr)
+        connect_in(&self.bed, self.app_host, self.app_addr)
     }
 
     /// Starts a paced, bidirectional, verified exchange through baton: `bytes` each way at
