@@ -507,11 +507,12 @@ REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
 export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_WORKERS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-export MACHINE="$(nproc) cores, $(uname -sr)"
-export IPERF_VERSION="$(iperf3 --version 2>/dev/null | head -n 1)"
-export HAPROXY_VERSION="$("$HAPROXY" -v 2>/dev/null | head -n 1 | awk '{print $3}')"
-export SOCAT_VERSION="$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p')"
-export PEER_ORDER="${ORDER[*]}"
+MACHINE="$(nproc) cores, $(uname -sr)"
+IPERF_VERSION=$(iperf3 --version 2>/dev/null | head -n 1)
+HAPROXY_VERSION=$("$HAPROXY" -v 2>/dev/null | head -n 1 | awk '{print $3}')
+SOCAT_VERSION=$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p')
+PEER_ORDER="${ORDER[*]}"
+export MACHINE IPERF_VERSION HAPROXY_VERSION SOCAT_VERSION PEER_ORDER
 
 mkdir -p "$(dirname "$BENCH_RESULTS")"
 python3 "$ROOT/bench/render.py" "$RESULTS" "$BENCH_RESULTS"

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use baton_netbed::ChildGuard;
-use baton_proto::wire::{FrameHeader, FRAME_HEADER_LEN, TAG_LEN};
+use baton_proto::wire::{FrameHeader, FRAME_HEADER_LEN, LEG_START_LEN, TAG_LEN};
 use baton_proto::{ClientHandshake, ClientKey, ConnKind, ControlCipher, LegKey, Message, Offset, Preface, Role, StreamId};
 use ring::rand::SystemRandom;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -702,14 +702,19 @@ async fn check_streams(sessions: Vec<Sess>, switched: usize, n: usize) -> Result
     for (idx, mut leg) in legs {
         set.spawn(async move {
             let msg = format!("check {idx:05} through baton....");
-            let mut back = vec![0u8; msg.len()];
+            // Each direction of a leg opens with the stream offset of its first
+            // byte; nothing was sent on these streams before, so both are 0.
+            let mut out = 0u64.to_be_bytes().to_vec();
+            out.extend_from_slice(msg.as_bytes());
+            let mut back = vec![0u8; LEG_START_LEN + msg.len()];
             io(async {
-                leg.write_all(msg.as_bytes()).await?;
+                leg.write_all(&out).await?;
                 leg.read_exact(&mut back).await?;
                 Ok(())
             })
             .await?;
-            ensure!(back == msg.as_bytes(), "stream of {} echoed other bytes", client_id(idx));
+            ensure!(back[..LEG_START_LEN] == [0u8; LEG_START_LEN], "stream of {}: the gateway's leg starts at {:?}, not 0", client_id(idx), &back[..LEG_START_LEN]);
+            ensure!(&back[LEG_START_LEN..] == msg.as_bytes(), "stream of {} echoed other bytes", client_id(idx));
             Ok::<_, anyhow::Error>(())
         });
     }
