@@ -632,6 +632,9 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
     // which gateway address).
     let mut outage: Option<(Instant, SystemTime, String, String, SocketAddr)> = None;
     let mut preferred: Option<String> = None;
+    // A switch asked for when the interface under the session was already
+    // gone: answered once the session has resumed, as after a failure.
+    let mut waiting: Option<SwitchRequest> = None;
     loop {
         let core = lock(&link.core).clone();
         let resume = core.as_ref().map_or(0, |c| c.id);
@@ -639,6 +642,9 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
             if since.elapsed() >= shared.config.switch_timeout {
                 warn!(gateway = %link.gateway, session = %sid(c.id), "no path for the switch timeout: releasing the session");
                 release_core(&link, c, "switch timeout passed");
+                if let Some(req) = waiting.take() {
+                    let _ = req.done.send(Err("no path for the switch timeout: the session was released".into()));
+                }
                 outage = None;
                 continue;
             }
@@ -676,13 +682,16 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
             let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, (from, from_addr), since, at, why).await;
             info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
             report_path(&shared, &core, &record, est.rtt);
-            lock(&shared.switches).push(record);
+            lock(&shared.switches).push(record.clone());
+            if let Some(req) = waiting.take() {
+                let _ = req.done.send(Ok(Some(record)));
+            }
         } else if from.is_none() {
             info!(gateway = %link.gateway, path = %est.route.path.name, session = %sid(core.id), "session up");
         }
         let mut est = est;
         loop {
-            let end = run_control(&shared, &link, &core, est, &mut switch_rx).await;
+            let end = run_control(&shared, &link, &core, est, &mut switch_rx, &mut waiting).await;
             match end {
                 ControlEnd::Shutdown => return,
                 ControlEnd::Switched(new_est, req, started, at) => {
@@ -713,9 +722,9 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     if let LinkState::Up(info) = state {
                         link.state.send_replace(LinkState::Switching(info));
                     }
-                    early_relegs(&shared, &core, &from);
+                    preferred = waiting.as_ref().map(|r| r.to.clone());
+                    early_relegs(&shared, &core, &from, preferred.as_deref());
                     outage = Some((Instant::now(), SystemTime::now(), from, why, from_addr));
-                    preferred = None;
                     break;
                 }
             }
@@ -729,12 +738,13 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
 /// the session is detached. New legs open on the next interface at once, in
 /// parallel with the control connection's resume, which saves the
 /// handshake's round trips from the pause.
-fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str) {
+fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str, preferred: Option<&str>) {
     if shared.paths.is_usable(failed) {
         // A silent path that is still up may only be slow: no guess here.
         return;
     }
-    let Some(next) = shared.paths.usable().into_iter().next() else { return };
+    let usable = shared.paths.usable();
+    let Some(next) = usable.iter().find(|p| Some(p.name.as_str()) == preferred).or(usable.first()).cloned() else { return };
     let gateway_addr = lock(&core.route).gateway_addr;
     let cut = shared.paths.cut_token(&next.name).child_token();
     debug!(to = %next.name, "opening new legs while the session resumes");
@@ -1016,6 +1026,7 @@ async fn run_control(
     core: &Arc<Core>,
     est: Established,
     switch_rx: &mut mpsc::UnboundedReceiver<SwitchRequest>,
+    waiting: &mut Option<SwitchRequest>,
 ) -> ControlEnd {
     let Established { mut cipher, keepalive, mut frames, writer: mut w, route, .. } = est;
     let dead_after = shared.config.dead_after;
@@ -1094,15 +1105,35 @@ async fn run_control(
             Some(req) = switch_rx.recv() => {
                 let started = Instant::now();
                 let at = SystemTime::now();
+                let gone = || ControlEnd::Failed(format!("interface {} went down", route.path.name));
+                // A switch away from an interface that is already down (the
+                // engine heard of it in the same instant) has nothing to make
+                // before break: waiting on the old legs would only add their
+                // silence to the pause. It is done as after a failure, on
+                // the interface asked for first.
+                if route.cut.is_cancelled() {
+                    *waiting = Some(req);
+                    return gone();
+                }
                 // Make before break: the old connection and legs keep
-                // carrying data while the new ones are set up.
-                match roam::planned(shared, link, core, &route, &req).await {
-                    Ok(Some(new)) => {
+                // carrying data while the new ones are set up; unless the
+                // interface goes down meanwhile (then as above).
+                let planned = tokio::select! {
+                    biased;
+                    () = route.cut.cancelled() => None,
+                    r = roam::planned(shared, link, core, &route, &req) => Some(r),
+                };
+                match planned {
+                    None => {
+                        *waiting = Some(req);
+                        return gone();
+                    }
+                    Some(Ok(Some(new))) => {
                         *lock(&core.control) = None;
                         return ControlEnd::Switched(Box::new(new), req, started, at);
                     }
-                    Ok(None) => { let _ = req.done.send(Ok(None)); }
-                    Err(e) => { let _ = req.done.send(Err(e)); }
+                    Some(Ok(None)) => { let _ = req.done.send(Ok(None)); }
+                    Some(Err(e)) => { let _ = req.done.send(Err(e)); }
                 }
             }
             _ = shared.shutdown.cancelled() => {

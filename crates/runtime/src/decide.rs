@@ -171,6 +171,9 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
     let mut identity: Option<(u64, LegKey, SocketAddr)> = None;
     let mut paths_rx = client.paths_changed();
     let mut link_rx = client.first_link_state();
+    // The session may be up before this task starts: its state is taken
+    // like any later change, or nothing would ever be probed.
+    link_rx.mark_changed();
     let mut progress = Progress::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let epoch = Instant::now();
@@ -183,6 +186,7 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     let on = client.current_path();
                     if on.as_deref() == Some(to.as_str()) {
                         engine.on_switch_finished(&to, Instant::now());
+                        answer_user(&mut user_waiting, &to, || Ok(format!("already on {to}")));
                         continue;
                     }
                     if on.is_none() {
@@ -333,6 +337,11 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                                 engine.on_switch_started(&info.path, Instant::now());
                             }
                             engine.on_switch_finished(&info.path, Instant::now());
+                            // A user's switch to where the link landed by
+                            // itself (its interface went down as they asked)
+                            // is done.
+                            let path = info.path.clone();
+                            answer_user(&mut user_waiting, &path, || Ok(format!("on {path} (the session moved there after a path failure)")));
                         }
                     }
                     LinkState::Switching(_) => {}
@@ -351,11 +360,7 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                         events.publish("switch_failed", Some(&to), e.clone(), false);
                     }
                 }
-                if user_waiting.as_ref().is_some_and(|(t, _)| *t == to) {
-                    if let Some((_, reply)) = user_waiting.take() {
-                        let _ = reply.send(r);
-                    }
-                }
+                answer_user(&mut user_waiting, &to, || r);
             }
             Some(cmd) = commands.recv() => match cmd {
                 Command::SetMode(mode, reply) => {
@@ -392,6 +397,15 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                 }
             },
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Answers the user's pending switch request if it was for `to`.
+fn answer_user(waiting: &mut Option<(String, oneshot::Sender<Result<String, String>>)>, to: &str, r: impl FnOnce() -> Result<String, String>) {
+    if waiting.as_ref().is_some_and(|(t, _)| t == to) {
+        if let Some((_, reply)) = waiting.take() {
+            let _ = reply.send(r());
         }
     }
 }

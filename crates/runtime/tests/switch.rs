@@ -301,3 +301,39 @@ async fn a_planned_switch_sends_nothing_twice() {
     assert_eq!(rec.bytes_resent, 0, "{rec:?}");
     shutdown.cancel();
 }
+
+/// A switch asked for just as the interface under the session goes down (the
+/// decision engine hears of the link in the same instant as the session) is
+/// done as an unexpected switch: there is no old path to make before break,
+/// and waiting on its legs would only lengthen the pause. Repeated, since
+/// the two events race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
+    let mut bed = bed("", "").await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let long = tokio::spawn(async move {
+        let s = TcpStream::connect(addr).await.unwrap();
+        verify::exchange_paced(s, 43, 16 * MIB, 16 * MIB, Mode::Concurrent, 8 * MIB).await
+    });
+    let c = &bed.client;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (n, (down, to)) in [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")].into_iter().enumerate() {
+        c.set_path_up(down, false).unwrap();
+        // The answer may come as soon as the session is on `to`, before the
+        // switch's record (written once every stream has its new leg).
+        c.switch(to).await.unwrap();
+        assert!(switches_reach(c, n + 1).await, "{:?}", c.switches());
+        let r = c.switches()[n].clone();
+        assert_eq!((r.kind, r.from.as_str(), r.to.as_str(), r.streams), (SwitchKind::Unexpected, down, to, 1), "{r:?}");
+        assert_eq!(current(c).await, to);
+        c.set_path_up(down, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.switches().len(), 4, "{:?}", c.switches());
+    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
+    assert!(down.is_exact(Dir::Down), "{down:?}");
+    let up = bed.reports.recv().await.unwrap().unwrap();
+    assert!(up.is_exact(Dir::Up), "{up:?}");
+    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.shutdown.cancel();
+}
