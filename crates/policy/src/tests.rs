@@ -148,7 +148,7 @@ impl Sim {
         self.log
             .iter()
             .filter_map(|(t, d)| match d {
-                Decision::Switch { to, reason, urgent } => Some((*t, to.clone(), reason.clone(), *urgent)),
+                Decision::Switch { to, reason, urgent, .. } => Some((*t, to.clone(), reason.clone(), *urgent)),
                 _ => None,
             })
             .collect()
@@ -482,7 +482,7 @@ fn manual_mode_waits_for_approval() {
     let mut sim = manual_upgrade();
     let proposals: Vec<_> = sim.log.iter().filter(|(_, d)| matches!(d, Decision::Propose { .. })).collect();
     assert_eq!(proposals.len(), 1, "{:?}", sim.log);
-    assert!(matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. } } if to == "eth0"));
+    assert!(matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. }, .. } if to == "eth0"));
     sim.run_until(300.0);
     assert_eq!(sim.switches().len(), 1, "no switch without approval");
     assert_eq!(sim.count(|d| matches!(d, Decision::Propose { .. })), 1, "proposed once, not at every search");
@@ -565,7 +565,7 @@ fn critical_overrides_manual_and_prefers_no_interaction() {
     assert!(sim
         .log
         .iter()
-        .any(|(_, d)| matches!(d, Decision::Propose { to, reason: Reason::Warning(_) } if to == "wwan0")));
+        .any(|(_, d)| matches!(d, Decision::Propose { to, reason: Reason::Warning(_), .. } if to == "wwan0")));
 }
 
 // ---- cost, metered, never_use ----
