@@ -278,9 +278,18 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                         let (r, tx, k, key2) = (sock.clone(), reply_tx.clone(), key.clone(), leg_key.clone());
                         let reader = tokio::spawn(async move {
                             let mut buf = [0u8; PROBE_LEN + 1];
-                            while let Ok(n) = r.recv(&mut buf).await {
-                                if let Some(p) = Probe::open(&buf[..n], &key2).filter(|p| p.reply) {
-                                    let _ = tx.send((k.clone(), p));
+                            loop {
+                                match r.recv(&mut buf).await {
+                                    Ok(n) => {
+                                        if let Some(p) = Probe::open(&buf[..n], &key2).filter(|p| p.reply) {
+                                            let _ = tx.send((k.clone(), p));
+                                        }
+                                    }
+                                    // An ICMP error (nothing listens there, no
+                                    // route for a while) is reported once on a
+                                    // connected socket: the probe is lost, the
+                                    // socket goes on.
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                                 }
                             }
                         });
