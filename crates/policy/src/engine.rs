@@ -561,6 +561,10 @@ pub struct Engine {
     queued_request: Option<String>,
     /// The current path is degraded and the alternatives are being probed.
     searching: bool,
+    /// Since when, with a multihomed gateway: a pair counts as good for a
+    /// move only on probes taken since (measurements from before the
+    /// degradation may not show it yet).
+    searching_since: Option<Instant>,
     /// Worst level of the current path already told to the user.
     told: Health,
     trigger: Option<Trigger>,
@@ -596,6 +600,7 @@ impl Engine {
             pin_next: None,
             queued_request: None,
             searching: false,
+            searching_since: None,
             told: Health::Good,
             trigger: None,
             proposal: None,
@@ -1026,6 +1031,7 @@ impl Engine {
         if health < Health::Warning {
             if self.searching {
                 self.searching = false;
+                self.searching_since = None;
                 self.told = Health::Good;
                 self.decisions.push_back(Decision::Recovered);
             }
@@ -1033,6 +1039,7 @@ impl Engine {
         }
         if !self.searching {
             self.searching = true;
+            self.searching_since = Some(now);
             // A single-interface device with a single-address gateway has
             // nowhere to search (seed: "the Search activity can't be launched").
             if let (false, Some(reason)) = (self.single_path(), level_reason(health, trigger)) {
@@ -1176,6 +1183,7 @@ impl Engine {
         let cur_score = self.score(ci, now);
         let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
         let dwell = self.config.min_dwell;
+        let iface_suspect = degraded && self.interface_suspect(ci);
         // (entry, other address, (needs the user, class, score)), best of all
         // and best on the current address.
         type Cand<'a> = (usize, Option<&'a String>, (bool, u8, f64));
@@ -1186,16 +1194,17 @@ impl Engine {
             })
         };
         for (i, e) in self.entries.iter().enumerate() {
-            if !e.usable() || e.failed_within(now, dwell) {
+            if !e.usable() || e.failed_within(now, dwell) || (iface_suspect && i == ci) {
                 continue;
             }
             for addr in std::iter::once(None).chain(self.targets.iter().map(Some)) {
                 let good = match addr {
-                    None => i != ci && e.health == Health::Good,
-                    Some(a) => e
-                        .far
-                        .get(a)
-                        .is_some_and(|f| f.health == Health::Good && !f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < dwell)),
+                    None => i != ci && e.health == Health::Good && self.fresh(&e.window),
+                    Some(a) => e.far.get(a).is_some_and(|f| {
+                        f.health == Health::Good
+                            && self.fresh(&f.window)
+                            && !f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < dwell)
+                    }),
                 };
                 if !good {
                     continue;
@@ -1253,21 +1262,27 @@ impl Engine {
             Health::Critical => 3,
         };
         let span = self.config.search_interval;
+        let iface_suspect = ci.is_some_and(|c| self.interface_suspect(c));
         let mut candidates: Vec<(usize, Option<&String>, bool, u8, f64)> = Vec::new();
         for (i, e) in self.entries.iter().enumerate() {
-            if !e.usable() || e.failed_within(now, span) {
+            if !e.usable() || e.failed_within(now, span) || (iface_suspect && Some(i) == ci) {
                 continue;
             }
             let others = if pairs { self.targets.as_slice() } else { &[] };
             for addr in std::iter::once(None).chain(others.iter().map(Some)) {
-                let health = match addr {
+                let (health, window) = match addr {
                     None if Some(i) == ci => continue,
-                    None => e.health,
+                    None => (e.health, Some(&e.window)),
                     Some(a) => match e.far.get(a) {
                         Some(f) if f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < span) => continue,
-                        Some(f) => f.health,
-                        None => Health::Unknown,
+                        Some(f) => (f.health, Some(&f.window)),
+                        None => (Health::Unknown, None),
                     },
+                };
+                // Good on probes from before the degradation only: not known.
+                let health = match window {
+                    Some(w) if health == Health::Good && !self.fresh(w) => Health::Unknown,
+                    _ => health,
                 };
                 if exclude_critical && health == Health::Critical {
                     continue;
@@ -1398,6 +1413,7 @@ impl Engine {
 
     fn reset_path_state(&mut self) {
         self.searching = false;
+        self.searching_since = None;
         self.told = Health::Good;
         self.trigger = None;
         self.pinned = false;
@@ -1437,6 +1453,31 @@ impl Engine {
     /// seed's device that "is able to hold only one network connection".
     fn single_interface(&self) -> bool {
         self.entries.iter().filter(|e| !e.attrs.never_use).count() <= 1
+    }
+
+    /// The current path (interface `ci`, current address) is degraded and
+    /// another interface reaches the same address well: the interface is
+    /// what fails, so the other addresses through it are no way out, however
+    /// their few probes fared. (When every interface's path to the address
+    /// is degraded, the address is the suspect, and another one through the
+    /// same interface is a fine way out.)
+    fn interface_suspect(&self, ci: usize) -> bool {
+        !self.targets.is_empty()
+            && self
+                .entries
+                .iter()
+                .enumerate()
+                .any(|(i, e)| i != ci && e.usable() && e.health == Health::Good && self.fresh(&e.window))
+    }
+
+    /// With a multihomed gateway, while the current path is degraded: the
+    /// window holds `min_samples` probes taken since the search began.
+    /// Always true otherwise (the engine then decides as it always did).
+    fn fresh(&self, w: &Window) -> bool {
+        match self.searching_since {
+            Some(t) if !self.targets.is_empty() => w.count_since(t) >= self.config.min_samples,
+            _ => true,
+        }
     }
 
     /// One interface, and a gateway with a single address: no other path

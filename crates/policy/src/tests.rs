@@ -301,14 +301,29 @@ fn a_growing_stall_reaches_critical_without_new_reports() {
 }
 
 #[test]
-fn a_new_probe_target_starts_the_measurements_over() {
+fn each_gateway_address_has_its_own_measurements() {
+    const A: &str = "192.0.2.1:7700";
+    const B: &str = "198.51.100.1:7700";
     let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100)]).link("eth0", |t| (t < 10.0).then_some(ms(5))).start();
     sim.run_until(13.0);
     let before = sim.engine.interfaces(sim.now)[0].clone();
     assert!(before.stats.loss.is_some_and(|l| l > 0.0), "{before:?}");
-    sim.engine.on_target_changed();
+    // The probes go to a named address from now on: what was measured
+    // before, towards no address known, says nothing of it.
+    sim.engine.on_targets(Some(A), &[], sim.now);
     let after = sim.engine.interfaces(sim.now)[0].clone();
     assert_eq!((after.stats.samples, after.health), (0, Health::Unknown), "{after:?}");
+    sim.run_until(16.0);
+    let on_a = sim.engine.interfaces(sim.now)[0].stats.samples;
+    assert!(on_a > 0);
+    // The session moves to B: A's measurements are kept as another path's.
+    sim.engine.on_targets(Some(B), &[A.to_owned()], sim.now);
+    assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, 0);
+    let paths = sim.engine.paths(sim.now);
+    let a = paths.iter().find(|p| p.gateway_addr.as_deref() == Some(A)).expect("A is a candidate");
+    assert_eq!((a.stats.samples, a.current), (on_a, false), "{paths:?}");
+    sim.engine.on_targets(Some(A), &[B.to_owned()], sim.now);
+    assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, on_a, "back on A, its measurements with it");
 }
 
 #[test]
@@ -1015,8 +1030,9 @@ fn run_pairs(
 fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_interface() {
     const A: &str = "192.0.2.1:7700";
     const B: &str = "198.51.100.1:7700";
-    let config = PolicyConfig { min_dwell: ms(2000), ..PolicyConfig::default() };
-    let mut e = Engine::new(config);
+    // A short dwell: the moves come at the warning threshold, on the first
+    // evidence, not at the critical one.
+    let mut e = Engine::new(PolicyConfig { min_dwell: ms(2000), ..PolicyConfig::default() });
     let t0 = Instant::now();
     let table = vec![Interface::usable("wlan0", Kind::Wifi, Some(100)), Interface::usable("wwan0", Kind::Cellular, Some(200))];
     e.on_table(&table, t0);
@@ -1030,8 +1046,12 @@ fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_inter
     // from 60 s wlan0 loses 40% whatever the address.
     let model = |t: f64, iface: &str, addr: &str| {
         let lossy = (addr == A && (20.0..60.0).contains(&t)) || (iface == "wlan0" && t >= 60.0);
-        let tick = (t * 1000.0) as u64 / 500;
-        if lossy && tick % 5 < 2 {
+        // A hash of the instant, not a period: a periodic pattern would
+        // alias with the probes' own periods.
+        let mut z = ((t * 1000.0) as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        if lossy && (z ^ (z >> 31)) % 10 < 4 {
             return None;
         }
         Some(ms(if iface == "wlan0" { 20 } else { 45 }))
@@ -1049,7 +1069,7 @@ fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_inter
     );
     assert!(sw[0].0 < 26.0, "within a few checks of the degradation: {sw:?}");
     assert_eq!(e.target(), Some(B));
-    let sw = run_pairs(&mut e, t0, 100.0, &mut at, &[A, B], &model);
+    let sw = run_pairs(&mut e, t0, 64.0, &mut at, &[A, B], &model);
     assert_eq!(
         sw.iter().map(|(_, i, a)| (i.as_str(), a.as_deref())).collect::<Vec<_>>(),
         vec![("wwan0", None)],
