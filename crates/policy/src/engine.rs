@@ -1248,7 +1248,8 @@ impl Engine {
     /// The path to go to when the current one is lost or critical: any
     /// usable interface not failed lately, and with `pairs` every other
     /// gateway address on each; those needing the user last, then by health
-    /// (good, warning, unknown, critical), then score (another address
+    /// (good, good on probes from before the degradation only, warning,
+    /// unknown, critical), then score (another address
     /// than the current one counting the hysteresis against it), then the
     /// current address before the others, then order of preference. Critical ones
     /// are excluded when leaving a critical path.
@@ -1279,11 +1280,9 @@ impl Engine {
                         None => (Health::Unknown, None),
                     },
                 };
-                // Good on probes from before the degradation only: not known.
-                let health = match window {
-                    Some(w) if health == Health::Good && !self.fresh(w) => Health::Unknown,
-                    _ => health,
-                };
+                // Good on probes from before the degradation only: still
+                // better than warning, after those good on fresh probes.
+                let stale = window.is_some_and(|w| health == Health::Good && !self.fresh(w));
                 if exclude_critical && health == Health::Critical {
                     continue;
                 }
@@ -1295,7 +1294,7 @@ impl Engine {
                 // in `planned_target`: another address pays the hysteresis.
                 let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
                 let score = if addr.is_some() { score + (h * score).max(min_gain) } else { score };
-                candidates.push((i, addr, e.attrs.needs_user_interaction, class(health), score));
+                candidates.push((i, addr, e.attrs.needs_user_interaction, class(health) * 2 + u8::from(stale), score));
             }
         }
         candidates
