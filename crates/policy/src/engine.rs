@@ -1203,7 +1203,7 @@ impl Engine {
                     Some(a) => e.far.get(a).is_some_and(|f| {
                         f.health == Health::Good
                             && self.fresh(&f.window)
-                            && !f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < dwell)
+                            && f.failed_at.is_none_or(|t| now.saturating_duration_since(t) >= dwell)
                     }),
                 };
                 if !good {
