@@ -3,6 +3,12 @@
 //! its decisions (switches), relays the user's commands (mode, approve,
 //! decline, switch), and publishes every proposal, decision and switch as
 //! an event (admin API event stream, `baton status`, the log).
+//!
+//! With a multihomed gateway the candidates are (interface, gateway
+//! address) pairs: probes go from each interface to the session's address
+//! and to the gateway's other addresses (one socket per pair), and a
+//! decision may move the interface, the address, or both, through the
+//! planned switch.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
