@@ -203,10 +203,18 @@ pub(crate) fn render_gateway(st: &Value) -> String {
     let _ = writeln!(out, "advertised: {}", list(&st["advertised"]));
     let _ = writeln!(
         out,
-        "roams: {}   go-tos: {}",
+        "roams: {}   go-tos: {}   addresses lost: {}",
         s(&st["stats"]["roams"]),
-        s(&st["stats"]["gotos"])
+        s(&st["stats"]["gotos"]),
+        s(&st["stats"]["address_losses"])
     );
+    if let Some(host) = st["host_addresses"].as_array() {
+        let each: Vec<String> = host
+            .iter()
+            .map(|a| format!("{} ({}, {})", s(&a["addr"]), s(&a["interface"]), s(&a["state"])))
+            .collect();
+        let _ = writeln!(out, "host:       {}", each.join(" "));
+    }
     let _ = writeln!(out, "\nCLIENT           SESSION           ADDRESS                  PEER                     STREAMS");
     for g in st["sessions"].as_array().into_iter().flatten() {
         let _ = writeln!(

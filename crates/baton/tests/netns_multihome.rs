@@ -11,7 +11,12 @@
 //!    sends it back (the agent chooses), make before break, no byte lost;
 //! d. a host name with two addresses, the first dead: the agent connects through the
 //!    second within `retries` × `retry_delay`; when every address fails the user is told,
-//!    and the session resumes when one comes back.
+//!    and the session resumes when one comes back;
+//! e. the decision engine scores (interface, gateway address) pairs: a degraded path to one
+//!    address moves the session to the other address on the same interface, a degraded
+//!    interface moves the interface;
+//! f. a gateway on `0.0.0.0` advertises the host's addresses from the kernel, follows them
+//!    as they come and go, and sends sessions off an address it is losing.
 //!
 //! Each prints the pause it caused: the switch record's `duration_ms` and
 //! `longest_stall_ms`, and the longest gap the application saw between two reads.
@@ -264,40 +269,183 @@ async fn a_name_with_a_dead_first_address_connects_through_the_next() {
     .expect("scenario within its time limit");
 }
 
-/// e. Congestion: ROUTER drops the UDP path probes to 10.89.1.2 (TCP still flows, so the
-/// path never fails). The decision engine sees the current path lose probes on every
-/// interface — there is no better interface — and the agent roams to the gateway's other
-/// address as a planned switch; the engine's measurements start over there.
+/// Every record's pause, printed.
+fn print_switches(tag: &str, sw: &[Value]) {
+    for r in sw {
+        println!("{tag}: {}", pause(r));
+    }
+}
+
+/// The address of the gateway's session as the gateway sees it.
+fn gw_session_addr(rig: &Rig) -> Value {
+    rig.gateway_status()["sessions"][0]["gateway_addr"].clone()
+}
+
+/// e. The engine's candidates are (interface, gateway address) pairs. MOBILE has wlan and
+/// lte (lte metered), the gateway 10.89.1.2 and 10.89.1.2's twin 10.90.1.2. ROUTER drops 30%
+/// of what goes to or comes from 10.89.1.2 only (TCP and the probes alike): every
+/// interface's path to the current address degrades while the other address stays good,
+/// and the engine moves the session to (wlan, 10.90.1.2): same interface, other address, a
+/// planned switch whose record names both ends. Then the first address is repaired and wlan
+/// itself loses 30%: the engine moves the interface, to lte, and keeps the address. Both
+/// moves are byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_lost_towards_the_first_address_roam_the_session() {
+async fn the_engine_moves_to_the_better_interface_and_address_pair() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { server_link2: true, listen: Some(format!("\"{A}\", \"{B}\"")), ..Options::default() };
-        let mut rig = Rig::start("mh_congest", opts).await;
-        rig.wait_status(Duration::from_secs(5), "both addresses advertised", |st| session(st)["advertised"] == serde_json::json!([A, B]))
+        let opts = Options {
+            // A dwell long enough that a few lucky probes of a lossy wlan cannot bring the
+            // session back to it (it is unmetered) before the exchange is over.
+            client: "[policy]\nmin_dwell = \"15s\"\naddress_interval = \"1s\"\n[policy.interfaces.lte]\nmetered = true",
+            server_link2: true,
+            listen: Some(format!("\"{A}\", \"{B}\"")),
+            ..Options::default()
+        };
+        let mut rig = Rig::start("mh_pairs", opts).await;
+        // Every pair measured: the other address on both interfaces too.
+        let st = rig
+            .wait_status(Duration::from_secs(20), "every (interface, address) pair measured", |st| {
+                let paths = st["engine"]["paths"].as_array().cloned().unwrap_or_default();
+                paths.len() == 4 && paths.iter().all(|p| p["stats"]["samples"].as_u64().unwrap_or(0) >= 3)
+            })
             .await;
-        let (app, arrivals) = rig.start_timed_exchange(35, 12 * MIB, MIB);
-        rig.wait_received(MIB / 2).await;
-        let drop = ["iptables", "-I", "FORWARD", "-d", "10.89.1.2", "-p", "udp", "-j", "DROP"];
-        rig.sh(baton_netbed::Host::Router, &drop);
-        let degraded = Instant::now();
-        rig.wait_status(Duration::from_secs(30), "the session roamed to the second address", |st| on(st, B)).await;
-        let roamed = degraded.elapsed();
-        rig.finish_exchange(app, Duration::from_secs(40)).await;
-        let gap = arrivals.longest_gap(degraded, degraded + roamed + Duration::from_secs(1));
-        // The engine cannot tell a congested gateway address from a congested interface:
-        // it may first move to lte (whose probes go to the same address), and roams only
-        // once no interface is better.
-        let sw = rig.switches();
-        for r in &sw {
-            println!("mh_congest: {}", pause(r));
+        for p in st["engine"]["paths"].as_array().unwrap() {
+            println!("mh_pairs: {} → {}: {} ({} samples)", p["interface"], p["gateway_addr"], p["health"], p["stats"]["samples"]);
         }
-        println!("mh_congest: on {B} {} ms after the probes to {A} began to be lost; the application's longest gap {} ms", roamed.as_millis(), gap.as_millis());
-        let roam = sw.iter().find(|r| r["gateway_addr_to"] == B).unwrap();
-        assert_eq!(roam["kind"], "planned", "{roam}");
-        assert!(roam["reason"].as_str().unwrap().starts_with("congestion: "), "{roam}");
-        assert_eq!(roam["gateway_addr_from"], A, "{roam}");
-        assert!(sw.iter().all(|r| r["kind"] == "planned"), "the path never failed: {sw:?}");
-        assert_eq!(rig.gateway_status()["stats"]["roams"], 1);
+        assert_eq!(st["engine"]["gateway_addr"], A, "{st}");
+        let (app, arrivals) = rig.start_timed_exchange(35, 16 * MIB, MIB);
+        rig.wait_received(MIB / 2).await;
+
+        // The path to the first address degrades, whatever the interface.
+        let lossy: Vec<Vec<&str>> = ["-d", "-s"]
+            .iter()
+            .map(|dir| vec!["iptables", "-w", "5", "-I", "FORWARD", *dir, "10.89.1.2", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j", "DROP"])
+            .collect();
+        for r in &lossy {
+            rig.sh(baton_netbed::Host::Router, r);
+        }
+        let degraded = Instant::now();
+        let st = rig.wait_status(Duration::from_secs(30), "the session on (wlan, the second address)", |st| on(st, B)).await;
+        let moved = degraded.elapsed();
+        assert_eq!(session(&st)["interface"], "wlan", "the interface was good: {st}");
+        let decided = st["events"].as_array().unwrap().iter().find(|e| e["kind"] == "switch_decided").cloned().unwrap();
+        println!("mh_pairs: decided: {decided}");
+        assert_eq!((decided["interface"].as_str(), decided["gateway_addr"].as_str()), (Some("wlan"), Some(B)), "{decided}");
+        let gap1 = arrivals.longest_gap(degraded, degraded + moved + Duration::from_secs(1));
+        for r in &lossy {
+            let mut del = r.clone();
+            del[3] = "-D";
+            rig.sh(baton_netbed::Host::Router, &del);
+        }
+
+        // Now wlan itself degrades: the engine moves the interface and keeps the address.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rig.bed.set_loss(Link::Wlan, 30.0).unwrap();
+        let lossy_wlan = Instant::now();
+        let st = rig
+            .wait_status(Duration::from_secs(30), "the session on (lte, the second address)", |st| {
+                session(st)["state"] == "up" && session(st)["interface"] == "lte"
+            })
+            .await;
+        let moved2 = lossy_wlan.elapsed();
+        assert_eq!(session(&st)["gateway_addr"], B, "only the interface changed: {st}");
+        let gap2 = arrivals.longest_gap(lossy_wlan, lossy_wlan + moved2 + Duration::from_secs(1));
+        rig.finish_exchange(app, Duration::from_secs(60)).await;
+        rig.bed.set_loss(Link::Wlan, 0.0).unwrap();
+
+        let sw = rig.switches();
+        print_switches("mh_pairs", &sw);
+        println!("mh_pairs: address degraded → on {B} after {} ms, the application's longest gap {} ms", moved.as_millis(), gap1.as_millis());
+        println!("mh_pairs: wlan degraded → on lte after {} ms, the application's longest gap {} ms", moved2.as_millis(), gap2.as_millis());
+        assert_eq!(sw.len(), 2, "two moves: {sw:?}");
+        let (r1, r2) = (&sw[0], &sw[1]);
+        assert!(sw.iter().all(|r| r["kind"] == "planned"), "the engine's moves are planned: {sw:?}");
+        assert_eq!((r1["from"].as_str(), r1["to"].as_str()), (Some("wlan"), Some("wlan")), "{r1}");
+        assert_eq!((r1["gateway_addr_from"].as_str(), r1["gateway_addr_to"].as_str()), (Some(A), Some(B)), "{r1}");
+        assert_eq!((r2["from"].as_str(), r2["to"].as_str()), (Some("wlan"), Some("lte")), "{r2}");
+        assert_eq!((r2["gateway_addr_from"].as_str(), r2["gateway_addr_to"].as_str()), (Some(B), Some(B)), "{r2}");
+        assert_eq!(gw_session_addr(&rig), B);
+        assert_eq!(rig.gateway_status()["stats"]["roams"], 1, "the agent told the gateway of the address move");
+    })
+    .await
+    .expect("scenario within its time limit");
+}
+
+/// f. The gateway listens on `0.0.0.0:7700` and follows the host's addresses in the kernel's
+/// interface table. The session sees both of SERVER's addresses advertised. An address added
+/// to `srv2` at run time is advertised and usable (`baton goto` moves the session there).
+/// Then it is deprecated (preferred lifetime 0): the gateway stops advertising it and sends
+/// the session a go-to on its own, and the session moves make before break. Last, the
+/// address the session is on is removed: the gateway can no longer reach the agent there,
+/// the agent finds its path dead and roams. No byte is lost in any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_gateway_follows_its_addresses_and_sends_sessions_off_one_it_loses() {
+    const C: &str = "10.90.1.3:7700";
+    tokio::time::timeout(LIMIT, async {
+        let opts = Options { client: FAST, server_link2: true, listen: Some("\"0.0.0.0:7700\"".into()), ..Options::default() };
+        let mut rig = Rig::start("mh_wild", opts).await;
+        rig.wait_status(Duration::from_secs(5), "both host addresses advertised", |st| session(st)["advertised"] == serde_json::json!([A, B]))
+            .await;
+        let gw = rig.gateway_status();
+        println!("mh_wild: gateway: listening {} advertised {} host {}", gw["listening"], gw["advertised"], gw["host_addresses"]);
+        assert_eq!(gw["listening"], serde_json::json!(["0.0.0.0:7700"]), "{gw}");
+        let (app, arrivals) = rig.start_timed_exchange(36, 30 * MIB, 2 * MIB);
+        rig.wait_received(MIB).await;
+
+        // An address appears on srv2: advertised, then usable.
+        let srv = baton_netbed::Host::Server;
+        rig.sh(srv, &["ip", "addr", "add", "10.90.1.3/24", "dev", "srv2"]);
+        rig.sh(srv, &["ip", "rule", "add", "from", "10.90.1.3", "lookup", "90"]);
+        rig.wait_status(Duration::from_secs(5), "the new address advertised", |st| session(st)["advertised"] == serde_json::json!([A, B, C]))
+            .await;
+        let out = rig.baton(&["goto", "m", C]).unwrap();
+        println!("mh_wild: baton goto m {C}: {out}");
+        rig.wait_status(Duration::from_secs(5), "the session on the new address", |st| on(st, C)).await;
+        assert_eq!(gw_session_addr(&rig), C);
+
+        // It is deprecated: no longer advertised, and the gateway sends the session away.
+        let t_dep = Instant::now();
+        rig.sh(srv, &["ip", "addr", "change", "10.90.1.3/24", "dev", "srv2", "preferred_lft", "0"]);
+        let st = rig.wait_status(Duration::from_secs(10), "the session off the deprecated address", |st| {
+            session(st)["state"] == "up" && session(st)["gateway_addr"] != C
+        })
+        .await;
+        let left = t_dep.elapsed();
+        assert!(on(&st, A), "the agent chose its first address: {st}");
+        assert_eq!(session(&st)["advertised"], serde_json::json!([A, B]), "{st}");
+        let gw = rig.gateway_status();
+        println!("mh_wild: after the deprecation: advertised {} host {}", gw["advertised"], gw["host_addresses"]);
+        let c_state = gw["host_addresses"].as_array().unwrap().iter().find(|a| a["addr"] == "10.90.1.3").cloned().unwrap();
+        assert_eq!(c_state["state"], "deprecated", "{gw}");
+        assert!(gw["stats"]["address_losses"].as_u64().unwrap() >= 1, "{gw}");
+        assert!(rig.daemon_log("gateway").contains("directing its sessions elsewhere (go-to)"), "the gateway logs its go-to");
+        let gap_dep = arrivals.longest_gap(t_dep, t_dep + left + Duration::from_millis(500));
+
+        // The address in use is removed outright.
+        rig.baton(&["goto", "m", B]).unwrap();
+        rig.wait_status(Duration::from_secs(5), "the session on the second link's address", |st| on(st, B)).await;
+        rig.wait_received(12 * MIB).await;
+        let t_del = Instant::now();
+        rig.sh(srv, &["ip", "addr", "del", "10.90.1.3/24", "dev", "srv2"]);
+        rig.sh(srv, &["ip", "addr", "del", "10.90.1.2/24", "dev", "srv2"]);
+        let st = rig.wait_status(Duration::from_secs(15), "the session off the removed address", |st| on(st, A)).await;
+        let gone = t_del.elapsed();
+        let gap_del = arrivals.longest_gap(t_del, t_del + gone + Duration::from_secs(1));
+        rig.finish_exchange(app, Duration::from_secs(60)).await;
+        let gw = rig.gateway_status();
+        assert_eq!(gw["advertised"], serde_json::json!([A]), "{gw}");
+        let st2 = rig.status().unwrap();
+        assert_eq!(session(&st2)["advertised"], serde_json::json!([A]), "{st} / {st2}");
+
+        let sw = rig.switches();
+        print_switches("mh_wild", &sw);
+        println!("mh_wild: deprecated → off it after {} ms, the application's longest gap {} ms", left.as_millis(), gap_dep.as_millis());
+        println!("mh_wild: removed → off it after {} ms, the application's longest gap {} ms", gone.as_millis(), gap_del.as_millis());
+        let dep = sw.iter().find(|r| r["gateway_addr_from"] == C && r["gateway_addr_to"] == A).unwrap();
+        assert_eq!(dep["kind"], "planned", "the deprecated address still worked: make before break: {dep}");
+        assert!(dep["reason"].as_str().unwrap().contains("go-to"), "{dep}");
+        assert!(gap_dep < Duration::from_secs(1), "the application paused {} ms: {dep}", gap_dep.as_millis());
+        let del = sw.iter().rev().find(|r| r["gateway_addr_from"] == B).unwrap();
+        assert_eq!(del["gateway_addr_to"], A, "{del}");
     })
     .await
     .expect("scenario within its time limit");

@@ -12,6 +12,7 @@
 //! mode = "auto"                       # auto | manual | user
 //! check_interval = "500ms"
 //! search_interval = "2s"
+//! address_interval = "3s"             # a multihomed gateway's other addresses
 //! warning = { rtt = "300ms", loss = 0.05 }
 //! critical = { rtt = "1s", loss = 0.2, stall = "2s" }
 //! hysteresis = 0.15
@@ -235,6 +236,14 @@ pub struct PolicyConfig {
     /// Default 2s.
     #[serde(default = "defaults::search_interval", deserialize_with = "interval")]
     pub search_interval: Duration,
+    /// With a multihomed gateway: how often the gateway's other addresses
+    /// are probed, on every usable interface (every check interval while
+    /// the current path is past a warning threshold). The current address
+    /// is probed by the Check and Search activities. At most
+    /// [`crate::engine::MAX_TARGETS`] other addresses are measured.
+    /// Default 3s.
+    #[serde(default = "defaults::address_interval", deserialize_with = "interval")]
+    pub address_interval: Duration,
     /// How far back round trip, loss and jitter are averaged. Default 10s.
     #[serde(default = "defaults::window", deserialize_with = "interval")]
     pub window: Duration,
@@ -290,6 +299,7 @@ impl Default for PolicyConfig {
             mode: Mode::default(),
             check_interval: defaults::check_interval(),
             search_interval: defaults::search_interval(),
+            address_interval: defaults::address_interval(),
             window: defaults::window(),
             min_samples: defaults::min_samples(),
             warning: Thresholds::default_warning(),
@@ -363,6 +373,9 @@ mod defaults {
     }
     pub(super) fn search_interval() -> Duration {
         Duration::from_secs(2)
+    }
+    pub(super) fn address_interval() -> Duration {
+        Duration::from_secs(3)
     }
     pub(super) fn window() -> Duration {
         Duration::from_secs(10)

@@ -3,7 +3,7 @@
 //! measurements, user commands and `now`.
 
 use std::cmp::Ordering;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,9 @@ pub enum Decision {
     Switch {
         /// Interface to switch to.
         to: String,
+        /// A multihomed gateway's other address to move to at the same
+        /// time (see [`Engine::on_targets`]); `None` keeps the current one.
+        addr: Option<String>,
         /// Why.
         reason: Reason,
         /// The current path is lost or past a critical threshold: switch
@@ -38,6 +41,8 @@ pub enum Decision {
     Propose {
         /// Interface proposed.
         to: String,
+        /// The gateway address proposed with it; `None`: the current one.
+        addr: Option<String>,
         /// Why it is better.
         reason: Reason,
     },
@@ -82,9 +87,9 @@ pub enum Decision {
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Decision::Switch { to, reason, urgent: true } => write!(f, "switch to {to} now: {reason}"),
-            Decision::Switch { to, reason, urgent: false } => write!(f, "switch to {to}: {reason}"),
-            Decision::Propose { to, reason } => write!(f, "propose {to}: {reason}"),
+            Decision::Switch { to, addr, reason, urgent: true } => write!(f, "switch to {} now: {reason}", label(to, addr)),
+            Decision::Switch { to, addr, reason, urgent: false } => write!(f, "switch to {}: {reason}", label(to, addr)),
+            Decision::Propose { to, addr, reason } => write!(f, "propose {}: {reason}", label(to, addr)),
             Decision::ProposalWithdrawn { to } => write!(f, "proposal of {to} withdrawn"),
             Decision::Warn { reason, no_alternative: true } => {
                 write!(f, "{reason}; no other interface: the connection may soon be unavailable")
@@ -97,6 +102,19 @@ impl fmt::Display for Decision {
         }
     }
 }
+
+/// `wlan0`, or `wlan0 → 192.0.2.7:7700` for a path to another gateway
+/// address.
+fn label(to: &str, addr: &Option<String>) -> String {
+    match addr {
+        Some(a) => format!("{to} → {a}"),
+        None => to.to_owned(),
+    }
+}
+
+/// Most of a multihomed gateway's other addresses measured (each on every
+/// usable interface): bounds the probes per round.
+pub const MAX_TARGETS: usize = 8;
 
 /// Why a decision was made.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,9 +131,10 @@ pub enum Reason {
     Warning(Trigger),
     /// The current path crossed a critical threshold.
     Critical(Trigger),
-    /// Another interface scores better by more than the hysteresis.
+    /// Another path (interface, gateway address, or both) scores better by
+    /// more than the hysteresis.
     Better {
-        /// Score of the current interface (lower is better).
+        /// Score of the current path (lower is better).
         from_score: f64,
         /// Score of the chosen one.
         to_score: f64,
@@ -209,10 +228,11 @@ impl fmt::Display for Trigger {
 
 /// How an interface fares against the thresholds. Ordered from no evidence
 /// to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Too few probes in the window to judge.
+    #[default]
     Unknown,
     /// Below every warning threshold.
     Good,
@@ -272,11 +292,43 @@ pub struct IfaceStatus {
     pub score: Option<f64>,
 }
 
+/// One candidate path (interface, gateway address) of [`Engine::paths`],
+/// for `baton status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PathStatus {
+    /// Interface name.
+    pub interface: String,
+    /// The gateway address (as given to [`Engine::on_targets`]); `None`
+    /// when the driver named none (a single-address gateway).
+    pub gateway_addr: Option<String>,
+    /// Carries the session now.
+    pub current: bool,
+    /// Against the thresholds, as last judged.
+    pub health: Health,
+    /// Probe results over the window.
+    pub stats: Stats,
+    /// Score (lower is better); `None` until enough probes are answered.
+    pub score: Option<f64>,
+}
+
+/// Measurements of a path from an interface to another address of the
+/// gateway than the current one.
+#[derive(Debug, Clone, Default)]
+struct Far {
+    window: Window,
+    health: Health,
+    /// A switch to this pair failed lately.
+    failed_at: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct Entry {
     iface: Interface,
     attrs: Attributes,
+    /// Probes to the current gateway address.
     window: Window,
+    /// Probes to the gateway's other addresses, by address.
+    far: BTreeMap<String, Far>,
     /// Kept between judgements: the hysteresis depends on the level held.
     health: Health,
     stall: Option<(Duration, Instant)>,
@@ -292,6 +344,7 @@ impl Entry {
             iface,
             attrs,
             window: Window::default(),
+            far: BTreeMap::new(),
             health: Health::Unknown,
             stall: None,
             throughput: None,
@@ -350,8 +403,20 @@ fn judge_low(v: f64, warn: Option<f64>, crit: Option<f64>, prev: Health, h: f64)
 /// Judges an interface against the thresholds. Stalls and throughput are
 /// only known for the path in use.
 fn assess(cfg: &PolicyConfig, e: &Entry, now: Instant, current: bool) -> (Health, Option<Trigger>) {
-    let (w, c, h, prev) = (&cfg.warning, &cfg.critical, cfg.hysteresis, e.health);
-    let stats = e.window.stats(now, cfg.window);
+    assess_window(cfg, &e.window, e.health, current.then_some(e), now)
+}
+
+/// Judges a window of probes that held level `prev`; `path` is the current
+/// path's entry, whose stalls and throughput count too.
+fn assess_window(
+    cfg: &PolicyConfig,
+    window: &Window,
+    prev: Health,
+    path: Option<&Entry>,
+    now: Instant,
+) -> (Health, Option<Trigger>) {
+    let (w, c, h) = (&cfg.warning, &cfg.critical, cfg.hysteresis);
+    let stats = window.stats(now, cfg.window);
     let judged = stats.samples >= cfg.min_samples;
     let mut health = if judged { Health::Good } else { Health::Unknown };
     let mut trigger = None;
@@ -367,7 +432,7 @@ fn assess(cfg: &PolicyConfig, e: &Entry, now: Instant, current: bool) -> (Health
     let pick = |level: Health, w: Option<Duration>, c: Option<Duration>| {
         if level == Health::Critical { c } else { w }.unwrap_or_default()
     };
-    if current {
+    if let Some(e) = path {
         let stalled = e.stalled(now);
         if !stalled.is_zero() {
             consider(judge_high(stalled.as_secs_f64(), secs(w.stall), secs(c.stall), prev, h), &|l| Trigger::Stall {
@@ -396,7 +461,7 @@ fn assess(cfg: &PolicyConfig, e: &Entry, now: Instant, current: bool) -> (Health
             });
         }
     }
-    if current {
+    if let Some(e) = path {
         if let Some((rate, at)) = e.throughput {
             if now.saturating_duration_since(at) < cfg.window {
                 let f = |v: Option<u64>| v.map(|v| v as f64);
@@ -475,6 +540,15 @@ pub struct Engine {
     entries: Vec<Entry>,
     current: Option<String>,
     switching: Option<String>,
+    /// The gateway address the switch under way goes to, if another.
+    switching_addr: Option<String>,
+    /// The gateway address of the current path (probes of the Check
+    /// activity go there), as the driver named it.
+    target: Option<String>,
+    /// The gateway's other addresses, measured every `address_interval`.
+    targets: Vec<String>,
+    next_far: Option<Instant>,
+    far_probes: VecDeque<(String, String)>,
     /// A path existed once: connecting again is a recovery (urgent).
     connected_once: bool,
     lost_from: Option<String>,
@@ -487,11 +561,16 @@ pub struct Engine {
     queued_request: Option<String>,
     /// The current path is degraded and the alternatives are being probed.
     searching: bool,
+    /// Since when, with a multihomed gateway: a pair counts as good for a
+    /// move only on probes taken since (measurements from before the
+    /// degradation may not show it yet).
+    searching_since: Option<Instant>,
     /// Worst level of the current path already told to the user.
     told: Health,
     trigger: Option<Trigger>,
     proposal: Option<String>,
-    declined: Option<(String, Instant)>,
+    proposal_addr: Option<String>,
+    declined: Option<(String, Option<String>, Instant)>,
     no_path_told: bool,
     next_check: Option<Instant>,
     next_search: Option<Instant>,
@@ -509,6 +588,11 @@ impl Engine {
             entries: Vec::new(),
             current: None,
             switching: None,
+            switching_addr: None,
+            target: None,
+            targets: Vec::new(),
+            next_far: None,
+            far_probes: VecDeque::new(),
             connected_once: false,
             lost_from: None,
             switched_at: None,
@@ -516,9 +600,11 @@ impl Engine {
             pin_next: None,
             queued_request: None,
             searching: false,
+            searching_since: None,
             told: Health::Good,
             trigger: None,
             proposal: None,
+            proposal_addr: None,
             declined: None,
             no_path_told: false,
             next_check: None,
@@ -553,6 +639,53 @@ impl Engine {
         self.proposal.as_deref()
     }
 
+    /// The other gateway address proposed with [`Engine::proposal`], if any.
+    pub fn proposal_addr(&self) -> Option<&str> {
+        self.proposal_addr.as_deref()
+    }
+
+    /// The gateway address the switch under way goes to, if another.
+    pub fn switching_addr(&self) -> Option<&str> {
+        self.switching_addr.as_deref()
+    }
+
+    /// The gateway address of the current path, as last given to
+    /// [`Engine::on_targets`].
+    pub fn target(&self) -> Option<&str> {
+        self.target.as_deref()
+    }
+
+    /// Every candidate path: each interface towards the current gateway
+    /// address, then towards each other address, with its measurements.
+    pub fn paths(&self, now: Instant) -> Vec<PathStatus> {
+        let cur = self.current_index();
+        let mut out = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            out.push(PathStatus {
+                interface: e.iface.name.clone(),
+                gateway_addr: self.target.clone(),
+                current: Some(i) == cur,
+                health: e.health,
+                stats: e.window.stats(now, self.config.window),
+                score: self.score(i, now),
+            });
+        }
+        for t in &self.targets {
+            for (i, e) in self.entries.iter().enumerate() {
+                let far = e.far.get(t).cloned().unwrap_or_default();
+                out.push(PathStatus {
+                    interface: e.iface.name.clone(),
+                    gateway_addr: Some(t.clone()),
+                    current: false,
+                    health: far.health,
+                    stats: far.window.stats(now, self.config.window),
+                    score: self.score_of(i, Some(t), now),
+                });
+            }
+        }
+        out
+    }
+
     /// Every interface of the table with its attributes, health and
     /// measurements.
     pub fn interfaces(&self, now: Instant) -> Vec<IfaceStatus> {
@@ -582,10 +715,18 @@ impl Engine {
         self.decisions.pop_front()
     }
 
-    /// The next interface to probe, or `None`.
+    /// The next interface to probe towards the current gateway address, or
+    /// `None`.
     #[must_use]
     pub fn poll_probe(&mut self) -> Option<String> {
         self.probes.pop_front()
+    }
+
+    /// The next (interface, other gateway address) to probe, or `None`;
+    /// report the result with [`Engine::on_path_measurement`].
+    #[must_use]
+    pub fn poll_far_probe(&mut self) -> Option<(String, String)> {
+        self.far_probes.pop_front()
     }
 
     /// When to call [`Engine::handle_timeout`]; `None` while a switch is
@@ -595,10 +736,7 @@ impl Engine {
         if self.switching.is_some() {
             return None;
         }
-        match (self.next_check, self.next_search) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.next_check, self.next_search, self.next_far].into_iter().flatten().min()
     }
 
     /// Runs the activities that are due at `now`.
@@ -613,6 +751,80 @@ impl Engine {
         if self.switching.is_none() && self.next_search.is_some_and(|t| now >= t) {
             self.next_search = after(now, self.config.search_interval);
             self.search(now);
+        }
+        if self.switching.is_none() && self.next_far.is_some_and(|t| now >= t) {
+            self.next_far = self.far_timer(now);
+            self.probe_far();
+        }
+    }
+
+    /// A multihomed gateway: the session's gateway address is `current`
+    /// and `others` are the gateway's other addresses known (static and
+    /// advertised), in its order; at most [`MAX_TARGETS`] of them are
+    /// measured. From now on the candidate paths are every (interface,
+    /// address) pair: the Check and Search activities probe the current
+    /// address on each interface, and the others are probed every
+    /// `address_interval` on every usable interface (every check while the
+    /// current path is degraded). When `current` changes (the session moved
+    /// to another address) what was measured towards the new address
+    /// becomes the current path's, and the old one's is kept as another's.
+    pub fn on_targets(&mut self, current: Option<&str>, others: &[String], now: Instant) {
+        let current = current.map(str::to_owned);
+        if current != self.target {
+            for e in &mut self.entries {
+                let new = current.as_ref().and_then(|c| e.far.remove(c)).unwrap_or_default();
+                let old = Far {
+                    window: std::mem::replace(&mut e.window, new.window),
+                    health: std::mem::replace(&mut e.health, new.health),
+                    failed_at: None,
+                };
+                if let Some(t) = &self.target {
+                    e.far.insert(t.clone(), old);
+                }
+                // Stalls and throughput belonged to the old path.
+                e.stall = None;
+                e.throughput = None;
+            }
+            self.target = current;
+        }
+        let mut targets: Vec<String> = Vec::new();
+        for o in others {
+            if Some(o) != self.target.as_ref() && !targets.contains(o) && targets.len() < MAX_TARGETS {
+                targets.push(o.clone());
+            }
+        }
+        for e in &mut self.entries {
+            e.far.retain(|a, _| targets.contains(a));
+        }
+        self.far_probes.retain(|(_, a)| targets.contains(a));
+        if self.proposal_addr.as_ref().is_some_and(|a| !targets.contains(a)) {
+            self.withdraw();
+        }
+        self.targets = targets;
+        if self.next_far.is_none() && self.switching.is_none() {
+            self.next_far = self.far_timer(now);
+        }
+    }
+
+    /// A probe from interface `iface` to gateway address `addr` (the
+    /// current one or another given to [`Engine::on_targets`]) was
+    /// answered ([`Sample::Rtt`]) or lost; other samples are the current
+    /// path's and go to [`Engine::on_measurement`].
+    pub fn on_path_measurement(&mut self, iface: &str, addr: &str, sample: Sample, now: Instant) {
+        if self.target.as_deref() == Some(addr) {
+            self.on_measurement(iface, sample, now);
+            return;
+        }
+        if !self.targets.iter().any(|t| t == addr) {
+            return;
+        }
+        let span = self.config.window;
+        let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == iface) else { return };
+        let far = e.far.entry(addr.to_owned()).or_default();
+        match sample {
+            Sample::Rtt(rtt) => far.window.push(now, Some(rtt), span),
+            Sample::Lost => far.window.push(now, None, span),
+            Sample::Stall(_) | Sample::Throughput(_) => {}
         }
     }
 
@@ -674,15 +886,22 @@ impl Engine {
             self.withdraw();
         }
         self.proposal = None;
+        self.proposal_addr = None;
+        if self.switching.as_deref() != Some(to) {
+            // Not one the engine decided: the driver's own, on the interface.
+            self.switching_addr = None;
+        }
         self.switching = Some(to.to_owned());
         self.next_check = None;
         self.next_search = None;
+        self.next_far = None;
     }
 
     /// The path now runs through `to`. The activities resume, and the dwell
     /// time starts.
     pub fn on_switch_finished(&mut self, to: &str, now: Instant) {
         self.switching = None;
+        let addr = self.switching_addr.take();
         self.current = Some(to.to_owned());
         self.connected_once = true;
         self.lost_from = None;
@@ -695,6 +914,9 @@ impl Engine {
             e.stall = None;
             e.throughput = None;
             e.failed_at = None;
+            if let Some(f) = addr.and_then(|a| e.far.get_mut(&a)) {
+                f.failed_at = None;
+            }
         }
         self.resume(now);
         if !self.is_usable(to) {
@@ -711,8 +933,14 @@ impl Engine {
     pub fn on_switch_failed(&mut self, to: &str, now: Instant) {
         self.switching = None;
         self.pin_next = None;
+        let addr = self.switching_addr.take();
         if let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == to) {
-            e.failed_at = Some(now);
+            // A move to another gateway address that failed says nothing
+            // of the interface's other paths.
+            match addr {
+                Some(a) => e.far.entry(a).or_default().failed_at = Some(now),
+                None => e.failed_at = Some(now),
+            }
         }
         self.resume(now);
         match self.current.clone() {
@@ -752,7 +980,7 @@ impl Engine {
             return Err(Refusal::AlreadyCurrent(to.to_owned()));
         }
         self.pin_next = Some(to.to_owned());
-        self.emit_switch(to.to_owned(), Reason::UserRequest, false);
+        self.emit_switch(to.to_owned(), None, Reason::UserRequest, false);
         Ok(())
     }
 
@@ -760,13 +988,14 @@ impl Engine {
     /// Returns the interface.
     pub fn approve(&mut self, _now: Instant) -> Result<String, Refusal> {
         let to = self.proposal.take().ok_or(Refusal::NoProposal)?;
+        let addr = self.proposal_addr.take();
         if !self.is_usable(&to) {
             return Err(Refusal::Unusable(to));
         }
-        if self.current.as_deref() == Some(to.as_str()) {
+        if addr.is_none() && self.current.as_deref() == Some(to.as_str()) {
             return Err(Refusal::AlreadyCurrent(to));
         }
-        self.emit_switch(to.clone(), Reason::UserApproved, false);
+        self.emit_switch(to.clone(), addr, Reason::UserApproved, false);
         Ok(to)
     }
 
@@ -775,7 +1004,7 @@ impl Engine {
     /// threshold still switches. Returns the interface.
     pub fn decline(&mut self, now: Instant) -> Result<String, Refusal> {
         let to = self.proposal.take().ok_or(Refusal::NoProposal)?;
-        self.declined = Some((to.clone(), now));
+        self.declined = Some((to.clone(), self.proposal_addr.take(), now));
         Ok(to)
     }
 
@@ -787,19 +1016,6 @@ impl Engine {
             self.withdraw();
             self.declined = None;
             self.pinned = false;
-        }
-    }
-
-    /// The probes now measure other paths through the same interfaces: the
-    /// session moved to another address of a multihomed gateway, which the
-    /// probes go to. What was measured towards the old address says nothing
-    /// about the new one, so every interface's measurements start over.
-    pub fn on_target_changed(&mut self) {
-        for e in &mut self.entries {
-            e.window = Window::default();
-            e.health = Health::Unknown;
-            e.stall = None;
-            e.throughput = None;
         }
     }
 
@@ -815,6 +1031,7 @@ impl Engine {
         if health < Health::Warning {
             if self.searching {
                 self.searching = false;
+                self.searching_since = None;
                 self.told = Health::Good;
                 self.decisions.push_back(Decision::Recovered);
             }
@@ -822,13 +1039,15 @@ impl Engine {
         }
         if !self.searching {
             self.searching = true;
-            // A single-interface device has nowhere to search (seed: "the
-            // Search activity can't be launched").
-            if let (false, Some(reason)) = (self.single_interface(), level_reason(health, trigger)) {
+            self.searching_since = Some(now);
+            // A single-interface device with a single-address gateway has
+            // nowhere to search (seed: "the Search activity can't be launched").
+            if let (false, Some(reason)) = (self.single_path(), level_reason(health, trigger)) {
                 self.decisions.push_back(Decision::StartSearch { reason });
             }
         }
         self.probe_alternatives();
+        self.probe_far();
         self.decide(now);
     }
 
@@ -848,7 +1067,7 @@ impl Engine {
         let health = self.entries[ci].health;
         let reason = level_reason(health, self.trigger);
         self.refresh_alternatives(now);
-        if self.single_interface() {
+        if self.single_path() {
             if let Some(reason) = reason {
                 if health > self.told {
                     self.told = health;
@@ -859,8 +1078,8 @@ impl Engine {
         }
         if health == Health::Critical {
             let Some(reason) = reason else { return };
-            match self.urgent_target(now, true) {
-                Some(i) => self.emit_switch(self.entries[i].iface.name.clone(), reason, true),
+            match self.urgent_target(now, true, true) {
+                Some((i, addr)) => self.emit_switch(self.entries[i].iface.name.clone(), addr, reason, true),
                 None if self.told < Health::Critical => {
                     self.told = Health::Critical;
                     self.decisions.push_back(Decision::Warn { reason, no_alternative: true });
@@ -871,17 +1090,18 @@ impl Engine {
         }
         let target = self.planned_target(now, health);
         match (self.mode, target) {
-            (Mode::Auto, Some((i, r))) => self.emit_switch(self.entries[i].iface.name.clone(), r, false),
-            (Mode::Manual, Some((i, r))) => {
+            (Mode::Auto, Some((i, addr, r))) => self.emit_switch(self.entries[i].iface.name.clone(), addr, r, false),
+            (Mode::Manual, Some((i, addr, r))) => {
                 let to = self.entries[i].iface.name.clone();
-                let declined = self
-                    .declined
-                    .as_ref()
-                    .is_some_and(|(d, at)| *d == to && now.saturating_duration_since(*at) < self.config.min_dwell);
-                if !declined && self.proposal.as_deref() != Some(to.as_str()) {
+                let declined = self.declined.as_ref().is_some_and(|(d, a, at)| {
+                    *d == to && *a == addr && now.saturating_duration_since(*at) < self.config.min_dwell
+                });
+                let same = self.proposal.as_deref() == Some(to.as_str()) && self.proposal_addr == addr;
+                if !declined && !same {
                     self.withdraw();
                     self.proposal = Some(to.clone());
-                    self.decisions.push_back(Decision::Propose { to, reason: r });
+                    self.proposal_addr = addr.clone();
+                    self.decisions.push_back(Decision::Propose { to, addr, reason: r });
                 }
             }
             (Mode::User, _) | (_, None) => {
@@ -907,14 +1127,16 @@ impl Engine {
         if self.switching.is_some() || self.current.is_some() {
             return;
         }
-        match self.urgent_target(now, false) {
-            Some(i) => {
+        // With no path the link's own search tries every gateway address:
+        // the engine only names the interface.
+        match self.urgent_target(now, false, false) {
+            Some((i, _)) => {
                 let reason = match self.lost_from.clone() {
                     Some(from) => Reason::PathLost { from },
                     None => Reason::Startup,
                 };
                 self.no_path_told = false;
-                self.emit_switch(self.entries[i].iface.name.clone(), reason, self.connected_once);
+                self.emit_switch(self.entries[i].iface.name.clone(), None, reason, self.connected_once);
             }
             None if !self.no_path_told => {
                 self.no_path_told = true;
@@ -939,12 +1161,16 @@ impl Engine {
 
     // ---- choosing ----
 
-    /// The best interface to move to without urgency, if moving is worth
-    /// it: only good interfaces qualify; an unmetered one beats a metered
-    /// one, any good one beats a degraded current path, and otherwise the
-    /// score must improve by the hysteresis. Nothing within the dwell time,
-    /// and nothing while the user's own choice is still good.
-    fn planned_target(&self, now: Instant, health: Health) -> Option<(usize, Reason)> {
+    /// The best path to move to without urgency, if moving is worth it:
+    /// only good paths qualify; an unmetered interface beats a metered
+    /// one, any good path beats a degraded current one, and otherwise the
+    /// score must improve by the hysteresis. The candidates are every
+    /// (interface, gateway address) pair but the current one; moving the
+    /// gateway address as well must be worth it: a pair on the current
+    /// address within the hysteresis of the best is preferred. Nothing
+    /// within the dwell time, and nothing while the user's own choice is
+    /// still good.
+    fn planned_target(&self, now: Instant, health: Health) -> Option<(usize, Option<String>, Reason)> {
         let ci = self.current_index()?;
         let degraded = health >= Health::Warning;
         if self.pinned && !degraded {
@@ -956,30 +1182,59 @@ impl Engine {
         let cur_class = if degraded { 2 } else { u8::from(self.entries[ci].attrs.metered) };
         let cur_score = self.score(ci, now);
         let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
-        let mut best: Option<(usize, (bool, u8, f64))> = None;
-        for (i, e) in self.entries.iter().enumerate() {
-            if i == ci || !e.usable() || e.health != Health::Good || e.failed_within(now, self.config.min_dwell) {
-                continue;
-            }
-            let Some(s) = self.score(i, now) else { continue };
-            let class = u8::from(e.attrs.metered);
-            let better =
-                class < cur_class || (class == cur_class && cur_score.is_some_and(|c| c - s > (h * c).max(min_gain)));
-            if !better {
-                continue;
-            }
-            // Interfaces that connect without the user first (seed: "preferring
-            // the alternative provider which allows a totally automatic
-            // connection procedure"), then unmetered, then the score.
-            let key = (e.attrs.needs_user_interaction, class, s);
-            let wins = best.as_ref().is_none_or(|(_, b)| {
+        let dwell = self.config.min_dwell;
+        let iface_suspect = degraded && self.interface_suspect(ci);
+        // (entry, other address, (needs the user, class, score)), best of all
+        // and best on the current address.
+        type Cand<'a> = (usize, Option<&'a String>, (bool, u8, f64));
+        let (mut best, mut best_here): (Option<Cand<'_>>, Option<Cand<'_>>) = (None, None);
+        let wins = |key: &(bool, u8, f64), b: &Option<Cand<'_>>| {
+            b.as_ref().is_none_or(|(_, _, b)| {
                 (key.0, key.1).cmp(&(b.0, b.1)).then_with(|| key.2.total_cmp(&b.2)) == Ordering::Less
-            });
-            if wins {
-                best = Some((i, key));
+            })
+        };
+        for (i, e) in self.entries.iter().enumerate() {
+            if !e.usable() || e.failed_within(now, dwell) || (iface_suspect && i == ci) {
+                continue;
+            }
+            for addr in std::iter::once(None).chain(self.targets.iter().map(Some)) {
+                let good = match addr {
+                    None => i != ci && e.health == Health::Good && self.fresh(&e.window),
+                    Some(a) => e.far.get(a).is_some_and(|f| {
+                        f.health == Health::Good
+                            && self.fresh(&f.window)
+                            && f.failed_at.is_none_or(|t| now.saturating_duration_since(t) >= dwell)
+                    }),
+                };
+                if !good {
+                    continue;
+                }
+                let Some(s) = self.score_of(i, addr.map(String::as_str), now) else { continue };
+                let class = u8::from(e.attrs.metered);
+                let better = class < cur_class
+                    || (class == cur_class && cur_score.is_some_and(|c| c - s > (h * c).max(min_gain)));
+                if !better {
+                    continue;
+                }
+                // Interfaces that connect without the user first (seed: "preferring
+                // the alternative provider which allows a totally automatic
+                // connection procedure"), then unmetered, then the score.
+                let key = (e.attrs.needs_user_interaction, class, s);
+                if wins(&key, &best) {
+                    best = Some((i, addr, key));
+                }
+                if addr.is_none() && wins(&key, &best_here) {
+                    best_here = Some((i, addr, key));
+                }
             }
         }
-        let (i, (_, class, s)) = best?;
+        let (mut i, mut addr, mut key) = best?;
+        if let (Some(_), Some((hi, _, hk))) = (addr, best_here) {
+            if (hk.0, hk.1) == (key.0, key.1) && hk.2 - key.2 <= (h * hk.2).max(min_gain) {
+                (i, addr, key) = (hi, None, hk);
+            }
+        }
+        let (_, class, s) = key;
         let reason = if degraded {
             level_reason(health, self.trigger)?
         } else if class < cur_class {
@@ -987,14 +1242,18 @@ impl Engine {
         } else {
             Reason::Better { from_score: cur_score.unwrap_or_default(), to_score: s }
         };
-        Some((i, reason))
+        Some((i, addr.cloned(), reason))
     }
 
-    /// The interface to go to when the path is lost or critical: any usable
-    /// one not failed lately; those needing the user last, then by health
-    /// (good, warning, unknown, critical), then score or order of
-    /// preference. Critical ones are excluded when leaving a critical path.
-    fn urgent_target(&mut self, now: Instant, exclude_critical: bool) -> Option<usize> {
+    /// The path to go to when the current one is lost or critical: any
+    /// usable interface not failed lately, and with `pairs` every other
+    /// gateway address on each; those needing the user last, then by health
+    /// (good, good on probes from before the degradation only, warning,
+    /// unknown, critical), then score (another address
+    /// than the current one counting the hysteresis against it), then the
+    /// current address before the others, then order of preference. Critical ones
+    /// are excluded when leaving a critical path.
+    fn urgent_target(&mut self, now: Instant, exclude_critical: bool, pairs: bool) -> Option<(usize, Option<String>)> {
         self.refresh_alternatives(now);
         let ci = self.current_index();
         let class = |h: Health| match h {
@@ -1003,39 +1262,67 @@ impl Engine {
             Health::Unknown => 2,
             Health::Critical => 3,
         };
-        let candidates: Vec<(usize, bool, u8, f64)> = (0..self.entries.len())
-            .filter(|&i| {
-                let e = &self.entries[i];
-                Some(i) != ci
-                    && e.usable()
-                    && !e.failed_within(now, self.config.search_interval)
-                    && !(exclude_critical && e.health == Health::Critical)
-            })
-            .map(|i| {
-                let e = &self.entries[i];
-                let score = match e.health {
-                    Health::Good | Health::Warning => self.score(i, now).unwrap_or_default(),
+        let span = self.config.search_interval;
+        let iface_suspect = ci.is_some_and(|c| self.interface_suspect(c));
+        let mut candidates: Vec<(usize, Option<&String>, bool, u8, f64)> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            if !e.usable() || e.failed_within(now, span) || (iface_suspect && Some(i) == ci) {
+                continue;
+            }
+            let others = if pairs { self.targets.as_slice() } else { &[] };
+            for addr in std::iter::once(None).chain(others.iter().map(Some)) {
+                let (health, window) = match addr {
+                    None if Some(i) == ci => continue,
+                    None => (e.health, Some(&e.window)),
+                    Some(a) => match e.far.get(a) {
+                        Some(f) if f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < span) => continue,
+                        Some(f) => (f.health, Some(&f.window)),
+                        None => (Health::Unknown, None),
+                    },
+                };
+                // Good on probes from before the degradation only: still
+                // better than warning, after those good on fresh probes.
+                let stale = window.is_some_and(|w| health == Health::Good && !self.fresh(w));
+                if exclude_critical && health == Health::Critical {
+                    continue;
+                }
+                let score = match health {
+                    Health::Good | Health::Warning => self.score_of(i, addr.map(String::as_str), now).unwrap_or_default(),
                     Health::Unknown | Health::Critical => 0.0,
                 };
-                (i, e.attrs.needs_user_interaction, class(e.health), score)
-            })
-            .collect();
+                // Moving the gateway address as well must be worth it, as
+                // in `planned_target`: another address pays the hysteresis.
+                let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
+                let score = if addr.is_some() { score + (h * score).max(min_gain) } else { score };
+                candidates.push((i, addr, e.attrs.needs_user_interaction, class(health) * 2 + u8::from(stale), score));
+            }
+        }
         candidates
             .into_iter()
             .min_by(|a, b| {
-                (a.1, a.2)
-                    .cmp(&(b.1, b.2))
-                    .then_with(|| a.3.total_cmp(&b.3))
+                (a.2, a.3)
+                    .cmp(&(b.2, b.3))
+                    .then_with(|| a.4.total_cmp(&b.4))
+                    .then_with(|| a.1.is_some().cmp(&b.1.is_some()))
                     .then_with(|| connect_order(&self.entries[a.0], &self.entries[b.0]))
             })
-            .map(|c| c.0)
+            .map(|c| (c.0, c.1.cloned()))
     }
 
     /// Penalty points of interface `i` (lower is better); `None` until
     /// enough probes are answered.
     fn score(&self, i: usize, now: Instant) -> Option<f64> {
+        self.score_of(i, None, now)
+    }
+
+    /// Penalty points of the path from interface `i` to the gateway address
+    /// `addr` (`None`: the current one).
+    fn score_of(&self, i: usize, addr: Option<&str>, now: Instant) -> Option<f64> {
         let e = &self.entries[i];
-        let stats = e.window.stats(now, self.config.window);
+        let stats = match addr {
+            None => e.window.stats(now, self.config.window),
+            Some(a) => e.far.get(a)?.window.stats(now, self.config.window),
+        };
         if stats.samples < self.config.min_samples {
             return None;
         }
@@ -1059,31 +1346,39 @@ impl Engine {
                 let (health, _) = assess(&self.config, &self.entries[i], now, false);
                 self.entries[i].health = health;
             }
+            let cfg = &self.config;
+            for far in self.entries[i].far.values_mut() {
+                far.health = assess_window(cfg, &far.window, far.health, None, now).0;
+            }
         }
     }
 
     // ---- bookkeeping ----
 
-    fn emit_switch(&mut self, to: String, reason: Reason, urgent: bool) {
-        if self.proposal.as_deref().is_some_and(|p| p != to) {
+    fn emit_switch(&mut self, to: String, addr: Option<String>, reason: Reason, urgent: bool) {
+        if self.proposal.as_deref().is_some_and(|p| p != to) || self.proposal_addr != addr {
             self.withdraw();
         }
         self.proposal = None;
+        self.proposal_addr = None;
         self.switching = Some(to.clone());
+        self.switching_addr = addr.clone();
         self.next_check = None;
         self.next_search = None;
-        self.decisions.push_back(Decision::Switch { to, reason, urgent });
+        self.next_far = None;
+        self.decisions.push_back(Decision::Switch { to, addr, reason, urgent });
     }
 
     fn run_queued_request(&mut self) {
         let Some(to) = self.queued_request.take() else { return };
         if self.current.as_deref() != Some(to.as_str()) && self.is_usable(&to) {
             self.pin_next = Some(to.clone());
-            self.emit_switch(to, Reason::UserRequest, false);
+            self.emit_switch(to, None, Reason::UserRequest, false);
         }
     }
 
     fn withdraw(&mut self) {
+        self.proposal_addr = None;
         if let Some(to) = self.proposal.take() {
             self.decisions.push_back(Decision::ProposalWithdrawn { to });
         }
@@ -1092,10 +1387,32 @@ impl Engine {
     fn resume(&mut self, now: Instant) {
         self.next_check = self.current.as_ref().and_then(|_| after(now, self.config.check_interval));
         self.next_search = after(now, self.config.search_interval);
+        self.next_far = self.far_timer(now);
+    }
+
+    /// When to probe the other gateway addresses next: never without any.
+    fn far_timer(&self, now: Instant) -> Option<Instant> {
+        if self.targets.is_empty() {
+            return None;
+        }
+        after(now, self.config.address_interval)
+    }
+
+    /// Probes the gateway's other addresses from every usable interface.
+    fn probe_far(&mut self) {
+        for t in &self.targets {
+            for e in self.entries.iter().filter(|e| e.usable()) {
+                let p = (e.iface.name.clone(), t.clone());
+                if !self.far_probes.contains(&p) {
+                    self.far_probes.push_back(p);
+                }
+            }
+        }
     }
 
     fn reset_path_state(&mut self) {
         self.searching = false;
+        self.searching_since = None;
         self.told = Health::Good;
         self.trigger = None;
         self.pinned = false;
@@ -1137,7 +1454,39 @@ impl Engine {
         self.entries.iter().filter(|e| !e.attrs.never_use).count() <= 1
     }
 
+    /// The current path (interface `ci`, current address) is degraded and
+    /// another interface reaches the same address well: the interface is
+    /// what fails, so the other addresses through it are no way out, however
+    /// their few probes fared. (When every interface's path to the address
+    /// is degraded, the address is the suspect, and another one through the
+    /// same interface is a fine way out.)
+    fn interface_suspect(&self, ci: usize) -> bool {
+        !self.targets.is_empty()
+            && self
+                .entries
+                .iter()
+                .enumerate()
+                .any(|(i, e)| i != ci && e.usable() && e.health == Health::Good && self.fresh(&e.window))
+    }
+
+    /// With a multihomed gateway, while the current path is degraded: the
+    /// window holds `min_samples` probes taken since the search began.
+    /// Always true otherwise (the engine then decides as it always did).
+    fn fresh(&self, w: &Window) -> bool {
+        match self.searching_since {
+            Some(t) if !self.targets.is_empty() => w.count_since(t) >= self.config.min_samples,
+            _ => true,
+        }
+    }
+
+    /// One interface, and a gateway with a single address: no other path
+    /// at all.
+    fn single_path(&self) -> bool {
+        self.single_interface() && self.targets.is_empty()
+    }
+
     fn any_alternative(&self) -> bool {
         self.entries.iter().any(|e| e.usable() && self.current.as_deref() != Some(e.iface.name.as_str()))
+            || (!self.targets.is_empty() && self.current.as_deref().is_some_and(|c| self.is_usable(c)))
     }
 }

@@ -93,6 +93,11 @@ impl Window {
         self.samples.push_back((at, rtt));
     }
 
+    /// Probes taken at or after `t`.
+    pub(crate) fn count_since(&self, t: Instant) -> u32 {
+        self.samples.iter().filter(|&&(at, _)| at >= t).count() as u32
+    }
+
     pub(crate) fn stats(&self, now: Instant, span: Duration) -> Stats {
         let recent = self.samples.iter().filter(|&&(t, _)| now.saturating_duration_since(t) < span);
         let (mut samples, mut lost, mut sum, mut answered) = (0u32, 0u32, 0.0f64, 0u32);

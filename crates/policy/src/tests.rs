@@ -103,7 +103,9 @@ impl Sim {
         );
         let kind = iface.map_or(Kind::Other, |i| i.kind);
         assert!(!self.engine.config().attributes(to, kind).never_use, "{d:?}: never_use");
-        assert_ne!(self.engine.current(), Some(to.as_str()), "{d:?}: the current interface");
+        if matches!(d, Decision::Switch { addr: None, .. } | Decision::Propose { addr: None, .. }) {
+            assert_ne!(self.engine.current(), Some(to.as_str()), "{d:?}: the current interface");
+        }
     }
 
     /// Runs the timeline up to `secs` seconds.
@@ -148,7 +150,7 @@ impl Sim {
         self.log
             .iter()
             .filter_map(|(t, d)| match d {
-                Decision::Switch { to, reason, urgent } => Some((*t, to.clone(), reason.clone(), *urgent)),
+                Decision::Switch { to, reason, urgent, .. } => Some((*t, to.clone(), reason.clone(), *urgent)),
                 _ => None,
             })
             .collect()
@@ -299,14 +301,29 @@ fn a_growing_stall_reaches_critical_without_new_reports() {
 }
 
 #[test]
-fn a_new_probe_target_starts_the_measurements_over() {
+fn each_gateway_address_has_its_own_measurements() {
+    const A: &str = "192.0.2.1:7700";
+    const B: &str = "198.51.100.1:7700";
     let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100)]).link("eth0", |t| (t < 10.0).then_some(ms(5))).start();
     sim.run_until(13.0);
     let before = sim.engine.interfaces(sim.now)[0].clone();
     assert!(before.stats.loss.is_some_and(|l| l > 0.0), "{before:?}");
-    sim.engine.on_target_changed();
+    // The probes go to a named address from now on: what was measured
+    // before, towards no address known, says nothing of it.
+    sim.engine.on_targets(Some(A), &[], sim.now);
     let after = sim.engine.interfaces(sim.now)[0].clone();
     assert_eq!((after.stats.samples, after.health), (0, Health::Unknown), "{after:?}");
+    sim.run_until(16.0);
+    let on_a = sim.engine.interfaces(sim.now)[0].stats.samples;
+    assert!(on_a > 0);
+    // The session moves to B: A's measurements are kept as another path's.
+    sim.engine.on_targets(Some(B), &[A.to_owned()], sim.now);
+    assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, 0);
+    let paths = sim.engine.paths(sim.now);
+    let a = paths.iter().find(|p| p.gateway_addr.as_deref() == Some(A)).expect("A is a candidate");
+    assert_eq!((a.stats.samples, a.current), (on_a, false), "{paths:?}");
+    sim.engine.on_targets(Some(A), &[B.to_owned()], sim.now);
+    assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, on_a, "back on A, its measurements with it");
 }
 
 #[test]
@@ -482,7 +499,7 @@ fn manual_mode_waits_for_approval() {
     let mut sim = manual_upgrade();
     let proposals: Vec<_> = sim.log.iter().filter(|(_, d)| matches!(d, Decision::Propose { .. })).collect();
     assert_eq!(proposals.len(), 1, "{:?}", sim.log);
-    assert!(matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. } } if to == "eth0"));
+    assert!(matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. }, .. } if to == "eth0"));
     sim.run_until(300.0);
     assert_eq!(sim.switches().len(), 1, "no switch without approval");
     assert_eq!(sim.count(|d| matches!(d, Decision::Propose { .. })), 1, "proposed once, not at every search");
@@ -565,7 +582,7 @@ fn critical_overrides_manual_and_prefers_no_interaction() {
     assert!(sim
         .log
         .iter()
-        .any(|(_, d)| matches!(d, Decision::Propose { to, reason: Reason::Warning(_) } if to == "wwan0")));
+        .any(|(_, d)| matches!(d, Decision::Propose { to, reason: Reason::Warning(_), .. } if to == "wwan0")));
 }
 
 // ---- cost, metered, never_use ----
@@ -962,6 +979,116 @@ fn config_with(check: std::ops::Range<u64>, search: std::ops::Range<u64>) -> imp
             c
         },
     )
+}
+
+/// A driver for paths (interface, gateway address): probes are answered
+/// from `model(t, iface, addr)`, switches complete at once and the new
+/// gateway address is handed back to the engine. Returns the switches:
+/// (second, interface, address).
+fn run_pairs(
+    e: &mut Engine,
+    t0: Instant,
+    until: f64,
+    at: &mut (String, String),
+    addrs: &[&str],
+    model: &dyn Fn(f64, &str, &str) -> Option<Duration>,
+) -> Vec<(f64, String, Option<String>)> {
+    let mut now = t0;
+    let mut out = Vec::new();
+    let end = t0 + Duration::from_secs_f64(until);
+    loop {
+        while let Some(d) = e.poll() {
+            if let Decision::Switch { to, addr, .. } = d {
+                assert!(addr.is_some() || to != at.0, "a switch to where the path already is");
+                e.on_switch_started(&to, now);
+                e.on_switch_finished(&to, now);
+                at.0 = to.clone();
+                if let Some(a) = &addr {
+                    at.1 = a.clone();
+                }
+                let others: Vec<String> = addrs.iter().map(|a| a.to_string()).filter(|a| *a != at.1).collect();
+                e.on_targets(Some(&at.1), &others, now);
+                out.push((now.saturating_duration_since(t0).as_secs_f64(), to, addr));
+            }
+        }
+        let t = now.saturating_duration_since(t0).as_secs_f64();
+        while let Some(iface) = e.poll_probe() {
+            let s = model(t, &iface, &at.1).map_or(Sample::Lost, Sample::Rtt);
+            e.on_path_measurement(&iface, &at.1.clone(), s, now);
+        }
+        while let Some((iface, addr)) = e.poll_far_probe() {
+            let s = model(t, &iface, &addr).map_or(Sample::Lost, Sample::Rtt);
+            e.on_path_measurement(&iface, &addr, s, now);
+        }
+        let Some(next) = e.poll_timeout().filter(|&n| n <= end) else { return out };
+        now = now.max(next);
+        e.handle_timeout(now);
+    }
+}
+
+#[test]
+fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_interface() {
+    const A: &str = "192.0.2.1:7700";
+    const B: &str = "198.51.100.1:7700";
+    // A short dwell: the moves come at the warning threshold, on the first
+    // evidence, not at the critical one.
+    let mut e = Engine::new(PolicyConfig { min_dwell: ms(2000), ..PolicyConfig::default() });
+    let t0 = Instant::now();
+    let table = vec![Interface::usable("wlan0", Kind::Wifi, Some(100)), Interface::usable("wwan0", Kind::Cellular, Some(200))];
+    e.on_table(&table, t0);
+    let Some(Decision::Switch { to, addr: None, .. }) = e.poll() else { panic!("a start-up decision") };
+    assert_eq!(to, "wlan0");
+    e.on_switch_started(&to, t0);
+    e.on_switch_finished(&to, t0);
+    e.on_targets(Some(A), &[A.to_owned(), B.to_owned()], t0);
+    let mut at = ("wlan0".to_owned(), A.to_owned());
+    // From 20 s the path to A loses 40% of the probes on every interface;
+    // from 60 s wlan0 loses 40% whatever the address.
+    let model = |t: f64, iface: &str, addr: &str| {
+        let lossy = (addr == A && (20.0..60.0).contains(&t)) || (iface == "wlan0" && t >= 60.0);
+        // A hash of the instant, not a period: a periodic pattern would
+        // alias with the probes' own periods.
+        let mut z = ((t * 1000.0) as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        if lossy && (z ^ (z >> 31)) % 10 < 4 {
+            return None;
+        }
+        Some(ms(if iface == "wlan0" { 20 } else { 45 }))
+    };
+    let sw = run_pairs(&mut e, t0, 20.0, &mut at, &[A, B], &model);
+    assert!(sw.is_empty(), "nothing moves while every path is good: {sw:?}");
+    let paths = e.paths(t0 + ms(19_000));
+    assert_eq!(paths.len(), 4, "two interfaces by two addresses: {paths:?}");
+    assert!(paths.iter().all(|p| p.health == Health::Good), "{paths:?}");
+    let sw = run_pairs(&mut e, t0, 60.0, &mut at, &[A, B], &model);
+    assert_eq!(
+        sw.iter().map(|(_, i, a)| (i.as_str(), a.as_deref())).collect::<Vec<_>>(),
+        vec![("wlan0", Some(B))],
+        "the address moves, the interface stays: {sw:?}"
+    );
+    assert!(sw[0].0 < 26.0, "within a few checks of the degradation: {sw:?}");
+    assert_eq!(e.target(), Some(B));
+    let sw = run_pairs(&mut e, t0, 64.0, &mut at, &[A, B], &model);
+    assert_eq!(
+        sw.iter().map(|(_, i, a)| (i.as_str(), a.as_deref())).collect::<Vec<_>>(),
+        vec![("wwan0", None)],
+        "the interface moves, the address stays: {sw:?}"
+    );
+}
+
+#[test]
+fn without_other_addresses_nothing_is_probed_but_interfaces() {
+    let mut e = Engine::new(PolicyConfig::default());
+    let t0 = Instant::now();
+    e.on_table(&[Interface::usable("eth0", Kind::Ethernet, Some(100))], t0);
+    let Some(Decision::Switch { to, .. }) = e.poll() else { panic!("a start-up decision") };
+    e.on_switch_started(&to, t0);
+    e.on_switch_finished(&to, t0);
+    e.on_targets(Some("192.0.2.1:7700"), &["192.0.2.1:7700".to_owned()], t0);
+    assert_eq!(e.paths(t0).len(), 1);
+    e.handle_timeout(t0 + ms(60_000));
+    assert_eq!(e.poll_far_probe(), None);
 }
 
 proptest! {

@@ -352,6 +352,14 @@ pub struct GatewayConfig {
     /// wildcards left out, following `baton listen add|remove`.
     #[serde(default, deserialize_with = "opt_socket_addrs")]
     pub advertise: Option<Vec<SocketAddr>>,
+    /// Follow the host's addresses in the kernel's interface table
+    /// (rtnetlink). With a wildcard `listen` and no `advertise`, the
+    /// gateway advertises the host's usable addresses and re-advertises
+    /// when they change; and whatever it listens on, a session whose
+    /// control connection is on an address that goes away, becomes
+    /// deprecated or whose interface goes down gets a go-to. Default true.
+    #[serde(default = "defaults::yes")]
+    pub watch_addresses: bool,
     /// The gateway's admin socket (`baton goto`, `baton listen`, `baton
     /// gateway-status`). Without it the default path is used if free.
     pub admin: Option<PathBuf>,
@@ -604,6 +612,10 @@ impl ClientService {
 
 mod defaults {
     use std::time::Duration;
+    pub(super) fn yes() -> bool {
+        true
+    }
+
     pub(super) fn inactivity() -> Duration {
         Duration::from_secs(300)
     }
@@ -991,7 +1003,11 @@ mod tests {
                       admin = "/run/baton-gw.sock""#)
         .unwrap();
         assert_eq!(g.advertise.unwrap().len(), 2);
-        assert!(gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap().advertise.is_none());
+        let g = gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap();
+        assert!(g.advertise.is_none() && g.watch_addresses, "the host's addresses are followed by default");
+        assert!(!gw("listen = [\"0.0.0.0:7700\"]\nwatch_addresses = false").unwrap().watch_addresses);
+        let e = gw("listen = [\"0.0.0.0:7700\"]\nwatch_addresses = \"yes\"").unwrap_err();
+        assert_eq!(key_of(e), "watch_addresses");
         let e = gw(r#"listen = ["0.0.0.0:7700"]
                       advertise = ["0.0.0.0:7700"]"#)
         .unwrap_err();

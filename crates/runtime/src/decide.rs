@@ -3,6 +3,12 @@
 //! its decisions (switches), relays the user's commands (mode, approve,
 //! decline, switch), and publishes every proposal, decision and switch as
 //! an event (admin API event stream, `baton status`, the log).
+//!
+//! With a multihomed gateway the candidates are (interface, gateway
+//! address) pairs: probes go from each interface to the session's address
+//! and to the gateway's other addresses (one socket per pair), and a
+//! decision may move the interface, the address, or both, through the
+//! planned switch.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -34,6 +40,10 @@ pub struct Event {
     pub kind: &'static str,
     /// The interface concerned, if any.
     pub interface: Option<String>,
+    /// For a decision or proposal that also moves the session to another
+    /// address of a multihomed gateway: that address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_addr: Option<String>,
     /// Human-readable reason.
     pub reason: String,
     /// Past a critical threshold or the path is lost.
@@ -82,7 +92,13 @@ impl Events {
     }
 
     pub(crate) fn publish(&self, kind: &'static str, interface: Option<&str>, reason: String, urgent: bool) {
-        self.publish_event(kind, interface, reason, urgent, None);
+        self.publish_event(kind, interface, None, reason, urgent, None);
+    }
+
+    /// Publishes an event about a path: an interface and, if the session
+    /// is to move to another gateway address too, that address.
+    pub(crate) fn publish_path_event(&self, kind: &'static str, interface: &str, gateway_addr: Option<&str>, reason: String, urgent: bool) {
+        self.publish_event(kind, Some(interface), gateway_addr, reason, urgent, None);
     }
 
     /// Publishes the measurements of a session's new path.
@@ -92,13 +108,29 @@ impl Events {
             report.gateway, report.to, report.from, report.rtt_ms, report.down_bytes_per_s, report.up_bytes_per_s
         );
         let to = report.to.clone();
-        self.publish_event("path_changed", Some(&to), reason, false, Some(report));
+        self.publish_event("path_changed", Some(&to), None, reason, false, Some(report));
     }
 
-    fn publish_event(&self, kind: &'static str, interface: Option<&str>, reason: String, urgent: bool, path: Option<PathReport>) {
+    fn publish_event(
+        &self,
+        kind: &'static str,
+        interface: Option<&str>,
+        gateway_addr: Option<&str>,
+        reason: String,
+        urgent: bool,
+        path: Option<PathReport>,
+    ) {
         let at_unix_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let e = Event { at_unix_ms, kind, interface: interface.map(str::to_owned), reason, urgent, path };
-        info!(kind, interface = e.interface.as_deref().unwrap_or("-"), urgent, "{}", e.reason);
+        let e = Event {
+            at_unix_ms,
+            kind,
+            interface: interface.map(str::to_owned),
+            gateway_addr: gateway_addr.map(str::to_owned),
+            reason,
+            urgent,
+            path,
+        };
+        info!(kind, interface = e.interface.as_deref().unwrap_or("-"), gateway_addr = e.gateway_addr.as_deref().unwrap_or("-"), urgent, "{}", e.reason);
         let mut r = lock(&self.recent);
         r.push_back(e.clone());
         while r.len() > RECENT {
@@ -160,10 +192,13 @@ fn probe_socket(path: &Path, target: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Runs the decision engine until `stop`.
 pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::UnboundedReceiver<Command>, stop: CancellationToken) {
     let events = client.events();
-    let (reply_tx, mut replies) = mpsc::unbounded_channel::<(String, Probe)>();
+    let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, SocketAddr), Probe)>();
     let (done_tx, mut switch_done) = mpsc::unbounded_channel::<(String, Result<String, String>)>();
-    let mut probers: HashMap<String, Prober> = HashMap::new();
-    let mut pending: HashMap<u64, (String, Instant)> = HashMap::new();
+    // One probe socket per path: (interface, gateway address).
+    let mut probers: HashMap<(String, SocketAddr), Prober> = HashMap::new();
+    let mut pending: HashMap<u64, ((String, SocketAddr), Instant)> = HashMap::new();
+    // The gateway's other addresses as last given to the engine.
+    let mut targets: Vec<SocketAddr> = Vec::new();
     let mut seq = 0u64;
     let mut user_waiting: Option<(String, oneshot::Sender<Result<String, String>>)> = None;
     // A switch this driver started and has not seen finish.
@@ -182,9 +217,11 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
         // Carry out what the engine decided.
         while let Some(d) = engine.poll() {
             match d {
-                Decision::Switch { to, reason, urgent } => {
+                Decision::Switch { to, addr, reason, urgent } => {
                     let on = client.current_path();
-                    if on.as_deref() == Some(to.as_str()) {
+                    // The engine names addresses as given by `on_targets`.
+                    let addr = addr.and_then(|a| a.parse::<SocketAddr>().ok());
+                    if addr.is_none() && on.as_deref() == Some(to.as_str()) {
                         engine.on_switch_finished(&to, Instant::now());
                         answer_user(&mut user_waiting, &to, || Ok(format!("already on {to}")));
                         continue;
@@ -195,24 +232,40 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                         // until the link reports where it landed.
                         continue;
                     }
-                    events.publish("switch_decided", Some(&to), reason.to_string(), urgent);
+                    let a = addr.map(|a| a.to_string());
+                    // What the engine saw of every candidate when it decided.
+                    let seen: Vec<String> = engine
+                        .paths(Instant::now())
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{}→{} {:?} loss {:.2} n {} score {:.0}",
+                                p.interface,
+                                p.gateway_addr.as_deref().unwrap_or("-"),
+                                p.health,
+                                p.stats.loss.unwrap_or(-1.0),
+                                p.stats.samples,
+                                p.score.unwrap_or(-1.0)
+                            )
+                        })
+                        .collect();
+                    tracing::debug!(paths = ?seen, "candidate paths");
+                    events.publish_path_event("switch_decided", &to, a.as_deref(), reason.to_string(), urgent);
                     engine.on_switch_started(&to, Instant::now());
                     in_flight = Some(to.clone());
                     let (c, tx, to2, why) = (client.clone(), done_tx.clone(), to.clone(), reason.to_string());
                     tokio::spawn(async move {
-                        let r = c.switch_now(&to2, &why).await.map(|recs| format!("{} session(s) moved", recs.len()));
+                        let r = c.switch_path(&to2, addr, &why).await.map(|recs| format!("{} session(s) moved", recs.len()));
                         let _ = tx.send((to2, r));
                     });
                 }
-                Decision::Propose { to, reason } => events.publish("proposal", Some(&to), reason.to_string(), false),
+                Decision::Propose { to, addr, reason } => {
+                    events.publish_path_event("proposal", &to, addr.as_deref(), reason.to_string(), false)
+                }
                 Decision::ProposalWithdrawn { to } => {
                     events.publish("proposal_withdrawn", Some(&to), "no longer better".into(), false)
                 }
                 Decision::Warn { reason, no_alternative } => {
-                    // No interface can take over: another address of the gateway may.
-                    if no_alternative && engine.mode() == Mode::Auto {
-                        client.roam_for_congestion(reason.to_string());
-                    }
                     let why = if no_alternative {
                         format!("{reason}; no other interface: the connection may soon be unavailable")
                     } else {
@@ -221,11 +274,6 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     events.publish("warning", client.current_path().as_deref(), why, no_alternative);
                 }
                 Decision::LinkGoing { reason } => {
-                    // A lost path is the link's own business (it searches every
-                    // address); a degraded one may be the gateway address's.
-                    if !matches!(reason, baton_policy::Reason::PathLost { .. }) && engine.mode() == Mode::Auto {
-                        client.roam_for_congestion(reason.to_string());
-                    }
                     events.publish("link_going", client.current_path().as_deref(), reason.to_string(), true)
                 }
                 Decision::StartSearch { reason } => events.publish("search", None, reason.to_string(), false),
@@ -233,45 +281,67 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                 Decision::NoPath { reason } => events.publish("no_path", None, reason.to_string(), true),
             }
         }
-        // Send the probes it asked for.
+        // Send the probes it asked for: towards the current gateway address,
+        // then towards the others.
+        let mut wanted: Vec<(String, SocketAddr)> = Vec::new();
         while let Some(iface) = engine.poll_probe() {
-            let Some((sid, key, target)) = identity.clone() else { break };
-            if !probers.contains_key(&iface) {
+            if let Some((_, _, target)) = &identity {
+                wanted.push((iface, *target));
+            }
+        }
+        while let Some((iface, addr)) = engine.poll_far_probe() {
+            if let Ok(a) = addr.parse() {
+                wanted.push((iface, a));
+            }
+        }
+        for key in wanted {
+            let Some((sid, leg_key, _)) = identity.clone() else { break };
+            let (iface, target) = (key.0.clone(), key.1);
+            if !probers.contains_key(&key) {
                 let Some(path) = client.path(&iface) else { continue };
                 match probe_socket(&path, target) {
                     Ok(sock) => {
                         let sock = Arc::new(sock);
-                        let (r, tx, name, key2) = (sock.clone(), reply_tx.clone(), iface.clone(), key.clone());
+                        let (r, tx, k, key2) = (sock.clone(), reply_tx.clone(), key.clone(), leg_key.clone());
                         let reader = tokio::spawn(async move {
                             let mut buf = [0u8; PROBE_LEN + 1];
-                            while let Ok(n) = r.recv(&mut buf).await {
-                                if let Some(p) = Probe::open(&buf[..n], &key2).filter(|p| p.reply) {
-                                    let _ = tx.send((name.clone(), p));
+                            loop {
+                                match r.recv(&mut buf).await {
+                                    Ok(n) => {
+                                        if let Some(p) = Probe::open(&buf[..n], &key2).filter(|p| p.reply) {
+                                            let _ = tx.send((k.clone(), p));
+                                        }
+                                    }
+                                    // An ICMP error (nothing listens there, no
+                                    // route for a while) is reported once on a
+                                    // connected socket: the probe is lost, the
+                                    // socket goes on.
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                                 }
                             }
                         });
-                        probers.insert(iface.clone(), Prober { socket: sock, reader });
+                        probers.insert(key.clone(), Prober { socket: sock, reader });
                     }
                     Err(e) => {
-                        engine.on_measurement(&iface, Sample::Lost, Instant::now());
-                        tracing::debug!(interface = %iface, "cannot probe: {e}");
+                        engine.on_path_measurement(&iface, &target.to_string(), Sample::Lost, Instant::now());
+                        tracing::debug!(interface = %iface, %target, "cannot probe: {e}");
                         continue;
                     }
                 }
             }
             seq += 1;
             let sent_us = epoch.elapsed().as_micros() as u64;
-            let bytes = Probe { reply: false, session_id: sid, seq, sent_us }.seal(&key);
-            if let Some(p) = probers.get(&iface) {
+            let bytes = Probe { reply: false, session_id: sid, seq, sent_us }.seal(&leg_key);
+            if let Some(p) = probers.get(&key) {
                 // A datagram send does not wait on the network; an error
                 // (no route, interface gone) is as good as a lost probe.
                 match p.socket.send(&bytes).await {
                     Ok(_) => {
-                        pending.insert(seq, (iface, Instant::now()));
+                        pending.insert(seq, (key, Instant::now()));
                     }
                     Err(e) => {
-                        tracing::debug!(interface = %iface, "probe not sent: {e}");
-                        engine.on_measurement(&iface, Sample::Lost, Instant::now());
+                        tracing::debug!(interface = %iface, %target, "probe not sent: {e}");
+                        engine.on_path_measurement(&iface, &target.to_string(), Sample::Lost, Instant::now());
                     }
                 }
             }
@@ -283,10 +353,10 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                pending.retain(|_, (iface, at)| {
+                pending.retain(|_, ((iface, target), at)| {
                     if now.duration_since(*at) > PROBE_TIMEOUT {
-                        tracing::debug!(interface = %iface, "probe lost");
-                        engine.on_measurement(iface, Sample::Lost, now);
+                        tracing::debug!(interface = %iface, %target, "probe lost");
+                        engine.on_path_measurement(iface, &target.to_string(), Sample::Lost, now);
                         false
                     } else {
                         true
@@ -297,11 +367,21 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                         engine.on_measurement(&cur, s, now);
                     }
                 }
+                // The gateway advertised another list (or a name resolved
+                // anew): the engine's candidate addresses follow.
+                if let Some((_, _, current)) = &identity {
+                    let now_targets = client.probe_targets(*current);
+                    if now_targets != targets {
+                        targets = now_targets;
+                        let others: Vec<String> = targets.iter().map(ToString::to_string).collect();
+                        engine.on_targets(Some(&current.to_string()), &others, now);
+                    }
+                }
             }
-            Some((iface, p)) = replies.recv() => {
-                if let Some((name, at)) = pending.remove(&p.seq) {
-                    if name == iface {
-                        engine.on_measurement(&iface, Sample::Rtt(at.elapsed()), Instant::now());
+            Some((key, p)) = replies.recv() => {
+                if let Some((sent_on, at)) = pending.remove(&p.seq) {
+                    if sent_on == key {
+                        engine.on_path_measurement(&key.0, &key.1.to_string(), Sample::Rtt(at.elapsed()), Instant::now());
                     }
                 }
             }
@@ -322,14 +402,20 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     LinkState::Up(info) => {
                         let new_identity = client.probe_identity();
                         if new_identity.as_ref().map(|i| (i.0, i.2)) != identity.as_ref().map(|i| (i.0, i.2)) {
-                            // Another gateway address: the probes in flight and the
-                            // measurements so far were of paths to the old one.
-                            if identity.as_ref().is_some_and(|i| new_identity.as_ref().is_some_and(|n| n.2 != i.2)) {
+                            if new_identity.as_ref().map(|i| i.0) != identity.as_ref().map(|i| i.0) {
+                                // A new session: probes carry its id and key.
+                                probers.clear();
                                 pending.clear();
-                                engine.on_target_changed();
                             }
-                            probers.clear();
                             identity = new_identity;
+                            // The session's gateway address is the current
+                            // target; what was measured towards it from each
+                            // interface becomes the current path's.
+                            if let Some((_, _, current)) = &identity {
+                                targets = client.probe_targets(*current);
+                                let others: Vec<String> = targets.iter().map(ToString::to_string).collect();
+                                engine.on_targets(Some(&current.to_string()), &others, Instant::now());
+                            }
                         }
                         if in_flight.is_none() && (engine.switching().is_some() || engine.current() != Some(info.path.as_str())) {
                             // The link moved on its own (start-up, path lost).
@@ -390,8 +476,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     let v = serde_json::json!({
                         "mode": engine.mode().to_string(),
                         "proposal": engine.proposal(),
+                        "proposal_gateway_addr": engine.proposal_addr(),
                         "switching": engine.switching(),
+                        "switching_gateway_addr": engine.switching_addr(),
+                        "gateway_addr": engine.target(),
                         "interfaces": engine.interfaces(Instant::now()),
+                        "paths": engine.paths(Instant::now()),
                     });
                     let _ = reply.send(v);
                 }

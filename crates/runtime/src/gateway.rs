@@ -67,12 +67,17 @@ pub struct GatewayStats {
     pub roams: AtomicU64,
     /// Go-to commands sent to client agents.
     pub gotos: AtomicU64,
+    /// Addresses of the host seen going (removed, deprecated, interface
+    /// down) while followed.
+    pub address_losses: AtomicU64,
     /// UDP flows and datagrams.
     pub udp: Arc<crate::udp::UdpStats>,
 }
 
+mod host;
 mod multihome;
 
+pub use host::HostAddrStatus;
 pub use multihome::{GatewaySessionStatus, GoToReport};
 
 /// A running gateway.
@@ -96,6 +101,8 @@ struct Shared {
     served: Mutex<Vec<(SocketAddr, CancellationToken)>>,
     /// The addresses advertised to client agents now.
     advertised: Mutex<Vec<SocketAddr>>,
+    /// The host's addresses from the kernel's interface table (host.rs).
+    host: Mutex<host::HostView>,
 }
 
 #[derive(Debug)]
@@ -176,6 +183,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             served: Mutex::new(Vec::new()),
             advertised: Mutex::new(Vec::new()),
+            host: Mutex::new(host::HostView::default()),
         });
         for l in listeners {
             let shared2 = shared.clone();
@@ -184,12 +192,12 @@ impl Gateway {
         }
         for addr in &local_addrs {
             // Path probes come over UDP to the same address and port.
-            let udp = tokio::net::UdpSocket::bind(addr)
-                .await
+            let udp = bind_udp(*addr, addr.ip().is_unspecified())
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
             crate::udp::tune(&udp);
             shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), multihome::serving(&shared, *addr)));
         }
+        host::start(&shared).await;
         multihome::advertise(&shared);
         let s2 = shared.clone();
         tokio::spawn(async move {
@@ -253,6 +261,20 @@ impl Gateway {
 }
 
 
+
+/// A UDP socket for probes and datagrams. A wildcard one is bound with
+/// `SO_REUSEADDR`, so that each address it stands for can get a socket of
+/// its own beside it (host.rs), which answers from that address.
+fn bind_udp(addr: SocketAddr, reuse: bool) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse {
+        s.set_reuse_address(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(s.into())
+}
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     loop {

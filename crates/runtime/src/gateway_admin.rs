@@ -72,11 +72,13 @@ pub fn status(gw: &Gateway) -> Value {
         "listening": gw.listening().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "advertised": gw.advertised().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "sessions": gw.sessions(),
+        "host_addresses": gw.host_addresses(),
         "stats": {
             "sessions_accepted": st.sessions_accepted.load(Ordering::Relaxed),
             "sessions_resumed": st.sessions_resumed.load(Ordering::Relaxed),
             "roams": st.roams.load(Ordering::Relaxed),
             "gotos": st.gotos.load(Ordering::Relaxed),
+            "address_losses": st.address_losses.load(Ordering::Relaxed),
         },
     })
 }

@@ -105,6 +105,12 @@ pub struct Interface {
     /// this interface; `None` when it has none. The system's own preference
     /// between uplinks, which the decision engine starts from.
     pub default_route_metric: Option<u32>,
+    /// Of `addrs`, those whose preferred lifetime is over (the kernel's
+    /// "deprecated" flag, IPv6, and IPv4 since Linux 3.9): connections that
+    /// have them go on, but new ones should use another address, which is
+    /// why a server announcing its addresses stops announcing these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deprecated: Vec<IfaceAddr>,
 }
 
 impl Interface {
@@ -325,6 +331,7 @@ mod tests {
             kind,
             addrs: addrs.iter().map(|a| addr(a)).collect(),
             default_route_metric: metric,
+            deprecated: Vec::new(),
         }
     }
 

@@ -56,6 +56,8 @@ pub(crate) enum Change {
         index: u32,
         addr: IfaceAddr,
         present: bool,
+        /// Its preferred lifetime is over (`IFA_F_DEPRECATED`).
+        deprecated: bool,
     },
     Route {
         route: DefaultRoute,
@@ -68,6 +70,8 @@ pub(crate) enum Change {
 pub(crate) struct State {
     pub(crate) links: BTreeMap<u32, Link>,
     pub(crate) addrs: BTreeMap<u32, BTreeSet<IfaceAddr>>,
+    /// Of `addrs`, those whose preferred lifetime is over.
+    pub(crate) deprecated: BTreeSet<(u32, IfaceAddr)>,
     pub(crate) routes: BTreeSet<DefaultRoute>,
 }
 
@@ -87,6 +91,7 @@ impl State {
                 // Addresses go with the link; their RTM_DELADDR may come
                 // later or not at all, and must not resurrect anything.
                 self.addrs.remove(&index);
+                self.deprecated.retain(|(i, _)| *i != index);
                 self.routes
                     .retain(|r| r.hops.iter().all(|&(oif, _)| oif != index));
                 true
@@ -95,15 +100,23 @@ impl State {
                 index,
                 addr,
                 present: true,
+                deprecated,
             } => {
                 self.addrs.entry(index).or_default().insert(addr);
+                if deprecated {
+                    self.deprecated.insert((index, addr));
+                } else {
+                    self.deprecated.remove(&(index, addr));
+                }
                 false
             }
             Change::Addr {
                 index,
                 addr,
                 present: false,
+                ..
             } => {
+                self.deprecated.remove(&(index, addr));
                 if let Some(set) = self.addrs.get_mut(&index) {
                     set.remove(&addr);
                     if set.is_empty() {
@@ -158,6 +171,12 @@ impl State {
                         .map(|s| s.iter().copied().collect())
                         .unwrap_or_default(),
                     default_route_metric: metrics.get(&index).copied(),
+                    deprecated: self
+                        .deprecated
+                        .iter()
+                        .filter(|(i, _)| *i == index)
+                        .map(|&(_, a)| a)
+                        .collect(),
                 };
                 (index, iface)
             })
@@ -182,21 +201,23 @@ pub(crate) fn parse(
                 .then_some(Change::LinkGone(m.header.index))
         }
         RouteNetlinkMessage::NewAddress(m) => {
-            let (index, addr, usable) = address(&m)?;
+            let (index, addr, usable, deprecated) = address(&m)?;
             // A NEWADDR that turns an address tentative (DAD restarted)
             // makes it unusable: treat it as a removal.
             Some(Change::Addr {
                 index,
                 addr,
                 present: usable,
+                deprecated,
             })
         }
         RouteNetlinkMessage::DelAddress(m) => {
-            let (index, addr, _) = address(&m)?;
+            let (index, addr, _, _) = address(&m)?;
             Some(Change::Addr {
                 index,
                 addr,
                 present: false,
+                deprecated: false,
             })
         }
         RouteNetlinkMessage::NewRoute(m) => default_route(&m).map(|route| Change::Route {
@@ -248,9 +269,11 @@ pub(crate) fn link(
     ))
 }
 
-/// The interface index, address, and whether the address is usable (not
-/// tentative, not DAD-failed) in an address message.
-pub(crate) fn address(m: &AddressMessage) -> Option<(u32, IfaceAddr, bool)> {
+/// The interface index, address, whether the address is usable (not
+/// tentative, not DAD-failed), and whether it is deprecated (its preferred
+/// lifetime is over: the kernel sets the flag for IPv6, and for IPv4 since
+/// Linux 3.9) in an address message.
+pub(crate) fn address(m: &AddressMessage) -> Option<(u32, IfaceAddr, bool, bool)> {
     // For point-to-point links IFA_ADDRESS is the peer and IFA_LOCAL ours;
     // otherwise only IFA_ADDRESS may be present (always so for IPv6).
     let local = m.attributes.iter().find_map(|a| match a {
@@ -280,6 +303,7 @@ pub(crate) fn address(m: &AddressMessage) -> Option<(u32, IfaceAddr, bool)> {
             prefix_len: m.header.prefix_len,
         },
         usable,
+        flags.contains(AddressFlags::Deprecated),
     ))
 }
 
@@ -411,6 +435,26 @@ mod tests {
     }
 
     const UP: LinkFlags = LinkFlags::Up.union(LinkFlags::Running);
+
+    #[test]
+    fn a_deprecated_address_stays_usable_and_is_marked() {
+        let mut s = State::default();
+        feed(&mut s, RouteNetlinkMessage::NewLink(link_msg(2, "srv2", UP)));
+        let ip: IpAddr = "10.90.1.3".parse().expect("ip");
+        let a = IfaceAddr { addr: ip, prefix_len: 24 };
+        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Permanent))));
+        assert!(s.table().interfaces[&2].deprecated.is_empty());
+        // `ip addr change ... preferred_lft 0` (or the lifetime running out).
+        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))));
+        let t = s.table();
+        assert_eq!((t.interfaces[&2].addrs.clone(), t.interfaces[&2].deprecated.clone()), (vec![a], vec![a]));
+        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, None)));
+        assert!(s.table().interfaces[&2].deprecated.is_empty(), "a renewed lifetime clears it");
+        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))));
+        feed(&mut s, RouteNetlinkMessage::DelAddress(addr_msg(2, ip, 24, None)));
+        let t = s.table();
+        assert!(t.interfaces[&2].addrs.is_empty() && t.interfaces[&2].deprecated.is_empty());
+    }
 
     #[test]
     fn builds_a_table_from_messages() {

@@ -232,8 +232,11 @@ impl Driver {
             .retain(|(i, n), _| fresh.links.get(i).is_some_and(|l| &l.name == n));
         let mut addrs = self.handle.address().get().execute();
         while let Some(m) = addrs.try_next().await.map_err(to_io)? {
-            if let Some((index, addr, true)) = state::address(&m) {
+            if let Some((index, addr, true, deprecated)) = state::address(&m) {
                 fresh.addrs.entry(index).or_default().insert(addr);
+                if deprecated {
+                    fresh.deprecated.insert((index, addr));
+                }
             }
         }
         fresh.routes = self.default_routes().await?.into_iter().collect();

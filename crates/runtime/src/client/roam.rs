@@ -14,9 +14,11 @@
 //! - **Roam**: when the path fails while the interface is still up, its
 //!   gateway address is tried last in the next search, so the session moves
 //!   to another address of the gateway (and possibly another interface at
-//!   the same time), as an unexpected switch. `baton roam` and a congested
-//!   path with no other interface move it as a planned switch. The gateway
-//!   is told with `Roam` once the session is on the new address.
+//!   the same time), as an unexpected switch. `baton roam`, and the
+//!   decision engine when a path to another address is better (its
+//!   candidates are every (interface, gateway address) pair), move it as a
+//!   planned switch. The gateway is told with `Roam` once the session is on
+//!   the new address.
 //! - **Go-to**: the gateway directs the session to one of its addresses, or
 //!   lets the agent choose; the agent moves make-before-break, like a
 //!   planned interface switch, starting with the address named and going on
@@ -54,7 +56,7 @@ pub(super) enum AddrChoice {
     Keep,
     /// This one first, then the others (a go-to, `baton roam ADDR`).
     To(SocketAddr),
-    /// Any but the current one (a go-to without address, congestion).
+    /// Any but the current one (a go-to without address, `baton roam`).
     Other,
 }
 
@@ -397,26 +399,40 @@ impl Client {
         Ok(records)
     }
 
-    /// The current path is congested and no other interface can take over
-    /// (the decision engine said so): the seed's client-initiated roam to
-    /// another address of the gateway, planned, for the session whose
-    /// address the engine measures (the first gateway's). Does nothing when
-    /// the gateway has a single address.
-    pub(crate) fn roam_for_congestion(&self, why: String) {
+    /// The gateway's addresses other than `current`, in search order, for
+    /// the decision engine to measure: the first gateway's (the one probes
+    /// go to), static and advertised.
+    pub(crate) fn probe_targets(&self, current: SocketAddr) -> Vec<SocketAddr> {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
-        let Some(link) = names.first().map(|n| self.shared.links[*n].clone()) else { return };
-        let LinkState::Up(info) = link.state.borrow().clone() else { return };
-        if lock(&link.book).order(None, Some(info.gateway_addr)).is_empty() {
-            return;
+        let Some(link) = names.first().map(|n| &self.shared.links[*n]) else { return Vec::new() };
+        let mut order = lock(&link.book).order(None, Some(current));
+        order.truncate(baton_policy::MAX_TARGETS);
+        order
+    }
+
+    /// A planned move decided by the engine: every session to interface
+    /// `to`, and with `addr` the first gateway's session (the one the
+    /// engine measures) to that gateway address at the same time; the
+    /// other sessions keep their address.
+    pub(crate) async fn switch_path(&self, to: &str, addr: Option<SocketAddr>, reason: &str) -> Result<Vec<SwitchRecord>, String> {
+        let Some(addr) = addr else { return self.switch_now(to, reason).await };
+        if !self.shared.paths.is_usable(to) {
+            return Err(format!("interface {to:?} is not known or not up"));
         }
-        info!(gateway = %link.gateway, from = %info.gateway_addr, "path congested: roaming to another address of the gateway");
-        let rx = request(&link, info.path, AddrChoice::Other, format!("congestion: {why}"));
-        let events = self.shared.events.clone();
-        self.shared.tasks.spawn(async move {
-            if let Ok(Err(e)) = rx.await {
-                events.publish("roam_failed", None, format!("{}: {e}", link.gateway), false);
+        let mut names: Vec<_> = self.shared.links.keys().cloned().collect();
+        names.sort();
+        let mut waits = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            let choice = if n == 0 { AddrChoice::To(addr) } else { AddrChoice::Keep };
+            waits.push(request(&self.shared.links[name], to.to_owned(), choice, reason.to_owned()));
+        }
+        let mut records = Vec::new();
+        for rx in waits {
+            if let Some(r) = rx.await.map_err(|_| "client stopped".to_owned())?? {
+                records.push(r);
             }
-        });
+        }
+        Ok(records)
     }
 }

@@ -3,7 +3,8 @@
 //! to another of them.
 //!
 //! The advertised list is `advertise` from the configuration when set, else
-//! every address served (wildcards left out). It is sent on every control
+//! every address served, a wildcard standing for the host's usable
+//! addresses when they are followed (host.rs; otherwise it is left out). It is sent on every control
 //! connection once the session is up, and to every session again whenever
 //! it changes: `baton listen add ADDR` serves a new address at run time,
 //! `baton listen remove ADDR` gives one up after directing the sessions on
@@ -77,10 +78,22 @@ pub(super) fn advertise(shared: &Shared) {
     let list: Vec<SocketAddr> = match &shared.config.advertise {
         Some(fixed) => fixed.clone(),
         None => {
+            let host = lock(&shared.host);
             let mut v: Vec<SocketAddr> = Vec::new();
             for (a, _) in lock(&shared.served).iter() {
-                if !a.ip().is_unspecified() && !v.contains(a) {
-                    v.push(*a);
+                // A wildcard stands for the host's addresses when they are
+                // followed (host.rs); otherwise it cannot be announced.
+                let these = if !a.ip().is_unspecified() {
+                    vec![*a]
+                } else if host.watching {
+                    host.expand(*a)
+                } else {
+                    Vec::new()
+                };
+                for a in these {
+                    if !v.contains(&a) {
+                        v.push(a);
+                    }
                 }
             }
             v.truncate(baton_proto::wire::MAX_ADDRESSES);
@@ -107,14 +120,20 @@ pub(super) fn on_roam(shared: &Shared, session: &Session, from: SocketAddr, to: 
     info!(client = %session.client_id, session = %sid(session.id), %from, %to, "client roamed to another address of the gateway");
 }
 
+/// The sessions whose control connection is on the gateway address `ip`
+/// (any port).
+pub(super) fn sessions_on(shared: &Shared, ip: std::net::IpAddr) -> Vec<Arc<Session>> {
+    lock(&shared.sessions).values().filter(|s| on_addr(s).is_some_and(|a| a.ip() == ip)).cloned().collect()
+}
+
 /// The gateway address a session's control connection is on, if attached.
 fn on_addr(session: &Session) -> Option<SocketAddr> {
     lock(&session.control).as_ref().map(|a| a.local)
 }
 
 /// Sends a go-to to `sessions` and waits, at most `wait`, until each is
-/// attached on another address (`to`, when given). 
-async fn direct(shared: &Shared, sessions: Vec<Arc<Session>>, to: Option<SocketAddr>, wait: Duration) -> Vec<GoToReport> {
+/// attached on another address (`to`, when given).
+pub(super) async fn direct(shared: &Shared, sessions: Vec<Arc<Session>>, to: Option<SocketAddr>, wait: Duration) -> Vec<GoToReport> {
     let began = Instant::now();
     let mut waiting = Vec::new();
     for s in sessions {
@@ -168,6 +187,14 @@ impl Gateway {
         v
     }
 
+    /// The host's addresses as followed in the kernel's interface table
+    /// (`None` when they are not followed: `watch_addresses = false`, or
+    /// rtnetlink unavailable).
+    pub fn host_addresses(&self) -> Option<Vec<super::HostAddrStatus>> {
+        let v = lock(&self.shared.host);
+        v.watching.then(|| v.addrs.clone())
+    }
+
     /// The addresses advertised to client agents now.
     pub fn advertised(&self) -> Vec<SocketAddr> {
         lock(&self.shared.advertised).clone()
@@ -201,13 +228,14 @@ impl Gateway {
         }
         let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = l.local_addr().map_err(|e| e.to_string())?;
-        let udp = tokio::net::UdpSocket::bind(bound).await.map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
+        let udp = super::bind_udp(bound, bound.ip().is_unspecified()).map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
         let stop = serving(shared, bound);
         shared.tasks.spawn(accept_loop(shared.clone(), l, stop.clone()));
         crate::udp::tune(&udp);
         shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
         info!(addr = %bound, "listening on a new address");
         advertise(shared);
+        super::host::refresh_sockets(shared).await;
         Ok(bound)
     }
 
@@ -240,6 +268,7 @@ impl Gateway {
             warn!(client = %r.client, session = %r.session_id, %addr, "the session did not leave the address within {wait:?}");
         }
         stop.cancel();
+        super::host::refresh_sockets(shared).await;
         info!(%addr, "no longer listening");
         Ok(reports)
     }
