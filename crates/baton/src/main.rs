@@ -164,6 +164,15 @@ enum Command {
     },
 }
 
+/// Lets the daemon use every descriptor the system allows it (see
+/// `baton_os::raise_open_files_limit`); says what it has.
+fn open_files_limit() {
+    match baton_os::raise_open_files_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Demo { .. }));
@@ -200,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}: ok ({} services, {} clients)", config.display(), cfg.services.len(), cfg.clients.len());
                 return Ok(ExitCode::SUCCESS);
             }
+            open_files_limit();
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
@@ -243,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}: ok ({} gateways, {} services)", config.display(), cfg.gateways.len(), cfg.services.len());
                 return Ok(ExitCode::SUCCESS);
             }
+            open_files_limit();
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();

@@ -45,3 +45,30 @@ pub fn reset(stream: TcpStream) {
     let _ = arm_reset(&stream);
     drop(stream);
 }
+
+/// Raises this process's soft limit on open files to its hard limit, and
+/// returns both as they now are. Every session, leg and relayed connection
+/// is a descriptor: a gateway under the usual soft limit of 1,024 would
+/// turn clients away at a few hundred streams while the system allows far
+/// more. The hard limit is the administrator's; it is not touched.
+pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    #[test]
+    fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Lower the soft limit first so that the raise has something to do.
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(512), hard).unwrap();
+        let (soft, after_hard) = super::raise_open_files_limit().unwrap();
+        assert_eq!((soft, after_hard), (hard, hard));
+    }
+}
