@@ -466,6 +466,9 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     let _ = reply.send(r.map(|to| format!("staying; {to} declined")));
                 }
                 Command::Switch(to, reply) => match engine.request_switch(&to, Instant::now()) {
+                    // Where the user wants to be is where the session is
+                    // (it may have landed there by itself a moment ago).
+                    Err(baton_policy::Refusal::AlreadyCurrent(_)) => { let _ = reply.send(Ok(format!("already on {to}"))); }
                     Err(e) => { let _ = reply.send(Err(e.to_string())); }
                     Ok(()) if client.current_path().as_deref() == Some(to.as_str()) => {
                         let _ = reply.send(Ok(format!("already on {to}")));
