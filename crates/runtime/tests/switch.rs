@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_runtime::client::SwitchKind;
@@ -32,13 +33,21 @@ struct Bed {
 async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
     let shutdown = CancellationToken::new();
     let (server, reports) = verify_server().await;
+    let (gw, client) = pair(server, client_extra, gateway_extra, &shutdown).await;
+    Bed { shutdown, gw, client, reports }
+}
+
+/// A gateway whose service `data` leads to `target`, and a client agent with interfaces
+/// `a` (127.0.0.2, preferred) and `b` (127.0.0.3) whose session is up on `a`.
+/// `client_extra` and `gateway_extra` are top-level keys of their files.
+async fn pair(target: SocketAddr, client_extra: &str, gateway_extra: &str, shutdown: &CancellationToken) -> (baton_runtime::Gateway, Client) {
     let k = key();
     let gw = gateway(
         &format!(
-            "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{server}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
+            "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
             k.public()
         ),
-        &shutdown,
+        shutdown,
     )
     .await;
     let toml = format!(
@@ -49,7 +58,7 @@ async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
     let cfg = ClientConfig::from_toml(std::path::Path::new("switch-client.toml"), &toml).unwrap();
     let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
     assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
-    Bed { shutdown, gw, client, reports }
+    (gw, client)
 }
 
 async fn current(client: &Client) -> String {
@@ -164,19 +173,7 @@ async fn memory_stays_bounded_when_the_far_side_stops_reading() {
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop(s);
     });
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\nreplay_buffer = \"1MiB\"\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\nreplay_buffer = \"1MiB\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
-        gw.local_addrs()[0],
-        service("data")
-    );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
-    client.wait_up("gw").await.unwrap();
+    let (_gw, client) = pair(target, "replay_buffer = \"1MiB\"", "replay_buffer = \"1MiB\"", &shutdown).await;
     let mut app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
     let chunk = vec![7u8; 64 * 1024];
     let mut written = 0u64;
@@ -260,19 +257,7 @@ async fn a_planned_switch_sends_nothing_twice() {
         tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got).await.unwrap();
         got
     });
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
-        gw.local_addrs()[0],
-        service("data")
-    );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
-    client.wait_up("gw").await.unwrap();
+    let (_gw, client) = pair(target, "", "", &shutdown).await;
     let app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
     let writer = tokio::spawn(async move {
         let mut app = app;
