@@ -328,11 +328,16 @@ fn each_gateway_address_has_its_own_measurements() {
 
 #[test]
 fn losing_probes_reaches_critical() {
-    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", |t| (t < 40.0).then_some(ms(5)))
-        .link("wlan0", steady(30))
-        .start();
-    sim.run_until(50.0);
+    // eth0 loses every probe from 40 s on; wlan0 stays good.
+    let run = |config| {
+        let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
+            .link("eth0", |t| (t < 40.0).then_some(ms(5)))
+            .link("wlan0", steady(30))
+            .start();
+        sim.run_until(50.0);
+        sim
+    };
+    let sim = run(PolicyConfig::default());
     let sw = sim.switches();
     assert_eq!(sw.len(), 2, "{sw:?}");
     let (at, to, reason, urgent) = &sw[1];
@@ -346,12 +351,7 @@ fn losing_probes_reaches_critical() {
     // With the warning off, loss goes on until critical (4 of 20 probes).
     let mut config = PolicyConfig::default();
     config.warning.loss = None;
-    let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", |t| (t < 40.0).then_some(ms(5)))
-        .link("wlan0", steady(30))
-        .start();
-    sim.run_until(50.0);
-    let (at, _, reason, urgent) = sim.switches()[1].clone();
+    let (at, _, reason, urgent) = run(config).switches()[1].clone();
     assert!((41.0..42.5).contains(&at), "{at}");
     assert!(matches!(reason, Reason::Critical(Trigger::Loss { loss, .. }) if loss >= 0.2), "{reason:?}");
     assert!(urgent);
