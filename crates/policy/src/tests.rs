@@ -174,6 +174,12 @@ fn step(before: u64, at: f64, after: u64) -> impl Fn(f64) -> Option<Duration> {
     move |t| Some(ms(if t < at { before } else { after }))
 }
 
+/// A round trip good (50 ms) until second 60, past the default warning of 300 ms (400 ms)
+/// until second 120, past the default critical 1 s (1500 ms) after.
+fn worsening() -> impl Fn(f64) -> Option<Duration> {
+    |t| Some(ms(if t < 60.0 { 50 } else if t < 120.0 { 400 } else { 1500 }))
+}
+
 /// Deterministic noise in [-1, 1] for second `t` (splitmix64 of the
 /// millisecond and the seed): the same timeline on every run.
 fn noise(t: f64, seed: u64) -> f64 {
@@ -215,15 +221,7 @@ fn warning_starts_search_critical_switches() {
     // The alternative is itself past the warning threshold: a warning alone
     // must only start the search; the critical threshold moves the path.
     let mut sim = Sim::new(PolicyConfig::default(), vec![wifi("wlan0", 600), cell("wwan0", 700)])
-        .link("wlan0", move |t| {
-            Some(ms(if t < 60.0 {
-                50
-            } else if t < 120.0 {
-                400
-            } else {
-                1500
-            }))
-        })
+        .link("wlan0", worsening())
         .link("wwan0", steady(350))
         .start();
     sim.run_until(59.0);
@@ -712,15 +710,7 @@ fn single_interface_reports_link_going_and_never_proposes() {
     for mode in [Mode::Auto, Mode::Manual] {
         let config = PolicyConfig { mode, ..PolicyConfig::default() };
         let mut sim = Sim::new(config, vec![wifi("wlan0", 600)])
-            .link("wlan0", move |t| {
-                Some(ms(if t < 60.0 {
-                    50
-                } else if t < 120.0 {
-                    400
-                } else {
-                    1500
-                }))
-            })
+            .link("wlan0", worsening())
             .start();
         sim.run_until(200.0);
         let going: Vec<&Reason> = sim

@@ -17,6 +17,7 @@ use baton_runtime::Client;
 use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
@@ -61,6 +62,27 @@ async fn pair(target: SocketAddr, client_extra: &str, gateway_extra: &str, shutd
     (gw, client)
 }
 
+impl Bed {
+    /// Starts a paced, verified exchange of `bytes` each way through the agent's service.
+    fn start_exchange(&self, seed: u64, bytes: u64, pace: u64) -> JoinHandle<std::io::Result<verify::Report>> {
+        let addr = self.client.service_addr("data").unwrap();
+        tokio::spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            verify::exchange_paced(s, seed, bytes, bytes, Mode::Concurrent, pace).await
+        })
+    }
+
+    /// Waits for the exchange: both directions exact, no reset or error, and one session
+    /// throughout.
+    async fn finish_on_one_session(&mut self, exchange: JoinHandle<std::io::Result<verify::Report>>) {
+        let down = tokio::time::timeout(Duration::from_secs(30), exchange).await.unwrap().unwrap().expect("no reset, no error");
+        assert!(down.is_exact(Dir::Down), "{down:?}");
+        let up = self.reports.recv().await.unwrap().unwrap();
+        assert!(up.is_exact(Dir::Up), "{up:?}");
+        assert_eq!(self.gw.session_count(), 1, "one session throughout");
+    }
+}
+
 async fn current(client: &Client) -> String {
     client.wait_up("gw").await.unwrap().path
 }
@@ -73,11 +95,7 @@ async fn switches_reach(client: &Client, n: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn long_stream_survives_planned_and_sudden_switches() {
     let mut bed = bed("", "").await;
-    let addr = bed.client.service_addr("data").unwrap();
-    let long = tokio::spawn(async move {
-        let s = TcpStream::connect(addr).await.unwrap();
-        verify::exchange_paced(s, 42, 24 * MIB, 24 * MIB, Mode::Concurrent, 8 * MIB).await
-    });
+    let long = bed.start_exchange(42, 24 * MIB, 8 * MIB);
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = c.switch("b").await.unwrap();
@@ -97,11 +115,7 @@ async fn long_stream_survives_planned_and_sudden_switches() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.set_path_up("a", false).unwrap();
     assert!(switches_reach(c, 5).await);
-    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
-    assert!(down.is_exact(Dir::Down), "{down:?}");
-    let up = bed.reports.recv().await.unwrap().unwrap();
-    assert!(up.is_exact(Dir::Up), "{up:?}");
-    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.finish_on_one_session(long).await;
     bed.shutdown.cancel();
 }
 
@@ -295,11 +309,7 @@ async fn a_planned_switch_sends_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
     let mut bed = bed("", "").await;
-    let addr = bed.client.service_addr("data").unwrap();
-    let long = tokio::spawn(async move {
-        let s = TcpStream::connect(addr).await.unwrap();
-        verify::exchange_paced(s, 43, 16 * MIB, 16 * MIB, Mode::Concurrent, 8 * MIB).await
-    });
+    let long = bed.start_exchange(43, 16 * MIB, 8 * MIB);
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (n, (down, to)) in [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")].into_iter().enumerate() {
@@ -315,10 +325,6 @@ async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(c.switches().len(), 4, "{:?}", c.switches());
-    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
-    assert!(down.is_exact(Dir::Down), "{down:?}");
-    let up = bed.reports.recv().await.unwrap().unwrap();
-    assert!(up.is_exact(Dir::Up), "{up:?}");
-    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.finish_on_one_session(long).await;
     bed.shutdown.cancel();
 }
