@@ -200,8 +200,8 @@ pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -
 
 /// Answers admin connections on `listener` with `api` until `shutdown`, then removes the
 /// socket file at `path`. Each connection is served by a task of its own: one request per
-/// line, one reply line each; a line longer than [`MAX_REQUEST`] is refused unread, and a
-/// connection ends after 64 times that much.
+/// line, one reply line each; a line longer than [`MAX_REQUEST`] is refused, and a
+/// connection ends after 64 times that much, so that no peer holds a task for ever.
 pub(crate) async fn serve_api(listener: UnixListener, api: impl Api, path: &Path, shutdown: CancellationToken) -> std::io::Result<()> {
     loop {
         let (conn, _) = tokio::select! {
