@@ -12,6 +12,38 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Writes one line of a table: each cell but the last padded to its width in `widths` and
+/// followed by a space, so that titles and rows written with the same widths line up; the
+/// last cell is not padded (no trailing blanks).
+fn line(out: &mut String, widths: &[usize], cells: &[impl AsRef<str>]) {
+    debug_assert_eq!(widths.len() + 1, cells.len(), "a width for every cell but the last");
+    for (cell, width) in cells.iter().zip(widths) {
+        let _ = write!(out, "{:<width$} ", cell.as_ref());
+    }
+    if let Some(last) = cells.last() {
+        out.push_str(last.as_ref());
+    }
+    out.push('\n');
+}
+
+/// The fields `keys` of `v`, as [`s`] prints them.
+fn cells(v: &Value, keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| s(&v[*k])).collect()
+}
+
+/// A table whose cells are plain fields of its rows: after a blank line, the `titles`, then
+/// the fields `keys` of each row (nothing when there are no rows).
+fn table(out: &mut String, widths: &[usize], titles: &[&str], keys: &[&str], rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    out.push('\n');
+    line(out, widths, titles);
+    for r in rows {
+        line(out, widths, &cells(r, keys));
+    }
+}
+
 /// Renders the status document as text.
 pub(crate) fn render(st: &Value) -> String {
     let mut out = String::new();
@@ -19,12 +51,12 @@ pub(crate) fn render(st: &Value) -> String {
     let _ = writeln!(out, "mode: {}   proposal: {}", s(&st["engine"]["mode"]), s(&st["engine"]["proposal"]));
     let eng = st["engine"]["interfaces"].as_array().cloned().unwrap_or_default();
     if !eng.is_empty() {
-        let _ = writeln!(out, "\nINTERFACE        KIND      HEALTH    RTT ms   LOSS %  JITTER ms  SCORE    COST  METERED");
+        const W: &[usize] = &[16, 9, 9, 8, 7, 10, 8, 5];
+        out.push('\n');
+        line(&mut out, W, &["INTERFACE", "KIND", "HEALTH", "RTT ms", "LOSS %", "JITTER ms", "SCORE", "COST", "METERED"]);
         for i in &eng {
             let ms = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
-            let _ = writeln!(
-                out,
-                "{:<16} {:<9} {:<9} {:<8} {:<7} {:<10} {:<8} {:<5} {}",
+            let row = [
                 s(&i["name"]),
                 s(&i["kind"]),
                 s(&i["health"]),
@@ -33,36 +65,27 @@ pub(crate) fn render(st: &Value) -> String {
                 ms(&i["stats"]["jitter_ms"]),
                 i["score"].as_f64().map_or("-".to_owned(), |x| format!("{x:.0}")),
                 s(&i["attributes"]["cost"]),
-                s(&i["attributes"]["metered"])
-            );
+                s(&i["attributes"]["metered"]),
+            ];
+            line(&mut out, W, &row);
         }
     }
-    let _ = writeln!(out, "\nINTERFACE        UP    KIND      METRIC      DEVICE           SOURCE / ADDRESSES");
+    const IFACES: &[usize] = &[16, 5, 9, 11, 16];
+    out.push('\n');
+    line(&mut out, IFACES, &["INTERFACE", "UP", "KIND", "METRIC", "DEVICE", "SOURCE / ADDRESSES"]);
     for i in st["interfaces"].as_array().into_iter().flatten() {
         let addrs: Vec<String> = i["addresses"].as_array().into_iter().flatten().map(s).collect();
-        let _ = writeln!(
-            out,
-            "{:<16} {:<5} {:<9} {:<11} {:<16} {}",
-            s(&i["name"]),
-            if i["up"] == true { "yes" } else { "no" },
-            s(&i["kind"]),
-            s(&i["priority"]),
-            s(&i["device"]),
-            if addrs.is_empty() { s(&i["source"]) } else { addrs.join(" ") }
-        );
+        let up = if i["up"] == true { "yes" } else { "no" };
+        let shown = if addrs.is_empty() { s(&i["source"]) } else { addrs.join(" ") };
+        line(&mut out, IFACES, &[s(&i["name"]), up.into(), s(&i["kind"]), s(&i["priority"]), s(&i["device"]), shown]);
     }
-    let _ = writeln!(out, "\nGATEWAY          STATE       SESSION           INTERFACE        STREAMS  ADDRESS");
+    const SESSIONS: &[usize] = &[16, 11, 17, 16, 8];
+    out.push('\n');
+    line(&mut out, SESSIONS, &["GATEWAY", "STATE", "SESSION", "INTERFACE", "STREAMS", "ADDRESS"]);
     for g in st["sessions"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "{:<16} {:<11} {:<17} {:<16} {:<8} {}",
-            s(&g["gateway"]),
-            s(&g["state"]),
-            s(&g["session_id"]),
-            s(&g["interface"]),
-            s(&g["streams"]),
-            g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default()
-        );
+        let mut row = cells(g, &["gateway", "state", "session_id", "interface", "streams"]);
+        row.push(g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default());
+        line(&mut out, SESSIONS, &row);
     }
     for g in st["sessions"].as_array().into_iter().flatten() {
         let addrs = g["addresses"].as_array().cloned().unwrap_or_default();
@@ -71,61 +94,42 @@ pub(crate) fn render(st: &Value) -> String {
         }
         let _ = writeln!(out, "\n{} ADDRESSES (failed searches in a row: {})", s(&g["gateway"]), s(&g["failed_searches"]));
         for a in &addrs {
-            let _ = writeln!(
-                out,
-                "  {:<24} {:<24} {:<8} {:<3} {}",
-                s(&a["addr"]),
-                s(&a["origin"]),
-                s(&a["state"]),
-                s(&a["attempts"]),
-                a["error"].as_str().unwrap_or("")
-            );
+            let mut row = cells(a, &["addr", "origin", "state", "attempts"]);
+            row.push(a["error"].as_str().unwrap_or("").to_owned());
+            out.push_str("  ");
+            line(&mut out, &[24, 24, 8, 3], &row);
         }
     }
     let streams = st["streams"].as_array().cloned().unwrap_or_default();
     if !streams.is_empty() {
-        let _ = writeln!(out, "\nSTREAM  GATEWAY          SERVICE          SENT B        RECEIVED B    RESENT B   LEGS  COMPRESS");
+        const W: &[usize] = &[7, 16, 16, 13, 13, 10, 5];
+        out.push('\n');
+        line(&mut out, W, &["STREAM", "GATEWAY", "SERVICE", "SENT B", "RECEIVED B", "RESENT B", "LEGS", "COMPRESS"]);
         for t in streams.iter().take(50) {
-            let compress = match t["compress"].as_str() {
+            let mut row = cells(t, &["id", "gateway", "service", "sent", "received", "resent", "legs"]);
+            row.push(match t["compress"].as_str() {
                 Some("none") | None => "-".to_owned(),
                 Some(c) => format!("{c} {:.2}:1", t["compression_ratio"].as_f64().unwrap_or(1.0)),
-            };
-            let _ = writeln!(
-                out,
-                "{:<7} {:<16} {:<16} {:<13} {:<13} {:<10} {:<5} {}",
-                s(&t["id"]),
-                s(&t["gateway"]),
-                s(&t["service"]),
-                s(&t["sent"]),
-                s(&t["received"]),
-                s(&t["resent"]),
-                s(&t["legs"]),
-                compress
-            );
+            });
+            line(&mut out, W, &row);
         }
     }
     let exposed = st["exposed"].as_array().cloned().unwrap_or_default();
     if !exposed.is_empty() {
-        let _ = writeln!(out, "\nCLIENT SERVICE   GATEWAY          STATE       GATEWAY ADDRESS          TARGET                 CONNECTIONS");
+        const W: &[usize] = &[16, 16, 11, 24, 22];
+        out.push('\n');
+        line(&mut out, W, &["CLIENT SERVICE", "GATEWAY", "STATE", "GATEWAY ADDRESS", "TARGET", "CONNECTIONS"]);
         for e in &exposed {
             // A refusal shows its reason where the address would be.
-            let at = if e["address"].is_null() { e["error"].clone() } else { e["address"].clone() };
-            let _ = writeln!(
-                out,
-                "{:<16} {:<16} {:<11} {:<24} {:<22} {}",
-                s(&e["name"]),
-                s(&e["gateway"]),
-                s(&e["state"]),
-                s(&at),
-                s(&e["target"]),
-                s(&e["connections"])
-            );
+            let at = if e["address"].is_null() { "error" } else { "address" };
+            line(&mut out, W, &cells(e, &["name", "gateway", "state", at, "target", "connections"]));
         }
     }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
+    const SWITCHES: &[usize] = &[11, 16, 22, 9, 9, 9, 8];
     if !switches.is_empty() {
-        let _ = writeln!(out, "KIND        GATEWAY          FROM → TO              PAUSE ms  STALL ms  RESENT B  STREAMS  REASON");
+        line(&mut out, SWITCHES, &["KIND", "GATEWAY", "FROM → TO", "PAUSE ms", "STALL ms", "RESENT B", "STREAMS", "REASON"]);
     }
     for w in switches.iter().rev().take(20) {
         // A roam to another gateway address shows the addresses too.
@@ -134,64 +138,35 @@ pub(crate) fn render(st: &Value) -> String {
         } else {
             format!("{} → {}", s(&w["from"]), s(&w["to"]))
         };
-        let _ = writeln!(
-            out,
-            "{:<11} {:<16} {:<22} {:<9} {:<9} {:<9} {:<8} {}",
-            s(&w["kind"]),
-            s(&w["gateway"]),
-            moved,
-            s(&w["duration_ms"]),
-            s(&w["longest_stall_ms"]),
-            s(&w["bytes_resent"]),
-            s(&w["streams"]),
-            s(&w["reason"])
-        );
+        let mut row = cells(w, &["kind", "gateway"]);
+        row.push(moved);
+        row.extend(cells(w, &["duration_ms", "longest_stall_ms", "bytes_resent", "streams", "reason"]));
+        line(&mut out, SWITCHES, &row);
     }
     let events = st["events"].as_array().cloned().unwrap_or_default();
     if !events.is_empty() {
         let _ = writeln!(out, "\nRECENT EVENTS");
         for e in events.iter().rev().take(10) {
-            let _ = writeln!(out, "{:<14} {:<18} {:<10} {}", s(&e["at_unix_ms"]), s(&e["kind"]), s(&e["interface"]), s(&e["reason"]));
+            line(&mut out, &[14, 18, 10], &cells(e, &["at_unix_ms", "kind", "interface", "reason"]));
         }
     }
-    let udp_services = st["udp"]["services"].as_array().cloned().unwrap_or_default();
-    if !udp_services.is_empty() {
-        let _ = writeln!(out, "\nUDP SERVICE      GATEWAY          FLOWS  SENT      RECEIVED  DELAYED  DROPPED  EXPIRED  LISTEN");
-        for u in &udp_services {
-            let _ = writeln!(
-                out,
-                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
-                s(&u["service"]),
-                s(&u["gateway"]),
-                s(&u["flows"]),
-                s(&u["sent"]),
-                s(&u["received"]),
-                s(&u["delayed"]),
-                s(&u["dropped"]),
-                s(&u["flows_expired"]),
-                s(&u["listen"])
-            );
-        }
-    }
-    let udp_exposed = st["udp"]["exposed"].as_array().cloned().unwrap_or_default();
-    if !udp_exposed.is_empty() {
-        let _ = writeln!(out, "\nUDP CLIENT SVC   GATEWAY          FLOWS  RECEIVED  SENT      DELAYED  DROPPED  EXPIRED  TARGET");
-        for u in &udp_exposed {
-            let _ = writeln!(
-                out,
-                "{:<16} {:<16} {:<6} {:<9} {:<9} {:<8} {:<8} {:<8} {}",
-                s(&u["service"]),
-                s(&u["gateway"]),
-                s(&u["flows"]),
-                s(&u["received"]),
-                s(&u["sent"]),
-                s(&u["delayed"]),
-                s(&u["dropped"]),
-                s(&u["flows_expired"]),
-                s(&u["target"])
-            );
-        }
-    }
+    // Services count what they send before what they receive, client services (the other
+    // way round) what they receive first: each table reads in the direction of its datagrams.
+    const UDP: &[usize] = &[16, 16, 6, 9, 9, 8, 8, 8];
+    table(
+        &mut out,
+        UDP,
+        &["UDP SERVICE", "GATEWAY", "FLOWS", "SENT", "RECEIVED", "DELAYED", "DROPPED", "EXPIRED", "LISTEN"],
+        &["service", "gateway", "flows", "sent", "received", "delayed", "dropped", "flows_expired", "listen"],
+        st["udp"]["services"].as_array().map_or(&[], Vec::as_slice),
+    );
+    table(
+        &mut out,
+        UDP,
+        &["UDP CLIENT SVC", "GATEWAY", "FLOWS", "RECEIVED", "SENT", "DELAYED", "DROPPED", "EXPIRED", "TARGET"],
+        &["service", "gateway", "flows", "received", "sent", "delayed", "dropped", "flows_expired", "target"],
+        st["udp"]["exposed"].as_array().map_or(&[], Vec::as_slice),
+    );
     out
 }
 
@@ -215,17 +190,49 @@ pub(crate) fn render_gateway(st: &Value) -> String {
             .collect();
         let _ = writeln!(out, "host:       {}", each.join(" "));
     }
-    let _ = writeln!(out, "\nCLIENT           SESSION           ADDRESS                  PEER                     STREAMS");
+    const W: &[usize] = &[16, 17, 24, 24];
+    out.push('\n');
+    line(&mut out, W, &["CLIENT", "SESSION", "ADDRESS", "PEER", "STREAMS"]);
     for g in st["sessions"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "{:<16} {:<17} {:<24} {:<24} {}",
-            s(&g["client"]),
-            s(&g["session_id"]),
-            s(&g["gateway_addr"]),
-            s(&g["peer"]),
-            s(&g["streams"])
-        );
+        line(&mut out, W, &cells(g, &["client", "session_id", "gateway_addr", "peer", "streams"]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Titles and cells share their widths: each table's columns line up, and a line ends
+    /// without blanks.
+    #[test]
+    fn columns_line_up() {
+        let st = json!({
+            "current_interface": "wlan",
+            "sessions": [{"gateway": "gw", "state": "down", "streams": 0, "error": "no route"}],
+            "switches": [{"kind": "roam", "gateway": "gw", "from": "lte", "to": "lte", "gateway_addr_from": "a",
+                "gateway_addr_to": "b", "duration_ms": 300, "longest_stall_ms": 200, "bytes_resent": 0, "streams": 1,
+                "reason": "address lost"}],
+            "udp": {
+                "services": [{"service": "dns", "gateway": "gw", "flows": 2, "sent": 10, "received": 20, "delayed": 1,
+                    "dropped": 0, "flows_expired": 3, "listen": "127.0.0.1:53"}],
+                "exposed": [{"service": "game", "gateway": "gw", "flows": 1, "sent": 5, "received": 6, "delayed": 0,
+                    "dropped": 2, "flows_expired": 0, "target": "127.0.0.1:9000"}],
+            },
+        });
+        let text = super::render(&st);
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "GATEWAY          STATE       SESSION           INTERFACE        STREAMS  ADDRESS",
+            "gw               down        -                 -                0        no route",
+            "KIND        GATEWAY          FROM → TO              PAUSE ms  STALL ms  RESENT B  STREAMS  REASON",
+            "roam        gw               lte@a → lte@b          300       200       0         1        address lost",
+            "UDP SERVICE      GATEWAY          FLOWS  SENT      RECEIVED  DELAYED  DROPPED  EXPIRED  LISTEN",
+            "dns              gw               2      10        20        1        0        3        127.0.0.1:53",
+            "UDP CLIENT SVC   GATEWAY          FLOWS  RECEIVED  SENT      DELAYED  DROPPED  EXPIRED  TARGET",
+            "game             gw               1      6         5         0        2        0        127.0.0.1:9000",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
+        }
+    }
 }

@@ -13,11 +13,11 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod decide_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use decide_support::*;
+use support::*;
 use serde_json::Value;
 
 /// Each scenario's own limit.
@@ -28,6 +28,11 @@ fn policy(extra: &str) -> String {
     format!(
         "[policy]\ncheck_interval = \"200ms\"\nsearch_interval = \"500ms\"\nwindow = \"3s\"\nmin_samples = 3\n{extra}\n"
     )
+}
+
+/// The rig's defaults with the agent's events followed: every scenario checks them.
+fn followed() -> Options {
+    Options { events: true, ..Options::default() }
 }
 
 fn assert_record(sw: &Value, kind: &str, from: &str, to: &str) {
@@ -75,8 +80,8 @@ async fn lossy_wlan_switches_to_lte_and_back_after_dwell() {
     const BOUND_MS: u64 = 10_000;
     tokio::time::timeout(LIMIT, async {
         let opts = Options {
-            client: policy(&format!("min_dwell = \"{DWELL_MS}ms\"\n[policy.interfaces.lte]\ncost = 5\n")),
-            ..Options::default()
+            client_tables: policy(&format!("min_dwell = \"{DWELL_MS}ms\"\n[policy.interfaces.lte]\ncost = 5\n")),
+            ..followed()
         };
         let mut rig = Rig::start("decide_loss", opts).await;
         // Both paths measured and good before anything happens.
@@ -171,15 +176,15 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
     tokio::time::timeout(LIMIT, async {
         let opts = Options {
             // The top-level key, which overrides `policy.mode`.
-            client_keys: "mode = \"manual\"".into(),
-            client: policy("mode = \"auto\"\nmin_dwell = \"5s\"\nwarning = { rtt = \"150ms\" }\n"),
-            ..Options::default()
+            client: "mode = \"manual\"",
+            client_tables: policy("mode = \"auto\"\nmin_dwell = \"5s\"\nwarning = { rtt = \"150ms\" }\n"),
+            ..followed()
         };
         let mut rig = Rig::start("decide_manual", opts).await;
         rig.wait_health(Duration::from_secs(10), "lte", "good").await;
         let st = rig.status().unwrap();
         assert_eq!(st["engine"]["mode"], "manual");
-        assert_eq!(rig.cli(&["approve"]).unwrap_err(), "baton: no switch is proposed");
+        assert_eq!(rig.baton(&["approve"]).unwrap_err(), "baton: no switch is proposed");
         let app = rig.start_exchange(22, 5 * MIB, 200 * KIB);
         rig.wait_received(200 * KIB).await;
 
@@ -206,7 +211,7 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
 
         // Declined: the path stays, and lte is not proposed again for min_dwell.
         let skip = rig.events().len();
-        let line = rig.cli(&["decline"]).unwrap();
+        let line = rig.baton(&["decline"]).unwrap();
         let declined_at = Instant::now();
         println!("decide_manual: baton decline: {line}");
         rig.wait_event(Duration::from_secs(5), "declined", skip, |e| e["interface"] == "lte").await;
@@ -221,7 +226,7 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
         assert!(declined_at.elapsed() >= DWELL - Duration::from_millis(300), "proposed again before min_dwell");
         assert!(rig.switches().is_empty());
         let skip = rig.events().len();
-        let line = rig.cli(&["approve"]).unwrap();
+        let line = rig.baton(&["approve"]).unwrap();
         println!("decide_manual: baton approve: {line}");
         assert_eq!(line, "switching to lte");
         let decided = rig.wait_event(Duration::from_secs(5), "switch_decided", skip, |_| true).await;
@@ -298,9 +303,9 @@ const SLOW_DEATH: &str = "dead_after = \"20s\"\n";
 async fn single_interface_reports_link_going_and_stays() {
     tokio::time::timeout(LIMIT, async {
         let opts = Options {
-            client_keys: SLOW_DEATH.into(),
-            client: policy("[policy.interfaces.lte]\nnever_use = true\n"),
-            ..Options::default()
+            client: SLOW_DEATH,
+            client_tables: policy("[policy.interfaces.lte]\nnever_use = true\n"),
+            ..followed()
         };
         let mut rig = Rig::start("decide_single", opts).await;
         let st = rig.wait_health(Duration::from_secs(10), "wlan", "good").await;
@@ -324,7 +329,7 @@ async fn single_interface_reports_link_going_and_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_link_down_warns_and_stays() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client_keys: SLOW_DEATH.into(), client: policy(""), ..Options::default() };
+        let opts = Options { client: SLOW_DEATH, client_tables: policy(""), ..followed() };
         let mut rig = Rig::start("decide_nolte", opts).await;
         rig.bed.link_down(Link::Lte).unwrap();
         let st = rig
@@ -348,7 +353,7 @@ async fn other_link_down_warns_and_stays() {
 /// Checks that the engine learns wlan's metric again, and that the agent is back on wlan
 /// within `min_dwell` (5 s) + 5 s of wlan's return.
 async fn blip(name: &str, extra: &str) {
-    let opts = Options { client: policy(&format!("min_dwell = \"5s\"\n{extra}")), ..Options::default() };
+    let opts = Options { client_tables: policy(&format!("min_dwell = \"5s\"\n{extra}")), ..followed() };
     let mut rig = Rig::start(name, opts).await;
     rig.wait_health(Duration::from_secs(10), "lte", "good").await;
     let app = rig.start_exchange(25, 4 * MIB, 200 * KIB);
@@ -432,7 +437,7 @@ async fn back_to_the_preferred_link_after_a_blip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_use_is_not_used_when_the_path_is_lost() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: policy("[policy.interfaces.lte]\nnever_use = true\n"), ..Options::default() };
+        let opts = Options { client_tables: policy("[policy.interfaces.lte]\nnever_use = true\n"), ..followed() };
         let mut rig = Rig::start("decide_never", opts).await;
         let app = rig.start_exchange(26, 2 * MIB, 200 * KIB);
         rig.wait_received(200 * KIB).await;

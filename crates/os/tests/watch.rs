@@ -35,6 +35,32 @@ async fn expect(
     }
 }
 
+/// Waits for interface `name` (index `index`) to come up, or go down, and checks that
+/// the event names it.
+async fn expect_link(rx: &mut broadcast::Receiver<IfaceEvent>, name: &str, index: u32, up: bool) {
+    let want = if up {
+        IfaceEvent::LinkUp { index, name: name.into() }
+    } else {
+        IfaceEvent::LinkDown { index, name: name.into() }
+    };
+    let what = format!("{name} {}", if up { "up" } else { "down" });
+    // Matched by index alone, so that an event with a wrong name fails the check below
+    // instead of timing out.
+    let ev = expect(rx, &what, |e| match e {
+        IfaceEvent::LinkUp { index: i, .. } => up && *i == index,
+        IfaceEvent::LinkDown { index: i, .. } => !up && *i == index,
+        _ => false,
+    })
+    .await;
+    assert_eq!(ev, want);
+}
+
+/// Runs `ip ARGS` (a route change) and waits for the watcher to report it.
+async fn change_route(ns: &common::Ns, rx: &mut broadcast::Receiver<IfaceEvent>, args: &str) {
+    ns.ip(args);
+    expect(rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
+}
+
 fn addr(s: &str) -> IfaceAddr {
     let (a, p) = s.split_once('/').expect("address with prefix");
     IfaceAddr {
@@ -80,27 +106,10 @@ fn events_and_table_follow_the_kernel() {
         ns.ip("link set a0 up");
         ns.ip("link set b0 up");
         ns.ip("link set b1 up");
-        expect(
-            &mut rx,
-            "b0 up",
-            |e| matches!(e, IfaceEvent::LinkUp { index, .. } if *index == b0),
-        )
-        .await;
+        expect_link(&mut rx, "b0", b0, true).await;
         assert!(!w.table().interfaces[&a0].up, "a0 has no carrier yet");
         ns.ip("link set a1 up");
-        let ev = expect(
-            &mut rx,
-            "a0 up",
-            |e| matches!(e, IfaceEvent::LinkUp { index, .. } if *index == a0),
-        )
-        .await;
-        assert_eq!(
-            ev,
-            IfaceEvent::LinkUp {
-                index: a0,
-                name: "a0".into()
-            }
-        );
+        expect_link(&mut rx, "a0", a0, true).await;
 
         // Addresses, both families.
         for (dev, index, a) in [
@@ -126,55 +135,29 @@ fn events_and_table_follow_the_kernel() {
 
         // Default routes order the candidates by metric, IPv4 and IPv6
         // alike, the lowest of an interface's routes counting.
-        ns.ip("route add default via 10.200.1.2 dev a0 metric 200");
-        expect(&mut rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
+        change_route(&ns, &mut rx, "route add default via 10.200.1.2 dev a0 metric 200").await;
         assert_eq!(w.table().interfaces[&a0].default_route_metric, Some(200));
         assert_eq!(names(&w.table()), ["a0", "b0"]);
-        ns.ip("route add default via 10.200.2.2 dev b0 metric 100");
-        expect(&mut rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
+        change_route(&ns, &mut rx, "route add default via 10.200.2.2 dev b0 metric 100").await;
         assert_eq!(names(&w.table()), ["b0", "a0"]);
-        ns.ip("-6 route add default via fd00:200:1::2 dev a0 metric 50");
-        expect(&mut rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
+        change_route(&ns, &mut rx, "-6 route add default via fd00:200:1::2 dev a0 metric 50").await;
         assert_eq!(w.table().interfaces[&a0].default_route_metric, Some(50));
         assert_eq!(names(&w.table()), ["a0", "b0"]);
-        ns.ip("-6 route del default via fd00:200:1::2 dev a0 metric 50");
-        expect(&mut rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
+        change_route(&ns, &mut rx, "-6 route del default via fd00:200:1::2 dev a0 metric 50").await;
         assert_eq!(names(&w.table()), ["b0", "a0"]);
 
         // Carrier lost (peer down), then back.
         ns.ip("link set b1 down");
-        let ev = expect(
-            &mut rx,
-            "b0 down",
-            |e| matches!(e, IfaceEvent::LinkDown { index, .. } if *index == b0),
-        )
-        .await;
-        assert_eq!(
-            ev,
-            IfaceEvent::LinkDown {
-                index: b0,
-                name: "b0".into()
-            }
-        );
+        expect_link(&mut rx, "b0", b0, false).await;
         assert_eq!(names(&w.table()), ["a0"]);
         ns.ip("link set b1 up");
-        expect(
-            &mut rx,
-            "b0 up",
-            |e| matches!(e, IfaceEvent::LinkUp { index, .. } if *index == b0),
-        )
-        .await;
+        expect_link(&mut rx, "b0", b0, true).await;
         assert_eq!(names(&w.table()), ["b0", "a0"]);
 
         // Admin down: the kernel flushes b0's IPv4 routes without a
         // notification; the watcher must notice anyway.
         ns.ip("link set b0 down");
-        expect(
-            &mut rx,
-            "b0 down",
-            |e| matches!(e, IfaceEvent::LinkDown { index, .. } if *index == b0),
-        )
-        .await;
+        expect_link(&mut rx, "b0", b0, false).await;
         expect(&mut rx, "route change", |e| *e == IfaceEvent::RouteChanged).await;
         let t = w.table();
         assert_eq!(t.interfaces[&b0].default_route_metric, None);

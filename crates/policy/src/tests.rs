@@ -174,6 +174,12 @@ fn step(before: u64, at: f64, after: u64) -> impl Fn(f64) -> Option<Duration> {
     move |t| Some(ms(if t < at { before } else { after }))
 }
 
+/// A round trip good (50 ms) until second 60, past the default warning of 300 ms (400 ms)
+/// until second 120, past the default critical 1 s (1500 ms) after.
+fn worsening() -> impl Fn(f64) -> Option<Duration> {
+    |t| Some(ms(if t < 60.0 { 50 } else if t < 120.0 { 400 } else { 1500 }))
+}
+
 /// Deterministic noise in [-1, 1] for second `t` (splitmix64 of the
 /// millisecond and the seed): the same timeline on every run.
 fn noise(t: f64, seed: u64) -> f64 {
@@ -215,15 +221,7 @@ fn warning_starts_search_critical_switches() {
     // The alternative is itself past the warning threshold: a warning alone
     // must only start the search; the critical threshold moves the path.
     let mut sim = Sim::new(PolicyConfig::default(), vec![wifi("wlan0", 600), cell("wwan0", 700)])
-        .link("wlan0", move |t| {
-            Some(ms(if t < 60.0 {
-                50
-            } else if t < 120.0 {
-                400
-            } else {
-                1500
-            }))
-        })
+        .link("wlan0", worsening())
         .link("wwan0", steady(350))
         .start();
     sim.run_until(59.0);
@@ -328,11 +326,16 @@ fn each_gateway_address_has_its_own_measurements() {
 
 #[test]
 fn losing_probes_reaches_critical() {
-    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", |t| (t < 40.0).then_some(ms(5)))
-        .link("wlan0", steady(30))
-        .start();
-    sim.run_until(50.0);
+    // eth0 loses every probe from 40 s on; wlan0 stays good.
+    let run = |config| {
+        let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
+            .link("eth0", |t| (t < 40.0).then_some(ms(5)))
+            .link("wlan0", steady(30))
+            .start();
+        sim.run_until(50.0);
+        sim
+    };
+    let sim = run(PolicyConfig::default());
     let sw = sim.switches();
     assert_eq!(sw.len(), 2, "{sw:?}");
     let (at, to, reason, urgent) = &sw[1];
@@ -346,12 +349,7 @@ fn losing_probes_reaches_critical() {
     // With the warning off, loss goes on until critical (4 of 20 probes).
     let mut config = PolicyConfig::default();
     config.warning.loss = None;
-    let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", |t| (t < 40.0).then_some(ms(5)))
-        .link("wlan0", steady(30))
-        .start();
-    sim.run_until(50.0);
-    let (at, _, reason, urgent) = sim.switches()[1].clone();
+    let (at, _, reason, urgent) = run(config).switches()[1].clone();
     assert!((41.0..42.5).contains(&at), "{at}");
     assert!(matches!(reason, Reason::Critical(Trigger::Loss { loss, .. }) if loss >= 0.2), "{reason:?}");
     assert!(urgent);
@@ -712,15 +710,7 @@ fn single_interface_reports_link_going_and_never_proposes() {
     for mode in [Mode::Auto, Mode::Manual] {
         let config = PolicyConfig { mode, ..PolicyConfig::default() };
         let mut sim = Sim::new(config, vec![wifi("wlan0", 600)])
-            .link("wlan0", move |t| {
-                Some(ms(if t < 60.0 {
-                    50
-                } else if t < 120.0 {
-                    400
-                } else {
-                    1500
-                }))
-            })
+            .link("wlan0", worsening())
             .start();
         sim.run_until(200.0);
         let going: Vec<&Reason> = sim

@@ -528,7 +528,7 @@ impl Message {
                     match result {
                         Ok(addr) => {
                             out.put_u8(0);
-                            put_socket_addr(out, addr);
+                            put_addr(out, addr);
                         }
                         Err(reason) => out.put_u8(reason.code()),
                     }
@@ -745,7 +745,8 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     out.put_slice(s.as_bytes());
 }
 
-fn put_socket_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+/// A socket address: family (4 or 6), the address, the port.
+fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => {
             out.put_u8(4);
@@ -816,30 +817,11 @@ fn get_str(r: &mut &[u8], max: usize) -> Result<String, WireError> {
     Ok(s)
 }
 
-/// A socket address: family (4 or 6), the address, the port (never 0).
-fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
-    match a.ip() {
-        IpAddr::V4(ip) => {
-            out.put_u8(4);
-            out.put_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.put_u8(6);
-            out.put_slice(&ip.octets());
-        }
-    }
-    out.put_u16(a.port());
-}
-
+/// A gateway address (advertised, go-to, roam): a socket address whose port is never 0.
 fn get_addr(r: &mut &[u8]) -> Result<SocketAddr, WireError> {
-    let ip = match get_u8(r)? {
-        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(r)?)),
-        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(r)?)),
-        _ => return Err(WireError::Invalid("address family")),
-    };
-    match get_u16(r)? {
-        0 => Err(WireError::Invalid("port 0")),
-        port => Ok(SocketAddr::new(ip, port)),
+    match get_socket_addr(r)? {
+        a if a.port() == 0 => Err(WireError::Invalid("port 0")),
+        a => Ok(a),
     }
 }
 

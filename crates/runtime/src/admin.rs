@@ -9,11 +9,14 @@
 //! which answers with one line per event for as long as the connection stays.
 //! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,6 +28,33 @@ pub const DEFAULT_SOCKET: &str = "/tmp/baton-client.sock";
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
+
+/// A daemon's admin API (the agent's here, the gateway's in `gateway_admin`), answered
+/// line by line by [`serve_api`].
+pub(crate) trait Api: Clone + Send + Sync + 'static {
+    /// The reply to one request line.
+    fn reply(&self, line: &str) -> impl Future<Output = Value> + Send;
+
+    /// Answers a request that takes the connection over (a stream of lines until the peer
+    /// leaves) and returns true; false for the requests that [`Api::reply`] answers.
+    fn take_over(&self, _line: &str, _w: &mut OwnedWriteHalf) -> impl Future<Output = bool> + Send {
+        async { false }
+    }
+}
+
+impl Api for Client {
+    async fn reply(&self, line: &str) -> Value {
+        handle(self, line).await
+    }
+
+    async fn take_over(&self, line: &str, w: &mut OwnedWriteHalf) -> bool {
+        if !matches!(serde_json::from_str::<Request>(line), Ok(Request::Events)) {
+            return false;
+        }
+        stream_events(self, w).await;
+        true
+    }
+}
 
 /// A request to the admin API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,30 +195,39 @@ pub(crate) async fn bind_socket(path: &Path, owner: &str) -> std::io::Result<Uni
 pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = bind_socket(&path, "agent").await?;
     info!(socket = %path.display(), "admin API listening");
+    serve_api(listener, client, &path, shutdown).await
+}
+
+/// Answers admin connections on `listener` with `api` until `shutdown`, then removes the
+/// socket file at `path`. Each connection is served by a task of its own: one request per
+/// line, one reply line each; a line longer than [`MAX_REQUEST`] is refused, and a
+/// connection ends after 64 times that much, so that no peer holds a task for ever.
+pub(crate) async fn serve_api(listener: UnixListener, api: impl Api, path: &Path, shutdown: CancellationToken) -> std::io::Result<()> {
     loop {
         let (conn, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of file descriptors, typically: a pause instead of a busy loop.
                     warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => break,
         };
-        let client = client.clone();
+        let api = api.clone();
         tokio::spawn(async move {
             let (r, mut w) = conn.into_split();
             let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 64)).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if matches!(serde_json::from_str::<Request>(&line), Ok(Request::Events)) {
-                    stream_events(&client, &mut w).await;
+                if api.take_over(&line, &mut w).await {
                     return;
                 }
                 let reply = if line.len() > MAX_REQUEST {
                     json!({"ok": false, "error": "request too long"})
                 } else {
-                    handle(&client, &line).await
+                    api.reply(&line).await
                 };
                 let mut text = reply.to_string();
                 text.push('\n');
@@ -198,11 +237,11 @@ pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -
             }
         });
     }
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path);
     Ok(())
 }
 
-async fn stream_events(client: &Client, w: &mut tokio::net::unix::OwnedWriteHalf) {
+async fn stream_events(client: &Client, w: &mut OwnedWriteHalf) {
     let mut rx = client.subscribe_events();
     loop {
         let line = match rx.recv().await {
@@ -235,15 +274,21 @@ pub async fn follow_events(path: &Path, mut each: impl FnMut(Value)) -> std::io:
 
 /// Sends one request to the admin socket at `path` and returns the reply.
 pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
+    ask(path, req, "the client agent", "baton client").await
+}
+
+/// Sends one request line to the admin socket at `path` of `daemon` (started by `command`,
+/// named in the error that it cannot be reached) and returns its reply line.
+pub(crate) async fn ask(path: &Path, req: &impl Serialize, daemon: &str, command: &str) -> std::io::Result<Value> {
     let conn = UnixStream::connect(path).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach the client agent at {}: {e} (is `baton client` running? --admin PATH)", path.display()))
+        std::io::Error::new(e.kind(), format!("cannot reach {daemon} at {}: {e} (is `{command}` running? --admin PATH)", path.display()))
     })?;
     let (r, mut w) = conn.into_split();
     let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
     text.push('\n');
     w.write_all(text.as_bytes()).await?;
     let mut lines = BufReader::new(r).lines();
-    let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other("the agent closed the admin connection"))?;
+    let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other(format!("{daemon} closed the admin connection")))?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 

@@ -16,18 +16,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::gateway::Gateway;
 
 /// Where the gateway's admin socket is unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/tmp/baton-gateway.sock";
-
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 4096;
 
 /// How long a go-to waits for the sessions to move unless told.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
@@ -127,53 +122,16 @@ async fn handle(gw: &Gateway, line: &str) -> Value {
 pub async fn serve(gw: Gateway, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = crate::admin::bind_socket(&path, "gateway").await?;
     info!(socket = %path.display(), "gateway admin API listening");
-    loop {
-        let (conn, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("admin accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = conn.into_split();
-            let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 64)).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = if line.len() > MAX_REQUEST {
-                    json!({"ok": false, "error": "request too long"})
-                } else {
-                    handle(&gw, &line).await
-                };
-                let mut text = reply.to_string();
-                text.push('\n');
-                if w.write_all(text.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-        });
+    crate::admin::serve_api(listener, gw, &path, shutdown).await
+}
+
+impl crate::admin::Api for Gateway {
+    async fn reply(&self, line: &str) -> Value {
+        handle(self, line).await
     }
-    let _ = std::fs::remove_file(&path);
-    Ok(())
 }
 
 /// Sends one request to the gateway's admin socket at `path`.
 pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
-    let conn = UnixStream::connect(path).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot reach the gateway at {}: {e} (is `baton gateway` running? --admin PATH)", path.display()),
-        )
-    })?;
-    let (r, mut w) = conn.into_split();
-    let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
-    text.push('\n');
-    w.write_all(text.as_bytes()).await?;
-    let mut lines = BufReader::new(r).lines();
-    let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other("the gateway closed the admin connection"))?;
-    serde_json::from_str(&line).map_err(std::io::Error::other)
+    crate::admin::ask(path, req, "the gateway", "baton gateway").await
 }

@@ -113,6 +113,49 @@ fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
+/// Receives datagrams on a connected `socket` until `stop`, handing each to `on_datagram`.
+/// The buffer holds one byte more than `max`: a datagram that fills it was larger (the kernel
+/// truncates to the buffer) and is refused where it is handled. A receive error reports an
+/// earlier send (ICMP: port closed, no route): `on_error` logs it, and a short pause keeps a
+/// stream of them from spinning.
+async fn receive_until(socket: &UdpSocket, stop: &CancellationToken, max: usize, mut on_datagram: impl FnMut(&[u8]), on_error: impl Fn(io::Error)) {
+    let mut buf = vec![0u8; max + 1];
+    loop {
+        let r = tokio::select! {
+            r = socket.recv(&mut buf) => r,
+            _ = stop.cancelled() => return,
+        };
+        match r {
+            Ok(n) => on_datagram(&buf[..n]),
+            Err(e) => {
+                on_error(e);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Resolves a flow's `target` and opens a socket of the flow's own, connected to it, within
+/// `limit`; none if `stop` fires first. The error is the detail a refusal carries.
+async fn open_target(target: &HostPort, limit: Duration, stop: &CancellationToken) -> Option<Result<(UdpSocket, SocketAddr), String>> {
+    let connect = async {
+        let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+        Ok::<_, io::Error>((flow_socket(addr)?, addr))
+    };
+    let r = tokio::select! {
+        r = tokio::time::timeout(limit, connect) => r,
+        _ = stop.cancelled() => return None,
+    };
+    Some(match r {
+        Ok(Ok(x)) => Ok(x),
+        Ok(Err(e)) => Err(format!("{target}: {e}")),
+        Err(_) => Err(format!("{target}: not resolved within {limit:?}")),
+    })
+}
+
 /// Seals a datagram with the next sequence number of `seq`.
 fn seal(kind: Kind, session_id: u64, flow: FlowId, seq: &mut u64, sender: Role, payload: &[u8], key: &LegKey) -> Vec<u8> {
     *seq += 1;
@@ -296,10 +339,8 @@ struct ServiceCounters {
     flows_closed: AtomicU64,
     flows_refused: AtomicU64,
     from_app: AtomicU64,
-    sent: AtomicU64,
-    delayed: AtomicU64,
+    out: OutCounters,
     received: AtomicU64,
-    dropped: AtomicU64,
     too_large: AtomicU64,
     over_max_flows: AtomicU64,
     send_errors: AtomicU64,
@@ -313,11 +354,18 @@ struct ExposedCounters {
     flows_refused: AtomicU64,
     received: AtomicU64,
     from_target: AtomicU64,
+    out: OutCounters,
+    too_large: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+/// What a service's flows (of either kind) sent towards the gateway, sent late (held
+/// first), and dropped.
+#[derive(Debug, Default)]
+struct OutCounters {
     sent: AtomicU64,
     delayed: AtomicU64,
     dropped: AtomicU64,
-    too_large: AtomicU64,
-    send_errors: AtomicU64,
 }
 
 /// A UDP client service through this gateway: servers beside the gateway
@@ -420,12 +468,10 @@ struct ClientFlow {
     app: SocketAddr,
     /// The gateway accepted the flow in this session.
     open: bool,
-    hold: HoldQueue,
+    out: Outbound,
     last: Instant,
     from_app: u64,
-    sent: u64,
     received: u64,
-    dropped: u64,
 }
 
 /// A flow of a UDP client service: one server's datagrams, to and from the
@@ -437,12 +483,72 @@ struct ExposedFlow {
     socket: Arc<UdpSocket>,
     target: SocketAddr,
     stop: CancellationToken,
-    hold: HoldQueue,
+    out: Outbound,
     last: Instant,
     received: u64,
     from_target: u64,
+}
+
+/// A flow's datagrams towards the gateway, of either kind (an application's, a client
+/// service's): sent at once when they can be, held otherwise.
+#[derive(Debug)]
+struct Outbound {
+    hold: HoldQueue,
     sent: u64,
     dropped: u64,
+}
+
+impl Outbound {
+    fn new(config: &UdpConfig) -> Outbound {
+        Outbound { hold: HoldQueue::new(config.hold, config.hold_bytes), sent: 0, dropped: 0 }
+    }
+
+    /// A datagram of flow `id`: sent at once if the flow `may_send`, the session is live
+    /// on a route and nothing older is held (order is kept); held otherwise, the oldest
+    /// dropped beyond the bounds. Counts here and in `c`, the service's.
+    fn send(&mut self, id: FlowId, payload: &[u8], may_send: bool, session: &mut Option<ClientSession>, route: &Option<RouteSocket>, c: &OutCounters) {
+        if let (true, Some(session), Some(route)) = (may_send && self.hold.is_empty(), session, route) {
+            if session.live {
+                let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, payload, &session.key);
+                if send_now(&route.socket, &d).is_ok() {
+                    self.sent += 1;
+                    inc(&c.sent);
+                    return;
+                }
+            }
+        }
+        let dropped = self.hold.push(payload.to_vec());
+        self.dropped += dropped;
+        add(&c.dropped, dropped);
+    }
+
+    /// Sends what flow `id` holds, oldest first, while the route's socket takes it; the
+    /// rest stays held.
+    fn flush(&mut self, id: FlowId, session: &mut ClientSession, route: &RouteSocket, c: &OutCounters) {
+        let mut failed = false;
+        for payload in self.hold.take() {
+            if !failed {
+                let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, &payload, &session.key);
+                if send_now(&route.socket, &d).is_ok() {
+                    self.sent += 1;
+                    inc(&c.sent);
+                    inc(&c.delayed);
+                    continue;
+                }
+                failed = true;
+            }
+            let dropped = self.hold.push(payload);
+            self.dropped += dropped;
+            add(&c.dropped, dropped);
+        }
+    }
+
+    /// The flow ends: what it still holds counts as dropped.
+    fn discard(&mut self, c: &OutCounters) {
+        let held = self.hold.take().len() as u64;
+        self.dropped += held;
+        add(&c.dropped, held);
+    }
 }
 
 /// A socket for datagrams to `gateway` out of `path`, bound the way legs
@@ -755,18 +861,7 @@ impl ClientUdp {
     }
 
     async fn open_exposed(self: Arc<Self>, flow: FlowId, i: usize, session_id: u64) {
-        let target = self.exposed[i].target.clone();
-        let connect = async {
-            let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
-                .await?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-            Ok::<_, io::Error>((flow_socket(addr)?, addr))
-        };
-        let r = tokio::select! {
-            r = tokio::time::timeout(self.connect_timeout, connect) => r,
-            _ = self.shutdown.cancelled() => return,
-        };
+        let Some(r) = open_target(&self.exposed[i].target, self.connect_timeout, &self.shutdown).await else { return };
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         // The session changed meanwhile: the gateway that asked is gone.
@@ -777,16 +872,9 @@ impl ClientUdp {
         let Some(session) = st.session.as_ref().filter(|s| s.id == session_id) else { return };
         let svc = &self.exposed[i];
         let (socket, addr) = match r {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
+            Ok(x) => x,
+            Err(detail) => {
                 inc(&svc.counters.flows_refused);
-                warn!(service = %svc.name, "udp client service flow refused: {target}: {e}");
-                session.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail: format!("{target}: {e}") });
-                return;
-            }
-            Err(_) => {
-                inc(&svc.counters.flows_refused);
-                let detail = format!("{target}: not resolved within {:?}", self.connect_timeout);
                 warn!(service = %svc.name, "udp client service flow refused: {detail}");
                 session.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail });
                 return;
@@ -801,12 +889,10 @@ impl ClientUdp {
                 socket: socket.clone(),
                 target: addr,
                 stop: stop.clone(),
-                hold: HoldQueue::new(self.config.hold, self.config.hold_bytes),
+                out: Outbound::new(&self.config),
                 last: Instant::now(),
                 received: 0,
                 from_target: 0,
-                sent: 0,
-                dropped: 0,
             },
         );
         inc(&svc.counters.flows_opened);
@@ -817,22 +903,12 @@ impl ClientUdp {
     }
 
     async fn read_exposed_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
-        let mut buf = vec![0u8; MAX_PAYLOAD + 1];
-        loop {
-            let r = tokio::select! {
-                r = socket.recv(&mut buf) => r,
-                _ = stop.cancelled() => return,
-            };
-            match r {
-                Ok(n) => self.on_exposed_target_datagram(flow, &buf[..n]),
-                // The target's port is closed (ICMP): the server's business,
-                // as it would be without baton.
-                Err(e) => {
-                    debug!(gateway = %self.gateway, %flow, "udp receive from client service target: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        let on_error = |e: io::Error| {
+            // The target's port is closed (ICMP): the server's business, as it would be
+            // without baton.
+            debug!(gateway = %self.gateway, %flow, "udp receive from client service target: {e}");
+        };
+        receive_until(&socket, &stop, MAX_PAYLOAD, |d| self.on_exposed_target_datagram(flow, d), on_error).await;
     }
 
     /// A datagram from a client service's target, for the server of `flow`.
@@ -848,47 +924,28 @@ impl ClientUdp {
         f.last = Instant::now();
         f.from_target += 1;
         inc(&c.from_target);
-        if let (Some(session), Some(route)) = (session, route) {
-            if session.live && f.hold.is_empty() {
-                let d = seal(Kind::Data, session.id, flow, &mut session.seq, Role::Client, payload, &session.key);
-                if send_now(&route.socket, &d).is_ok() {
-                    f.sent += 1;
-                    inc(&c.sent);
-                    return;
-                }
-            }
-        }
-        let dropped = f.hold.push(payload.to_vec());
-        f.dropped += dropped;
-        add(&c.dropped, dropped);
+        // The gateway opened the flow: it takes its datagrams.
+        f.out.send(flow, payload, true, session, route, &c.out);
     }
 
     /// Sends what a client service's flow holds, oldest first; what cannot
     /// be sent stays held.
     fn flush_exposed(&self, id: FlowId, f: &mut ExposedFlow, session: &mut ClientSession, route: &RouteSocket) {
-        let (sent, dropped) = drain_hold(&mut f.hold, id, session, route);
-        let c = &self.exposed[f.service].counters;
-        f.sent += sent;
-        add(&c.sent, sent);
-        add(&c.delayed, sent);
-        f.dropped += dropped;
-        add(&c.dropped, dropped);
+        f.out.flush(id, session, route, &self.exposed[f.service].counters.out);
     }
 
     /// A client service's flow is gone: its reader stops, what it held
     /// counts as dropped.
     fn end_exposed(&self, mut f: ExposedFlow) {
         f.stop.cancel();
-        add(&self.exposed[f.service].counters.dropped, f.hold.take().len() as u64);
+        f.out.discard(&self.exposed[f.service].counters.out);
     }
 
     /// Removes a flow; what it still held counts as dropped.
     fn remove(&self, st: &mut ClientState, id: FlowId) -> Option<ClientFlow> {
         let mut f = st.flows.remove(&id)?;
         st.by_app.remove(&(f.service, f.app));
-        let held = f.hold.take().len() as u64;
-        f.dropped += held;
-        add(&self.services[f.service].counters.dropped, held);
+        f.out.discard(&self.services[f.service].counters.out);
         Some(f)
     }
 
@@ -921,12 +978,10 @@ impl ClientUdp {
                     service: i,
                     app: from,
                     open: false,
-                    hold: HoldQueue::new(self.config.hold, self.config.hold_bytes),
+                    out: Outbound::new(&self.config),
                     last: Instant::now(),
                     from_app: 0,
-                    sent: 0,
                     received: 0,
-                    dropped: 0,
                 };
                 st.flows.insert(id, flow);
                 st.by_app.insert((i, from), id);
@@ -942,30 +997,13 @@ impl ClientUdp {
         let Some(f) = flows.get_mut(&id) else { return };
         f.last = Instant::now();
         f.from_app += 1;
-        if let (Some(session), Some(route)) = (session, route) {
-            if f.open && session.live && f.hold.is_empty() {
-                let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, payload, &session.key);
-                if send_now(&route.socket, &d).is_ok() {
-                    f.sent += 1;
-                    inc(&svc.counters.sent);
-                    return;
-                }
-            }
-        }
-        let dropped = f.hold.push(payload.to_vec());
-        f.dropped += dropped;
-        add(&svc.counters.dropped, dropped);
+        // Until the gateway accepts the flow its datagrams are held.
+        f.out.send(id, payload, f.open, session, route, &svc.counters.out);
     }
 
     /// Sends what `f` holds, oldest first; what cannot be sent stays held.
     fn flush(&self, f: &mut ClientFlow, session: &mut ClientSession, route: &RouteSocket) {
-        let (sent, dropped) = drain_hold(&mut f.hold, f.id, session, route);
-        let c = &self.services[f.service].counters;
-        f.sent += sent;
-        add(&c.sent, sent);
-        add(&c.delayed, sent);
-        f.dropped += dropped;
-        add(&c.dropped, dropped);
+        f.out.flush(f.id, session, route, &self.services[f.service].counters.out);
     }
 
     fn on_gateway_datagram(&self, bytes: &[u8]) {
@@ -1027,22 +1065,12 @@ impl ClientUdp {
     }
 
     async fn read_gateway(self: Arc<Self>, socket: Arc<UdpSocket>, stop: CancellationToken) {
-        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-        loop {
-            let r = tokio::select! {
-                r = socket.recv(&mut buf) => r,
-                _ = stop.cancelled() => return,
-            };
-            match r {
-                Ok(n) => self.on_gateway_datagram(&buf[..n]),
-                // An ICMP error of an earlier send (gateway port closed, no
-                // route): the control connection judges the path.
-                Err(e) => {
-                    debug!(gateway = %self.gateway, "udp receive: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        let on_error = |e: io::Error| {
+            // An ICMP error of an earlier send (gateway port closed, no route): the control
+            // connection judges the path.
+            debug!(gateway = %self.gateway, "udp receive: {e}");
+        };
+        receive_until(&socket, &stop, MAX_DATAGRAM, |d| self.on_gateway_datagram(d), on_error).await;
     }
 
     fn tick(&self) {
@@ -1089,10 +1117,10 @@ impl ClientUdp {
             announce(session, route);
         }
         // Datagrams that a full socket buffer sent back to the queue.
-        for f in flows.values_mut().filter(|f| f.open && !f.hold.is_empty()) {
+        for f in flows.values_mut().filter(|f| f.open && !f.out.hold.is_empty()) {
             self.flush(f, session, route);
         }
-        for (id, f) in exposed_flows.iter_mut().filter(|(_, f)| !f.hold.is_empty()) {
+        for (id, f) in exposed_flows.iter_mut().filter(|(_, f)| !f.out.hold.is_empty()) {
             self.flush_exposed(*id, f, session, route);
         }
     }
@@ -1113,10 +1141,10 @@ impl ClientUdp {
                 flows_closed: get(&c.flows_closed),
                 flows_refused: get(&c.flows_refused),
                 from_app: get(&c.from_app),
-                sent: get(&c.sent),
-                delayed: get(&c.delayed),
+                sent: get(&c.out.sent),
+                delayed: get(&c.out.delayed),
                 received: get(&c.received),
-                dropped: get(&c.dropped),
+                dropped: get(&c.out.dropped),
                 too_large: get(&c.too_large),
                 over_max_flows: get(&c.over_max_flows),
                 send_errors: get(&c.send_errors),
@@ -1130,10 +1158,10 @@ impl ClientUdp {
                 app: f.app,
                 state: if f.open { "open" } else { "opening" },
                 from_app: f.from_app,
-                sent: f.sent,
+                sent: f.out.sent,
                 received: f.received,
-                dropped: f.dropped,
-                held: f.hold.len(),
+                dropped: f.out.dropped,
+                held: f.out.hold.len(),
                 idle_ms: now.duration_since(f.last).as_millis() as u64,
             });
         }
@@ -1150,9 +1178,9 @@ impl ClientUdp {
                 flows_refused: get(&c.flows_refused),
                 received: get(&c.received),
                 from_target: get(&c.from_target),
-                sent: get(&c.sent),
-                delayed: get(&c.delayed),
-                dropped: get(&c.dropped),
+                sent: get(&c.out.sent),
+                delayed: get(&c.out.delayed),
+                dropped: get(&c.out.dropped),
                 too_large: get(&c.too_large),
                 send_errors: get(&c.send_errors),
             });
@@ -1165,9 +1193,9 @@ impl ClientUdp {
                 target: f.target,
                 received: f.received,
                 from_target: f.from_target,
-                sent: f.sent,
-                dropped: f.dropped,
-                held: f.hold.len(),
+                sent: f.out.sent,
+                dropped: f.out.dropped,
+                held: f.out.hold.len(),
                 idle_ms: now.duration_since(f.last).as_millis() as u64,
             });
         }
@@ -1183,25 +1211,6 @@ impl ClientUdp {
             });
         }
     }
-}
-
-/// Sends what `hold` holds for flow `id`, oldest first, while the socket
-/// takes it; the rest stays held. Returns how many were sent and dropped.
-fn drain_hold(hold: &mut HoldQueue, id: FlowId, session: &mut ClientSession, route: &RouteSocket) -> (u64, u64) {
-    let (mut sent, mut dropped) = (0, 0);
-    let mut failed = false;
-    for payload in hold.take() {
-        if !failed {
-            let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, &payload, &session.key);
-            if send_now(&route.socket, &d).is_ok() {
-                sent += 1;
-                continue;
-            }
-            failed = true;
-        }
-        dropped += hold.push(payload);
-    }
-    (sent, dropped)
 }
 
 fn announce(session: &mut ClientSession, route: &RouteSocket) {
@@ -1580,30 +1589,14 @@ impl SessionUdp {
     }
 
     async fn open_flow(self: Arc<Self>, flow: FlowId, service: String, target: HostPort) {
-        let connect = async {
-            let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
-                .await?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-            Ok::<_, io::Error>((flow_socket(addr)?, addr))
-        };
-        let r = tokio::select! {
-            r = tokio::time::timeout(self.connect_timeout, connect) => r,
-            _ = self.released.cancelled() => return,
-        };
+        let Some(r) = open_target(&target, self.connect_timeout, &self.released).await else { return };
         let mut st = lock(&self.state);
         st.opening.remove(&flow);
         let (socket, addr) = match r {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
+            Ok(x) => x,
+            Err(detail) => {
                 inc(&self.stats.flows_refused);
-                warn!(client = %self.client, %service, "udp flow refused: {target}: {e}");
-                st.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail: format!("{target}: {e}") });
-                return;
-            }
-            Err(_) => {
-                inc(&self.stats.flows_refused);
-                let detail = format!("{target}: not resolved within {:?}", self.connect_timeout);
+                warn!(client = %self.client, %service, "udp flow refused: {detail}");
                 st.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail });
                 return;
             }
@@ -1637,22 +1630,12 @@ impl SessionUdp {
     }
 
     async fn read_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
-        let mut buf = vec![0u8; MAX_PAYLOAD + 1];
-        loop {
-            let r = tokio::select! {
-                r = socket.recv(&mut buf) => r,
-                _ = stop.cancelled() => return,
-            };
-            match r {
-                Ok(n) => self.on_target_datagram(flow, &buf[..n]),
-                // The target's port is closed (ICMP): the application's
-                // business, as it would be without baton.
-                Err(e) => {
-                    debug!(client = %self.client, %flow, "udp receive from target: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
+        let on_error = |e: io::Error| {
+            // The target's port is closed (ICMP): the application's business, as it would
+            // be without baton.
+            debug!(client = %self.client, %flow, "udp receive from target: {e}");
+        };
+        receive_until(&socket, &stop, MAX_PAYLOAD, |d| self.on_target_datagram(flow, d), on_error).await;
     }
 
     fn on_target_datagram(&self, flow: FlowId, payload: &[u8]) {

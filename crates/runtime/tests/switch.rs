@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_runtime::client::SwitchKind;
@@ -16,6 +17,7 @@ use baton_runtime::Client;
 use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
@@ -32,13 +34,21 @@ struct Bed {
 async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
     let shutdown = CancellationToken::new();
     let (server, reports) = verify_server().await;
+    let (gw, client) = pair(server, client_extra, gateway_extra, &shutdown).await;
+    Bed { shutdown, gw, client, reports }
+}
+
+/// A gateway whose service `data` leads to `target`, and a client agent with interfaces
+/// `a` (127.0.0.2, preferred) and `b` (127.0.0.3) whose session is up on `a`.
+/// `client_extra` and `gateway_extra` are top-level keys of their files.
+async fn pair(target: SocketAddr, client_extra: &str, gateway_extra: &str, shutdown: &CancellationToken) -> (baton_runtime::Gateway, Client) {
     let k = key();
     let gw = gateway(
         &format!(
-            "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{server}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
+            "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
             k.public()
         ),
-        &shutdown,
+        shutdown,
     )
     .await;
     let toml = format!(
@@ -49,7 +59,28 @@ async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
     let cfg = ClientConfig::from_toml(std::path::Path::new("switch-client.toml"), &toml).unwrap();
     let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
     assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
-    Bed { shutdown, gw, client, reports }
+    (gw, client)
+}
+
+impl Bed {
+    /// Starts a paced, verified exchange of `bytes` each way through the agent's service.
+    fn start_exchange(&self, seed: u64, bytes: u64, pace: u64) -> JoinHandle<std::io::Result<verify::Report>> {
+        let addr = self.client.service_addr("data").unwrap();
+        tokio::spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            verify::exchange_paced(s, seed, bytes, bytes, Mode::Concurrent, pace).await
+        })
+    }
+
+    /// Waits for the exchange: both directions exact, no reset or error, and one session
+    /// throughout.
+    async fn finish_on_one_session(&mut self, exchange: JoinHandle<std::io::Result<verify::Report>>) {
+        let down = tokio::time::timeout(Duration::from_secs(30), exchange).await.unwrap().unwrap().expect("no reset, no error");
+        assert!(down.is_exact(Dir::Down), "{down:?}");
+        let up = self.reports.recv().await.unwrap().unwrap();
+        assert!(up.is_exact(Dir::Up), "{up:?}");
+        assert_eq!(self.gw.session_count(), 1, "one session throughout");
+    }
 }
 
 async fn current(client: &Client) -> String {
@@ -64,11 +95,7 @@ async fn switches_reach(client: &Client, n: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn long_stream_survives_planned_and_sudden_switches() {
     let mut bed = bed("", "").await;
-    let addr = bed.client.service_addr("data").unwrap();
-    let long = tokio::spawn(async move {
-        let s = TcpStream::connect(addr).await.unwrap();
-        verify::exchange_paced(s, 42, 24 * MIB, 24 * MIB, Mode::Concurrent, 8 * MIB).await
-    });
+    let long = bed.start_exchange(42, 24 * MIB, 8 * MIB);
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = c.switch("b").await.unwrap();
@@ -88,11 +115,7 @@ async fn long_stream_survives_planned_and_sudden_switches() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.set_path_up("a", false).unwrap();
     assert!(switches_reach(c, 5).await);
-    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
-    assert!(down.is_exact(Dir::Down), "{down:?}");
-    let up = bed.reports.recv().await.unwrap().unwrap();
-    assert!(up.is_exact(Dir::Up), "{up:?}");
-    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.finish_on_one_session(long).await;
     bed.shutdown.cancel();
 }
 
@@ -164,19 +187,7 @@ async fn memory_stays_bounded_when_the_far_side_stops_reading() {
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop(s);
     });
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\nreplay_buffer = \"1MiB\"\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\nreplay_buffer = \"1MiB\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
-        gw.local_addrs()[0],
-        service("data")
-    );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
-    client.wait_up("gw").await.unwrap();
+    let (_gw, client) = pair(target, "replay_buffer = \"1MiB\"", "replay_buffer = \"1MiB\"", &shutdown).await;
     let mut app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
     let chunk = vec![7u8; 64 * 1024];
     let mut written = 0u64;
@@ -260,19 +271,7 @@ async fn a_planned_switch_sends_nothing_twice() {
         tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got).await.unwrap();
         got
     });
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\n[interfaces.b]\nsource = \"127.0.0.3\"\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
-        gw.local_addrs()[0],
-        service("data")
-    );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
-    client.wait_up("gw").await.unwrap();
+    let (_gw, client) = pair(target, "", "", &shutdown).await;
     let app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
     let writer = tokio::spawn(async move {
         let mut app = app;
@@ -310,11 +309,7 @@ async fn a_planned_switch_sends_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
     let mut bed = bed("", "").await;
-    let addr = bed.client.service_addr("data").unwrap();
-    let long = tokio::spawn(async move {
-        let s = TcpStream::connect(addr).await.unwrap();
-        verify::exchange_paced(s, 43, 16 * MIB, 16 * MIB, Mode::Concurrent, 8 * MIB).await
-    });
+    let long = bed.start_exchange(43, 16 * MIB, 8 * MIB);
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (n, (down, to)) in [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")].into_iter().enumerate() {
@@ -330,10 +325,6 @@ async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(c.switches().len(), 4, "{:?}", c.switches());
-    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
-    assert!(down.is_exact(Dir::Down), "{down:?}");
-    let up = bed.reports.recv().await.unwrap().unwrap();
-    assert!(up.is_exact(Dir::Up), "{up:?}");
-    assert_eq!(bed.gw.session_count(), 1, "one session throughout");
+    bed.finish_on_one_session(long).await;
     bed.shutdown.cancel();
 }

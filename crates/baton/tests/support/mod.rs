@@ -1,17 +1,21 @@
 //! A baton rig in a network-namespace bed: the real `baton` binary as gateway in SERVER and
-//! client agent in MOBILE (kernel mode: no `[interfaces]` table), a verifying server in
-//! SERVER, and applications in MOBILE.
+//! client agent in MOBILE (kernel mode: no `[interfaces]` table, so wlan with metric 100 is
+//! preferred over lte with metric 200), a verifying server in SERVER, applications in MOBILE
+//! and, for the decision engine's tests, `baton events` following the agent's events.
+//!
+//! The handover (`netns.rs`), multihomed gateway (`netns_multihome.rs`) and decision engine
+//! (`netns_decide.rs`) tests share it; what differs between them is in [`Options`].
 //!
 //! The verifying server and the applications run on the test's own tokio runtime: their
 //! sockets are made inside the namespaces (`Bed::in_ns`) and keep them.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use baton_netbed::{run_bounded, Bed, ChildGuard, Host};
 use baton_runtime::verify::{self, Mode, Report};
@@ -20,8 +24,9 @@ use tokio::sync::mpsc;
 
 pub use baton_netbed::Link;
 
+pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
-/// The gateway's port on SERVER.
+/// The gateway's port on SERVER (TCP for sessions, UDP for path probes).
 pub const GATEWAY_PORT: u16 = 7700;
 /// The agent's service listener on MOBILE's loopback (each bed has its own loopback).
 pub const SERVICE_PORT: u16 = 15000;
@@ -29,8 +34,11 @@ pub const SERVICE_PORT: u16 = 15000;
 /// What to add to the daemons' configuration files.
 #[derive(Debug, Default, Clone)]
 pub struct Options {
-    /// Top-level keys for the client agent's file.
+    /// Top-level keys for the client agent's file (e.g. `mode = "manual"`).
     pub client: &'static str,
+    /// Tables for the client agent's file (its `[policy]`), written after all the others:
+    /// no top-level keys here.
+    pub client_tables: String,
     /// Top-level keys for the gateway's file.
     pub gateway: &'static str,
     /// One-way delays of wlan and lte in ms (none by default).
@@ -51,17 +59,28 @@ pub struct Options {
     pub gateway_spec: &'static str,
     /// MOBILE's `/etc/hosts` as the daemons see it.
     pub mobile_hosts: Option<String>,
+    /// Follow the agent's events with `baton events` from the start ([`Rig::events`]); they
+    /// are printed when a test fails.
+    pub events: bool,
 }
 
-/// A bed with a gateway, a verifying server and a client agent whose session is up.
+/// Wall-clock milliseconds, as in the events' `at_unix_ms`.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A bed with a gateway, a verifying server and a client agent whose session is up, and
+/// `baton events` running if asked for.
 ///
-/// Fields drop in order: the daemons and the server task go before the bed.
+/// Fields drop in order: the event follower, the daemons and the server task go before the
+/// bed.
 pub struct Rig {
     pub name: String,
     pub dir: PathBuf,
     pub admin: PathBuf,
     /// The gateway's admin socket.
     pub gw_admin: PathBuf,
+    events: Option<Events>,
     gateway: ChildGuard,
     client: ChildGuard,
     server: tokio::task::JoinHandle<()>,
@@ -82,9 +101,23 @@ fn log_filter() -> String {
     std::env::var("BATON_LOG").unwrap_or_else(|_| "info,baton_runtime=debug".into())
 }
 
+/// `baton events` as a child process; its JSON lines are collected by a thread.
+struct Events {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Rig {
-    /// Builds the bed and starts everything; returns once the session is up on wlan.
-    /// Must be called from within a tokio runtime (the verifying server runs on it).
+    /// Builds the bed and starts everything; returns once the session is up on wlan (and
+    /// `baton events` is following, if asked for). Must be called from within a tokio
+    /// runtime (the verifying server runs on it).
     pub async fn start(name: &str, opts: Options) -> Rig {
         let started = Instant::now();
         let bed = Bed::new(name).expect("bed (needs root, ip, iptables, tc, ping)");
@@ -159,11 +192,12 @@ impl Rig {
             format!(
                 "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n{}\n\
                  [gateways.gw]\naddresses = [{}]\n{}\n\
-                 [services.data]\ngateway = \"gw\"\nlisten = \"{app_addr}\"\n",
+                 [services.data]\ngateway = \"gw\"\nlisten = \"{app_addr}\"\n{}\n",
                 admin.display(),
                 opts.client,
                 opts.addresses.as_deref().unwrap_or(&first),
-                opts.gateway_spec
+                opts.gateway_spec,
+                opts.client_tables
             ),
         )
         .expect("write client.toml");
@@ -180,9 +214,23 @@ impl Rig {
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = spawn_daemon(&bed, Host::Mobile, "client", &client_file, &dir);
-        let mut rig = Rig { name: name.to_owned(), dir, admin, gw_admin, gateway, client, server, reports, started, app_host, app_addr, bed };
+        let mut rig = Rig {
+            name: name.to_owned(),
+            dir,
+            admin,
+            gw_admin,
+            events: None,
+            gateway,
+            client,
+            server,
+            reports,
+            started,
+            app_host,
+            app_addr,
+            bed,
+        };
         let st = rig
-            .wait_status(Duration::from_secs(20), "the session up", |st| {
+            .wait_status(Duration::from_secs(20), "the session up on wlan", |st| {
                 st["sessions"][0]["state"] == "up" && st["sessions"][0]["interface"] == "wlan"
             })
             .await;
@@ -190,7 +238,83 @@ impl Rig {
         let names: Vec<&str> = st["interfaces"].as_array().unwrap().iter().filter_map(|i| i["name"].as_str()).collect();
         assert!(names.starts_with(&["wlan", "lte"]), "interfaces in order of preference: {names:?}");
         rig.check_alive();
+        if opts.events {
+            rig.follow_events();
+        }
         rig
+    }
+
+    /// Starts `baton events`; returns once it is subscribed (a `mode` event it asked for
+    /// came through). The mode set is the one in force, so nothing changes.
+    fn follow_events(&mut self) {
+        let mut child = Command::new(baton_bin())
+            .args(["events", "--admin"])
+            .arg(&self.admin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start baton events");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => sink.lock().unwrap_or_else(|e| e.into_inner()).push(v),
+                    Err(e) => eprintln!("baton events printed a line that is not JSON ({e}): {line}"),
+                }
+            }
+        });
+        self.events = Some(Events { child, lines });
+        // The subscription is made when the agent reads the request; poll the admin socket
+        // with a harmless command until its event shows up.
+        let mode = self.status().expect("status")["engine"]["mode"].as_str().expect("engine.mode").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.baton(&["mode", &mode]).expect("baton mode");
+            std::thread::sleep(Duration::from_millis(100));
+            if self.events().iter().any(|e| e["kind"] == "mode") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: baton events printed nothing within 10 s", self.name);
+        }
+    }
+
+    /// The events `baton events` printed so far, oldest first (none unless
+    /// [`Options::events`]).
+    pub fn events(&self) -> Vec<Value> {
+        match &self.events {
+            Some(e) => e.lines.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The events printed so far of one kind.
+    pub fn events_of(&self, kind: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["kind"] == kind).collect()
+    }
+
+    /// Waits for an event of `kind` matching `pred` among those printed after the first
+    /// `skip`; panics after `limit` with the events seen.
+    pub async fn wait_event(&mut self, limit: Duration, kind: &str, skip: usize, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(e) = self.events().into_iter().skip(skip).find(|e| e["kind"] == kind && pred(e)) {
+                return e;
+            }
+            if Instant::now() > deadline {
+                let engine = self.status().map(|s| s["engine"].clone()).unwrap_or_default();
+                panic!(
+                    "{}: no {kind} event within {limit:?}; events:\n{}\nengine: {engine:#}",
+                    self.name,
+                    describe_events(&self.events())
+                );
+            }
+            self.check_alive();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `baton status --json` of the agent.
@@ -232,6 +356,15 @@ impl Rig {
         .await;
     }
 
+    /// Waits until the engine has judged interface `name` (enough probes in the window)
+    /// with health `health`.
+    pub async fn wait_health(&mut self, limit: Duration, name: &str, health: &str) -> Value {
+        self.wait_status(limit, &format!("{name} judged {health}"), |st| {
+            iface(st, name).is_some_and(|i| i["health"] == health)
+        })
+        .await
+    }
+
     /// Panics (with the logs) if a daemon has exited.
     pub fn check_alive(&mut self) {
         for (what, child) in [("gateway", &mut self.gateway), ("client agent", &mut self.client)] {
@@ -243,15 +376,12 @@ impl Rig {
 
     /// `baton switch IFACE`: its output line(s).
     pub fn switch(&self, iface: &str) -> String {
-        let mut cmd = Command::new(baton_bin());
-        cmd.args(["switch", iface, "--admin"]).arg(&self.admin);
-        let out = run_bounded(&mut cmd, None, Duration::from_secs(30)).expect("run baton switch");
-        assert!(out.status.success(), "baton switch {iface}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.baton(&["switch", iface]).unwrap_or_else(|e| panic!("{}: baton switch {iface}: {e}", self.name))
     }
 
-    /// Runs `baton ARGS --admin SOCK` (the gateway's socket for gateway
-    /// commands, the agent's otherwise); its stdout, or its stderr as the error.
+    /// Runs `baton ARGS --admin SOCK` (the gateway's socket for gateway commands, the
+    /// agent's otherwise); its stdout, or as the error what it printed, stdout before
+    /// stderr (a refused command prints only its stderr line, which tests compare).
     pub fn baton(&self, args: &[&str]) -> Result<String, String> {
         let gateway_cmd = matches!(args.first(), Some(&("goto" | "listen" | "gateway-status")));
         let mut cmd = Command::new(baton_bin());
@@ -261,7 +391,7 @@ impl Rig {
         if out.status.success() {
             Ok(text)
         } else {
-            Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr).trim()))
+            Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr).trim()).trim().to_owned())
         }
     }
 
@@ -408,6 +538,11 @@ async fn timed_exchange(mut s: tokio::net::TcpStream, seed: u64, bytes: u64, pac
     Ok(report)
 }
 
+/// The engine's row for interface `name` in a status document.
+pub fn iface<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
+    st["engine"]["interfaces"].as_array()?.iter().find(|i| i["name"] == name)
+}
+
 /// A connected tokio stream made inside `host`'s namespace.
 pub fn connect_in(bed: &Bed, host: Host, addr: SocketAddr) -> tokio::net::TcpStream {
     let s = bed
@@ -437,7 +572,7 @@ fn spawn_daemon(bed: &Bed, host: Host, role: &str, config: &Path, dir: &Path) ->
     bed.spawn(&mut cmd).unwrap_or_else(|e| panic!("start baton {role}: {e}"))
 }
 
-/// Prints the lines of a switch record that matter.
+/// The lines of a switch record that matter.
 pub fn describe(sw: &Value) -> String {
     format!(
         "{} {} → {}: pause {} ms, longest stall {} ms, {} bytes resent, {} streams ({})",
@@ -452,10 +587,51 @@ pub fn describe(sw: &Value) -> String {
     )
 }
 
+/// Events, one a line, with times relative to the first.
+pub fn describe_events(events: &[Value]) -> String {
+    let t0 = events.first().and_then(|e| e["at_unix_ms"].as_u64()).unwrap_or(0);
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "  +{:>6} ms {:<18} {:<5} urgent={:<5} {}",
+                e["at_unix_ms"].as_u64().unwrap_or(0).saturating_sub(t0),
+                e["kind"].as_str().unwrap_or("?"),
+                e["interface"].as_str().unwrap_or("-"),
+                e["urgent"],
+                e["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One line per interface of the engine's view: health, measurements, score.
+pub fn describe_engine(st: &Value) -> String {
+    let mut out = format!("mode {} proposal {} switching {}", st["engine"]["mode"], st["engine"]["proposal"], st["engine"]["switching"]);
+    for i in st["engine"]["interfaces"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  {} metric={} current={} health={} rtt={} ms loss={} samples={} score={}",
+            i["name"].as_str().unwrap_or("?"),
+            i["route_metric"],
+            i["current"],
+            i["health"],
+            i["stats"]["rtt_ms"],
+            i["stats"]["loss"],
+            i["stats"]["samples"],
+            i["score"]
+        ));
+    }
+    out
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         self.server.abort();
         if std::thread::panicking() {
+            if self.events.is_some() {
+                eprintln!("---- {}: events ----\n{}", self.name, describe_events(&self.events()));
+            }
             for which in ["client", "gateway"] {
                 let log = self.log(which);
                 let lines: Vec<&str> = log.lines().collect();
