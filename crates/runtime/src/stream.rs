@@ -468,7 +468,10 @@ async fn outbound(
     let mut had_leg = false;
     let mut eof = false;
     loop {
-        if eof && buf.is_empty() {
+        // Done once the peer has been told where this direction ends: an
+        // application that closed before the first leg (a port probe) is
+        // told with that leg, so the stream waits for it.
+        if eof && buf.is_empty() && had_leg {
             return Ok(());
         }
         let room = buf.free().min(chunk.len());
