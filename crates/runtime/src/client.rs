@@ -286,7 +286,7 @@ impl Client {
             if svc.protocol == crate::config::Protocol::Udp {
                 continue;
             }
-            let l = TcpListener::bind(svc.listen).await.map_err(|e| {
+            let l = baton_os::listen(svc.listen).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));

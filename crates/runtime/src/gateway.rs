@@ -159,8 +159,7 @@ impl Gateway {
     pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = baton_os::listen(*addr)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push(l);
         }
