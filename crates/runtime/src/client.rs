@@ -183,6 +183,9 @@ pub struct StreamStatus {
     /// The application's bytes carried for each byte on the legs (1 when
     /// not compressed; higher is better).
     pub compression_ratio: f64,
+    /// Memory held now for the stream's read and replay buffers (none once
+    /// it has been idle for a few seconds with everything confirmed).
+    pub buffer_bytes: usize,
 }
 
 /// A running client agent.
@@ -437,6 +440,7 @@ impl Client {
                     },
                     wire_bytes: s.shared.wire_bytes(),
                     compression_ratio: s.shared.compression_ratio(),
+                    buffer_bytes: s.shared.buffer_bytes(),
                 });
             }
         }

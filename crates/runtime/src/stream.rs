@@ -25,7 +25,7 @@
 //! taken for the application's half-close.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,10 @@ pub(crate) struct StreamShared {
     pub(crate) fin_at: Mutex<Option<Offset>>,
     /// Generation of the current leg.
     pub(crate) generation: AtomicU32,
+    /// Memory the outbound (replay ring) and inbound (read buffers) tasks
+    /// hold now.
+    out_buffer: AtomicUsize,
+    in_buffer: AtomicUsize,
     stall: Mutex<StallWatch>,
     pub(crate) out_tx: mpsc::UnboundedSender<OutEvent>,
     pub(crate) in_tx: mpsc::UnboundedSender<InEvent>,
@@ -179,6 +183,8 @@ impl StreamShared {
             wire_in: AtomicU64::new(0),
             fin_at: Mutex::new(None),
             generation: AtomicU32::new(0),
+            out_buffer: AtomicUsize::new(0),
+            in_buffer: AtomicUsize::new(0),
             stall: Mutex::new(StallWatch { since: None, last: None, longest: Duration::ZERO }),
             out_tx,
             in_tx,
@@ -321,6 +327,12 @@ impl AckBatch {
 }
 
 impl StreamShared {
+    /// Memory held now for the stream's read and replay buffers: none
+    /// while it is idle.
+    pub(crate) fn buffer_bytes(&self) -> usize {
+        self.out_buffer.load(Ordering::Relaxed) + self.in_buffer.load(Ordering::Relaxed)
+    }
+
     /// Bytes on the legs, both directions.
     pub(crate) fn wire_bytes(&self) -> u64 {
         self.wire_out.load(Ordering::Relaxed) + self.wire_in.load(Ordering::Relaxed)
@@ -487,6 +499,7 @@ async fn outbound(
         }
         let want_write = leg.as_ref().is_some_and(|l| l.wants_write(buf.end()));
         idle.watch(buf.allocated() > 0);
+        shared.out_buffer.store(buf.allocated(), Ordering::Relaxed);
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -746,6 +759,7 @@ async fn inbound(
         let ready = |l: &Option<InLeg>| l.as_ref().is_some_and(|l| l.next_offset().is_none_or(|at| at <= delivered));
         let (leg_ready, next_ready) = (ready(&leg), ready(&next));
         idle.watch(!buf.is_empty() || !buf2.is_empty());
+        shared.in_buffer.store(buf.capacity() + buf2.capacity(), Ordering::Relaxed);
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -1103,6 +1117,50 @@ mod tests {
         send(&mut new, 300, 2000).await;
         assert_eq!(read_exact(&mut app, 1200).await, pattern(800, 2000));
         drop(old);
+    }
+
+    /// Buffers are taken when bytes come and given back when the stream has
+    /// been idle; the replay ring only once the peer confirmed its bytes.
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_buffer() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let (mine, mut peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        peer.write_all(&0u64.to_be_bytes()).await.unwrap();
+        // The writer opened the leg: the stream runs, and holds nothing.
+        assert_eq!(read_exact(&mut peer, 8).await, 0u64.to_be_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.buffer_bytes(), 0);
+
+        app.write_all(&pattern(0, 1000)).await.unwrap();
+        assert_eq!(read_exact(&mut peer, 1000).await, pattern(0, 1000));
+        peer.write_all(&pattern(0, 3000)).await.unwrap();
+        assert_eq!(read_exact(&mut app, 3000).await, pattern(0, 3000));
+        assert!(s.buffer_bytes() >= CHUNK, "{}", s.buffer_bytes());
+
+        // Idle: the read buffer goes; the ring stays while it holds bytes
+        // the peer has not confirmed.
+        assert!(eventually(|| s.buffer_bytes() < CHUNK).await, "{}", s.buffer_bytes());
+        assert!(s.buffer_bytes() > 0);
+        s.out_tx.send(OutEvent::Ack(Offset(1000))).unwrap();
+        assert!(eventually(|| s.buffer_bytes() == 0).await, "{}", s.buffer_bytes());
+
+        // And the stream goes on, byte-exact, with new buffers.
+        app.write_all(&pattern(1000, 2000)).await.unwrap();
+        assert_eq!(read_exact(&mut peer, 1000).await, pattern(1000, 2000));
+        peer.write_all(&pattern(3000, 4000)).await.unwrap();
+        assert_eq!(read_exact(&mut app, 1000).await, pattern(3000, 4000));
+        assert!(s.buffer_bytes() > 0);
+    }
+
+    async fn eventually(f: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
     }
 
     /// The writer: after a planned switch it goes on where the old leg
