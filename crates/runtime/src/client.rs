@@ -957,7 +957,7 @@ async fn handshake_on(
     stream.write_all(&first).await.map_err(unreachable)?;
 
     let (r, mut w) = stream.into_split();
-    let mut frames = FramedRead::new(r, FrameCodec::default());
+    let mut frames = FramedRead::with_capacity(r, FrameCodec::default(), crate::frame::CONTROL_READ_BUFFER);
     let mut next = async || -> Result<crate::frame::RawFrame, SessionError> {
         match tokio::time::timeout(timeout, frames.next()).await {
             Err(_) => Err(SessionError::Unreachable("handshake timed out".into())),
