@@ -921,22 +921,27 @@ async fn read_leg(leg: &mut Option<InLeg>, buf: &mut Vec<u8>, size: usize, share
             r = l.r.readable() => r?,
             _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
         }
-        // calloc'd, not written: pages the reads never reach stay unused.
-        let fresh = !head && buf.is_empty();
-        if fresh {
-            *buf = vec![0; size];
-        }
-        let into = if head { &mut l.head[l.head_read..] } else { &mut buf[..] };
-        let n = match l.r.try_read(into) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Readiness without bytes (the leg's preamble was read
-                // before this task had it): an idle leg keeps no buffer.
-                if fresh {
-                    *buf = Vec::new();
-                }
-                continue;
+        let read = if head {
+            l.r.try_read(&mut l.head[l.head_read..])
+        } else if buf.is_empty() {
+            // The first read after an idle spell goes to the stack: the
+            // readiness may be stale (the leg's preamble was read before
+            // this task had the leg), and a leg with nothing to read must
+            // not cost an allocation, let alone a zeroed one.
+            let mut first = [0u8; 2048];
+            let r = l.r.try_read(&mut first);
+            if let Ok(n @ 1..) = r {
+                // calloc'd, not written: pages no read reaches stay unused.
+                *buf = vec![0; size];
+                buf[..n].copy_from_slice(&first[..n]);
             }
+            r
+        } else {
+            l.r.try_read(buf)
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
         if n == 0 {
