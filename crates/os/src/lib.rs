@@ -12,10 +12,11 @@ pub use bind::connect_via;
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Socket buffer size asked for on relayed connections: large enough that a
 /// single stream can fill a fast path without the kernel's autotuning
@@ -36,6 +37,23 @@ pub fn tune_relay(stream: &TcpStream) -> io::Result<()> {
     let sock = SockRef::from(stream);
     sock.set_keepalive(true)?;
     Ok(())
+}
+
+/// Connections a listener's accept queue holds (the kernel caps it at
+/// `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on `addr` with a deep accept queue. After a network change every
+/// client agent reconnects at once, each with a control connection and a leg
+/// per stream: the usual backlog of 128 overflows, the kernel drops the SYNs
+/// beyond it, and each of those connections waits a second for its retry.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restarted daemon binds at once while its
+    // old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Closes `stream` with a reset.
@@ -66,9 +84,39 @@ mod limit_tests {
     fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
         use nix::sys::resource::{getrlimit, setrlimit, Resource};
         let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-        // Lower the soft limit first so that the raise has something to do.
-        setrlimit(Resource::RLIMIT_NOFILE, hard.min(512), hard).unwrap();
+        // Lower the soft limit first so that the raise has something to do;
+        // only by one, since other tests of this binary run meanwhile.
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
         let (soft, after_hard) = super::raise_open_files_limit().unwrap();
         assert_eq!((soft, after_hard), (hard, hard));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More connections than the default backlog of 128 complete their
+    /// handshake while none is accepted yet: none waits on a dropped SYN.
+    #[tokio::test]
+    async fn a_listener_queues_more_than_the_default_backlog() {
+        const CONNECTIONS: usize = 300;
+        let listener = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut clients = Vec::new();
+        for i in 0..CONNECTIONS {
+            // Bounded only so that a failure ends: with a short queue the
+            // 130th connect would wait for SYN retries for minutes.
+            let c = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} not queued"))
+                .expect("connect");
+            clients.push(c);
+        }
+        for _ in 0..CONNECTIONS {
+            let (accepted, peer) = listener.accept().await.expect("accept");
+            assert!(clients.iter().any(|c| c.local_addr().ok() == Some(peer)));
+            drop(accepted);
+        }
     }
 }

@@ -183,6 +183,9 @@ pub struct StreamStatus {
     /// The application's bytes carried for each byte on the legs (1 when
     /// not compressed; higher is better).
     pub compression_ratio: f64,
+    /// Memory held now for the stream's read and replay buffers (none once
+    /// it has been idle for a few seconds with everything confirmed).
+    pub buffer_bytes: usize,
 }
 
 /// A running client agent.
@@ -286,7 +289,7 @@ impl Client {
             if svc.protocol == crate::config::Protocol::Udp {
                 continue;
             }
-            let l = TcpListener::bind(svc.listen).await.map_err(|e| {
+            let l = baton_os::listen(svc.listen).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
             })?;
             listeners.push((name.clone(), l));
@@ -437,6 +440,7 @@ impl Client {
                     },
                     wire_bytes: s.shared.wire_bytes(),
                     compression_ratio: s.shared.compression_ratio(),
+                    buffer_bytes: s.shared.buffer_bytes(),
                 });
             }
         }
@@ -963,7 +967,7 @@ async fn handshake_on(
     stream.write_all(&first).await.map_err(unreachable)?;
 
     let (r, mut w) = stream.into_split();
-    let mut frames = FramedRead::new(r, FrameCodec::default());
+    let mut frames = FramedRead::with_capacity(r, FrameCodec::default(), crate::frame::CONTROL_READ_BUFFER);
     let mut next = async || -> Result<crate::frame::RawFrame, SessionError> {
         match tokio::time::timeout(timeout, frames.next()).await {
             Err(_) => Err(SessionError::Unreachable("handshake timed out".into())),

@@ -40,6 +40,10 @@ impl RawFrame {
     }
 }
 
+/// First read buffer of a control connection: its frames are small (the
+/// buffer grows for a large one), and a gateway holds thousands of them.
+pub(crate) const CONTROL_READ_BUFFER: usize = 256;
+
 const ACCEPTED: u8 = 0x04;
 
 /// Splits a control connection into frames. Until the session is keyed only

@@ -39,7 +39,7 @@ mod expose;
 
 use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
-use crate::frame::{read_tagged, FrameCodec, RawFrame};
+use crate::frame::{read_tagged, FrameCodec, RawFrame, CONTROL_READ_BUFFER};
 use crate::stream::{
     self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
 };
@@ -120,6 +120,9 @@ struct Session {
     control: Mutex<Option<Attached>>,
     /// Last frame from the client, or when the session was detached.
     last_heard: Mutex<Instant>,
+    /// Wakes the session's task when its deadline may have come earlier (a
+    /// detach: the switch timeout may be shorter than the inactivity one).
+    deadline_moved: tokio::sync::Notify,
     /// Resets not yet known to be delivered: re-sent on every reattach.
     recent_resets: Mutex<VecDeque<(StreamId, ResetCode)>>,
     /// Recently finished streams, for a client that missed their end.
@@ -166,8 +169,7 @@ impl Gateway {
     pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = baton_os::listen(*addr)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push(l);
         }
@@ -393,7 +395,7 @@ async fn control(
     let timeout = shared.config.handshake_timeout;
     let (hello, client_id, client_eph, resume) = {
         let (r, _) = stream.split();
-        let mut frames = FramedRead::new(r, FrameCodec::default());
+        let mut frames = FramedRead::with_capacity(r, FrameCodec::default(), CONTROL_READ_BUFFER);
         let hello = next_frame(&mut frames, timeout).await?;
         if !frames.read_buffer().is_empty() {
             // The client must wait for the Challenge: anything more is a violation.
@@ -428,7 +430,7 @@ async fn control(
     stream.write_all(&challenge).await?;
 
     let (r, mut w) = stream.split();
-    let mut frames = FramedRead::new(r, FrameCodec::default());
+    let mut frames = FramedRead::with_capacity(r, FrameCodec::default(), CONTROL_READ_BUFFER);
     let auth = next_frame(&mut frames, timeout).await?;
     let keys = match hs.on_auth(&auth.bytes, &entry.key) {
         Ok(k) => k,
@@ -459,6 +461,7 @@ async fn control(
                 incoming: Mutex::new(HashMap::new()),
                 control: Mutex::new(None),
                 last_heard: Mutex::new(Instant::now()),
+                deadline_moved: tokio::sync::Notify::new(),
                 recent_resets: Mutex::new(VecDeque::new()),
                 finished: Mutex::new(Tombstones::default()),
                 to_session,
@@ -574,6 +577,7 @@ async fn control(
     if control.as_ref().is_some_and(|a| a.tx.same_channel(&tx)) {
         *control = None;
         *lock(&session.last_heard) = Instant::now();
+        session.deadline_moved.notify_one();
         debug!(session = %sid(session.id), "control connection detached");
     }
     result
@@ -647,7 +651,11 @@ fn send_control(session: &Session, msg: Message) -> bool {
 /// silent or detached session is released.
 async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
     let mut acks = AckBatch::default();
-    let mut check = tokio::time::interval(Duration::from_millis(250));
+    // The task sleeps until the session's next deadline rather than polling:
+    // thousands of idle sessions then cost no wake-ups. The deadline only
+    // moves later as frames come, so waking early just sleeps again.
+    let expiry = tokio::time::sleep_until(next_deadline(&shared, &session));
+    tokio::pin!(expiry);
     loop {
         tokio::select! {
             m = from_streams.recv() => match m {
@@ -678,11 +686,13 @@ async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_strea
                     send_control(&session, f);
                 }
             }
-            _ = check.tick() => {
+            _ = &mut expiry => {
                 if expire_check(&shared, &session) {
                     return;
                 }
+                expiry.as_mut().reset(next_deadline(&shared, &session));
             }
+            _ = session.deadline_moved.notified() => expiry.as_mut().reset(next_deadline(&shared, &session)),
             _ = session.released.cancelled() => return,
         }
     }
@@ -690,6 +700,20 @@ async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_strea
 
 /// Resets remembered for re-sending after a reattach.
 const RECENT_RESETS: usize = 1024;
+
+/// When [`expire_check`] has something to do at the earliest: the
+/// inactivity timeout after the last frame while attached, the switch
+/// timeout after the detach while not.
+fn next_deadline(shared: &Shared, session: &Session) -> Instant {
+    let last = *lock(&session.last_heard);
+    let timeout = if lock(&session.control).is_some() {
+        shared.config.inactivity_timeout
+    } else {
+        shared.config.switch_timeout
+    };
+    // A timeout too long to add is as good as none.
+    last.checked_add(timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400))
+}
 
 /// Detaches a silent control connection and releases a session detached for
 /// longer than the switch timeout. True when released.

@@ -25,13 +25,13 @@
 //! taken for the application's half-close.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_proto::wire::LEG_START_LEN;
 use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -42,6 +42,14 @@ use crate::util::lock;
 
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 256 * 1024;
+
+/// Read buffer of a leg that replaces another while that one is drained.
+const NEXT_CHUNK: usize = 64 * 1024;
+
+/// How long a direction moves no byte before its buffers are freed: an
+/// idle stream holds no buffer, a busy one keeps its own instead of
+/// allocating (and zeroing) new ones at every burst.
+const IDLE_FREE: Duration = Duration::from_secs(2);
 
 /// Per-stream limits.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +145,10 @@ pub(crate) struct StreamShared {
     pub(crate) fin_at: Mutex<Option<Offset>>,
     /// Generation of the current leg.
     pub(crate) generation: AtomicU32,
+    /// Memory the outbound (replay ring) and inbound (read buffers) tasks
+    /// hold now.
+    out_buffer: AtomicUsize,
+    in_buffer: AtomicUsize,
     stall: Mutex<StallWatch>,
     pub(crate) out_tx: mpsc::UnboundedSender<OutEvent>,
     pub(crate) in_tx: mpsc::UnboundedSender<InEvent>,
@@ -171,6 +183,8 @@ impl StreamShared {
             wire_in: AtomicU64::new(0),
             fin_at: Mutex::new(None),
             generation: AtomicU32::new(0),
+            out_buffer: AtomicUsize::new(0),
+            in_buffer: AtomicUsize::new(0),
             stall: Mutex::new(StallWatch { since: None, last: None, longest: Duration::ZERO }),
             out_tx,
             in_tx,
@@ -313,6 +327,12 @@ impl AckBatch {
 }
 
 impl StreamShared {
+    /// Memory held now for the stream's read and replay buffers: none
+    /// while it is idle.
+    pub(crate) fn buffer_bytes(&self) -> usize {
+        self.out_buffer.load(Ordering::Relaxed) + self.in_buffer.load(Ordering::Relaxed)
+    }
+
     /// Bytes on the legs, both directions.
     pub(crate) fn wire_bytes(&self) -> u64 {
         self.wire_out.load(Ordering::Relaxed) + self.wire_in.load(Ordering::Relaxed)
@@ -456,23 +476,30 @@ impl OutLeg {
 }
 
 async fn outbound(
-    mut local: ReadHalf<'_>,
+    local: ReadHalf<'_>,
     mut events: mpsc::UnboundedReceiver<OutEvent>,
     shared: &StreamShared,
     limits: StreamLimits,
     to_session: &mpsc::UnboundedSender<ToSession>,
 ) -> Result<(), DirError> {
+    // Bytes are read from the application straight into the replay
+    // buffer's free room: no copy in between. Its ring is allocated when
+    // the first bytes are there.
     let mut buf = ReplayBuffer::new(limits.replay_buffer);
-    let mut chunk = vec![0u8; CHUNK.min(limits.replay_buffer)];
+    let mut idle = IdleTimer::default();
     let mut leg: Option<OutLeg> = None;
     let mut had_leg = false;
     let mut eof = false;
     loop {
-        if eof && buf.is_empty() {
+        // Done once the peer has been told where this direction ends: an
+        // application that closed before the first leg (a port probe) is
+        // told with that leg, so the stream waits for it.
+        if eof && buf.is_empty() && had_leg {
             return Ok(());
         }
-        let room = buf.free().min(chunk.len());
         let want_write = leg.as_ref().is_some_and(|l| l.wants_write(buf.end()));
+        idle.watch(buf.allocated() > 0);
+        shared.out_buffer.store(buf.allocated(), Ordering::Relaxed);
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -521,25 +548,83 @@ async fn outbound(
                     let _ = to_session.send(ToSession::LegLost(shared.id));
                 }
             }
-            r = local.read(&mut chunk[..room]), if !eof && room > 0 => match r {
-                Ok(0) => {
-                    eof = true;
-                    let end = buf.end();
-                    *lock(&shared.fin_at) = Some(end);
-                    // Before its first leg the peer may not know the stream
-                    // yet: the half-close waits for the leg.
-                    if had_leg {
-                        let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset: end }));
+            r = local.readable(), if !eof && buf.free() > 0 => {
+                r.map_err(DirError::Local)?;
+                let fresh = buf.allocated() == 0;
+                // Not empty: there is free room.
+                match local.try_read(buf.spare(CHUNK)) {
+                    Ok(0) => {
+                        eof = true;
+                        let end = buf.end();
+                        *lock(&shared.fin_at) = Some(end);
+                        // Before its first leg the peer may not know the stream
+                        // yet: the half-close waits for the leg.
+                        if had_leg {
+                            let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset: end }));
+                        }
                     }
+                    Ok(n) => {
+                        buf.commit(n);
+                        shared.taken.fetch_add(n as u64, Ordering::Relaxed);
+                        idle.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Readiness without bytes: an idle stream keeps no ring.
+                        if fresh {
+                            buf.release();
+                        }
+                    }
+                    Err(e) => return Err(DirError::Local(e)),
                 }
-                Ok(n) => {
-                    let took = buf.push(&chunk[..n]);
-                    debug_assert_eq!(took, n, "read no more than the free room");
-                    shared.taken.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) => return Err(DirError::Local(e)),
-            },
+            }
+            _ = idle.expired() => {
+                // Freed only with nothing held; otherwise it is still needed.
+                buf.release();
+            }
         }
+    }
+}
+
+/// Ends when a direction has moved no byte for [`IDLE_FREE`] while holding
+/// buffers, so that they can be freed. Costs one timer firing per
+/// `IDLE_FREE` while the direction is busy, nothing while it holds nothing.
+#[derive(Default)]
+struct IdleTimer {
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// A byte moved since the timer was last set.
+    busy: bool,
+}
+
+impl IdleTimer {
+    /// Runs the timer while the direction holds buffers.
+    fn watch(&mut self, holding: bool) {
+        match (holding, &self.sleep) {
+            (true, None) => {
+                self.sleep = Some(Box::pin(tokio::time::sleep(IDLE_FREE)));
+                self.busy = false;
+            }
+            (false, Some(_)) => self.sleep = None,
+            _ => {}
+        }
+    }
+
+    /// A byte moved.
+    fn touch(&mut self) {
+        self.busy = true;
+    }
+
+    /// Resolves once no byte moved for `IDLE_FREE`; the timer is then
+    /// stopped ([`watch`](Self::watch) starts it again).
+    async fn expired(&mut self) {
+        let Some(sleep) = &mut self.sleep else { return std::future::pending().await };
+        loop {
+            sleep.as_mut().await;
+            if !std::mem::take(&mut self.busy) {
+                break;
+            }
+            sleep.as_mut().reset(tokio::time::Instant::now() + IDLE_FREE);
+        }
+        self.sleep = None;
     }
 }
 
@@ -615,6 +700,9 @@ struct InLeg {
     /// For a compressed stream: the decompressor, and compressed bytes read
     /// but not consumed yet (kept between reads).
     unzip: Option<(Decompressor, Vec<u8>)>,
+    /// The decompressor filled the last buffer it was given: it may hold
+    /// more output.
+    unzip_full: bool,
 }
 
 impl InLeg {
@@ -623,7 +711,7 @@ impl InLeg {
             Compression::None => None,
             Compression::Zstd => Some((Decompressor::new()?, Vec::new())),
         };
-        Ok(Self { r, cut, head: [0; LEG_START_LEN], head_read: 0, at: 0, unzip })
+        Ok(Self { r, cut, head: [0; LEG_START_LEN], head_read: 0, at: 0, unzip, unzip_full: false })
     }
 
     /// The offset this leg's next byte belongs at, once known.
@@ -646,8 +734,10 @@ async fn inbound(
     // The leg being read, and a newer one that takes over from it.
     let mut leg: Option<InLeg> = None;
     let mut next: Option<InLeg> = None;
-    let mut buf = vec![0u8; CHUNK];
-    let mut buf2 = vec![0u8; 64 * 1024];
+    // Read buffers for `leg` and `next`, allocated when bytes are there.
+    let mut buf = Vec::new();
+    let mut buf2 = Vec::new();
+    let mut idle = IdleTimer::default();
     // A leg that ends cleanly was closed by the peer: replaced (a new one is
     // on its way) or because the peer's side finished (the half-close is on
     // its way). Only if nothing comes within the grace is a new leg asked for.
@@ -668,6 +758,8 @@ async fn inbound(
         // gap is filled: its bytes could not be delivered yet.
         let ready = |l: &Option<InLeg>| l.as_ref().is_some_and(|l| l.next_offset().is_none_or(|at| at <= delivered));
         let (leg_ready, next_ready) = (ready(&leg), ready(&next));
+        idle.watch(!buf.is_empty() || !buf2.is_empty());
+        shared.in_buffer.store(buf.capacity() + buf2.capacity(), Ordering::Relaxed);
         tokio::select! {
             biased;
             ev = events.recv() => match ev {
@@ -688,7 +780,7 @@ async fn inbound(
                     }
                 }
             },
-            r = read_leg(&mut next, &mut buf2, shared), if next_ready => match r {
+            r = read_leg(&mut next, &mut buf2, NEXT_CHUNK, shared), if next_ready => match r {
                 Ok(0) => {
                     // The start offset is in. Ahead of the delivered bytes,
                     // it waits for the old leg to bring the ones between.
@@ -697,6 +789,7 @@ async fn inbound(
                     }
                 }
                 Ok(n) => {
+                    idle.touch();
                     // Both legs carry the same bytes at the same offsets; a
                     // rewound one starts a little behind. Until it brings
                     // bytes the old one has not, both are read, so the old
@@ -718,7 +811,7 @@ async fn inbound(
                     drain_by = None;
                 }
             },
-            r = read_leg(&mut leg, &mut buf, shared), if leg_ready => match r {
+            r = read_leg(&mut leg, &mut buf, CHUNK, shared), if leg_ready => match r {
                 Ok(0) => {
                     if leg.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered) {
                         // The only leg starts past a gap (the peer went on
@@ -728,6 +821,7 @@ async fn inbound(
                     }
                 }
                 Ok(n) => {
+                    idle.touch();
                     if let Some(l) = &mut leg {
                         let start = l.at;
                         l.at += n as u64;
@@ -771,6 +865,11 @@ async fn inbound(
                     let _ = to_session.send(ToSession::LegLost(shared.id));
                 }
             }
+            _ = idle.expired() => {
+                // A decompressor holding output gets a new buffer when read.
+                buf = Vec::new();
+                buf2 = Vec::new();
+            }
         }
     }
 }
@@ -791,30 +890,59 @@ const MAX_UNDECODED: usize = 1 << 20;
 
 /// One read from the leg: part of its start offset (returns 0) or the
 /// application's bytes (decompressed if the stream is). EOF is an error: a
-/// leg only ends because it is replaced or broken. Cancel-safe: state lives
-/// in the leg, `buf` is scratch.
-async fn read_leg(leg: &mut Option<InLeg>, buf: &mut [u8], shared: &StreamShared) -> io::Result<usize> {
+/// leg only ends because it is replaced or broken. `buf` is allocated
+/// (`size` bytes) only when bytes are there. Cancel-safe: state lives in the
+/// leg, `buf` is scratch.
+async fn read_leg(leg: &mut Option<InLeg>, buf: &mut Vec<u8>, size: usize, shared: &StreamShared) -> io::Result<usize> {
     let Some(l) = leg else { return std::future::pending().await };
     loop {
         let head = l.head_read < LEG_START_LEN;
         if !head {
             if let Some((d, pending)) = &mut l.unzip {
-                // Decode what is held first: a read may carry more than fits.
-                let (used, made) = d.decompress(pending, buf)?;
-                pending.drain(..used);
-                if made > 0 {
-                    shared.plain_in.fetch_add(made as u64, Ordering::Relaxed);
-                    return Ok(made);
-                }
-                if pending.len() > MAX_UNDECODED {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "compressed data does not decode"));
+                if !pending.is_empty() || l.unzip_full {
+                    if buf.is_empty() {
+                        *buf = vec![0; size];
+                    }
+                    // Decode what is held first: a read may carry more than fits.
+                    let (used, made) = d.decompress(pending, buf)?;
+                    pending.drain(..used);
+                    l.unzip_full = made == buf.len();
+                    if made > 0 {
+                        shared.plain_in.fetch_add(made as u64, Ordering::Relaxed);
+                        return Ok(made);
+                    }
+                    if pending.len() > MAX_UNDECODED {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "compressed data does not decode"));
+                    }
                 }
             }
         }
-        let into = if head { &mut l.head[l.head_read..] } else { &mut buf[..] };
-        let n = tokio::select! {
-            r = l.r.read(into) => r?,
+        tokio::select! {
+            r = l.r.readable() => r?,
             _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
+        }
+        let read = if head {
+            l.r.try_read(&mut l.head[l.head_read..])
+        } else if buf.is_empty() {
+            // The first read after an idle spell goes to the stack: the
+            // readiness may be stale (the leg's preamble was read before
+            // this task had the leg), and a leg with nothing to read must
+            // not cost an allocation, let alone a zeroed one.
+            let mut first = [0u8; 2048];
+            let r = l.r.try_read(&mut first);
+            if let Ok(n @ 1..) = r {
+                // calloc'd, not written: pages no read reaches stay unused.
+                *buf = vec![0; size];
+                buf[..n].copy_from_slice(&first[..n]);
+            }
+            r
+        } else {
+            l.r.try_read(buf)
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         };
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -866,6 +994,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// Two ends of a loopback TCP connection.
@@ -993,6 +1122,50 @@ mod tests {
         send(&mut new, 300, 2000).await;
         assert_eq!(read_exact(&mut app, 1200).await, pattern(800, 2000));
         drop(old);
+    }
+
+    /// Buffers are taken when bytes come and given back when the stream has
+    /// been idle; the replay ring only once the peer confirmed its bytes.
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_buffer() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let (mine, mut peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        peer.write_all(&0u64.to_be_bytes()).await.unwrap();
+        // The writer opened the leg: the stream runs, and holds nothing.
+        assert_eq!(read_exact(&mut peer, 8).await, 0u64.to_be_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.buffer_bytes(), 0);
+
+        app.write_all(&pattern(0, 1000)).await.unwrap();
+        assert_eq!(read_exact(&mut peer, 1000).await, pattern(0, 1000));
+        peer.write_all(&pattern(0, 3000)).await.unwrap();
+        assert_eq!(read_exact(&mut app, 3000).await, pattern(0, 3000));
+        assert!(s.buffer_bytes() >= CHUNK, "{}", s.buffer_bytes());
+
+        // Idle: the read buffer goes; the ring stays while it holds bytes
+        // the peer has not confirmed.
+        assert!(eventually(|| s.buffer_bytes() < CHUNK).await, "{}", s.buffer_bytes());
+        assert!(s.buffer_bytes() > 0);
+        s.out_tx.send(OutEvent::Ack(Offset(1000))).unwrap();
+        assert!(eventually(|| s.buffer_bytes() == 0).await, "{}", s.buffer_bytes());
+
+        // And the stream goes on, byte-exact, with new buffers.
+        app.write_all(&pattern(1000, 2000)).await.unwrap();
+        assert_eq!(read_exact(&mut peer, 1000).await, pattern(1000, 2000));
+        peer.write_all(&pattern(3000, 4000)).await.unwrap();
+        assert_eq!(read_exact(&mut app, 1000).await, pattern(3000, 4000));
+        assert!(s.buffer_bytes() > 0);
+    }
+
+    async fn eventually(f: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
     }
 
     /// The writer: after a planned switch it goes on where the old leg

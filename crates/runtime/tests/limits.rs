@@ -118,3 +118,26 @@ async fn disconnect_releases_the_session_at_once() {
     assert_eq!(gw.stats().sessions_expired.load(Ordering::Relaxed), 0);
     shutdown.cancel();
 }
+
+/// A session whose control connection is gone is released the switch
+/// timeout after it went, also when that is much shorter than the
+/// inactivity timeout it was waiting on while attached.
+#[tokio::test]
+async fn a_detached_session_is_released_after_the_switch_timeout() {
+    let shutdown = CancellationToken::new();
+    let k = key();
+    let gw = gateway(
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\ninactivity_timeout = \"1h\"\nswitch_timeout = \"300ms\"\n[clients.c]\nkey = \"{}\"\nservices = []\n",
+            k.public()
+        ),
+        &shutdown,
+    )
+    .await;
+    let raw = raw_session(gw.local_addrs()[0], "c", &k).await.unwrap();
+    assert_eq!(gw.session_count(), 1);
+    drop(raw);
+    assert!(eventually(Duration::from_secs(10), || gw.session_count() == 0).await, "detached session never released");
+    assert_eq!(gw.stats().sessions_expired.load(Ordering::Relaxed), 1);
+    shutdown.cancel();
+}

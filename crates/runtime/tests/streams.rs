@@ -146,3 +146,43 @@ async fn unreachable_target_closes_the_application_promptly() {
     assert_eq!(gw.session_count(), 1);
     shutdown.cancel();
 }
+
+/// A port probe (connect, then close at once) closes before its stream's
+/// first leg is open. The half-close must still reach the server when the
+/// leg comes, and the stream must end, not ask for new legs forever.
+#[tokio::test]
+async fn a_connection_closed_before_its_first_leg_still_ends() {
+    const PROBES: u64 = 5;
+    let shutdown = CancellationToken::new();
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = server.local_addr().unwrap();
+    let k = key();
+    let gw = gateway(
+        &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{target}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
+        &shutdown,
+    )
+    .await;
+    let c = client("c", &k, gw.local_addrs()[0], &service("s"), &shutdown).await;
+    c.wait_up("gw").await.unwrap();
+    let addr = c.service_addr("s").unwrap();
+    for _ in 0..PROBES {
+        drop(TcpStream::connect(addr).await.unwrap());
+    }
+    for _ in 0..PROBES {
+        let (mut srv, _) = tokio::time::timeout(Duration::from_secs(10), server.accept()).await.unwrap().unwrap();
+        // The server sees a clean end with no byte, not an open connection.
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), srv.read(&mut buf))
+            .await
+            .expect("the server never saw the probe's end")
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+    // The server's side is closed too (dropped above): every stream ends at
+    // both ends, each on its first leg.
+    assert!(eventually(Duration::from_secs(5), || gw.stream_count() == 0 && c.stream_count() == 0).await);
+    let stats = gw.stats();
+    assert_eq!(stats.streams_opened.load(std::sync::atomic::Ordering::Relaxed), PROBES);
+    assert_eq!(stats.legs_resumed.load(std::sync::atomic::Ordering::Relaxed), 0, "a stream asked for a new leg");
+    shutdown.cancel();
+}

@@ -268,7 +268,7 @@ async fn bind(at: SocketAddr, protocol: Protocol) -> std::io::Result<Listener> {
     let deadline = tokio::time::Instant::now() + BIND_RETRY;
     loop {
         let r = match protocol {
-            Protocol::Tcp => TcpListener::bind(at).await.map(Listener::Tcp),
+            Protocol::Tcp => baton_os::listen(at).map(Listener::Tcp),
             Protocol::Udp => UdpSocket::bind(at).await.map(Listener::Udp),
         };
         match r {

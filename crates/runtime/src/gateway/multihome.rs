@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -226,7 +225,7 @@ impl Gateway {
         if lock(&shared.served).iter().any(|(a, _)| *a == addr) {
             return Err(format!("already listening on {addr}"));
         }
-        let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = baton_os::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = l.local_addr().map_err(|e| e.to_string())?;
         let udp = super::bind_udp(bound, bound.ip().is_unspecified()).map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
         let stop = serving(shared, bound);
