@@ -465,16 +465,23 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     }
                     let _ = reply.send(r.map(|to| format!("staying; {to} declined")));
                 }
-                Command::Switch(to, reply) => match engine.request_switch(&to, Instant::now()) {
-                    // Where the user wants to be is where the session is
-                    // (it may have landed there by itself a moment ago).
-                    Err(baton_policy::Refusal::AlreadyCurrent(_)) => { let _ = reply.send(Ok(format!("already on {to}"))); }
-                    Err(e) => { let _ = reply.send(Err(e.to_string())); }
-                    Ok(()) if client.current_path().as_deref() == Some(to.as_str()) => {
-                        let _ = reply.send(Ok(format!("already on {to}")));
+                Command::Switch(to, reply) => {
+                    // The table as it is now: an interface that came up a
+                    // moment ago may not have reached the engine yet (its
+                    // notification is still queued), and must not be refused.
+                    engine.on_table(&client.policy_table(), Instant::now());
+                    let asked = engine.request_switch(&to, Instant::now());
+                    match asked {
+                        // Where the user wants to be is where the session is
+                        // (it may have landed there by itself a moment ago).
+                        Err(baton_policy::Refusal::AlreadyCurrent(_)) => { let _ = reply.send(Ok(format!("already on {to}"))); }
+                        Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                        Ok(()) if client.current_path().as_deref() == Some(to.as_str()) => {
+                            let _ = reply.send(Ok(format!("already on {to}")));
+                        }
+                        Ok(()) => user_waiting = Some((to, reply)),
                     }
-                    Ok(()) => user_waiting = Some((to, reply)),
-                },
+                }
                 Command::Status(reply) => {
                     let v = serde_json::json!({
                         "mode": engine.mode().to_string(),
