@@ -1056,16 +1056,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3), wait).await.unwrap_or(false)
     }
 
+    /// The peer's first leg has delivered `0..delivered`; a second leg then
+    /// opens and brings `from..upto`. Returns both legs' peer ends.
+    async fn two_legs(s: &StreamShared, app: &mut TcpStream, delivered: u64, from: u64, upto: u64) -> (TcpStream, TcpStream) {
+        let mut old = leg(s).await;
+        send(&mut old, 0, delivered).await;
+        assert_eq!(read_exact(app, delivered as usize).await, pattern(0, delivered));
+        let mut new = leg(s).await;
+        send(&mut new, from, upto).await;
+        (old, new)
+    }
+
     #[tokio::test]
     async fn a_leg_that_starts_ahead_waits_until_the_old_leg_is_drained() {
         let (mut app, s, mut rx, _task) = receiver().await;
-        let mut old = leg(&s).await;
-        send(&mut old, 0, 1000).await;
-        assert_eq!(read_exact(&mut app, 1000).await, pattern(0, 1000));
         // The peer goes on at 1500 on the new leg before the old one has
         // brought 1000..1500: the new leg's bytes must wait.
-        let mut new = leg(&s).await;
-        send(&mut new, 1500, 3000).await;
+        let (mut old, _new) = two_legs(&s, &mut app, 1000, 1500, 3000).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         old.write_all(&pattern(1000, 1500)).await.unwrap();
         drop(old);
@@ -1077,11 +1084,7 @@ mod tests {
     #[tokio::test]
     async fn an_old_leg_that_breaks_short_of_the_new_start_asks_for_a_rewound_leg() {
         let (mut app, s, mut rx, _task) = receiver().await;
-        let mut old = leg(&s).await;
-        send(&mut old, 0, 1000).await;
-        assert_eq!(read_exact(&mut app, 1000).await, pattern(0, 1000));
-        let mut new = leg(&s).await;
-        send(&mut new, 1500, 3000).await;
+        let (mut old, _new) = two_legs(&s, &mut app, 1000, 1500, 3000).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         // 1200..1500 never arrive on the old leg.
         old.write_all(&pattern(1000, 1200)).await.unwrap();
@@ -1097,11 +1100,7 @@ mod tests {
     #[tokio::test]
     async fn an_old_leg_that_stops_moving_is_given_up_after_the_drain_time() {
         let (mut app, s, mut rx, _task) = receiver().await;
-        let mut old = leg(&s).await;
-        send(&mut old, 0, 500).await;
-        assert_eq!(read_exact(&mut app, 500).await, pattern(0, 500));
-        let mut new = leg(&s).await;
-        send(&mut new, 900, 1000).await;
+        let (old, _new) = two_legs(&s, &mut app, 500, 900, 1000).await;
         // The old leg stays open but silent (a black-holed path).
         let started = Instant::now();
         assert!(leg_lost(&mut rx).await);
@@ -1115,11 +1114,7 @@ mod tests {
     #[tokio::test]
     async fn a_rewound_leg_is_read_alongside_the_old_one_and_skips_what_was_delivered() {
         let (mut app, s, _rx, _task) = receiver().await;
-        let mut old = leg(&s).await;
-        send(&mut old, 0, 800).await;
-        assert_eq!(read_exact(&mut app, 800).await, pattern(0, 800));
-        let mut new = leg(&s).await;
-        send(&mut new, 300, 2000).await;
+        let (old, _new) = two_legs(&s, &mut app, 800, 300, 2000).await;
         assert_eq!(read_exact(&mut app, 1200).await, pattern(800, 2000));
         drop(old);
     }

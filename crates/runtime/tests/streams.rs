@@ -84,19 +84,26 @@ async fn two_hundred_streams_byte_exact_with_half_closes() {
     shutdown.cancel();
 }
 
+/// A gateway with one service `s` relaying to `target`, and a client agent
+/// `c` allowed it, its session up.
+async fn one_service(target: std::net::SocketAddr, shutdown: &CancellationToken) -> (baton_runtime::Gateway, baton_runtime::Client) {
+    let k = key();
+    let gw = gateway(
+        &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{target}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
+        shutdown,
+    )
+    .await;
+    let c = client("c", &k, gw.local_addrs()[0], &service("s"), shutdown).await;
+    c.wait_up("gw").await.unwrap();
+    (gw, c)
+}
+
 #[tokio::test]
 async fn resets_are_carried_as_resets_both_ways() {
     let shutdown = CancellationToken::new();
     let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = server.local_addr().unwrap();
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{target}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let c = client("c", &k, gw.local_addrs()[0], &service("s"), &shutdown).await;
-    c.wait_up("gw").await.unwrap();
+    let (_gw, c) = one_service(target, &shutdown).await;
     let addr = c.service_addr("s").unwrap();
 
     // Server resets: the application sees a reset, not a clean end.
@@ -129,14 +136,7 @@ async fn unreachable_target_closes_the_application_promptly() {
     let shutdown = CancellationToken::new();
     // A port nobody listens on.
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{dead}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let c = client("c", &k, gw.local_addrs()[0], &service("s"), &shutdown).await;
-    c.wait_up("gw").await.unwrap();
+    let (gw, c) = one_service(dead, &shutdown).await;
     let mut app = TcpStream::connect(c.service_addr("s").unwrap()).await.unwrap();
     let started = std::time::Instant::now();
     assert!(closed_within(&mut app, Duration::from_secs(2)).await, "application connection left open");
@@ -156,14 +156,7 @@ async fn a_connection_closed_before_its_first_leg_still_ends() {
     let shutdown = CancellationToken::new();
     let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = server.local_addr().unwrap();
-    let k = key();
-    let gw = gateway(
-        &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{target}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
-        &shutdown,
-    )
-    .await;
-    let c = client("c", &k, gw.local_addrs()[0], &service("s"), &shutdown).await;
-    c.wait_up("gw").await.unwrap();
+    let (gw, c) = one_service(target, &shutdown).await;
     let addr = c.service_addr("s").unwrap();
     for _ in 0..PROBES {
         drop(TcpStream::connect(addr).await.unwrap());
