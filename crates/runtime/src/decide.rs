@@ -233,23 +233,26 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                         continue;
                     }
                     let a = addr.map(|a| a.to_string());
-                    // What the engine saw of every candidate when it decided.
-                    let seen: Vec<String> = engine
-                        .paths(Instant::now())
-                        .iter()
-                        .map(|p| {
-                            format!(
-                                "{}→{} {:?} loss {:.2} n {} score {:.0}",
-                                p.interface,
-                                p.gateway_addr.as_deref().unwrap_or("-"),
-                                p.health,
-                                p.stats.loss.unwrap_or(-1.0),
-                                p.stats.samples,
-                                p.score.unwrap_or(-1.0)
-                            )
-                        })
-                        .collect();
-                    tracing::debug!(paths = ?seen, "candidate paths");
+                    // What the engine saw of every candidate when it decided
+                    // (formatted only when someone reads it).
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let seen: Vec<String> = engine
+                            .paths(Instant::now())
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "{}→{} {:?} loss {:.2} n {} score {:.0}",
+                                    p.interface,
+                                    p.gateway_addr.as_deref().unwrap_or("-"),
+                                    p.health,
+                                    p.stats.loss.unwrap_or(-1.0),
+                                    p.stats.samples,
+                                    p.score.unwrap_or(-1.0)
+                                )
+                            })
+                            .collect();
+                        tracing::debug!(paths = ?seen, "candidate paths");
+                    }
                     events.publish_path_event("switch_decided", &to, a.as_deref(), reason.to_string(), urgent);
                     engine.on_switch_started(&to, Instant::now());
                     in_flight = Some(to.clone());
