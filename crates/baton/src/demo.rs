@@ -76,11 +76,16 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     let client_config = ClientConfig::from_toml(Path::new("<demo client>"), &client_toml)?;
     let client = Client::start(client_config, key, shutdown.clone()).await?;
     let session = client.wait_up("demo-gw").await?;
-    let service_addr = client.service_addr("demo").context("demo service not listening")?;
+    let service_addr = client
+        .service_addr("demo")
+        .context("demo service not listening")?;
 
     println!("baton demo: a gateway, a client agent and a server on loopback\n");
     println!("  server        {server_addr}   (checks every byte it receives)");
-    println!("  gateway       {gw_addr}   session {:016x} with client \"demo-laptop\" (key proven)", session.id);
+    println!(
+        "  gateway       {gw_addr}   session {:016x} with client \"demo-laptop\" (key proven)",
+        session.id
+    );
     println!("  client agent  {service_addr}   service \"demo\" → gateway → server");
     println!("  interfaces    wifi = 127.0.0.2, lte = 127.0.0.3 (stand-ins for two networks); session on {}", session.path);
     println!(
@@ -95,7 +100,15 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     for i in 0..opts.streams {
         tasks.push(tokio::spawn(async move {
             let stream = TcpStream::connect(service_addr).await?;
-            verify::exchange_paced(stream, 1000 + i as u64, bytes, bytes, Mode::Concurrent, pace).await
+            verify::exchange_paced(
+                stream,
+                1000 + i as u64,
+                bytes,
+                bytes,
+                Mode::Concurrent,
+                pace,
+            )
+            .await
         }));
     }
     // While the streams run: a planned switch to lte, then wifi back, then
@@ -103,17 +116,35 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     let t = |s: f64| start + std::time::Duration::from_secs_f64(s);
     let transfer_secs = (opts.mib as f64 / opts.pace_mib.max(1) as f64).max(1.0);
     tokio::time::sleep_until(t(transfer_secs * 0.25).into()).await;
-    show(start, "planned switch (baton switch lte)", client.switch("lte").await);
+    show(
+        start,
+        "planned switch (baton switch lte)",
+        client.switch("lte").await,
+    );
     tokio::time::sleep_until(t(transfer_secs * 0.45).into()).await;
-    show(start, "planned switch (baton switch wifi)", client.switch("wifi").await);
+    show(
+        start,
+        "planned switch (baton switch wifi)",
+        client.switch("wifi").await,
+    );
     tokio::time::sleep_until(t(transfer_secs * 0.6).into()).await;
-    println!("  t={:>5.2}s  wifi cut: every connection on it dies at once", start.elapsed().as_secs_f64());
-    client.set_path_up("wifi", false).map_err(anyhow::Error::msg)?;
+    println!(
+        "  t={:>5.2}s  wifi cut: every connection on it dies at once",
+        start.elapsed().as_secs_f64()
+    );
+    client
+        .set_path_up("wifi", false)
+        .map_err(anyhow::Error::msg)?;
     let before = client.switches().len();
-    while client.switches().len() == before && start.elapsed().as_secs_f64() < transfer_secs + 30.0 {
+    while client.switches().len() == before && start.elapsed().as_secs_f64() < transfer_secs + 30.0
+    {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    if let Some(sw) = client.switches().last().filter(|_| client.switches().len() > before) {
+    if let Some(sw) = client
+        .switches()
+        .last()
+        .filter(|_| client.switches().len() > before)
+    {
         show(start, "unexpected switch (wifi lost)", Ok(vec![sw.clone()]));
     }
     let mut down_ok = 0;
@@ -133,9 +164,20 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let total = bytes * opts.streams as u64;
     let gbit = (total as f64 * 8.0) / secs / 1e9;
-    println!("  app → server  {:>6} MiB, SHA-256 and every byte verified on {up_ok}/{} streams", total >> 20, opts.streams);
-    println!("  server → app  {:>6} MiB, SHA-256 and every byte verified on {down_ok}/{} streams", total >> 20, opts.streams);
-    println!("  time          {secs:.2} s ({gbit:.2} Gbit/s each way), {} switches survived", client.switches().len());
+    println!(
+        "  app → server  {:>6} MiB, SHA-256 and every byte verified on {up_ok}/{} streams",
+        total >> 20,
+        opts.streams
+    );
+    println!(
+        "  server → app  {:>6} MiB, SHA-256 and every byte verified on {down_ok}/{} streams",
+        total >> 20,
+        opts.streams
+    );
+    println!(
+        "  time          {secs:.2} s ({gbit:.2} Gbit/s each way), {} switches survived",
+        client.switches().len()
+    );
     shutdown.cancel();
     gateway.wait().await;
     client.wait().await;
@@ -145,4 +187,3 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<()> {
     println!("\n  result        OK: every byte arrived, in order, unchanged, in both directions, across every switch");
     Ok(())
 }
-

@@ -191,11 +191,18 @@ fn init_logging(demo: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: log files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -206,7 +213,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => return Ok(config_error(e)),
             };
             if check {
-                println!("{}: ok ({} services, {} clients)", config.display(), cfg.services.len(), cfg.clients.len());
+                println!(
+                    "{}: ok ({} services, {} clients)",
+                    config.display(),
+                    cfg.services.len(),
+                    cfg.clients.len()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             open_files_limit();
@@ -250,7 +262,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             if check {
-                println!("{}: ok ({} gateways, {} services)", config.display(), cfg.gateways.len(), cfg.services.len());
+                println!(
+                    "{}: ok ({} gateways, {} services)",
+                    config.display(),
+                    cfg.gateways.len(),
+                    cfg.services.len()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             open_files_limit();
@@ -258,7 +275,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
                 let client = Client::start(cfg, key, shutdown.clone()).await?;
-                let admin_task = tokio::spawn(baton_runtime::admin::serve(client.clone(), admin, shutdown.clone()));
+                let admin_task = tokio::spawn(baton_runtime::admin::serve(
+                    client.clone(),
+                    admin,
+                    shutdown.clone(),
+                ));
                 tokio::select! {
                     _ = wait_for_signal() => {}
                     r = admin_task => {
@@ -275,7 +296,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keygen { id, out } => keygen(&id, out),
         Command::Status { admin, json } => {
-            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &baton_runtime::admin::Request::Status))?;
+            let reply = runtime()?.block_on(baton_runtime::admin::request(
+                &admin,
+                &baton_runtime::admin::Request::Status,
+            ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
@@ -283,18 +307,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Mode { mode, admin } => admin_simple(&admin, baton_runtime::admin::Request::Mode { mode }),
+        Command::Mode { mode, admin } => {
+            admin_simple(&admin, baton_runtime::admin::Request::Mode { mode })
+        }
         Command::Approve { admin } => admin_simple(&admin, baton_runtime::admin::Request::Approve),
         Command::Decline { admin } => admin_simple(&admin, baton_runtime::admin::Request::Decline),
         Command::Events { admin } => {
-            runtime()?.block_on(baton_runtime::admin::follow_events(&admin, |v| println!("{v}")))?;
+            runtime()?.block_on(baton_runtime::admin::follow_events(&admin, |v| {
+                println!("{v}")
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Switch { interface, admin } => {
-            let req = baton_runtime::admin::Request::Switch { to: interface.clone() };
+            let req = baton_runtime::admin::Request::Switch {
+                to: interface.clone(),
+            };
             let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
             if reply["ok"] != true {
-                anyhow::bail!("switch to {interface} failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+                anyhow::bail!(
+                    "switch to {interface} failed: {}",
+                    reply["error"].as_str().unwrap_or("unknown error")
+                );
             }
             for sw in reply["switches"].as_array().into_iter().flatten() {
                 println!(
@@ -314,7 +347,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let req = baton_runtime::admin::Request::Roam { gateway, to };
             let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
             if reply["ok"] != true {
-                anyhow::bail!("roam failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+                anyhow::bail!(
+                    "roam failed: {}",
+                    reply["error"].as_str().unwrap_or("unknown error")
+                );
             }
             for sw in reply["switches"].as_array().into_iter().flatten() {
                 println!(
@@ -340,22 +376,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Goto { client, to, wait, admin } => {
-            let req = baton_runtime::gateway_admin::Request::Goto { client, to, wait_ms: Some(wait * 1000) };
+        Command::Goto {
+            client,
+            to,
+            wait,
+            admin,
+        } => {
+            let req = baton_runtime::gateway_admin::Request::Goto {
+                client,
+                to,
+                wait_ms: Some(wait * 1000),
+            };
             gateway_moves(&admin, &req)
         }
-        Command::Listen { action, addr, wait, admin } => {
+        Command::Listen {
+            action,
+            addr,
+            wait,
+            admin,
+        } => {
             let req = if action == "add" {
                 baton_runtime::gateway_admin::Request::ListenAdd { addr }
             } else {
-                baton_runtime::gateway_admin::Request::ListenRemove { addr, wait_ms: Some(wait * 1000) }
+                baton_runtime::gateway_admin::Request::ListenRemove {
+                    addr,
+                    wait_ms: Some(wait * 1000),
+                }
             };
             gateway_moves(&admin, &req)
         }
         Command::Demo { streams, mib, pace } => {
             anyhow::ensure!(streams > 0, "--streams must be at least 1");
             anyhow::ensure!(pace > 0, "--pace must be at least 1");
-            runtime()?.block_on(demo::run(demo::Options { streams, mib, pace_mib: pace }))?;
+            runtime()?.block_on(demo::run(demo::Options {
+                streams,
+                mib,
+                pace_mib: pace,
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -372,7 +429,10 @@ fn admin_simple(admin: &Path, req: baton_runtime::admin::Request) -> anyhow::Res
 
 /// Sends a go-to or listen request to the gateway and prints where each
 /// session went; fails if one did not move.
-fn gateway_moves(admin: &Path, req: &baton_runtime::gateway_admin::Request) -> anyhow::Result<ExitCode> {
+fn gateway_moves(
+    admin: &Path,
+    req: &baton_runtime::gateway_admin::Request,
+) -> anyhow::Result<ExitCode> {
     let reply = runtime()?.block_on(baton_runtime::gateway_admin::request(admin, req))?;
     if reply["ok"] != true {
         anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
@@ -381,18 +441,33 @@ fn gateway_moves(admin: &Path, req: &baton_runtime::gateway_admin::Request) -> a
         println!("listening on {a}");
     }
     if let Some(adv) = reply["advertised"].as_array() {
-        let list: Vec<String> = adv.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        let list: Vec<String> = adv
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
         println!("advertised: {}", list.join(" "));
     }
     let mut stuck = 0;
     for m in reply["moves"].as_array().into_iter().flatten() {
-        let (client, session) = (m["client"].as_str().unwrap_or("?"), m["session_id"].as_str().unwrap_or("?"));
-        let (from, to) = (m["from"].as_str().unwrap_or("-"), m["to"].as_str().unwrap_or("-"));
+        let (client, session) = (
+            m["client"].as_str().unwrap_or("?"),
+            m["session_id"].as_str().unwrap_or("?"),
+        );
+        let (from, to) = (
+            m["from"].as_str().unwrap_or("-"),
+            m["to"].as_str().unwrap_or("-"),
+        );
         if m["moved"] == true {
-            println!("{client} (session {session}): {from} → {to} in {} ms", m["ms"]);
+            println!(
+                "{client} (session {session}): {from} → {to} in {} ms",
+                m["ms"]
+            );
         } else {
             stuck += 1;
-            println!("{client} (session {session}): still on {to} after {} ms", m["ms"]);
+            println!(
+                "{client} (session {session}): still on {to} after {} ms",
+                m["ms"]
+            );
         }
     }
     anyhow::ensure!(stuck == 0, "{stuck} session(s) did not move");
@@ -405,8 +480,10 @@ fn config_error(e: baton_runtime::ConfigError) -> ExitCode {
 }
 
 fn load_key(path: &Path) -> anyhow::Result<ClientKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    ClientKey::from_text(&text).with_context(|| format!("{} is not a baton key file", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ClientKey::from_text(&text)
+        .with_context(|| format!("{} is not a baton key file", path.display()))
 }
 
 fn keygen(id: &str, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -420,9 +497,18 @@ fn keygen(id: &str, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&path).with_context(|| format!("cannot create {} (an existing key is never overwritten)", path.display()))?;
+    let mut f = opts.open(&path).with_context(|| {
+        format!(
+            "cannot create {} (an existing key is never overwritten)",
+            path.display()
+        )
+    })?;
     writeln!(f, "{}", key.to_text())?;
-    println!("wrote the secret key of client {id:?} to {} (keep it on the client: key_file = {:?})", path.display(), path.display().to_string());
+    println!(
+        "wrote the secret key of client {id:?} to {} (keep it on the client: key_file = {:?})",
+        path.display(),
+        path.display().to_string()
+    );
     println!("add this to the gateway's configuration:");
     println!("[clients.{id}]");
     println!("services = []   # the services this client may open");

@@ -16,7 +16,11 @@ fn s(v: &Value) -> String {
 /// followed by a space, so that titles and rows written with the same widths line up; the
 /// last cell is not padded (no trailing blanks).
 fn line(out: &mut String, widths: &[usize], cells: &[impl AsRef<str>]) {
-    debug_assert_eq!(widths.len() + 1, cells.len(), "a width for every cell but the last");
+    debug_assert_eq!(
+        widths.len() + 1,
+        cells.len(),
+        "a width for every cell but the last"
+    );
     for (cell, width) in cells.iter().zip(widths) {
         let _ = write!(out, "{:<width$} ", cell.as_ref());
     }
@@ -48,12 +52,34 @@ fn table(out: &mut String, widths: &[usize], titles: &[&str], keys: &[&str], row
 pub(crate) fn render(st: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "current interface: {}", s(&st["current_interface"]));
-    let _ = writeln!(out, "mode: {}   proposal: {}", s(&st["engine"]["mode"]), s(&st["engine"]["proposal"]));
-    let eng = st["engine"]["interfaces"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "mode: {}   proposal: {}",
+        s(&st["engine"]["mode"]),
+        s(&st["engine"]["proposal"])
+    );
+    let eng = st["engine"]["interfaces"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if !eng.is_empty() {
         const W: &[usize] = &[16, 9, 9, 8, 7, 10, 8, 5];
         out.push('\n');
-        line(&mut out, W, &["INTERFACE", "KIND", "HEALTH", "RTT ms", "LOSS %", "JITTER ms", "SCORE", "COST", "METERED"]);
+        line(
+            &mut out,
+            W,
+            &[
+                "INTERFACE",
+                "KIND",
+                "HEALTH",
+                "RTT ms",
+                "LOSS %",
+                "JITTER ms",
+                "SCORE",
+                "COST",
+                "METERED",
+            ],
+        );
         for i in &eng {
             let ms = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
             let row = [
@@ -61,9 +87,13 @@ pub(crate) fn render(st: &Value) -> String {
                 s(&i["kind"]),
                 s(&i["health"]),
                 ms(&i["stats"]["rtt_ms"]),
-                i["stats"]["loss"].as_f64().map_or("-".to_owned(), |l| format!("{:.1}", l * 100.0)),
+                i["stats"]["loss"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |l| format!("{:.1}", l * 100.0)),
                 ms(&i["stats"]["jitter_ms"]),
-                i["score"].as_f64().map_or("-".to_owned(), |x| format!("{x:.0}")),
+                i["score"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |x| format!("{x:.0}")),
                 s(&i["attributes"]["cost"]),
                 s(&i["attributes"]["metered"]),
             ];
@@ -72,19 +102,69 @@ pub(crate) fn render(st: &Value) -> String {
     }
     const IFACES: &[usize] = &[16, 5, 9, 11, 16];
     out.push('\n');
-    line(&mut out, IFACES, &["INTERFACE", "UP", "KIND", "METRIC", "DEVICE", "SOURCE / ADDRESSES"]);
+    line(
+        &mut out,
+        IFACES,
+        &[
+            "INTERFACE",
+            "UP",
+            "KIND",
+            "METRIC",
+            "DEVICE",
+            "SOURCE / ADDRESSES",
+        ],
+    );
     for i in st["interfaces"].as_array().into_iter().flatten() {
-        let addrs: Vec<String> = i["addresses"].as_array().into_iter().flatten().map(s).collect();
+        let addrs: Vec<String> = i["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
         let up = if i["up"] == true { "yes" } else { "no" };
-        let shown = if addrs.is_empty() { s(&i["source"]) } else { addrs.join(" ") };
-        line(&mut out, IFACES, &[s(&i["name"]), up.into(), s(&i["kind"]), s(&i["priority"]), s(&i["device"]), shown]);
+        let shown = if addrs.is_empty() {
+            s(&i["source"])
+        } else {
+            addrs.join(" ")
+        };
+        line(
+            &mut out,
+            IFACES,
+            &[
+                s(&i["name"]),
+                up.into(),
+                s(&i["kind"]),
+                s(&i["priority"]),
+                s(&i["device"]),
+                shown,
+            ],
+        );
     }
     const SESSIONS: &[usize] = &[16, 11, 17, 16, 8];
     out.push('\n');
-    line(&mut out, SESSIONS, &["GATEWAY", "STATE", "SESSION", "INTERFACE", "STREAMS", "ADDRESS"]);
+    line(
+        &mut out,
+        SESSIONS,
+        &[
+            "GATEWAY",
+            "STATE",
+            "SESSION",
+            "INTERFACE",
+            "STREAMS",
+            "ADDRESS",
+        ],
+    );
     for g in st["sessions"].as_array().into_iter().flatten() {
-        let mut row = cells(g, &["gateway", "state", "session_id", "interface", "streams"]);
-        row.push(g.get("gateway_addr").map(s).or_else(|| g.get("error").map(s)).unwrap_or_default());
+        let mut row = cells(
+            g,
+            &["gateway", "state", "session_id", "interface", "streams"],
+        );
+        row.push(
+            g.get("gateway_addr")
+                .map(s)
+                .or_else(|| g.get("error").map(s))
+                .unwrap_or_default(),
+        );
         line(&mut out, SESSIONS, &row);
     }
     for g in st["sessions"].as_array().into_iter().flatten() {
@@ -92,7 +172,12 @@ pub(crate) fn render(st: &Value) -> String {
         if addrs.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "\n{} ADDRESSES (failed searches in a row: {})", s(&g["gateway"]), s(&g["failed_searches"]));
+        let _ = writeln!(
+            out,
+            "\n{} ADDRESSES (failed searches in a row: {})",
+            s(&g["gateway"]),
+            s(&g["failed_searches"])
+        );
         for a in &addrs {
             let mut row = cells(a, &["addr", "origin", "state", "attempts"]);
             row.push(a["error"].as_str().unwrap_or("").to_owned());
@@ -104,12 +189,33 @@ pub(crate) fn render(st: &Value) -> String {
     if !streams.is_empty() {
         const W: &[usize] = &[7, 16, 16, 13, 13, 10, 5];
         out.push('\n');
-        line(&mut out, W, &["STREAM", "GATEWAY", "SERVICE", "SENT B", "RECEIVED B", "RESENT B", "LEGS", "COMPRESS"]);
+        line(
+            &mut out,
+            W,
+            &[
+                "STREAM",
+                "GATEWAY",
+                "SERVICE",
+                "SENT B",
+                "RECEIVED B",
+                "RESENT B",
+                "LEGS",
+                "COMPRESS",
+            ],
+        );
         for t in streams.iter().take(50) {
-            let mut row = cells(t, &["id", "gateway", "service", "sent", "received", "resent", "legs"]);
+            let mut row = cells(
+                t,
+                &[
+                    "id", "gateway", "service", "sent", "received", "resent", "legs",
+                ],
+            );
             row.push(match t["compress"].as_str() {
                 Some("none") | None => "-".to_owned(),
-                Some(c) => format!("{c} {:.2}:1", t["compression_ratio"].as_f64().unwrap_or(1.0)),
+                Some(c) => format!(
+                    "{c} {:.2}:1",
+                    t["compression_ratio"].as_f64().unwrap_or(1.0)
+                ),
             });
             line(&mut out, W, &row);
         }
@@ -118,36 +224,90 @@ pub(crate) fn render(st: &Value) -> String {
     if !exposed.is_empty() {
         const W: &[usize] = &[16, 16, 11, 24, 22];
         out.push('\n');
-        line(&mut out, W, &["CLIENT SERVICE", "GATEWAY", "STATE", "GATEWAY ADDRESS", "TARGET", "CONNECTIONS"]);
+        line(
+            &mut out,
+            W,
+            &[
+                "CLIENT SERVICE",
+                "GATEWAY",
+                "STATE",
+                "GATEWAY ADDRESS",
+                "TARGET",
+                "CONNECTIONS",
+            ],
+        );
         for e in &exposed {
             // A refusal shows its reason where the address would be.
-            let at = if e["address"].is_null() { "error" } else { "address" };
-            line(&mut out, W, &cells(e, &["name", "gateway", "state", at, "target", "connections"]));
+            let at = if e["address"].is_null() {
+                "error"
+            } else {
+                "address"
+            };
+            line(
+                &mut out,
+                W,
+                &cells(
+                    e,
+                    &["name", "gateway", "state", at, "target", "connections"],
+                ),
+            );
         }
     }
     let switches = st["switches"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "\nSWITCHES ({})", switches.len());
     const SWITCHES: &[usize] = &[11, 16, 22, 9, 9, 9, 8];
     if !switches.is_empty() {
-        line(&mut out, SWITCHES, &["KIND", "GATEWAY", "FROM → TO", "PAUSE ms", "STALL ms", "RESENT B", "STREAMS", "REASON"]);
+        line(
+            &mut out,
+            SWITCHES,
+            &[
+                "KIND",
+                "GATEWAY",
+                "FROM → TO",
+                "PAUSE ms",
+                "STALL ms",
+                "RESENT B",
+                "STREAMS",
+                "REASON",
+            ],
+        );
     }
     for w in switches.iter().rev().take(20) {
         // A roam to another gateway address shows the addresses too.
         let moved = if w["gateway_addr_from"] != w["gateway_addr_to"] {
-            format!("{}@{} → {}@{}", s(&w["from"]), s(&w["gateway_addr_from"]), s(&w["to"]), s(&w["gateway_addr_to"]))
+            format!(
+                "{}@{} → {}@{}",
+                s(&w["from"]),
+                s(&w["gateway_addr_from"]),
+                s(&w["to"]),
+                s(&w["gateway_addr_to"])
+            )
         } else {
             format!("{} → {}", s(&w["from"]), s(&w["to"]))
         };
         let mut row = cells(w, &["kind", "gateway"]);
         row.push(moved);
-        row.extend(cells(w, &["duration_ms", "longest_stall_ms", "bytes_resent", "streams", "reason"]));
+        row.extend(cells(
+            w,
+            &[
+                "duration_ms",
+                "longest_stall_ms",
+                "bytes_resent",
+                "streams",
+                "reason",
+            ],
+        ));
         line(&mut out, SWITCHES, &row);
     }
     let events = st["events"].as_array().cloned().unwrap_or_default();
     if !events.is_empty() {
         let _ = writeln!(out, "\nRECENT EVENTS");
         for e in events.iter().rev().take(10) {
-            line(&mut out, &[14, 18, 10], &cells(e, &["at_unix_ms", "kind", "interface", "reason"]));
+            line(
+                &mut out,
+                &[14, 18, 10],
+                &cells(e, &["at_unix_ms", "kind", "interface", "reason"]),
+            );
         }
     }
     // Services count what they send before what they receive, client services (the other
@@ -156,15 +316,55 @@ pub(crate) fn render(st: &Value) -> String {
     table(
         &mut out,
         UDP,
-        &["UDP SERVICE", "GATEWAY", "FLOWS", "SENT", "RECEIVED", "DELAYED", "DROPPED", "EXPIRED", "LISTEN"],
-        &["service", "gateway", "flows", "sent", "received", "delayed", "dropped", "flows_expired", "listen"],
+        &[
+            "UDP SERVICE",
+            "GATEWAY",
+            "FLOWS",
+            "SENT",
+            "RECEIVED",
+            "DELAYED",
+            "DROPPED",
+            "EXPIRED",
+            "LISTEN",
+        ],
+        &[
+            "service",
+            "gateway",
+            "flows",
+            "sent",
+            "received",
+            "delayed",
+            "dropped",
+            "flows_expired",
+            "listen",
+        ],
         st["udp"]["services"].as_array().map_or(&[], Vec::as_slice),
     );
     table(
         &mut out,
         UDP,
-        &["UDP CLIENT SVC", "GATEWAY", "FLOWS", "RECEIVED", "SENT", "DELAYED", "DROPPED", "EXPIRED", "TARGET"],
-        &["service", "gateway", "flows", "received", "sent", "delayed", "dropped", "flows_expired", "target"],
+        &[
+            "UDP CLIENT SVC",
+            "GATEWAY",
+            "FLOWS",
+            "RECEIVED",
+            "SENT",
+            "DELAYED",
+            "DROPPED",
+            "EXPIRED",
+            "TARGET",
+        ],
+        &[
+            "service",
+            "gateway",
+            "flows",
+            "received",
+            "sent",
+            "delayed",
+            "dropped",
+            "flows_expired",
+            "target",
+        ],
         st["udp"]["exposed"].as_array().map_or(&[], Vec::as_slice),
     );
     out
@@ -172,7 +372,14 @@ pub(crate) fn render(st: &Value) -> String {
 
 /// Renders the gateway's status document as text.
 pub(crate) fn render_gateway(st: &Value) -> String {
-    let list = |v: &Value| v.as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(" ");
+    let list = |v: &Value| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let mut out = String::new();
     let _ = writeln!(out, "listening:  {}", list(&st["listening"]));
     let _ = writeln!(out, "advertised: {}", list(&st["advertised"]));
@@ -186,15 +393,33 @@ pub(crate) fn render_gateway(st: &Value) -> String {
     if let Some(host) = st["host_addresses"].as_array() {
         let each: Vec<String> = host
             .iter()
-            .map(|a| format!("{} ({}, {})", s(&a["addr"]), s(&a["interface"]), s(&a["state"])))
+            .map(|a| {
+                format!(
+                    "{} ({}, {})",
+                    s(&a["addr"]),
+                    s(&a["interface"]),
+                    s(&a["state"])
+                )
+            })
             .collect();
         let _ = writeln!(out, "host:       {}", each.join(" "));
     }
     const W: &[usize] = &[16, 17, 24, 24];
     out.push('\n');
-    line(&mut out, W, &["CLIENT", "SESSION", "ADDRESS", "PEER", "STREAMS"]);
+    line(
+        &mut out,
+        W,
+        &["CLIENT", "SESSION", "ADDRESS", "PEER", "STREAMS"],
+    );
     for g in st["sessions"].as_array().into_iter().flatten() {
-        line(&mut out, W, &cells(g, &["client", "session_id", "gateway_addr", "peer", "streams"]));
+        line(
+            &mut out,
+            W,
+            &cells(
+                g,
+                &["client", "session_id", "gateway_addr", "peer", "streams"],
+            ),
+        );
     }
     out
 }

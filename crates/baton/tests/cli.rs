@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn baton(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_baton")).args(args).output().expect("run baton")
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .output()
+        .expect("run baton")
 }
 
 fn examples() -> std::path::PathBuf {
@@ -29,8 +32,17 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
 #[test]
 fn example_files_pass_check() {
     for (cmd, file) in [("gateway", "gateway.toml"), ("client", "client.toml")] {
-        let out = baton(&[cmd, "-c", examples().join(file).to_str().unwrap(), "--check"]);
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = baton(&[
+            cmd,
+            "-c",
+            examples().join(file).to_str().unwrap(),
+            "--check",
+        ]);
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -52,10 +64,17 @@ fn bad_config_exits_64_naming_the_key() {
         let out = baton(&[cmd, "-c", &f, "--check"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "case {i}: {err}");
-        assert!(err.contains(&format!("key `{key}`")), "case {i}: message does not name `{key}`: {err}");
+        assert!(
+            err.contains(&format!("key `{key}`")),
+            "case {i}: message does not name `{key}`: {err}"
+        );
     }
     // A missing or malformed key file is a configuration error too.
-    let f = write(&d, "nokey.toml", "id = \"x\"\nkey_file = \"missing.key\"\n[gateways.g]\naddresses = [\"gw:7700\"]\n");
+    let f = write(
+        &d,
+        "nokey.toml",
+        "id = \"x\"\nkey_file = \"missing.key\"\n[gateways.g]\naddresses = [\"gw:7700\"]\n",
+    );
     let out = baton(&["client", "-c", &f, "--check"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key_file"));
@@ -70,19 +89,33 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let public = stdout.lines().last().unwrap();
-    assert!(public.starts_with("key = \"") && public.ends_with('"'), "{stdout}");
+    assert!(
+        public.starts_with("key = \"") && public.ends_with('"'),
+        "{stdout}"
+    );
     let text = std::fs::read_to_string(&key).unwrap();
     assert!(text.starts_with("baton-secret-key:"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     let again = baton(&["keygen", "laptop", "--out", key.to_str().unwrap()]);
     assert!(!again.status.success());
-    assert_eq!(std::fs::read_to_string(&key).unwrap(), text, "existing key was overwritten");
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        text,
+        "existing key was overwritten"
+    );
     // The printed public key and the file work together in a config check.
-    let gw = write(&d, "gw.toml", &format!("listen = [\"127.0.0.1:0\"]\n[clients.laptop]\n{public}\nservices = []\n"));
+    let gw = write(
+        &d,
+        "gw.toml",
+        &format!("listen = [\"127.0.0.1:0\"]\n[clients.laptop]\n{public}\nservices = []\n"),
+    );
     assert!(baton(&["gateway", "-c", &gw, "--check"]).status.success());
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -91,7 +124,11 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
 fn demo_runs_and_verifies() {
     let out = baton(&["demo", "--streams", "4", "--mib", "8"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("verified on 4/4 streams"), "{stdout}");
     assert!(stdout.contains("result        OK"), "{stdout}");
 }

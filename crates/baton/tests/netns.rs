@@ -28,7 +28,10 @@ fn assert_record(sw: &Value, kind: &str, from: &str, to: &[&str]) {
     assert_eq!(sw["kind"], kind, "{sw}");
     assert_eq!(sw["gateway"], "gw", "{sw}");
     assert_eq!(sw["from"], from, "{sw}");
-    assert!(to.iter().any(|t| sw["to"] == *t), "switch to one of {to:?} expected: {sw}");
+    assert!(
+        to.iter().any(|t| sw["to"] == *t),
+        "switch to one of {to:?} expected: {sw}"
+    );
     assert_eq!(sw["streams"], 1, "the live stream moved: {sw}");
 }
 
@@ -117,19 +120,39 @@ async fn wlan_link_down_switches_to_lte() {
         let cut = Instant::now();
         rig.bed.link_down(Link::Wlan).unwrap();
         let st = rig
-            .wait_status(Duration::from_secs(15), "an unexpected switch recorded", |st| {
-                st["switches"].as_array().is_some_and(|v| !v.is_empty()) && st["sessions"][0]["state"] == "up"
-            })
+            .wait_status(
+                Duration::from_secs(15),
+                "an unexpected switch recorded",
+                |st| {
+                    st["switches"].as_array().is_some_and(|v| !v.is_empty())
+                        && st["sessions"][0]["state"] == "up"
+                },
+            )
             .await;
-        println!("linkdown: switch recorded {} ms after the link went down", cut.elapsed().as_millis());
+        println!(
+            "linkdown: switch recorded {} ms after the link went down",
+            cut.elapsed().as_millis()
+        );
         assert_eq!(st["current_interface"], "lte");
-        let wlan = st["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "wlan").cloned();
-        assert!(wlan.is_none_or(|w| w["up"] == false), "wlan is not usable any more: {st}");
+        let wlan = st["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "wlan")
+            .cloned();
+        assert!(
+            wlan.is_none_or(|w| w["up"] == false),
+            "wlan is not usable any more: {st}"
+        );
         rig.finish_exchange(app, Duration::from_secs(30)).await;
 
         tokio::time::sleep(Duration::from_secs(2)).await;
         let sw = rig.switches();
-        assert_eq!(sw.len(), 1, "one switch, and the session stays on lte: {sw:?}");
+        assert_eq!(
+            sw.len(),
+            1,
+            "one switch, and the session stays on lte: {sw:?}"
+        );
         assert_record(&sw[0], "unexpected", "wlan", &["lte"]);
         println!("linkdown: {}", describe(&sw[0]));
         // The agent acts on the kernel's link event, not on missed keep-alives (4 s).
@@ -153,7 +176,8 @@ async fn wlan_readdressed_session_continues() {
         println!("readdress: wlan {old} → {new}");
         let st = rig
             .wait_status(Duration::from_secs(15), "a switch recorded", |st| {
-                st["switches"].as_array().is_some_and(|v| !v.is_empty()) && st["sessions"][0]["state"] == "up"
+                st["switches"].as_array().is_some_and(|v| !v.is_empty())
+                    && st["sessions"][0]["state"] == "up"
             })
             .await;
         rig.finish_exchange(app, Duration::from_secs(30)).await;
@@ -163,15 +187,25 @@ async fn wlan_readdressed_session_continues() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let sw = rig.switches();
         assert_eq!(sw.len(), 1, "one switch for one renumbering: {sw:?}");
-        println!("readdress: {}; session now on {}", describe(&sw[0]), st["sessions"][0]["interface"]);
+        println!(
+            "readdress: {}; session now on {}",
+            describe(&sw[0]),
+            st["sessions"][0]["interface"]
+        );
         // wlan is still up with a default route, so the agent may resume on its new address
         // or fall back to lte; either way the record says what happened.
         assert_record(&sw[0], "unexpected", "wlan", &["wlan", "lte"]);
-        assert_eq!(sw[0]["to"], st["sessions"][0]["interface"], "the record names the interface in use");
+        assert_eq!(
+            sw[0]["to"], st["sessions"][0]["interface"],
+            "the record names the interface in use"
+        );
         assert!(sw[0]["duration_ms"].as_u64().unwrap() < 3000, "{}", sw[0]);
         // The session id survived: it was resumed, not replaced.
         let after = rig.status().unwrap();
-        assert_eq!(after["sessions"][0]["session_id"], st["sessions"][0]["session_id"]);
+        assert_eq!(
+            after["sessions"][0]["session_id"],
+            st["sessions"][0]["session_id"]
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -182,7 +216,11 @@ async fn wlan_readdressed_session_continues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_links_down_for_a_minute_then_lte() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: "switch_timeout = \"150s\"", gateway: "switch_timeout = \"150s\"", ..Options::default() };
+        let opts = Options {
+            client: "switch_timeout = \"150s\"",
+            gateway: "switch_timeout = \"150s\"",
+            ..Options::default()
+        };
         let mut rig = Rig::start("nolink60", opts).await;
         let session = rig.status().unwrap()["sessions"][0]["session_id"].clone();
         let app = rig.start_exchange(14, 4 * MIB, MIB);
@@ -191,25 +229,47 @@ async fn both_links_down_for_a_minute_then_lte() {
         rig.bed.link_down(Link::Lte).unwrap();
         let cut = Instant::now();
         let held = rig
-            .wait_status(Duration::from_secs(10), "the session switching", |st| st["sessions"][0]["state"] == "switching")
+            .wait_status(Duration::from_secs(10), "the session switching", |st| {
+                st["sessions"][0]["state"] == "switching"
+            })
             .await;
         let received_at_cut = held["streams"][0]["received"].as_u64().unwrap();
         tokio::time::sleep(Duration::from_secs(60).saturating_sub(cut.elapsed())).await;
         // Nothing moved in a minute without a link; the stream is still there, held.
         let st = rig.status().unwrap();
         assert_eq!(st["sessions"][0]["state"], "switching", "{st}");
-        assert_eq!(st["streams"].as_array().unwrap().len(), 1, "the stream is held: {st}");
-        assert_eq!(st["streams"][0]["received"].as_u64().unwrap(), received_at_cut, "no data without a link");
+        assert_eq!(
+            st["streams"].as_array().unwrap().len(),
+            1,
+            "the stream is held: {st}"
+        );
+        assert_eq!(
+            st["streams"][0]["received"].as_u64().unwrap(),
+            received_at_cut,
+            "no data without a link"
+        );
         rig.bed.link_up(Link::Lte).unwrap();
         let up = Instant::now();
         let st = rig
-            .wait_status(Duration::from_secs(20), "the session resumed on lte", |st| {
-                st["sessions"][0]["state"] == "up" && st["switches"].as_array().is_some_and(|v| !v.is_empty())
-            })
+            .wait_status(
+                Duration::from_secs(20),
+                "the session resumed on lte",
+                |st| {
+                    st["sessions"][0]["state"] == "up"
+                        && st["switches"].as_array().is_some_and(|v| !v.is_empty())
+                },
+            )
             .await;
-        println!("nolink60: resumed {} ms after lte came up, {:.1} s after the cut", up.elapsed().as_millis(), cut.elapsed().as_secs_f64());
+        println!(
+            "nolink60: resumed {} ms after lte came up, {:.1} s after the cut",
+            up.elapsed().as_millis(),
+            cut.elapsed().as_secs_f64()
+        );
         assert_eq!(st["sessions"][0]["interface"], "lte");
-        assert_eq!(st["sessions"][0]["session_id"], session, "the same session resumed");
+        assert_eq!(
+            st["sessions"][0]["session_id"], session,
+            "the same session resumed"
+        );
         rig.finish_exchange(app, Duration::from_secs(30)).await;
 
         // The links go down one after the other: the agent may move to lte in the instant
@@ -222,9 +282,17 @@ async fn both_links_down_for_a_minute_then_lte() {
         assert!((1..=2).contains(&sw.len()), "{sw:?}");
         assert_eq!(sw[0]["from"], "wlan", "{}", sw[0]);
         let last = sw.last().unwrap();
-        assert_record(last, "unexpected", if sw.len() == 1 { "wlan" } else { "lte" }, &["lte"]);
+        assert_record(
+            last,
+            "unexpected",
+            if sw.len() == 1 { "wlan" } else { "lte" },
+            &["lte"],
+        );
         assert!(sw.iter().all(|s| s["kind"] == "unexpected"), "{sw:?}");
-        assert!(last["duration_ms"].as_u64().unwrap() >= 59_000, "the pause covers the outage: {last}");
+        assert!(
+            last["duration_ms"].as_u64().unwrap() >= 59_000,
+            "the pause covers the outage: {last}"
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -232,13 +300,21 @@ async fn both_links_down_for_a_minute_then_lte() {
 
 /// One end of a plain TCP connection kept busy: writes 1 KiB every 20 ms and reads what
 /// comes, until an error. Returns when and how it failed.
-async fn busy_tcp(s: tokio::net::TcpStream, stop: tokio_util::sync::CancellationToken) -> Option<(Instant, io::Error)> {
+async fn busy_tcp(
+    s: tokio::net::TcpStream,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<(Instant, io::Error)> {
     let (mut r, mut w) = s.into_split();
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match r.read(&mut buf).await {
-                Ok(0) => return (Instant::now(), io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the peer")),
+                Ok(0) => {
+                    return (
+                        Instant::now(),
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the peer"),
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => return (Instant::now(), e),
             }
@@ -266,11 +342,19 @@ async fn busy_tcp(s: tokio::net::TcpStream, stop: tokio_util::sync::Cancellation
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: "connect_timeout = \"2s\"", ..Options::default() };
+        let opts = Options {
+            client: "connect_timeout = \"2s\"",
+            ..Options::default()
+        };
         let mut rig = Rig::start("rto", opts).await;
         for host in [Host::Mobile, Host::Server] {
             // Per namespace: /proc/sys/net is the opener's namespace's.
-            rig.bed.in_ns(host, || std::fs::write("/proc/sys/net/ipv4/tcp_retries2", "3")).unwrap().unwrap();
+            rig.bed
+                .in_ns(host, || {
+                    std::fs::write("/proc/sys/net/ipv4/tcp_retries2", "3")
+                })
+                .unwrap()
+                .unwrap();
         }
         // A plain TCP connection MOBILE → SERVER, busy both ways.
         let plain_addr = SocketAddr::from((rig.bed.server_addr(), 9100));
@@ -284,11 +368,17 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
         let app = rig.start_exchange(15, 4 * MIB, MIB);
         rig.wait_received(MIB / 2).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!plain_m.is_finished() && !plain_s.is_finished(), "the plain connection works before the outage");
+        assert!(
+            !plain_m.is_finished() && !plain_s.is_finished(),
+            "the plain connection works before the outage"
+        );
 
         // Blackout: ROUTER forwards nothing; the links stay up, so only timers can tell.
         let rules = |op: &'static str, dev: &'static str| {
-            [["iptables", op, "FORWARD", "-i", dev, "-j", "DROP"], ["iptables", op, "FORWARD", "-o", dev, "-j", "DROP"]]
+            [
+                ["iptables", op, "FORWARD", "-i", dev, "-j", "DROP"],
+                ["iptables", op, "FORWARD", "-o", dev, "-j", "DROP"],
+            ]
         };
         for dev in ["rwlan", "rlte"] {
             for r in rules("-I", dev) {
@@ -303,7 +393,10 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
         for r in rules("-D", "rwlan") {
             rig.sh(Host::Router, &r);
         }
-        println!("rto: blackout of {:.1} s at ROUTER ended on wlan", cut.elapsed().as_secs_f64());
+        println!(
+            "rto: blackout of {:.1} s at ROUTER ended on wlan",
+            cut.elapsed().as_secs_f64()
+        );
         tokio::time::sleep(Duration::from_secs(3)).await;
         for r in rules("-D", "rlte") {
             rig.sh(Host::Router, &r);
@@ -318,16 +411,30 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
         for (end, r) in [("mobile", &m), ("server", &s)] {
             match r {
                 Some((at, e)) => {
-                    println!("rto: plain TCP, {end} end: {e} ({:?}) {:.2} s after the cut", e.kind(), at.duration_since(cut).as_secs_f64());
+                    println!(
+                        "rto: plain TCP, {end} end: {e} ({:?}) {:.2} s after the cut",
+                        e.kind(),
+                        at.duration_since(cut).as_secs_f64()
+                    );
                     died.push((end, *at, e.kind()));
                 }
                 None => println!("rto: plain TCP, {end} end: no error"),
             }
         }
-        assert!(!died.is_empty(), "the plain TCP connection survived a {OUTAGE:?} outage with tcp_retries2=3");
+        assert!(
+            !died.is_empty(),
+            "the plain TCP connection survived a {OUTAGE:?} outage with tcp_retries2=3"
+        );
         let (end, at, kind) = died.iter().min_by_key(|d| d.1).copied().unwrap();
-        assert!(at < cut + OUTAGE, "the plain TCP connection ({end} end) failed only after the outage");
-        assert_eq!(kind, io::ErrorKind::TimedOut, "it gave up retransmitting ({end} end)");
+        assert!(
+            at < cut + OUTAGE,
+            "the plain TCP connection ({end} end) failed only after the outage"
+        );
+        assert_eq!(
+            kind,
+            io::ErrorKind::TimedOut,
+            "it gave up retransmitting ({end} end)"
+        );
 
         // baton's legs died the same way; the stream resumes on new ones.
         rig.finish_exchange(app, Duration::from_secs(30)).await;
@@ -341,8 +448,17 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
         println!("rto: {} switch record(s)", sw.len());
         assert!(!sw.is_empty(), "the outage is recorded");
         assert_record(&sw[0], "unexpected", "wlan", &["wlan"]);
-        assert!(sw[0]["duration_ms"].as_u64().unwrap() >= 4000, "the pause covers the outage: {}", sw[0]);
-        assert_eq!(sw.len(), 1, "one blackout, one switch; then the session must stay up: {:#?}", &sw[..sw.len().min(4)]);
+        assert!(
+            sw[0]["duration_ms"].as_u64().unwrap() >= 4000,
+            "the pause covers the outage: {}",
+            sw[0]
+        );
+        assert_eq!(
+            sw.len(),
+            1,
+            "one blackout, one switch; then the session must stay up: {:#?}",
+            &sw[..sw.len().min(4)]
+        );
         assert_eq!(rig.status().unwrap()["sessions"][0]["state"], "up");
     })
     .await
@@ -356,13 +472,26 @@ async fn outage_longer_than_tcp_rto_kills_tcp_not_baton() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connectivity_box_serves_a_lan_host_across_switches() {
     tokio::time::timeout(LIMIT, async {
-        let mut rig = Rig::start("lanbox", Options { lan: true, ..Options::default() }).await;
+        let mut rig = Rig::start(
+            "lanbox",
+            Options {
+                lan: true,
+                ..Options::default()
+            },
+        )
+        .await;
         assert_eq!(rig.app_host, Host::Lan);
         // Without the box the LAN host cannot reach the server network.
         let direct = rig.bed.in_ns(Host::Lan, || {
-            std::net::TcpStream::connect_timeout(&SocketAddr::from((rig.bed.server_addr(), 7700)), Duration::from_secs(1))
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((rig.bed.server_addr(), 7700)),
+                Duration::from_secs(1),
+            )
         });
-        assert!(direct.unwrap().is_err(), "the LAN host must depend on the box");
+        assert!(
+            direct.unwrap().is_err(),
+            "the LAN host must depend on the box"
+        );
 
         let app = rig.start_exchange(21, 6 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
@@ -373,7 +502,8 @@ async fn connectivity_box_serves_a_lan_host_across_switches() {
         rig.wait_received(3 * MIB).await;
         rig.bed.link_down(Link::Wlan).unwrap();
         rig.wait_status(Duration::from_secs(15), "the unexpected switch", |st| {
-            st["switches"].as_array().is_some_and(|v| v.len() == 3) && st["sessions"][0]["state"] == "up"
+            st["switches"].as_array().is_some_and(|v| v.len() == 3)
+                && st["sessions"][0]["state"] == "up"
         })
         .await;
         rig.finish_exchange(app, Duration::from_secs(40)).await;
@@ -382,7 +512,10 @@ async fn connectivity_box_serves_a_lan_host_across_switches() {
         assert_record(&sw[2], "unexpected", "wlan", &["lte"]);
         // The agent saw the LAN host as the application's address.
         let log = std::fs::read_to_string(rig.dir.join("client.log")).unwrap_or_default();
-        assert!(log.contains(&rig.bed.lan_host_addr().to_string()), "the agent logs the LAN application's address");
+        assert!(
+            log.contains(&rig.bed.lan_host_addr().to_string()),
+            "the agent logs the LAN application's address"
+        );
     })
     .await
     .expect("scenario within its time limit");

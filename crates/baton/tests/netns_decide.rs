@@ -17,8 +17,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::*;
 use serde_json::Value;
+use support::*;
 
 /// Each scenario's own limit.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -32,7 +32,10 @@ fn policy(extra: &str) -> String {
 
 /// The rig's defaults with the agent's events followed: every scenario checks them.
 fn followed() -> Options {
-    Options { events: true, ..Options::default() }
+    Options {
+        events: true,
+        ..Options::default()
+    }
 }
 
 fn assert_record(sw: &Value, kind: &str, from: &str, to: &str) {
@@ -53,8 +56,20 @@ async fn hold(rig: &mut Rig, span: Duration, on: &str, why: &str) -> Value {
     let end = Instant::now() + span;
     loop {
         let st = rig.status().unwrap();
-        assert_eq!(st["current_interface"], on, "{}: {why}: {}", rig.name, describe_engine(&st));
-        assert_eq!(st["switches"].as_array().map_or(0, Vec::len), 0, "{}: {why}: {:#}", rig.name, st["switches"]);
+        assert_eq!(
+            st["current_interface"],
+            on,
+            "{}: {why}: {}",
+            rig.name,
+            describe_engine(&st)
+        );
+        assert_eq!(
+            st["switches"].as_array().map_or(0, Vec::len),
+            0,
+            "{}: {why}: {:#}",
+            rig.name,
+            st["switches"]
+        );
         assert!(
             rig.events_of("switch_decided").is_empty(),
             "{}: {why}; events:\n{}",
@@ -177,21 +192,29 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
         let opts = Options {
             // The top-level key, which overrides `policy.mode`.
             client: "mode = \"manual\"",
-            client_tables: policy("mode = \"auto\"\nmin_dwell = \"5s\"\nwarning = { rtt = \"150ms\" }\n"),
+            client_tables: policy(
+                "mode = \"auto\"\nmin_dwell = \"5s\"\nwarning = { rtt = \"150ms\" }\n",
+            ),
             ..followed()
         };
         let mut rig = Rig::start("decide_manual", opts).await;
-        rig.wait_health(Duration::from_secs(10), "lte", "good").await;
+        rig.wait_health(Duration::from_secs(10), "lte", "good")
+            .await;
         let st = rig.status().unwrap();
         assert_eq!(st["engine"]["mode"], "manual");
-        assert_eq!(rig.baton(&["approve"]).unwrap_err(), "baton: no switch is proposed");
+        assert_eq!(
+            rig.baton(&["approve"]).unwrap_err(),
+            "baton: no switch is proposed"
+        );
         let app = rig.start_exchange(22, 5 * MIB, 200 * KIB);
         rig.wait_received(200 * KIB).await;
 
         let skip = rig.events().len();
         let degraded = unix_ms();
         rig.bed.set_delay(Link::Wlan, 100).unwrap();
-        let proposal = rig.wait_event(Duration::from_secs(10), "proposal", skip, |_| true).await;
+        let proposal = rig
+            .wait_event(Duration::from_secs(10), "proposal", skip, |_| true)
+            .await;
         println!(
             "decide_manual: wlan +200 ms round trip → proposal of {} after {} ms: {}",
             proposal["interface"],
@@ -203,37 +226,91 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
         // better than wlan's by more than the hysteresis first (the mean still counted the
         // fast probes from before the delay).
         let reason = proposal["reason"].as_str().unwrap();
-        assert!(reason.starts_with("warning: round trip") || reason.starts_with("better path"), "{proposal}");
+        assert!(
+            reason.starts_with("warning: round trip") || reason.starts_with("better path"),
+            "{proposal}"
+        );
         // No switch while the user has not answered.
-        let st = hold(&mut rig, Duration::from_secs(3), "wlan", "a proposal unanswered").await;
+        let st = hold(
+            &mut rig,
+            Duration::from_secs(3),
+            "wlan",
+            "a proposal unanswered",
+        )
+        .await;
         assert_eq!(st["engine"]["proposal"], "lte", "{}", describe_engine(&st));
-        assert_eq!(iface(&st, "wlan").unwrap()["health"], "warning", "{}", describe_engine(&st));
+        assert_eq!(
+            iface(&st, "wlan").unwrap()["health"],
+            "warning",
+            "{}",
+            describe_engine(&st)
+        );
 
         // Declined: the path stays, and lte is not proposed again for min_dwell.
         let skip = rig.events().len();
         let line = rig.baton(&["decline"]).unwrap();
         let declined_at = Instant::now();
         println!("decide_manual: baton decline: {line}");
-        rig.wait_event(Duration::from_secs(5), "declined", skip, |e| e["interface"] == "lte").await;
-        let st = hold(&mut rig, DWELL - Duration::from_millis(1500), "wlan", "a declined proposal").await;
-        assert_eq!(st["engine"]["proposal"], Value::Null, "{}", describe_engine(&st));
-        let again: Vec<Value> = rig.events().into_iter().skip(skip).filter(|e| e["kind"] == "proposal").collect();
-        assert!(again.is_empty(), "proposed again within min_dwell: {again:?}");
+        rig.wait_event(Duration::from_secs(5), "declined", skip, |e| {
+            e["interface"] == "lte"
+        })
+        .await;
+        let st = hold(
+            &mut rig,
+            DWELL - Duration::from_millis(1500),
+            "wlan",
+            "a declined proposal",
+        )
+        .await;
+        assert_eq!(
+            st["engine"]["proposal"],
+            Value::Null,
+            "{}",
+            describe_engine(&st)
+        );
+        let again: Vec<Value> = rig
+            .events()
+            .into_iter()
+            .skip(skip)
+            .filter(|e| e["kind"] == "proposal")
+            .collect();
+        assert!(
+            again.is_empty(),
+            "proposed again within min_dwell: {again:?}"
+        );
 
         // After min_dwell, proposed again; approved, the switch is made.
-        let again = rig.wait_event(DWELL + Duration::from_secs(5), "proposal", skip, |e| e["interface"] == "lte").await;
-        println!("decide_manual: proposed again {} ms after the decline", declined_at.elapsed().as_millis());
-        assert!(declined_at.elapsed() >= DWELL - Duration::from_millis(300), "proposed again before min_dwell");
+        let again = rig
+            .wait_event(DWELL + Duration::from_secs(5), "proposal", skip, |e| {
+                e["interface"] == "lte"
+            })
+            .await;
+        println!(
+            "decide_manual: proposed again {} ms after the decline",
+            declined_at.elapsed().as_millis()
+        );
+        assert!(
+            declined_at.elapsed() >= DWELL - Duration::from_millis(300),
+            "proposed again before min_dwell"
+        );
         assert!(rig.switches().is_empty());
         let skip = rig.events().len();
         let line = rig.baton(&["approve"]).unwrap();
         println!("decide_manual: baton approve: {line}");
         assert_eq!(line, "switching to lte");
-        let decided = rig.wait_event(Duration::from_secs(5), "switch_decided", skip, |_| true).await;
+        let decided = rig
+            .wait_event(Duration::from_secs(5), "switch_decided", skip, |_| true)
+            .await;
         assert_eq!(decided["interface"], "lte", "{decided}");
         assert_eq!(decided["reason"], "approved by the user", "{decided}");
-        rig.wait_event(Duration::from_secs(15), "switch_done", skip, |e| e["interface"] == "lte").await;
-        println!("decide_manual: on lte {} ms after the second proposal", unix_ms() - at(&again));
+        rig.wait_event(Duration::from_secs(15), "switch_done", skip, |e| {
+            e["interface"] == "lte"
+        })
+        .await;
+        println!(
+            "decide_manual: on lte {} ms after the second proposal",
+            unix_ms() - at(&again)
+        );
         assert_eq!(rig.status().unwrap()["current_interface"], "lte");
 
         rig.finish_exchange(app, Duration::from_secs(60)).await;
@@ -243,7 +320,12 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
         }
         assert_eq!(sw.len(), 1, "{sw:#?}");
         assert_record(&sw[0], "planned", "wlan", "lte");
-        assert_eq!(rig.events_of("switch_decided").len(), 1, "{}", describe_events(&rig.events()));
+        assert_eq!(
+            rig.events_of("switch_decided").len(),
+            1,
+            "{}",
+            describe_events(&rig.events())
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -253,11 +335,17 @@ async fn manual_mode_proposes_and_waits_for_the_user() {
 /// wlan (urgent), then holds 3 s without a switch, with `kind` said at most once per level
 /// (warning, critical); then restores wlan, waits for `recovered` and finishes the exchange
 /// exact.
-async fn degrade_the_only_link(rig: &mut Rig, kind: &str, app: tokio::task::JoinHandle<std::io::Result<baton_runtime::verify::Report>>) -> Vec<Value> {
+async fn degrade_the_only_link(
+    rig: &mut Rig,
+    kind: &str,
+    app: tokio::task::JoinHandle<std::io::Result<baton_runtime::verify::Report>>,
+) -> Vec<Value> {
     let skip = rig.events().len();
     let degraded = unix_ms();
     rig.bed.set_loss(Link::Wlan, 30.0).unwrap();
-    let first = rig.wait_event(Duration::from_secs(10), kind, skip, |_| true).await;
+    let first = rig
+        .wait_event(Duration::from_secs(10), kind, skip, |_| true)
+        .await;
     println!(
         "{}: wlan at 30% loss → {kind} after {} ms: {}",
         rig.name,
@@ -266,27 +354,67 @@ async fn degrade_the_only_link(rig: &mut Rig, kind: &str, app: tokio::task::Join
     );
     assert_eq!(first["interface"], "wlan", "{first}");
     assert_eq!(first["urgent"], true, "{first}");
-    let st = hold(rig, Duration::from_secs(3), "wlan", "no other interface to go to").await;
+    let st = hold(
+        rig,
+        Duration::from_secs(3),
+        "wlan",
+        "no other interface to go to",
+    )
+    .await;
     println!("{}: after 3 s: {}", rig.name, describe_engine(&st));
     assert_eq!(st["sessions"][0]["interface"], "wlan");
-    assert_eq!(iface(&st, "wlan").unwrap()["health"], "critical", "{}", describe_engine(&st));
-    let told: Vec<Value> = rig.events().into_iter().skip(skip).filter(|e| e["kind"] == kind).collect();
+    assert_eq!(
+        iface(&st, "wlan").unwrap()["health"],
+        "critical",
+        "{}",
+        describe_engine(&st)
+    );
+    let told: Vec<Value> = rig
+        .events()
+        .into_iter()
+        .skip(skip)
+        .filter(|e| e["kind"] == kind)
+        .collect();
     // Said once per level: at most a warning-level then a critical-level one.
     assert!(told.len() <= 2, "{}", describe_events(&told));
-    assert!(told.last().unwrap()["reason"].as_str().unwrap().starts_with("critical: "), "{}", describe_events(&told));
-    assert!(told.iter().all(|e| e["interface"] == "wlan" && e["urgent"] == true), "{}", describe_events(&told));
+    assert!(
+        told.last().unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("critical: "),
+        "{}",
+        describe_events(&told)
+    );
+    assert!(
+        told.iter()
+            .all(|e| e["interface"] == "wlan" && e["urgent"] == true),
+        "{}",
+        describe_events(&told)
+    );
 
     // Restored: once the lost probes leave the window, the engine says so.
     let restored = unix_ms();
     rig.bed.set_loss(Link::Wlan, 0.0).unwrap();
-    let recovered = rig.wait_event(Duration::from_secs(10), "recovered", skip, |_| true).await;
-    println!("{}: wlan restored → recovered after {} ms", rig.name, at(&recovered) - restored);
+    let recovered = rig
+        .wait_event(Duration::from_secs(10), "recovered", skip, |_| true)
+        .await;
+    println!(
+        "{}: wlan restored → recovered after {} ms",
+        rig.name,
+        at(&recovered) - restored
+    );
     assert_eq!(recovered["interface"], "wlan", "{recovered}");
     rig.finish_exchange(app, Duration::from_secs(60)).await;
     assert!(rig.switches().is_empty(), "{:#?}", rig.switches());
     let events: Vec<Value> = rig.events().into_iter().skip(skip).collect();
     println!("{}: events:\n{}", rig.name, describe_events(&events));
-    assert!(events.iter().all(|e| e["kind"] != "switch_decided" && e["kind"] != "proposal"), "{}", describe_events(&events));
+    assert!(
+        events
+            .iter()
+            .all(|e| e["kind"] != "switch_decided" && e["kind"] != "proposal"),
+        "{}",
+        describe_events(&events)
+    );
     events
 }
 
@@ -308,17 +436,33 @@ async fn single_interface_reports_link_going_and_stays() {
             ..followed()
         };
         let mut rig = Rig::start("decide_single", opts).await;
-        let st = rig.wait_health(Duration::from_secs(10), "wlan", "good").await;
+        let st = rig
+            .wait_health(Duration::from_secs(10), "wlan", "good")
+            .await;
         let lte = iface(&st, "lte").unwrap();
         assert_eq!(lte["usable"], false, "{lte}");
-        assert_eq!(lte["stats"]["samples"], 0, "a never_use interface is not probed: {lte}");
+        assert_eq!(
+            lte["stats"]["samples"], 0,
+            "a never_use interface is not probed: {lte}"
+        );
         let app = rig.start_exchange(23, 2 * MIB, 200 * KIB);
         rig.wait_received(200 * KIB).await;
         let events = degrade_the_only_link(&mut rig, "link_going", app).await;
-        assert!(events.iter().all(|e| e["kind"] != "warning" && e["kind"] != "search"), "{}", describe_events(&events));
+        assert!(
+            events
+                .iter()
+                .all(|e| e["kind"] != "warning" && e["kind"] != "search"),
+            "{}",
+            describe_events(&events)
+        );
         // lte never carried anything, not even after the degradation.
         let st = rig.status().unwrap();
-        assert_eq!(iface(&st, "lte").unwrap()["stats"]["samples"], 0, "{}", describe_engine(&st));
+        assert_eq!(
+            iface(&st, "lte").unwrap()["stats"]["samples"],
+            0,
+            "{}",
+            describe_engine(&st)
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -329,19 +473,32 @@ async fn single_interface_reports_link_going_and_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_link_down_warns_and_stays() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: SLOW_DEATH, client_tables: policy(""), ..followed() };
+        let opts = Options {
+            client: SLOW_DEATH,
+            client_tables: policy(""),
+            ..followed()
+        };
         let mut rig = Rig::start("decide_nolte", opts).await;
         rig.bed.link_down(Link::Lte).unwrap();
         let st = rig
-            .wait_status(Duration::from_secs(10), "lte unusable", |st| iface(st, "lte").is_some_and(|i| i["usable"] == false))
+            .wait_status(Duration::from_secs(10), "lte unusable", |st| {
+                iface(st, "lte").is_some_and(|i| i["usable"] == false)
+            })
             .await;
         assert_eq!(st["current_interface"], "wlan");
-        rig.wait_health(Duration::from_secs(10), "wlan", "good").await;
+        rig.wait_health(Duration::from_secs(10), "wlan", "good")
+            .await;
         let app = rig.start_exchange(24, 2 * MIB, 200 * KIB);
         rig.wait_received(200 * KIB).await;
         let events = degrade_the_only_link(&mut rig, "warning", app).await;
         let warning = events.iter().find(|e| e["kind"] == "warning").unwrap();
-        assert!(warning["reason"].as_str().unwrap().contains("no other interface"), "{warning}");
+        assert!(
+            warning["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no other interface"),
+            "{warning}"
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -353,9 +510,13 @@ async fn other_link_down_warns_and_stays() {
 /// Checks that the engine learns wlan's metric again, and that the agent is back on wlan
 /// within `min_dwell` (5 s) + 5 s of wlan's return.
 async fn blip(name: &str, extra: &str) {
-    let opts = Options { client_tables: policy(&format!("min_dwell = \"5s\"\n{extra}")), ..followed() };
+    let opts = Options {
+        client_tables: policy(&format!("min_dwell = \"5s\"\n{extra}")),
+        ..followed()
+    };
     let mut rig = Rig::start(name, opts).await;
-    rig.wait_health(Duration::from_secs(10), "lte", "good").await;
+    rig.wait_health(Duration::from_secs(10), "lte", "good")
+        .await;
     let app = rig.start_exchange(25, 4 * MIB, 200 * KIB);
     rig.wait_received(200 * KIB).await;
     rig.bed.link_down(Link::Wlan).unwrap();
@@ -367,8 +528,20 @@ async fn blip(name: &str, extra: &str) {
     let skip = rig.events().len();
     let up = Instant::now();
     rig.bed.link_up(Link::Wlan).unwrap();
-    let routes = String::from_utf8_lossy(&rig.bed.exec(baton_netbed::Host::Mobile, &["ip", "route", "show", "default"]).unwrap().stdout).into_owned();
-    println!("{name}: default routes after link up:\n{}", routes.trim_end());
+    let routes = String::from_utf8_lossy(
+        &rig.bed
+            .exec(
+                baton_netbed::Host::Mobile,
+                &["ip", "route", "show", "default"],
+            )
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    println!(
+        "{name}: default routes after link up:\n{}",
+        routes.trim_end()
+    );
     let deadline = up + Duration::from_secs(10);
     let (mut back, mut metric_seen) = (None, None);
     while Instant::now() < deadline {
@@ -376,7 +549,12 @@ async fn blip(name: &str, extra: &str) {
         if metric_seen.is_none() && iface(&st, "wlan").is_some_and(|i| i["route_metric"] == 100) {
             metric_seen = Some(up.elapsed());
         }
-        if let Some(e) = rig.events().into_iter().skip(skip).find(|e| e["kind"] == "switch_decided") {
+        if let Some(e) = rig
+            .events()
+            .into_iter()
+            .skip(skip)
+            .find(|e| e["kind"] == "switch_decided")
+        {
             back = Some(e);
             break;
         }
@@ -384,7 +562,11 @@ async fn blip(name: &str, extra: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let st = rig.status().unwrap();
-    println!("{name}: {} ms after wlan came back: {}", up.elapsed().as_millis(), describe_engine(&st));
+    println!(
+        "{name}: {} ms after wlan came back: {}",
+        up.elapsed().as_millis(),
+        describe_engine(&st)
+    );
     rig.finish_exchange(app, Duration::from_secs(60)).await;
     let wlan = iface(&st, "wlan").unwrap().clone();
     assert!(
@@ -405,7 +587,12 @@ async fn blip(name: &str, extra: &str) {
             describe_events(&rig.events())
         )
     });
-    println!("{name}: back to {} {} ms after wlan came back: {}", back["interface"], up.elapsed().as_millis(), back["reason"]);
+    println!(
+        "{name}: back to {} {} ms after wlan came back: {}",
+        back["interface"],
+        up.elapsed().as_millis(),
+        back["reason"]
+    );
     assert_eq!(back["interface"], "wlan", "{back}");
 }
 
@@ -416,7 +603,9 @@ async fn blip(name: &str, extra: &str) {
 /// copy keeps `route_metric: null`, which ranks wlan after lte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_learns_the_metric_of_a_returning_link() {
-    tokio::time::timeout(LIMIT, blip("decide_metric", "min_gain = 1\n")).await.expect("scenario within its time limit");
+    tokio::time::timeout(LIMIT, blip("decide_metric", "min_gain = 1\n"))
+        .await
+        .expect("scenario within its time limit");
 }
 
 /// Known to fail (reported, not fixed here), even once the metric is learnt: with the
@@ -426,7 +615,9 @@ async fn engine_learns_the_metric_of_a_returning_link() {
 /// `min_gain` = 10, so the agent stays on lte while the kernel's routing table prefers wlan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_the_preferred_link_after_a_blip() {
-    tokio::time::timeout(LIMIT, blip("decide_blip", "")).await.expect("scenario within its time limit");
+    tokio::time::timeout(LIMIT, blip("decide_blip", ""))
+        .await
+        .expect("scenario within its time limit");
 }
 
 /// Known to fail (reported, not fixed here): `never_use` is the engine's rule only. lte is

@@ -49,7 +49,12 @@ fn on(st: &Value, addr: &str) -> bool {
 
 /// The record's pause, as `describe` prints it, with the gateway addresses.
 fn pause(sw: &Value) -> String {
-    format!("{} ({} → {})", describe(sw), sw["gateway_addr_from"].as_str().unwrap_or("?"), sw["gateway_addr_to"].as_str().unwrap_or("?"))
+    format!(
+        "{} ({} → {})",
+        describe(sw),
+        sw["gateway_addr_from"].as_str().unwrap_or("?"),
+        sw["gateway_addr_to"].as_str().unwrap_or("?")
+    )
 }
 
 /// a. ROUTER drops everything to and from 10.89.1.2 in the middle of the stream: the agent
@@ -66,35 +71,66 @@ async fn cut_first_address_roams_to_the_second() {
             ..Options::default()
         };
         let mut rig = Rig::start("mh_roam", opts).await;
-        assert!(on(&rig.status().unwrap(), A), "the session starts on the first address");
+        assert!(
+            on(&rig.status().unwrap(), A),
+            "the session starts on the first address"
+        );
         let (app, arrivals) = rig.start_timed_exchange(31, 6 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
         let cut = Instant::now();
         rig.bed.block_server_link(ServerLink::First, true).unwrap();
         let st = rig
-            .wait_status(Duration::from_secs(15), "the session up on the second address", |st| {
-                on(st, B) && st["switches"].as_array().is_some_and(|v| !v.is_empty())
-            })
+            .wait_status(
+                Duration::from_secs(15),
+                "the session up on the second address",
+                |st| on(st, B) && st["switches"].as_array().is_some_and(|v| !v.is_empty()),
+            )
             .await;
         let resumed = cut.elapsed();
-        assert_eq!(session(&st)["interface"], "wlan", "only the gateway address changed: {st}");
+        assert_eq!(
+            session(&st)["interface"],
+            "wlan",
+            "only the gateway address changed: {st}"
+        );
         rig.finish_exchange(app, Duration::from_secs(30)).await;
         let gap = arrivals.longest_gap(cut, cut + resumed + Duration::from_secs(1));
 
         tokio::time::sleep(Duration::from_secs(2)).await;
         let sw = rig.switches();
-        assert_eq!(sw.len(), 1, "one roam, and the session stays on the second address: {sw:?}");
+        assert_eq!(
+            sw.len(),
+            1,
+            "one roam, and the session stays on the second address: {sw:?}"
+        );
         let r = &sw[0];
         println!("mh_roam: {}", pause(r));
-        println!("mh_roam: resumed {} ms after the cut; the application's longest gap {} ms", resumed.as_millis(), gap.as_millis());
-        assert_eq!((r["gateway_addr_from"].as_str(), r["gateway_addr_to"].as_str()), (Some(A), Some(B)), "{r}");
-        assert_eq!((r["from"].as_str(), r["to"].as_str()), (Some("wlan"), Some("wlan")), "{r}");
+        println!(
+            "mh_roam: resumed {} ms after the cut; the application's longest gap {} ms",
+            resumed.as_millis(),
+            gap.as_millis()
+        );
+        assert_eq!(
+            (
+                r["gateway_addr_from"].as_str(),
+                r["gateway_addr_to"].as_str()
+            ),
+            (Some(A), Some(B)),
+            "{r}"
+        );
+        assert_eq!(
+            (r["from"].as_str(), r["to"].as_str()),
+            (Some("wlan"), Some("wlan")),
+            "{r}"
+        );
         assert_eq!(r["streams"], 1, "{r}");
         // Silence for dead_after (1 s), then one search whose first address works.
         assert!(r["duration_ms"].as_u64().unwrap() < 4000, "{r}");
         let gw = rig.gateway_status();
         assert_eq!(gw["sessions"][0]["gateway_addr"], B, "{gw}");
-        assert_eq!(gw["stats"]["roams"], 1, "the agent told the gateway it roamed: {gw}");
+        assert_eq!(
+            gw["stats"]["roams"], 1,
+            "the agent told the gateway it roamed: {gw}"
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -107,10 +143,21 @@ async fn cut_first_address_roams_to_the_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_added_at_run_time_is_advertised_and_used() {
     tokio::time::timeout(LIMIT, async {
-        let mut rig = Rig::start("mh_advert", Options { client: FAST, ..Options::default() }).await;
+        let mut rig = Rig::start(
+            "mh_advert",
+            Options {
+                client: FAST,
+                ..Options::default()
+            },
+        )
+        .await;
         // The gateway advertises its address once the session is up.
-        rig.wait_status(Duration::from_secs(5), "the gateway's address advertised", |st| session(st)["advertised"] == serde_json::json!([A]))
-            .await;
+        rig.wait_status(
+            Duration::from_secs(5),
+            "the gateway's address advertised",
+            |st| session(st)["advertised"] == serde_json::json!([A]),
+        )
+        .await;
         let (app, arrivals) = rig.start_timed_exchange(32, 6 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
 
@@ -119,17 +166,34 @@ async fn address_added_at_run_time_is_advertised_and_used() {
         println!("mh_advert: baton listen add {B}: {out}");
         assert!(out.contains(&format!("advertised: {A} {B}")), "{out}");
         let st = rig
-            .wait_status(Duration::from_secs(5), "the new address advertised to the agent", |st| {
-                session(st)["advertised"].as_array().is_some_and(|a| a.iter().any(|x| x == B))
-            })
+            .wait_status(
+                Duration::from_secs(5),
+                "the new address advertised to the agent",
+                |st| {
+                    session(st)["advertised"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x == B))
+                },
+            )
             .await;
-        let learned = session(&st)["addresses"].as_array().unwrap().iter().find(|a| a["addr"] == B).cloned().unwrap();
+        let learned = session(&st)["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["addr"] == B)
+            .cloned()
+            .unwrap();
         assert_eq!(learned["origin"], "advertised", "{st}");
         assert!(on(&st, A), "nothing moves yet: {st}");
 
         let cut = Instant::now();
         rig.bed.block_server_link(ServerLink::First, true).unwrap();
-        rig.wait_status(Duration::from_secs(15), "the session on the advertised address", |st| on(st, B)).await;
+        rig.wait_status(
+            Duration::from_secs(15),
+            "the session on the advertised address",
+            |st| on(st, B),
+        )
+        .await;
         let resumed = cut.elapsed();
         rig.finish_exchange(app, Duration::from_secs(30)).await;
         let gap = arrivals.longest_gap(cut, cut + resumed + Duration::from_secs(1));
@@ -137,8 +201,20 @@ async fn address_added_at_run_time_is_advertised_and_used() {
         let sw = rig.switches();
         assert_eq!(sw.len(), 1, "{sw:?}");
         println!("mh_advert: {}", pause(&sw[0]));
-        println!("mh_advert: resumed {} ms after the cut; the application's longest gap {} ms", resumed.as_millis(), gap.as_millis());
-        assert_eq!((sw[0]["gateway_addr_from"].as_str(), sw[0]["gateway_addr_to"].as_str()), (Some(A), Some(B)), "{}", sw[0]);
+        println!(
+            "mh_advert: resumed {} ms after the cut; the application's longest gap {} ms",
+            resumed.as_millis(),
+            gap.as_millis()
+        );
+        assert_eq!(
+            (
+                sw[0]["gateway_addr_from"].as_str(),
+                sw[0]["gateway_addr_to"].as_str()
+            ),
+            (Some(A), Some(B)),
+            "{}",
+            sw[0]
+        );
         let gw = rig.gateway_status();
         assert_eq!(gw["listening"], serde_json::json!([A, B]), "{gw}");
         assert_eq!(gw["sessions"][0]["gateway_addr"], B, "{gw}");
@@ -155,10 +231,16 @@ async fn address_added_at_run_time_is_advertised_and_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_to_moves_a_live_session_without_losing_a_byte() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { server_link2: true, listen: Some(format!("\"{A}\", \"{B}\"")), ..Options::default() };
+        let opts = Options {
+            server_link2: true,
+            listen: Some(format!("\"{A}\", \"{B}\"")),
+            ..Options::default()
+        };
         let mut rig = Rig::start("mh_goto", opts).await;
-        rig.wait_status(Duration::from_secs(5), "both addresses advertised", |st| session(st)["advertised"] == serde_json::json!([A, B]))
-            .await;
+        rig.wait_status(Duration::from_secs(5), "both addresses advertised", |st| {
+            session(st)["advertised"] == serde_json::json!([A, B])
+        })
+        .await;
         let (app, arrivals) = rig.start_timed_exchange(33, 8 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
 
@@ -167,15 +249,27 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         let took1 = t1.elapsed();
         println!("mh_goto: baton goto m {B}: {out}");
         assert!(out.contains(&format!("{A} → {B}")), "{out}");
-        rig.wait_status(Duration::from_secs(5), "the agent on the second address", |st| on(st, B)).await;
+        rig.wait_status(
+            Duration::from_secs(5),
+            "the agent on the second address",
+            |st| on(st, B),
+        )
+        .await;
         rig.wait_received(3 * MIB).await;
 
         let t2 = Instant::now();
         let out = rig.baton(&["listen", "remove", B]).unwrap();
         let took2 = t2.elapsed();
         println!("mh_goto: baton listen remove {B}: {out}");
-        assert!(out.contains(&format!("{B} → {A}")), "the agent chose the other address: {out}");
-        assert!(out.contains(&format!("advertised: {A}")) && !out.contains(&format!("advertised: {A} {B}")), "{out}");
+        assert!(
+            out.contains(&format!("{B} → {A}")),
+            "the agent chose the other address: {out}"
+        );
+        assert!(
+            out.contains(&format!("advertised: {A}"))
+                && !out.contains(&format!("advertised: {A} {B}")),
+            "{out}"
+        );
         rig.finish_exchange(app, Duration::from_secs(30)).await;
         // Measured once the windows are past: a gap still open at `until` counts.
         let gap1 = arrivals.longest_gap(t1, t1 + took1 + Duration::from_millis(500));
@@ -184,13 +278,32 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         let sw = rig.switches();
         assert_eq!(sw.len(), 2, "{sw:?}");
         for (r, (from, to), gap) in [(&sw[0], (A, B), gap1), (&sw[1], (B, A), gap2)] {
-            println!("mh_goto: {}; the application's longest gap {} ms", pause(r), gap.as_millis());
+            println!(
+                "mh_goto: {}; the application's longest gap {} ms",
+                pause(r),
+                gap.as_millis()
+            );
             assert_eq!(r["kind"], "planned", "{r}");
             // Make before break: nothing like the old leg's one-second drain fallback.
-            assert!(gap < Duration::from_secs(1), "the application paused {} ms: {r}", gap.as_millis());
+            assert!(
+                gap < Duration::from_secs(1),
+                "the application paused {} ms: {r}",
+                gap.as_millis()
+            );
             assert!(r["reason"].as_str().unwrap().contains("go-to"), "{r}");
-            assert_eq!((r["gateway_addr_from"].as_str(), r["gateway_addr_to"].as_str()), (Some(from), Some(to)), "{r}");
-            assert_eq!((r["from"].as_str(), r["to"].as_str()), (Some("wlan"), Some("wlan")), "{r}");
+            assert_eq!(
+                (
+                    r["gateway_addr_from"].as_str(),
+                    r["gateway_addr_to"].as_str()
+                ),
+                (Some(from), Some(to)),
+                "{r}"
+            );
+            assert_eq!(
+                (r["from"].as_str(), r["to"].as_str()),
+                (Some("wlan"), Some("wlan")),
+                "{r}"
+            );
         }
         let gw = rig.gateway_status();
         assert_eq!(gw["listening"], serde_json::json!([A]), "{gw}");
@@ -198,7 +311,11 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         assert_eq!(gw["sessions"][0]["gateway_addr"], A, "{gw}");
         assert_eq!(gw["stats"]["gotos"], 2, "{gw}");
         let st = rig.status().unwrap();
-        assert_eq!(session(&st)["advertised"], serde_json::json!([A]), "the agent has the new list: {st}");
+        assert_eq!(
+            session(&st)["advertised"],
+            serde_json::json!([A]),
+            "the agent has the new list: {st}"
+        );
     })
     .await
     .expect("scenario within its time limit");
@@ -381,12 +498,24 @@ async fn the_engine_moves_to_the_better_interface_and_address_pair() {
 async fn a_wildcard_gateway_follows_its_addresses_and_sends_sessions_off_one_it_loses() {
     const C: &str = "10.90.1.3:7700";
     tokio::time::timeout(LIMIT, async {
-        let opts = Options { client: FAST, server_link2: true, listen: Some("\"0.0.0.0:7700\"".into()), ..Options::default() };
+        let opts = Options {
+            client: FAST,
+            server_link2: true,
+            listen: Some("\"0.0.0.0:7700\"".into()),
+            ..Options::default()
+        };
         let mut rig = Rig::start("mh_wild", opts).await;
-        rig.wait_status(Duration::from_secs(5), "both host addresses advertised", |st| session(st)["advertised"] == serde_json::json!([A, B]))
-            .await;
+        rig.wait_status(
+            Duration::from_secs(5),
+            "both host addresses advertised",
+            |st| session(st)["advertised"] == serde_json::json!([A, B]),
+        )
+        .await;
         let gw = rig.gateway_status();
-        println!("mh_wild: gateway: listening {} advertised {} host {}", gw["listening"], gw["advertised"], gw["host_addresses"]);
+        println!(
+            "mh_wild: gateway: listening {} advertised {} host {}",
+            gw["listening"], gw["advertised"], gw["host_addresses"]
+        );
         assert_eq!(gw["listening"], serde_json::json!(["0.0.0.0:7700"]), "{gw}");
         let (app, arrivals) = rig.start_timed_exchange(36, 30 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
@@ -394,57 +523,136 @@ async fn a_wildcard_gateway_follows_its_addresses_and_sends_sessions_off_one_it_
         // An address appears on srv2: advertised, then usable.
         let srv = baton_netbed::Host::Server;
         rig.sh(srv, &["ip", "addr", "add", "10.90.1.3/24", "dev", "srv2"]);
-        rig.sh(srv, &["ip", "rule", "add", "from", "10.90.1.3", "lookup", "90"]);
-        rig.wait_status(Duration::from_secs(5), "the new address advertised", |st| session(st)["advertised"] == serde_json::json!([A, B, C]))
-            .await;
+        rig.sh(
+            srv,
+            &["ip", "rule", "add", "from", "10.90.1.3", "lookup", "90"],
+        );
+        rig.wait_status(Duration::from_secs(5), "the new address advertised", |st| {
+            session(st)["advertised"] == serde_json::json!([A, B, C])
+        })
+        .await;
         let out = rig.baton(&["goto", "m", C]).unwrap();
         println!("mh_wild: baton goto m {C}: {out}");
-        rig.wait_status(Duration::from_secs(5), "the session on the new address", |st| on(st, C)).await;
+        rig.wait_status(
+            Duration::from_secs(5),
+            "the session on the new address",
+            |st| on(st, C),
+        )
+        .await;
         assert_eq!(gw_session_addr(&rig), C);
 
         // It is deprecated: no longer advertised, and the gateway sends the session away.
         let t_dep = Instant::now();
-        rig.sh(srv, &["ip", "addr", "change", "10.90.1.3/24", "dev", "srv2", "preferred_lft", "0"]);
-        let st = rig.wait_status(Duration::from_secs(10), "the session off the deprecated address", |st| {
-            session(st)["state"] == "up" && session(st)["gateway_addr"] != C
-        })
-        .await;
+        rig.sh(
+            srv,
+            &[
+                "ip",
+                "addr",
+                "change",
+                "10.90.1.3/24",
+                "dev",
+                "srv2",
+                "preferred_lft",
+                "0",
+            ],
+        );
+        let st = rig
+            .wait_status(
+                Duration::from_secs(10),
+                "the session off the deprecated address",
+                |st| session(st)["state"] == "up" && session(st)["gateway_addr"] != C,
+            )
+            .await;
         let left = t_dep.elapsed();
         assert!(on(&st, A), "the agent chose its first address: {st}");
-        assert_eq!(session(&st)["advertised"], serde_json::json!([A, B]), "{st}");
+        assert_eq!(
+            session(&st)["advertised"],
+            serde_json::json!([A, B]),
+            "{st}"
+        );
         let gw = rig.gateway_status();
-        println!("mh_wild: after the deprecation: advertised {} host {}", gw["advertised"], gw["host_addresses"]);
-        let c_state = gw["host_addresses"].as_array().unwrap().iter().find(|a| a["addr"] == "10.90.1.3").cloned().unwrap();
+        println!(
+            "mh_wild: after the deprecation: advertised {} host {}",
+            gw["advertised"], gw["host_addresses"]
+        );
+        let c_state = gw["host_addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["addr"] == "10.90.1.3")
+            .cloned()
+            .unwrap();
         assert_eq!(c_state["state"], "deprecated", "{gw}");
         assert!(gw["stats"]["address_losses"].as_u64().unwrap() >= 1, "{gw}");
-        assert!(rig.daemon_log("gateway").contains("directing its sessions elsewhere (go-to)"), "the gateway logs its go-to");
+        assert!(
+            rig.daemon_log("gateway")
+                .contains("directing its sessions elsewhere (go-to)"),
+            "the gateway logs its go-to"
+        );
         let gap_dep = arrivals.longest_gap(t_dep, t_dep + left + Duration::from_millis(500));
 
         // The address in use is removed outright.
         rig.baton(&["goto", "m", B]).unwrap();
-        rig.wait_status(Duration::from_secs(5), "the session on the second link's address", |st| on(st, B)).await;
+        rig.wait_status(
+            Duration::from_secs(5),
+            "the session on the second link's address",
+            |st| on(st, B),
+        )
+        .await;
         rig.wait_received(12 * MIB).await;
         let t_del = Instant::now();
         rig.sh(srv, &["ip", "addr", "del", "10.90.1.3/24", "dev", "srv2"]);
         rig.sh(srv, &["ip", "addr", "del", "10.90.1.2/24", "dev", "srv2"]);
-        let st = rig.wait_status(Duration::from_secs(15), "the session off the removed address", |st| on(st, A)).await;
+        let st = rig
+            .wait_status(
+                Duration::from_secs(15),
+                "the session off the removed address",
+                |st| on(st, A),
+            )
+            .await;
         let gone = t_del.elapsed();
         let gap_del = arrivals.longest_gap(t_del, t_del + gone + Duration::from_secs(1));
         rig.finish_exchange(app, Duration::from_secs(60)).await;
         let gw = rig.gateway_status();
         assert_eq!(gw["advertised"], serde_json::json!([A]), "{gw}");
         let st2 = rig.status().unwrap();
-        assert_eq!(session(&st2)["advertised"], serde_json::json!([A]), "{st} / {st2}");
+        assert_eq!(
+            session(&st2)["advertised"],
+            serde_json::json!([A]),
+            "{st} / {st2}"
+        );
 
         let sw = rig.switches();
         print_switches("mh_wild", &sw);
-        println!("mh_wild: deprecated → off it after {} ms, the application's longest gap {} ms", left.as_millis(), gap_dep.as_millis());
-        println!("mh_wild: removed → off it after {} ms, the application's longest gap {} ms", gone.as_millis(), gap_del.as_millis());
-        let dep = sw.iter().find(|r| r["gateway_addr_from"] == C && r["gateway_addr_to"] == A).unwrap();
-        assert_eq!(dep["kind"], "planned", "the deprecated address still worked: make before break: {dep}");
+        println!(
+            "mh_wild: deprecated → off it after {} ms, the application's longest gap {} ms",
+            left.as_millis(),
+            gap_dep.as_millis()
+        );
+        println!(
+            "mh_wild: removed → off it after {} ms, the application's longest gap {} ms",
+            gone.as_millis(),
+            gap_del.as_millis()
+        );
+        let dep = sw
+            .iter()
+            .find(|r| r["gateway_addr_from"] == C && r["gateway_addr_to"] == A)
+            .unwrap();
+        assert_eq!(
+            dep["kind"], "planned",
+            "the deprecated address still worked: make before break: {dep}"
+        );
         assert!(dep["reason"].as_str().unwrap().contains("go-to"), "{dep}");
-        assert!(gap_dep < Duration::from_secs(1), "the application paused {} ms: {dep}", gap_dep.as_millis());
-        let del = sw.iter().rev().find(|r| r["gateway_addr_from"] == B).unwrap();
+        assert!(
+            gap_dep < Duration::from_secs(1),
+            "the application paused {} ms: {dep}",
+            gap_dep.as_millis()
+        );
+        let del = sw
+            .iter()
+            .rev()
+            .find(|r| r["gateway_addr_from"] == B)
+            .unwrap();
         assert_eq!(del["gateway_addr_to"], A, "{del}");
     })
     .await

@@ -53,7 +53,11 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 40)]
     lte_delay: u32,
     /// Systems to compare, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "baton,mptcp-backup,mptcp,tcp")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baton,mptcp-backup,mptcp,tcp"
+    )]
     systems: Vec<System>,
     /// Events, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "planned,down,readdress")]
@@ -183,8 +187,14 @@ const RECOVERED_SLACK: Duration = Duration::from_secs(1);
 /// Runs the benchmark and writes the table.
 pub(crate) fn run(opts: &Options) -> Result<()> {
     ensure!(nix_is_root(), "needs root (network namespaces)");
-    ensure!(opts.pace > 0.0 && opts.window > 1.5 && opts.warmup >= 0.5 && opts.rounds > 0, "bad --pace/--window/--warmup/--rounds");
-    ensure!(!opts.streams.is_empty() && opts.streams.iter().all(|&n| (1..=1000).contains(&n)), "--streams: 1 to 1000 each");
+    ensure!(
+        opts.pace > 0.0 && opts.window > 1.5 && opts.warmup >= 0.5 && opts.rounds > 0,
+        "bad --pace/--window/--warmup/--rounds"
+    );
+    ensure!(
+        !opts.streams.is_empty() && opts.streams.iter().all(|&n| (1..=1000).contains(&n)),
+        "--streams: 1 to 1000 each"
+    );
     let baton = match &opts.baton {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("baton"),
@@ -201,9 +211,19 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
             let Column { system, streams } = column;
             let mut outs = Vec::new();
             for round in 0..opts.rounds {
-                eprintln!("[handover] {} / {} (round {})", event.title(), column.title(opts), round + 1);
+                eprintln!(
+                    "[handover] {} / {} (round {})",
+                    event.title(),
+                    column.title(opts),
+                    round + 1
+                );
                 let o = if system == System::Tcp && event == Event::Planned {
-                    Outcome { down: Gap::NotApplicable, up: Gap::NotApplicable, exact: true, note: String::new() }
+                    Outcome {
+                        down: Gap::NotApplicable,
+                        up: Gap::NotApplicable,
+                        exact: true,
+                        note: String::new(),
+                    }
                 } else {
                     let (o, rtt) = run_one(opts, &baton, system, event, streams)
                         .with_context(|| format!("{} / {}", event.title(), column.title(opts)))?;
@@ -217,7 +237,11 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
                     o.down.cell(window),
                     o.up.cell(window),
                     if o.exact { "" } else { ", NOT EXACT" },
-                    if o.note.is_empty() { String::new() } else { format!(" ({})", o.note) }
+                    if o.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", o.note)
+                    }
                 );
                 outs.push(o);
             }
@@ -238,7 +262,11 @@ fn nix_is_root() -> bool {
     // Without libc: the effective uid is in /proc/self/status ("Uid: real effective ...").
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -263,7 +291,14 @@ impl Column {
 /// Every (system, streams) pair, grouped by stream count so that each group reads like
 /// the single-count table.
 fn columns(opts: &Options) -> Vec<Column> {
-    opts.streams.iter().flat_map(|&streams| opts.systems.iter().map(move |&system| Column { system, streams })).collect()
+    opts.streams
+        .iter()
+        .flat_map(|&streams| {
+            opts.systems
+                .iter()
+                .map(move |&system| Column { system, streams })
+        })
+        .collect()
 }
 
 fn median_gap(outs: &[Outcome], pick: impl Fn(&Outcome) -> Gap) -> Gap {
@@ -272,7 +307,11 @@ fn median_gap(outs: &[Outcome], pick: impl Fn(&Outcome) -> Gap) -> Gap {
     v[v.len() / 2]
 }
 
-fn render(opts: &Options, results: &[(Event, Column, Vec<Outcome>)], lte_rtt: Duration) -> Result<String> {
+fn render(
+    opts: &Options,
+    results: &[(Event, Column, Vec<Outcome>)],
+    lte_rtt: Duration,
+) -> Result<String> {
     let window = Duration::from_secs_f64(opts.window);
     let mut out = String::new();
     writeln!(out, "# baton handover benchmark\n")?;
@@ -280,7 +319,10 @@ fn render(opts: &Options, results: &[(Event, Column, Vec<Outcome>)], lte_rtt: Du
     let commit = command_line(Command::new("git").args(["describe", "--always", "--dirty"]));
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let kernel = command_line(Command::new("uname").arg("-r"));
-    writeln!(out, "- date: {date}; commit: {commit}; machine: {cores} cores, Linux {kernel}")?;
+    writeln!(
+        out,
+        "- date: {date}; commit: {commit}; machine: {cores} cores, Linux {kernel}"
+    )?;
     writeln!(
         out,
         "- bed: wlan {} ms and lte {} ms one way (lte round trip measured {} ms); {} MiB/s each way; \
@@ -327,11 +369,18 @@ fn render(opts: &Options, results: &[(Event, Column, Vec<Outcome>)], lte_rtt: Du
                     write!(out, " - |")?;
                     continue;
                 };
-                let baton = gap_of(Column { system: System::Baton, ..s });
+                let baton = gap_of(Column {
+                    system: System::Baton,
+                    ..s
+                });
                 let mut cell = g.cell(window);
                 match (s.system, g, baton) {
                     (System::Baton, Gap::Resumed(d), _) => {
-                        cell += if d <= event.target(lte_rtt) { " ✓" } else { " ✗" };
+                        cell += if d <= event.target(lte_rtt) {
+                            " ✓"
+                        } else {
+                            " ✗"
+                        };
                     }
                     (System::Baton, ..) => cell += " ✗",
                     (_, Gap::Resumed(d), Some(Gap::Resumed(b))) if !b.is_zero() => {
@@ -355,8 +404,16 @@ fn render(opts: &Options, results: &[(Event, Column, Vec<Outcome>)], lte_rtt: Du
                     event.title(),
                     column.title(opts),
                     i + 1,
-                    if o.exact { "bytes exact" } else { "NOT EXACT or a receiver failed" },
-                    if o.note.is_empty() { String::new() } else { format!("; {}", o.note) }
+                    if o.exact {
+                        "bytes exact"
+                    } else {
+                        "NOT EXACT or a receiver failed"
+                    },
+                    if o.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", o.note)
+                    }
                 )?;
             }
         }
@@ -371,12 +428,24 @@ pub(crate) fn command_line(cmd: &mut Command) -> String {
     cmd.output()
         .ok()
         .filter(|o| o.status.success())
-        .map_or_else(|| "?".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .map_or_else(
+            || "?".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
 }
 
 /// Runs one (system, event) in a fresh bed; also returns the lte round trip measured there.
-fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: usize) -> Result<(Outcome, Option<Duration>)> {
-    let bed = Bed::new(&format!("ho_{}", system.title().split(',').next().unwrap_or("x")))?;
+fn run_one(
+    opts: &Options,
+    baton: &Path,
+    system: System,
+    event: Event,
+    streams: usize,
+) -> Result<(Outcome, Option<Duration>)> {
+    let bed = Bed::new(&format!(
+        "ho_{}",
+        system.title().split(',').next().unwrap_or("x")
+    ))?;
     bed.set_delay(Link::Wlan, opts.wlan_delay)?;
     bed.set_delay(Link::Lte, opts.lte_delay)?;
     let lte_rtt = bed.ping_rtt(Link::Lte).ok();
@@ -386,7 +455,11 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
         System::Baton => {
             let rig = BatonRig::start(&bed, baton, server)?;
             baton_rig = Some(rig);
-            (listen(&bed, server, false)?, SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT)), false)
+            (
+                listen(&bed, server, false)?,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT)),
+                false,
+            )
         }
         System::MptcpBackup | System::Mptcp => {
             mptcp_setup(&bed, system == System::MptcpBackup)?;
@@ -399,7 +472,15 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
     for _ in 0..streams {
         let mobile = bed
             .in_ns(Host::Mobile, || -> io::Result<TcpStream> {
-                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(if mptcp { Protocol::MPTCP } else { Protocol::TCP }))?;
+                let s = Socket::new(
+                    Domain::IPV4,
+                    Type::STREAM,
+                    Some(if mptcp {
+                        Protocol::MPTCP
+                    } else {
+                        Protocol::TCP
+                    }),
+                )?;
                 s.connect_timeout(&SockAddr::from(connect_to), Duration::from_secs(5))?;
                 Ok(s.into())
             })?
@@ -416,8 +497,24 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
     let mut flows = Vec::with_capacity(2 * streams);
     for (i, (mobile, srv)) in pairs.iter().enumerate() {
         let seed = seed + ((i as u64) << 32);
-        flows.push(Flow::start(srv.try_clone()?, mobile.try_clone()?, seed, Dir::Down, pace, chunk, &stop));
-        flows.push(Flow::start(mobile.try_clone()?, srv.try_clone()?, seed, Dir::Up, pace, chunk, &stop));
+        flows.push(Flow::start(
+            srv.try_clone()?,
+            mobile.try_clone()?,
+            seed,
+            Dir::Down,
+            pace,
+            chunk,
+            &stop,
+        ));
+        flows.push(Flow::start(
+            mobile.try_clone()?,
+            srv.try_clone()?,
+            seed,
+            Dir::Up,
+            pace,
+            chunk,
+            &stop,
+        ));
     }
     let warm = Instant::now();
     if mptcp {
@@ -466,7 +563,11 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
     let mut exact = true;
     let (mut downs, mut ups) = (Vec::new(), Vec::new());
     for (i, (dir, r)) in received.iter().enumerate() {
-        let what = if *dir == Dir::Down { "mobile receiver" } else { "server receiver" };
+        let what = if *dir == Dir::Down {
+            "mobile receiver"
+        } else {
+            "server receiver"
+        };
         if let Some(e) = &r.error {
             // One line per kind of failure is enough with many streams.
             if !note.contains(what) {
@@ -477,9 +578,18 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
             }
         }
         exact &= r.mismatch.is_none() && r.error.is_none();
-        if *dir == Dir::Down { downs.push(r.gap(t0, end)) } else { ups.push(r.gap(t0, end)) }
+        if *dir == Dir::Down {
+            downs.push(r.gap(t0, end))
+        } else {
+            ups.push(r.gap(t0, end))
+        }
     }
-    let worst = |v: &[Gap]| v.iter().copied().max_by_key(|g| g.sort_key()).unwrap_or(Gap::NotApplicable);
+    let worst = |v: &[Gap]| {
+        v.iter()
+            .copied()
+            .max_by_key(|g| g.sort_key())
+            .unwrap_or(Gap::NotApplicable)
+    };
     if streams > 1 {
         let mid = |v: &mut Vec<Gap>| {
             v.sort_by_key(|g| g.sort_key());
@@ -488,9 +598,18 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
         if !note.is_empty() {
             note += "; ";
         }
-        note += &format!("median stream: server→mobile {}, mobile→server {}", mid(&mut downs.clone()), mid(&mut ups.clone()));
+        note += &format!(
+            "median stream: server→mobile {}, mobile→server {}",
+            mid(&mut downs.clone()),
+            mid(&mut ups.clone())
+        );
     }
-    let outcome = Outcome { down: worst(&downs), up: worst(&ups), exact, note };
+    let outcome = Outcome {
+        down: worst(&downs),
+        up: worst(&ups),
+        exact,
+        note,
+    };
     drop(baton_rig);
     drop(bed);
     Ok((outcome, lte_rtt))
@@ -498,7 +617,15 @@ fn run_one(opts: &Options, baton: &Path, system: System, event: Event, streams: 
 
 fn listen(bed: &Bed, addr: SocketAddr, mptcp: bool) -> Result<std::net::TcpListener> {
     let l = bed.in_ns(Host::Server, || -> io::Result<std::net::TcpListener> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(if mptcp { Protocol::MPTCP } else { Protocol::TCP }))?;
+        let s = Socket::new(
+            Domain::IPV4,
+            Type::STREAM,
+            Some(if mptcp {
+                Protocol::MPTCP
+            } else {
+                Protocol::TCP
+            }),
+        )?;
         s.set_reuse_address(true)?;
         s.bind(&SockAddr::from(addr))?;
         s.listen(16)?;
@@ -528,7 +655,12 @@ fn ip_mptcp(bed: &Bed, args: &[&str]) -> Result<()> {
     let mut full = vec!["ip", "mptcp"];
     full.extend_from_slice(args);
     let out = bed.exec(Host::Mobile, &full)?;
-    ensure!(out.status.success(), "{}: {}", full.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "{}: {}",
+        full.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
@@ -538,14 +670,34 @@ fn ip_mptcp(bed: &Bed, args: &[&str]) -> Result<()> {
 fn mptcp_setup(bed: &Bed, lte_backup: bool) -> Result<()> {
     for host in [Host::Mobile, Host::Server] {
         // Per namespace: /proc/sys/net is the opener's namespace's.
-        bed.in_ns(host, || std::fs::write("/proc/sys/net/mptcp/enabled", "1"))?.context("net.mptcp.enabled (kernel without MPTCP?)")?;
-        let args = ["ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2"];
+        bed.in_ns(host, || std::fs::write("/proc/sys/net/mptcp/enabled", "1"))?
+            .context("net.mptcp.enabled (kernel without MPTCP?)")?;
+        let args = [
+            "ip",
+            "mptcp",
+            "limits",
+            "set",
+            "subflow",
+            "2",
+            "add_addr_accepted",
+            "2",
+        ];
         let out = bed.exec(host, &args)?;
-        ensure!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        ensure!(
+            out.status.success(),
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let wlan = bed.mobile_addr(Link::Wlan).to_string();
     let lte = bed.mobile_addr(Link::Lte).to_string();
-    ip_mptcp(bed, &["endpoint", "add", &wlan, "dev", "wlan", "id", "1", "subflow"])?;
+    ip_mptcp(
+        bed,
+        &[
+            "endpoint", "add", &wlan, "dev", "wlan", "id", "1", "subflow",
+        ],
+    )?;
     let mut args = vec!["endpoint", "add", &lte, "dev", "lte", "id", "2", "subflow"];
     if lte_backup {
         args.push("backup");
@@ -557,13 +709,26 @@ fn mptcp_setup(bed: &Bed, lte_backup: bool) -> Result<()> {
 fn wait_subflows(bed: &Bed, n: usize, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let out = bed.exec(Host::Mobile, &["ss", "-tnH", "state", "established", &format!("dport = :{APP_PORT}")])?;
+        let out = bed.exec(
+            Host::Mobile,
+            &[
+                "ss",
+                "-tnH",
+                "state",
+                "established",
+                &format!("dport = :{APP_PORT}"),
+            ],
+        )?;
         let count = String::from_utf8_lossy(&out.stdout).lines().count();
         if count >= n {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let show = |args: &[&str]| bed.exec(Host::Mobile, args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            let show = |args: &[&str]| {
+                bed.exec(Host::Mobile, args)
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
             bail!(
                 "only {count} of {n} MPTCP subflows established within {limit:?}\n{}\n{}\n{}",
                 show(&["ss", "-tniM"]),
@@ -593,7 +758,13 @@ struct Received {
 impl Received {
     /// The longest pause from the last read before `t0` to `end`.
     fn gap(&self, t0: Instant, end: Instant) -> Gap {
-        let start = self.times.iter().rev().find(|t| **t <= t0).copied().unwrap_or(t0);
+        let start = self
+            .times
+            .iter()
+            .rev()
+            .find(|t| **t <= t0)
+            .copied()
+            .unwrap_or(t0);
         let mut prev = start;
         let mut longest = Duration::ZERO;
         for &t in self.times.iter().filter(|t| **t > start && **t <= end) {
@@ -609,17 +780,33 @@ impl Received {
 }
 
 impl Flow {
-    fn start(from: TcpStream, to: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, stop: &Arc<AtomicBool>) -> Flow {
+    fn start(
+        from: TcpStream,
+        to: TcpStream,
+        seed: u64,
+        dir: Dir,
+        pace: f64,
+        chunk: usize,
+        stop: &Arc<AtomicBool>,
+    ) -> Flow {
         let s = stop.clone();
         let sender = std::thread::spawn(move || send_paced(from, seed, dir, pace, chunk, &s));
         let s = stop.clone();
         let receiver = std::thread::spawn(move || receive(to, seed, dir, &s));
-        Flow { dir, sender, receiver }
+        Flow {
+            dir,
+            sender,
+            receiver,
+        }
     }
 
     fn finish(self) -> Received {
         let sent = self.sender.join();
-        let mut r = self.receiver.join().unwrap_or_else(|_| Received { times: Vec::new(), mismatch: None, error: Some("receiver panicked".into()) });
+        let mut r = self.receiver.join().unwrap_or_else(|_| Received {
+            times: Vec::new(),
+            mismatch: None,
+            error: Some("receiver panicked".into()),
+        });
         if let Ok(Err(e)) = sent {
             r.error.get_or_insert_with(|| format!("sender: {e}"));
         }
@@ -627,7 +814,14 @@ impl Flow {
     }
 }
 
-fn send_paced(mut s: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, stop: &AtomicBool) -> io::Result<u64> {
+fn send_paced(
+    mut s: TcpStream,
+    seed: u64,
+    dir: Dir,
+    pace: f64,
+    chunk: usize,
+    stop: &AtomicBool,
+) -> io::Result<u64> {
     s.set_write_timeout(Some(Duration::from_millis(100)))?;
     let _ = s.set_nodelay(true);
     let mut pattern = Pattern::new(seed, dir);
@@ -651,7 +845,13 @@ fn send_paced(mut s: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, st
                 off += n;
                 sent += n as u64;
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -659,7 +859,11 @@ fn send_paced(mut s: TcpStream, seed: u64, dir: Dir, pace: f64, chunk: usize, st
 }
 
 fn receive(mut s: TcpStream, seed: u64, dir: Dir, stop: &AtomicBool) -> Received {
-    let mut r = Received { times: Vec::with_capacity(4096), mismatch: None, error: None };
+    let mut r = Received {
+        times: Vec::with_capacity(4096),
+        mismatch: None,
+        error: None,
+    };
     if let Err(e) = s.set_read_timeout(Some(Duration::from_millis(100))) {
         r.error = Some(e.to_string());
         return r;
@@ -676,7 +880,13 @@ fn receive(mut s: TcpStream, seed: u64, dir: Dir, stop: &AtomicBool) -> Received
                 r.times.push(Instant::now());
                 checker.check(&buf[..n]);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => {
                 r.error = Some(e.to_string());
                 break;
@@ -702,8 +912,15 @@ impl BatonRig {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let key = dir.join("m.key");
-        let out = Command::new(baton).args(["keygen", "m", "--out"]).arg(&key).output()?;
-        ensure!(out.status.success(), "baton keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(baton)
+            .args(["keygen", "m", "--out"])
+            .arg(&key)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "baton keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let public = stdout
             .lines()
@@ -734,7 +951,10 @@ impl BatonRig {
             let mut cmd = bed.command(host, &baton.to_string_lossy());
             cmd.args([role, "-c"])
                 .arg(dir.join(format!("{role}.toml")))
-                .env("BATON_LOG", std::env::var("BATON_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "BATON_LOG",
+                    std::env::var("BATON_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
@@ -742,7 +962,13 @@ impl BatonRig {
         };
         let gateway = spawn(Host::Server, "gateway")?;
         let client = spawn(Host::Mobile, "client")?;
-        let rig = BatonRig { dir, baton: baton.to_owned(), admin, _gateway: gateway, _client: client };
+        let rig = BatonRig {
+            dir,
+            baton: baton.to_owned(),
+            admin,
+            _gateway: gateway,
+            _client: client,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(st) = rig.status() {
@@ -750,7 +976,11 @@ impl BatonRig {
                     return Ok(rig);
                 }
             }
-            ensure!(Instant::now() < deadline, "baton's session did not come up on wlan; logs in {}", rig.dir.display());
+            ensure!(
+                Instant::now() < deadline,
+                "baton's session did not come up on wlan; logs in {}",
+                rig.dir.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -759,7 +989,11 @@ impl BatonRig {
         let mut cmd = Command::new(&self.baton);
         cmd.args(["status", "--json", "--admin"]).arg(&self.admin);
         let out = run_bounded(&mut cmd, None, Duration::from_secs(10))?;
-        ensure!(out.status.success(), "baton status: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "baton status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
@@ -767,13 +1001,19 @@ impl BatonRig {
         let mut cmd = Command::new(&self.baton);
         cmd.args(["switch", to, "--admin"]).arg(&self.admin);
         let out = run_bounded(&mut cmd, None, Duration::from_secs(30))?;
-        ensure!(out.status.success(), "baton switch {to}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "baton switch {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 
     /// The switch records, briefly.
     fn switch_note(&self) -> String {
-        let Ok(st) = self.status() else { return "no status".into() };
+        let Ok(st) = self.status() else {
+            return "no status".into();
+        };
         let sw = st["switches"].as_array().cloned().unwrap_or_default();
         if sw.is_empty() {
             return "no switch recorded".into();
@@ -816,12 +1056,29 @@ mod tests {
     fn gap_is_the_longest_pause_after_the_event() {
         let base = Instant::now();
         let ms = |n: u64| base + Duration::from_millis(n);
-        let r = Received { times: vec![ms(0), ms(10), ms(20), ms(30), ms(250), ms(260), ms(2000)], mismatch: None, error: None };
+        let r = Received {
+            times: vec![ms(0), ms(10), ms(20), ms(30), ms(250), ms(260), ms(2000)],
+            mismatch: None,
+            error: None,
+        };
         // Event at 25: pauses 30-20 (from the last read before it), 250-30, 10, 1740.
-        assert_eq!(r.gap(ms(25), ms(2500)), Gap::Resumed(Duration::from_millis(1740)));
+        assert_eq!(
+            r.gap(ms(25), ms(2500)),
+            Gap::Resumed(Duration::from_millis(1740))
+        );
         // Nothing in the last second: not recovered.
-        assert_eq!(r.gap(ms(25), ms(3100)), Gap::NoRecovery(Duration::from_millis(3080)));
-        let steady = Received { times: (0..300).map(|i| ms(i * 10)).collect(), mismatch: None, error: None };
-        assert_eq!(steady.gap(ms(1000), ms(2995)), Gap::Resumed(Duration::from_millis(10)));
+        assert_eq!(
+            r.gap(ms(25), ms(3100)),
+            Gap::NoRecovery(Duration::from_millis(3080))
+        );
+        let steady = Received {
+            times: (0..300).map(|i| ms(i * 10)).collect(),
+            mismatch: None,
+            error: None,
+        };
+        assert_eq!(
+            steady.gap(ms(1000), ms(2995)),
+            Gap::Resumed(Duration::from_millis(10))
+        );
     }
 }

@@ -39,7 +39,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use baton_netbed::ChildGuard;
 use baton_proto::wire::{FrameHeader, FRAME_HEADER_LEN, LEG_START_LEN, TAG_LEN};
-use baton_proto::{ClientHandshake, ClientKey, ConnKind, ControlCipher, LegKey, Message, Offset, Preface, Role, StreamId};
+use baton_proto::{
+    ClientHandshake, ClientKey, ConnKind, ControlCipher, LegKey, Message, Offset, Preface, Role,
+    StreamId,
+};
 use ring::rand::SystemRandom;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -104,16 +107,28 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs the benchmark and writes the table.
 pub(crate) fn run(opts: &Options) -> Result<()> {
-    ensure!(opts.sessions > 0 && opts.concurrency > 0 && opts.targets > 0, "--sessions, --concurrency and --targets must be at least 1");
-    ensure!(opts.sessions <= 60_000, "--sessions: at most 60,000 (one source address each in 127.1.0.0/16)");
-    ensure!(opts.storm_window > 0.0 && opts.idle >= 0.0, "bad --storm-window/--idle");
+    ensure!(
+        opts.sessions > 0 && opts.concurrency > 0 && opts.targets > 0,
+        "--sessions, --concurrency and --targets must be at least 1"
+    );
+    ensure!(
+        opts.sessions <= 60_000,
+        "--sessions: at most 60,000 (one source address each in 127.1.0.0/16)"
+    );
+    ensure!(
+        opts.storm_window > 0.0 && opts.idle >= 0.0,
+        "bad --storm-window/--idle"
+    );
     let baton = match &opts.baton {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("baton"),
     };
     ensure!(baton.exists(), "{} not found: build it first (cargo build --release -p baton -p baton-bench) or pass --baton", baton.display());
     let (soft, hard) = raise_nofile()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("building tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building tokio runtime")?;
     rt.block_on(async {
         tokio::select! {
             r = run_async(opts, &baton, soft, hard) => r,
@@ -127,14 +142,25 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
 fn raise_nofile() -> Result<(usize, usize)> {
     let (_, hard) = nofile_limits(Path::new("/proc/self/limits"))?;
     let pid = std::process::id().to_string();
-    let _ = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={hard}:{hard}")]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     nofile_limits(Path::new("/proc/self/limits"))
 }
 
 fn nofile_limits(path: &Path) -> Result<(usize, usize)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let line = text.lines().find(|l| l.starts_with("Max open files")).context("no 'Max open files' line")?;
-    let nums: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no 'Max open files' line")?;
+    let nums: Vec<usize> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     match nums[..] {
         [soft, hard, ..] => Ok((soft, hard)),
         _ => bail!("cannot read the open-files limit from {line:?}"),
@@ -156,7 +182,11 @@ impl Plan {
         let budget = nofile.saturating_sub(FD_MARGIN);
         let sessions = opts.sessions.min(budget);
         let streams = opts.streams.min(budget.saturating_sub(sessions) / 2);
-        Plan { sessions, streams, storm: opts.storm.min(sessions) }
+        Plan {
+            sessions,
+            streams,
+            storm: opts.storm.min(sessions),
+        }
     }
 
     /// Streams of session `i` (the first `streams % sessions` get one more).
@@ -167,7 +197,12 @@ impl Plan {
 
 /// A client's source address: one per client, so that no address runs out of ports.
 fn source(net: u8, i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, net, (i / 250) as u8, (i % 250 + 1) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        net,
+        (i / 250) as u8,
+        (i % 250 + 1) as u8,
+    ))
 }
 
 fn target_addr(k: u8) -> SocketAddr {
@@ -234,10 +269,19 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
 
     eprintln!("[scale] generating {} client keys", plan.sessions);
     let rng = SystemRandom::new();
-    let keys = (0..plan.sessions).map(|_| ClientKey::generate(&rng)).collect::<Result<Vec<_>, _>>()?;
+    let keys = (0..plan.sessions)
+        .map(|_| ClientKey::generate(&rng))
+        .collect::<Result<Vec<_>, _>>()?;
     let services: Vec<String> = (0..opts.targets).map(|k| format!("t{k}")).collect();
     let gateway = SocketAddr::from((Ipv4Addr::LOCALHOST, opts.port));
-    write_gateway_config(&dir.join("gateway.toml"), gateway, &keys, &services, opts.targets, plan.sessions)?;
+    write_gateway_config(
+        &dir.join("gateway.toml"),
+        gateway,
+        &keys,
+        &services,
+        opts.targets,
+        plan.sessions,
+    )?;
 
     let exe = std::env::current_exe()?;
     let mut hold_cmd = Command::new(&exe);
@@ -245,7 +289,10 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     for k in 0..opts.targets {
         hold_cmd.arg("--listen").arg(target_addr(k).to_string());
     }
-    hold_cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(dir.join("hold.log"))?);
+    hold_cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("hold.log"))?);
     let mut hold = ChildGuard::spawn(&mut hold_cmd).context("starting the hold process")?;
     for k in 0..opts.targets {
         wait_listening(target_addr(k), &mut hold, "hold").await?;
@@ -256,7 +303,10 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     gw_cmd
         .args(["gateway", "-c"])
         .arg(dir.join("gateway.toml"))
-        .env("BATON_LOG", std::env::var("BATON_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "BATON_LOG",
+            std::env::var("BATON_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -265,9 +315,23 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     wait_listening(gateway, &mut gw, "baton gateway").await?;
     let gw_limit = nofile_limits(Path::new(&format!("/proc/{gw_pid}/limits")))?.0;
 
-    let ctx = Arc::new(Ctx { gateway, keys, rng, services, stats: Arc::new(ControlStats::default()) });
+    let ctx = Arc::new(Ctx {
+        gateway,
+        keys,
+        rng,
+        services,
+        stats: Arc::new(ControlStats::default()),
+    });
     let phase_timeout = Duration::from_secs(opts.phase_timeout);
-    let mut report = Report { plan, opts: Some(opts.clone()), soft, hard, gw_limit, limited, ..Default::default() };
+    let mut report = Report {
+        plan,
+        opts: Some(opts.clone()),
+        soft,
+        hard,
+        gw_limit,
+        limited,
+        ..Default::default()
+    };
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.rss_start = rss_kib(gw_pid)?;
@@ -276,7 +340,12 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     eprintln!("[scale] opening {} sessions", plan.sessions);
     let cpu0 = cpu_seconds(gw_pid)?;
     let t = Instant::now();
-    let mut sessions = bounded(phase_timeout, "sessions", open_sessions(&ctx, plan.sessions, opts.concurrency)).await?;
+    let mut sessions = bounded(
+        phase_timeout,
+        "sessions",
+        open_sessions(&ctx, plan.sessions, opts.concurrency),
+    )
+    .await?;
     report.t_sessions = t.elapsed();
     report.cpu_sessions = cpu_seconds(gw_pid)? - cpu0;
     settle().await;
@@ -287,7 +356,12 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     eprintln!("[scale] opening {} idle streams", plan.streams);
     let cpu0 = cpu_seconds(gw_pid)?;
     let t = Instant::now();
-    sessions = bounded(phase_timeout, "streams", open_streams(&ctx, sessions, &plan, opts.concurrency)).await?;
+    sessions = bounded(
+        phase_timeout,
+        "streams",
+        open_streams(&ctx, sessions, &plan, opts.concurrency),
+    )
+    .await?;
     report.t_streams = t.elapsed();
     report.cpu_streams = cpu_seconds(gw_pid)? - cpu0;
     settle().await;
@@ -308,9 +382,13 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     }
     let switched = storms.last().map_or(0, |s| s.0.end);
     for (range, window) in storms {
-        eprintln!("[scale] storm: {} clients switch within {window} s", range.len());
+        eprintln!(
+            "[scale] storm: {} clients switch within {window} s",
+            range.len()
+        );
         let cpu0 = cpu_seconds(gw_pid)?;
-        let (back, mut storm) = bounded(phase_timeout, "storm", storm(&ctx, sessions, range, window)).await?;
+        let (back, mut storm) =
+            bounded(phase_timeout, "storm", storm(&ctx, sessions, range, window)).await?;
         sessions = back;
         storm.cpu = cpu_seconds(gw_pid)? - cpu0;
         report.storms.push(storm);
@@ -320,14 +398,21 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     report.rss_storm = rss_kib(gw_pid)?;
 
     // 5. Check.
-    let (ok, failed) = bounded(phase_timeout, "check", check_streams(sessions, switched, opts.check)).await?;
+    let (ok, failed) = bounded(
+        phase_timeout,
+        "check",
+        check_streams(sessions, switched, opts.check),
+    )
+    .await?;
     report.checked = (ok, failed);
     report.control = (
         ctx.stats.relegs.load(Ordering::Relaxed),
         ctx.stats.resets.load(Ordering::Relaxed),
         ctx.stats.errors.load(Ordering::Relaxed),
     );
-    report.gateway_warnings = std::fs::read_to_string(dir.join("gateway.log")).map(|s| s.lines().count()).unwrap_or(0);
+    report.gateway_warnings = std::fs::read_to_string(dir.join("gateway.log"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
     check_alive(&mut gw, "baton gateway")?;
     check_alive(&mut hold, "hold")?;
     drop(gw);
@@ -336,7 +421,8 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     let table = report.render()?;
     println!("{table}");
     if let Some(parent) = opts.out.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(&opts.out, &table).with_context(|| format!("writing {}", opts.out.display()))?;
     eprintln!("[scale] written to {}", opts.out.display());
@@ -352,8 +438,14 @@ impl Drop for RemoveDir {
     }
 }
 
-async fn bounded<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, f).await.map_err(|_| anyhow!("phase {what} did not finish within {limit:?}"))?
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| anyhow!("phase {what} did not finish within {limit:?}"))?
 }
 
 /// Lets the allocator and the runtime settle before memory is read.
@@ -376,22 +468,49 @@ async fn wait_listening(addr: SocketAddr, child: &mut ChildGuard, what: &str) ->
             return Ok(());
         }
         check_alive(child, what)?;
-        ensure!(Instant::now() < deadline, "{what} did not listen on {addr} within 20 s");
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not listen on {addr} within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn write_gateway_config(path: &Path, listen: SocketAddr, keys: &[ClientKey], services: &[String], targets: u8, sessions: usize) -> Result<()> {
+fn write_gateway_config(
+    path: &Path,
+    listen: SocketAddr,
+    keys: &[ClientKey],
+    services: &[String],
+    targets: u8,
+    sessions: usize,
+) -> Result<()> {
     let mut s = String::new();
     // No keep-alives come from the load generator: the session must not be detached for
     // silence during the run.
-    writeln!(s, "listen = [\"{listen}\"]\ninactivity_timeout = \"1h\"\nmax_sessions = {}\n", sessions + 100)?;
+    writeln!(
+        s,
+        "listen = [\"{listen}\"]\ninactivity_timeout = \"1h\"\nmax_sessions = {}\n",
+        sessions + 100
+    )?;
     for (k, name) in services.iter().enumerate().take(usize::from(targets)) {
-        writeln!(s, "[services.{name}]\ntarget = \"{}\"\n", target_addr(k as u8))?;
+        writeln!(
+            s,
+            "[services.{name}]\ntarget = \"{}\"\n",
+            target_addr(k as u8)
+        )?;
     }
-    let list = services.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    let list = services
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     for (i, key) in keys.iter().enumerate() {
-        writeln!(s, "[clients.{}]\nkey = \"{}\"\nservices = [{list}]\n", client_id(i), key.public())?;
+        writeln!(
+            s,
+            "[clients.{}]\nkey = \"{}\"\nservices = [{list}]\n",
+            client_id(i),
+            key.public()
+        )?;
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
@@ -411,20 +530,35 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// User and system CPU seconds of `pid` (all its threads) so far.
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rfind(')').map(|i| &stat[i + 2..]).context("malformed /proc/PID/stat")?;
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 2..])
+        .context("malformed /proc/PID/stat")?;
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of the file; the list starts at field 3.
-    let ticks: u64 = f.get(11..13).context("short /proc/PID/stat")?.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+    let ticks: u64 = f
+        .get(11..13)
+        .context("short /proc/PID/stat")?
+        .iter()
+        .map(|v| v.parse::<u64>().unwrap_or(0))
+        .sum();
     Ok(ticks as f64 / clock_ticks() as f64)
 }
 
 fn clock_ticks() -> u64 {
     // USER_HZ; 100 on every Linux architecture baton runs on.
-    Command::new("getconf").arg("CLK_TCK").output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100)
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
 }
 
 fn count_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 // ---- the protocol, client side ----
@@ -437,16 +571,26 @@ struct Frame {
 
 impl Frame {
     fn header(&self) -> &[u8; FRAME_HEADER_LEN] {
-        self.bytes[..FRAME_HEADER_LEN].try_into().expect("a Frame always holds its header")
+        self.bytes[..FRAME_HEADER_LEN]
+            .try_into()
+            .expect("a Frame always holds its header")
     }
 
     fn decode(&self) -> Result<Message> {
-        Ok(Message::decode(self.bytes[0], &self.bytes[FRAME_HEADER_LEN..])?)
+        Ok(Message::decode(
+            self.bytes[0],
+            &self.bytes[FRAME_HEADER_LEN..],
+        )?)
     }
 }
 
 fn accepted_ty() -> u8 {
-    Message::Accepted { session_id: 0, keepalive_ms: 0, inactivity_ms: 0 }.ty()
+    Message::Accepted {
+        session_id: 0,
+        keepalive_ms: 0,
+        inactivity_ms: 0,
+    }
+    .ty()
 }
 
 /// Reads one frame; it carries a tag when `keyed` or when it is the Accepted frame (the
@@ -469,13 +613,20 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, keyed: bool) -> Result<Fram
 }
 
 async fn io<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(IO_TIMEOUT, f).await.map_err(|_| anyhow!("no answer within {IO_TIMEOUT:?}"))?
+    tokio::time::timeout(IO_TIMEOUT, f)
+        .await
+        .map_err(|_| anyhow!("no answer within {IO_TIMEOUT:?}"))?
 }
 
 /// Opens a control connection from `src` and completes the handshake; `resume` names the
 /// session to resume (0: a new one). Returns the session id and leg key, the write half,
 /// and a task that reads (and authenticates) what the gateway sends afterwards.
-async fn handshake(ctx: &Ctx, idx: usize, src: IpAddr, resume: u64) -> Result<(u64, LegKey, OwnedWriteHalf, tokio::task::JoinHandle<()>)> {
+async fn handshake(
+    ctx: &Ctx,
+    idx: usize,
+    src: IpAddr,
+    resume: u64,
+) -> Result<(u64, LegKey, OwnedWriteHalf, tokio::task::JoinHandle<()>)> {
     let mut s = baton_os::connect_via(ctx.gateway, None, Some(src), IO_TIMEOUT).await?;
     let _ = s.set_nodelay(true);
     let (hs, first) = ClientHandshake::start(&client_id(idx), &ctx.keys[idx], resume, &ctx.rng)?;
@@ -498,7 +649,10 @@ async fn handshake(ctx: &Ctx, idx: usize, src: IpAddr, resume: u64) -> Result<(u
         Message::Accepted { session_id, .. } if session_id == sid => {}
         other => bail!("unexpected answer to the handshake: {other:?}"),
     }
-    ensure!(resume == 0 || sid == resume, "the gateway did not resume session {resume:016x} (got {sid:016x})");
+    ensure!(
+        resume == 0 || sid == resume,
+        "the gateway did not resume session {resume:016x} (got {sid:016x})"
+    );
     let (mut r, w) = s.into_split();
     let stats = ctx.stats.clone();
     let drain = tokio::spawn(async move {
@@ -523,7 +677,13 @@ async fn handshake(ctx: &Ctx, idx: usize, src: IpAddr, resume: u64) -> Result<(u
 }
 
 /// Opens a leg from `src` for `stream` of the session; returns it once the gateway accepted.
-async fn open_leg(ctx: &Ctx, src: IpAddr, sess: &Sess, stream: u64, service: &str) -> Result<TcpStream> {
+async fn open_leg(
+    ctx: &Ctx,
+    src: IpAddr,
+    sess: &Sess,
+    stream: u64,
+    service: &str,
+) -> Result<TcpStream> {
     let mut leg = baton_os::connect_via(ctx.gateway, None, Some(src), IO_TIMEOUT).await?;
     let _ = leg.set_nodelay(true);
     let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
@@ -548,15 +708,24 @@ async fn open_leg(ctx: &Ctx, src: IpAddr, sess: &Sess, stream: u64, service: &st
         leg.read_exact(&mut bytes[FRAME_HEADER_LEN..]).await?;
         let mut tag = [0u8; TAG_LEN];
         leg.read_exact(&mut tag).await?;
-        Ok(Frame { bytes, tag: Some(tag) })
+        Ok(Frame {
+            bytes,
+            tag: Some(tag),
+        })
     })
     .await
     .context("leg preamble (the gateway closes a leg it cannot authenticate)")?;
     let tag = reply.tag.expect("read with a tag above");
-    ensure!(sess.leg_key.verify_reply(&open_tag, &reply.bytes, &tag), "leg reply failed authentication");
+    ensure!(
+        sess.leg_key.verify_reply(&open_tag, &reply.bytes, &tag),
+        "leg reply failed authentication"
+    );
     match reply.decode()? {
         Message::LegReply { result: Ok(_), .. } => Ok(leg),
-        Message::LegReply { result: Err(reason), detail } => bail!("leg refused: {reason}: {detail}"),
+        Message::LegReply {
+            result: Err(reason),
+            detail,
+        } => bail!("leg refused: {reason}: {detail}"),
         other => bail!("unexpected leg reply type {:#04x}", other.ty()),
     }
 }
@@ -574,8 +743,16 @@ async fn open_sessions(ctx: &Arc<Ctx>, n: usize, concurrency: usize) -> Result<V
         set.spawn(async move {
             let r = handshake(&ctx, idx, source(1, idx), 0).await;
             drop(permit);
-            r.map(|(id, leg_key, w, drain)| Sess { idx, id, leg_key, ctl: Some((w, drain)), legs: Vec::new(), streams: 0, generation: 0 })
-                .with_context(|| format!("session {}", client_id(idx)))
+            r.map(|(id, leg_key, w, drain)| Sess {
+                idx,
+                id,
+                leg_key,
+                ctl: Some((w, drain)),
+                legs: Vec::new(),
+                streams: 0,
+                generation: 0,
+            })
+            .with_context(|| format!("session {}", client_id(idx)))
         });
     }
     let mut out = Vec::with_capacity(n);
@@ -586,7 +763,12 @@ async fn open_sessions(ctx: &Arc<Ctx>, n: usize, concurrency: usize) -> Result<V
     Ok(out)
 }
 
-async fn open_streams(ctx: &Arc<Ctx>, sessions: Vec<Sess>, plan: &Plan, concurrency: usize) -> Result<Vec<Sess>> {
+async fn open_streams(
+    ctx: &Arc<Ctx>,
+    sessions: Vec<Sess>,
+    plan: &Plan,
+    concurrency: usize,
+) -> Result<Vec<Sess>> {
     // One task per session, each opening its streams in turn under a shared bound on the
     // legs in flight.
     let sem = Arc::new(Semaphore::new(concurrency));
@@ -596,9 +778,15 @@ async fn open_streams(ctx: &Arc<Ctx>, sessions: Vec<Sess>, plan: &Plan, concurre
         set.spawn(async move {
             for j in 0..count as u64 {
                 let _permit = sem.acquire().await?;
-                let leg = open_leg(&ctx, source(1, sess.idx), &sess, j, service_of(&ctx, sess.idx, j))
-                    .await
-                    .with_context(|| format!("stream {j} of {}", client_id(sess.idx)))?;
+                let leg = open_leg(
+                    &ctx,
+                    source(1, sess.idx),
+                    &sess,
+                    j,
+                    service_of(&ctx, sess.idx, j),
+                )
+                .await
+                .with_context(|| format!("stream {j} of {}", client_id(sess.idx)))?;
                 sess.legs.push(leg);
                 sess.streams += 1;
             }
@@ -629,7 +817,12 @@ struct Storm {
     failures: Vec<String>,
 }
 
-async fn storm(ctx: &Arc<Ctx>, mut sessions: Vec<Sess>, range: std::ops::Range<usize>, window: f64) -> Result<(Vec<Sess>, Storm)> {
+async fn storm(
+    ctx: &Arc<Ctx>,
+    mut sessions: Vec<Sess>,
+    range: std::ops::Range<usize>,
+    window: f64,
+) -> Result<(Vec<Sess>, Storm)> {
     let mut rest = sessions.split_off(range.end.min(sessions.len()));
     rest.extend(sessions.drain(..range.start.min(sessions.len())));
     let k = sessions.len();
@@ -648,7 +841,12 @@ async fn storm(ctx: &Arc<Ctx>, mut sessions: Vec<Sess>, range: std::ops::Range<u
         });
     }
     let mut out = Vec::with_capacity(k + rest.len());
-    let mut result = Storm { clients: k, streams, window, ..Default::default() };
+    let mut result = Storm {
+        clients: k,
+        streams,
+        window,
+        ..Default::default()
+    };
     let mut last_done = t0;
     while let Some(j) = set.join_next().await {
         let (sess, r) = j?;
@@ -657,7 +855,9 @@ async fn storm(ctx: &Arc<Ctx>, mut sessions: Vec<Sess>, range: std::ops::Range<u
                 result.per_client.push(done - start);
                 last_done = last_done.max(done);
             }
-            Err(e) => result.failures.push(format!("{}: {e:#}", client_id(sess.idx))),
+            Err(e) => result
+                .failures
+                .push(format!("{}: {e:#}", client_id(sess.idx))),
         }
         out.push(sess);
     }
@@ -686,14 +886,23 @@ async fn switch(ctx: &Ctx, sess: &mut Sess) -> Result<()> {
     Ok(())
 }
 
-
 /// Sends bytes over the first stream of up to `n` switched sessions and `n` others, and
 /// expects them back from the echoing target: the resumed legs carry data. Returns (ok,
 /// failed).
 async fn check_streams(sessions: Vec<Sess>, switched: usize, n: usize) -> Result<(usize, usize)> {
     let mut set = JoinSet::new();
-    let pick = |range: std::ops::Range<usize>| sessions[range].iter().filter(|s| !s.legs.is_empty()).take(n).map(|s| s.idx).collect::<Vec<_>>();
-    let picked: Vec<usize> = pick(0..switched).into_iter().chain(pick(switched..sessions.len())).collect();
+    let pick = |range: std::ops::Range<usize>| {
+        sessions[range]
+            .iter()
+            .filter(|s| !s.legs.is_empty())
+            .take(n)
+            .map(|s| s.idx)
+            .collect::<Vec<_>>()
+    };
+    let picked: Vec<usize> = pick(0..switched)
+        .into_iter()
+        .chain(pick(switched..sessions.len()))
+        .collect();
     let mut sessions = sessions;
     let mut legs = Vec::new();
     for idx in picked {
@@ -713,8 +922,17 @@ async fn check_streams(sessions: Vec<Sess>, switched: usize, n: usize) -> Result
                 Ok(())
             })
             .await?;
-            ensure!(back[..LEG_START_LEN] == [0u8; LEG_START_LEN], "stream of {}: the gateway's leg starts at {:?}, not 0", client_id(idx), &back[..LEG_START_LEN]);
-            ensure!(&back[LEG_START_LEN..] == msg.as_bytes(), "stream of {} echoed other bytes", client_id(idx));
+            ensure!(
+                back[..LEG_START_LEN] == [0u8; LEG_START_LEN],
+                "stream of {}: the gateway's leg starts at {:?}, not 0",
+                client_id(idx),
+                &back[..LEG_START_LEN]
+            );
+            ensure!(
+                &back[LEG_START_LEN..] == msg.as_bytes(),
+                "stream of {} echoed other bytes",
+                client_id(idx)
+            );
             Ok::<_, anyhow::Error>(())
         });
     }
@@ -791,18 +1009,28 @@ impl Report {
         let per_stream = self.rss_streams.saturating_sub(self.rss_sessions);
         let mut out = String::new();
         writeln!(out, "# baton scale benchmark\n")?;
-        let date = crate::handover::command_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
-        let commit = crate::handover::command_line(Command::new("git").args(["describe", "--always", "--dirty"]));
+        let date =
+            crate::handover::command_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
+        let commit = crate::handover::command_line(
+            Command::new("git").args(["describe", "--always", "--dirty"]),
+        );
         let cores = std::thread::available_parallelism().map_or(0, usize::from);
         let kernel = crate::handover::command_line(Command::new("uname").arg("-r"));
-        writeln!(out, "- date: {date}; commit: {commit}; machine: {cores} cores, Linux {kernel}")?;
+        writeln!(
+            out,
+            "- date: {date}; commit: {commit}; machine: {cores} cores, Linux {kernel}"
+        )?;
         writeln!(
             out,
             "- one `baton gateway` process; load generator and targets are separate processes on the same cores; \
              {} handshakes or legs in flight at most while opening",
             opts.concurrency
         )?;
-        writeln!(out, "- open-files limit (RLIMIT_NOFILE) of every process: soft {}, hard {}; gateway {}", self.soft, self.hard, self.gw_limit)?;
+        writeln!(
+            out,
+            "- open-files limit (RLIMIT_NOFILE) of every process: soft {}, hard {}; gateway {}",
+            self.soft, self.hard, self.gw_limit
+        )?;
         if self.limited {
             writeln!(
                 out,
@@ -816,11 +1044,24 @@ impl Report {
         writeln!(out, "| measure | value |\n| --- | ---: |")?;
         let mut row = |k: &str, v: String| writeln!(out, "| {k} | {v} |");
         row("sessions held", format!("{}", p.sessions))?;
-        row("idle streams held", format!("{} ({:.1} per session)", p.streams, p.streams as f64 / p.sessions.max(1) as f64))?;
-        row("gateway descriptors with everything open", format!("{}", self.fds_streams))?;
+        row(
+            "idle streams held",
+            format!(
+                "{} ({:.1} per session)",
+                p.streams,
+                p.streams as f64 / p.sessions.max(1) as f64
+            ),
+        )?;
+        row(
+            "gateway descriptors with everything open",
+            format!("{}", self.fds_streams),
+        )?;
         row("gateway RSS at start", mib(self.rss_start))?;
         row("gateway RSS with the sessions", mib(self.rss_sessions))?;
-        row("gateway RSS with sessions and streams", mib(self.rss_streams))?;
+        row(
+            "gateway RSS with sessions and streams",
+            mib(self.rss_streams),
+        )?;
         row("**memory per session**", kib_per(per_session, p.sessions))?;
         row("**memory per idle stream**", kib_per(per_stream, p.streams))?;
         row(
@@ -843,23 +1084,60 @@ impl Report {
                 self.cpu_streams * 1e6 / p.streams.max(1) as f64
             ),
         )?;
-        row("gateway CPU while everything is idle", format!("{:.1} % of one core", 100.0 * self.cpu_idle / opts.idle.max(1e-9)))?;
+        row(
+            "gateway CPU while everything is idle",
+            format!(
+                "{:.1} % of one core",
+                100.0 * self.cpu_idle / opts.idle.max(1e-9)
+            ),
+        )?;
         for s in &self.storms {
-            let name = if s.window > 0.0 { "storm".to_owned() } else { "burst".to_owned() };
-            let when = if s.window > 0.0 { format!("starting evenly within {} s", s.window) } else { "all at the same instant".to_owned() };
-            row(&format!("{name}: clients switching / their streams"), format!("{} / {} {when}", s.clients, s.streams))?;
-            row(&format!("**{name}: all resumed after** (from the first switch)"), ms(s.span))?;
+            let name = if s.window > 0.0 {
+                "storm".to_owned()
+            } else {
+                "burst".to_owned()
+            };
+            let when = if s.window > 0.0 {
+                format!("starting evenly within {} s", s.window)
+            } else {
+                "all at the same instant".to_owned()
+            };
+            row(
+                &format!("{name}: clients switching / their streams"),
+                format!("{} / {} {when}", s.clients, s.streams),
+            )?;
+            row(
+                &format!("**{name}: all resumed after** (from the first switch)"),
+                ms(s.span),
+            )?;
             row(
                 &format!("{name}: one client's resume (p50 / p99 / max)"),
-                format!("{} / {} / {}", ms(pct(&s.per_client, 50.0)), ms(pct(&s.per_client, 99.0)), ms(pct(&s.per_client, 100.0))),
+                format!(
+                    "{} / {} / {}",
+                    ms(pct(&s.per_client, 50.0)),
+                    ms(pct(&s.per_client, 99.0)),
+                    ms(pct(&s.per_client, 100.0))
+                ),
             )?;
             row(&format!("{name}: gateway CPU"), format!("{:.2} s", s.cpu))?;
-            row(&format!("{name}: clients that failed to resume"), format!("{}", s.failures.len()))?;
+            row(
+                &format!("{name}: clients that failed to resume"),
+                format!("{}", s.failures.len()),
+            )?;
         }
         row("gateway RSS after the storms", mib(self.rss_storm))?;
-        row("streams checked end to end after the storm (ok / failed)", format!("{} / {}", self.checked.0, self.checked.1))?;
-        row("Releg / StreamReset frames the gateway sent", format!("{} / {}", self.control.0, self.control.1))?;
-        row("gateway log lines (warnings and errors)", format!("{}", self.gateway_warnings))?;
+        row(
+            "streams checked end to end after the storm (ok / failed)",
+            format!("{} / {}", self.checked.0, self.checked.1),
+        )?;
+        row(
+            "Releg / StreamReset frames the gateway sent",
+            format!("{} / {}", self.control.0, self.control.1),
+        )?;
+        row(
+            "gateway log lines (warnings and errors)",
+            format!("{}", self.gateway_warnings),
+        )?;
         if self.limited || p.sessions < 10_000 || p.streams < 100_000 {
             let sessions_kib = per_session as f64 / p.sessions.max(1) as f64;
             let stream_kib = per_stream as f64 / p.streams.max(1) as f64;
@@ -888,7 +1166,10 @@ impl Report {
 /// address, holds it, and echoes what arrives (the end-to-end check), without a buffer
 /// per idle connection.
 pub(crate) fn hold(listen: &[SocketAddr]) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut set = JoinSet::new();
         for &addr in listen {
@@ -957,13 +1238,20 @@ mod tests {
         assert_eq!((p.sessions, p.streams, p.storm), (10_000, 4_250, 1_000));
         let p = Plan::fit(&opts(&["--sessions", "1000"]), 20_000);
         assert_eq!((p.sessions, p.streams), (1_000, 8_750));
-        let p = Plan::fit(&opts(&["--sessions", "100", "--streams", "1000", "--storm", "500"]), 1_048_576);
+        let p = Plan::fit(
+            &opts(&["--sessions", "100", "--streams", "1000", "--storm", "500"]),
+            1_048_576,
+        );
         assert_eq!((p.sessions, p.streams, p.storm), (100, 1_000, 100));
     }
 
     #[test]
     fn streams_are_spread_evenly() {
-        let p = Plan { sessions: 4, streams: 10, storm: 0 };
+        let p = Plan {
+            sessions: 4,
+            streams: 10,
+            storm: 0,
+        };
         let per: Vec<usize> = (0..4).map(|i| p.streams_of(i)).collect();
         assert_eq!(per, [3, 3, 2, 2]);
         assert_eq!(per.iter().sum::<usize>(), 10);

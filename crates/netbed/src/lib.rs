@@ -405,9 +405,16 @@ impl Bed {
     /// LAN hosts reach the outside only through what MOBILE relays.
     pub fn add_lan(&self) -> io::Result<()> {
         let lan = self.ns(Host::Lan);
-        run_ok(Command::new("ip").args(["netns", "add", lan]), None, CMD_TIMEOUT)?;
+        run_ok(
+            Command::new("ip").args(["netns", "add", lan]),
+            None,
+            CMD_TIMEOUT,
+        )?;
         self.in_ns(Host::Lan, || -> io::Result<()> {
-            for key in ["ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"] {
+            for key in [
+                "ipv6/conf/all/disable_ipv6",
+                "ipv6/conf/default/disable_ipv6",
+            ] {
                 std::fs::write(format!("/proc/sys/net/{key}"), "1")
                     .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
             }
@@ -425,10 +432,13 @@ link set lan0 up
         )?;
         self.ip_batch(
             Host::Lan,
-            &format!("addr add {}/24 dev eth0
+            &format!(
+                "addr add {}/24 dev eth0
 link set eth0 up
 link set lo up
-", addr_in(LAN_NET, HOST_OCTET)),
+",
+                addr_in(LAN_NET, HOST_OCTET)
+            ),
         )?;
         Ok(())
     }
@@ -440,7 +450,10 @@ link set lo up
     /// it is how an address appears at run time.
     pub fn add_server_link(&self) -> io::Result<()> {
         let s = self.ns(Host::Server);
-        let (second, router) = (addr_in(SERVER2_NET, HOST_OCTET), addr_in(SERVER2_NET, ROUTER_OCTET));
+        let (second, router) = (
+            addr_in(SERVER2_NET, HOST_OCTET),
+            addr_in(SERVER2_NET, ROUTER_OCTET),
+        );
         self.ip_batch(
             Host::Router,
             &format!(
@@ -480,7 +493,8 @@ link set lo up
         let dev = link.router_ifname();
         for dir in ["-i", "-o"] {
             run_ok(
-                self.command(Host::Router, "iptables").args(["-w", "5", op, "FORWARD", dir, dev, "-j", "DROP"]),
+                self.command(Host::Router, "iptables")
+                    .args(["-w", "5", op, "FORWARD", dir, dev, "-j", "DROP"]),
                 None,
                 CMD_TIMEOUT,
             )?;
@@ -988,7 +1002,10 @@ fn sweep_stale() {
     // `/etc` files of beds whose namespaces are already gone.
     for entry in std::fs::read_dir(NETNS_ETC).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(NS_PREFIX).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        let pid = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -7,9 +7,11 @@
 
 pub mod bind;
 pub mod iface;
+pub mod pipe;
 
 pub use bind::connect_via;
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
+pub use pipe::SplicePipe;
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,7 +50,11 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// per stream: the usual backlog of 128 overflows, the kernel drops the SYNs
 /// beyond it, and each of those connections waits a second for its retry.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     // As `TcpListener::bind` does: a restarted daemon binds at once while its
     // old connections linger in TIME_WAIT.
     socket.set_reuseaddr(true)?;

@@ -39,9 +39,15 @@ async fn expect(
 /// the event names it.
 async fn expect_link(rx: &mut broadcast::Receiver<IfaceEvent>, name: &str, index: u32, up: bool) {
     let want = if up {
-        IfaceEvent::LinkUp { index, name: name.into() }
+        IfaceEvent::LinkUp {
+            index,
+            name: name.into(),
+        }
     } else {
-        IfaceEvent::LinkDown { index, name: name.into() }
+        IfaceEvent::LinkDown {
+            index,
+            name: name.into(),
+        }
     };
     let what = format!("{name} {}", if up { "up" } else { "down" });
     // Matched by index alone, so that an event with a wrong name fails the check below
@@ -135,15 +141,35 @@ fn events_and_table_follow_the_kernel() {
 
         // Default routes order the candidates by metric, IPv4 and IPv6
         // alike, the lowest of an interface's routes counting.
-        change_route(&ns, &mut rx, "route add default via 10.200.1.2 dev a0 metric 200").await;
+        change_route(
+            &ns,
+            &mut rx,
+            "route add default via 10.200.1.2 dev a0 metric 200",
+        )
+        .await;
         assert_eq!(w.table().interfaces[&a0].default_route_metric, Some(200));
         assert_eq!(names(&w.table()), ["a0", "b0"]);
-        change_route(&ns, &mut rx, "route add default via 10.200.2.2 dev b0 metric 100").await;
+        change_route(
+            &ns,
+            &mut rx,
+            "route add default via 10.200.2.2 dev b0 metric 100",
+        )
+        .await;
         assert_eq!(names(&w.table()), ["b0", "a0"]);
-        change_route(&ns, &mut rx, "-6 route add default via fd00:200:1::2 dev a0 metric 50").await;
+        change_route(
+            &ns,
+            &mut rx,
+            "-6 route add default via fd00:200:1::2 dev a0 metric 50",
+        )
+        .await;
         assert_eq!(w.table().interfaces[&a0].default_route_metric, Some(50));
         assert_eq!(names(&w.table()), ["a0", "b0"]);
-        change_route(&ns, &mut rx, "-6 route del default via fd00:200:1::2 dev a0 metric 50").await;
+        change_route(
+            &ns,
+            &mut rx,
+            "-6 route del default via fd00:200:1::2 dev a0 metric 50",
+        )
+        .await;
         assert_eq!(names(&w.table()), ["b0", "a0"]);
 
         // Carrier lost (peer down), then back.

@@ -263,7 +263,10 @@ pub struct PolicyConfig {
     /// Keys `rtt`, `loss`, `jitter`, `stall` (durations or fractions),
     /// `throughput` (bytes/s, lower is worse). Default
     /// `{ rtt = "1s", loss = 0.2, stall = "2s" }`.
-    #[serde(default = "Thresholds::default_critical", deserialize_with = "critical")]
+    #[serde(
+        default = "Thresholds::default_critical",
+        deserialize_with = "critical"
+    )]
     pub critical: Thresholds,
     /// Against flapping, as a fraction (0 to <1): a level is left only when
     /// every metric is this much better than its limit, and a better
@@ -355,12 +358,17 @@ impl PolicyConfig {
     /// over its kind's over the defaults.
     pub fn attributes(&self, name: &str, kind: Kind) -> Attributes {
         let mut a = Attributes::default();
-        for rule in [self.kinds.get(&kind), self.interfaces.get(name)].into_iter().flatten() {
+        for rule in [self.kinds.get(&kind), self.interfaces.get(name)]
+            .into_iter()
+            .flatten()
+        {
             a.cost = rule.cost.unwrap_or(a.cost);
             a.priority = rule.priority.or(a.priority);
             a.metered = rule.metered.unwrap_or(a.metered);
             a.never_use = rule.never_use.unwrap_or(a.never_use);
-            a.needs_user_interaction = rule.needs_user_interaction.unwrap_or(a.needs_user_interaction);
+            a.needs_user_interaction = rule
+                .needs_user_interaction
+                .unwrap_or(a.needs_user_interaction);
         }
         a
     }
@@ -413,7 +421,8 @@ mod defaults {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. \"500ms\", \"30s\")"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. \"500ms\", \"30s\")"))
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -440,7 +449,9 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let v = f64::deserialize(d)?;
     if !v.is_finite() || v < 0.0 {
-        return Err(de::Error::custom(format!("{v} must be a number of zero or more")));
+        return Err(de::Error::custom(format!(
+            "{v} must be a number of zero or more"
+        )));
     }
     Ok(v)
 }
@@ -452,7 +463,9 @@ fn opt_non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::E
 fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let v = f64::deserialize(d)?;
     if !(0.0..1.0).contains(&v) {
-        return Err(de::Error::custom(format!("{v} must be at least 0 and below 1")));
+        return Err(de::Error::custom(format!(
+            "{v} must be at least 0 and below 1"
+        )));
     }
     Ok(v)
 }
@@ -474,7 +487,9 @@ fn limit_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Durat
     }
     let v = parse_duration(&s).map_err(de::Error::custom)?;
     if v.is_zero() {
-        return Err(de::Error::custom("a limit must be greater than zero (or \"off\")"));
+        return Err(de::Error::custom(
+            "a limit must be greater than zero (or \"off\")",
+        ));
     }
     Ok(Some(Some(v)))
 }
@@ -483,10 +498,12 @@ fn limit_loss<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D:
     match Written::<f64>::deserialize(d)? {
         Written::Text(s) if s == "off" => Ok(Some(None)),
         Written::Value(v) if v > 0.0 && v <= 1.0 => Ok(Some(Some(v))),
-        Written::Value(v) => Err(de::Error::custom(format!("loss {v} must be above 0 and at most 1 (or \"off\")"))),
-        Written::Text(s) => {
-            Err(de::Error::custom(format!("invalid loss {s:?}: expected a fraction such as 0.05, or \"off\"")))
-        }
+        Written::Value(v) => Err(de::Error::custom(format!(
+            "loss {v} must be above 0 and at most 1 (or \"off\")"
+        ))),
+        Written::Text(s) => Err(de::Error::custom(format!(
+            "invalid loss {s:?}: expected a fraction such as 0.05, or \"off\""
+        ))),
     }
 }
 
@@ -494,7 +511,9 @@ fn limit_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D:
     match Written::<u64>::deserialize(d)? {
         Written::Text(s) if s == "off" => Ok(Some(None)),
         Written::Value(v) if v > 0 => Ok(Some(Some(v))),
-        Written::Value(_) => Err(de::Error::custom("throughput must be greater than zero (or \"off\")")),
+        Written::Value(_) => Err(de::Error::custom(
+            "throughput must be greater than zero (or \"off\")",
+        )),
         Written::Text(s) => Err(de::Error::custom(format!(
             "invalid throughput {s:?}: expected bytes per second such as 100000, or \"off\""
         ))),
@@ -549,7 +568,9 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<PolicyConfig, String> {
-        toml::from_str::<File>(text).map(|f| f.policy).map_err(|e| e.to_string())
+        toml::from_str::<File>(text)
+            .map(|f| f.policy)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -573,7 +594,14 @@ mod tests {
         assert_eq!(c.min_dwell, Duration::from_secs(30));
         assert_eq!(
             c.weights,
-            Weights { rtt: 1.0, jitter: 0.5, loss: 10.0, cost: 20.0, metered: 50.0, preference: 15.0 }
+            Weights {
+                rtt: 1.0,
+                jitter: 0.5,
+                loss: 10.0,
+                cost: 20.0,
+                metered: 50.0,
+                preference: 15.0
+            }
         );
         c.validate().unwrap();
     }
@@ -639,7 +667,10 @@ mod tests {
 
     #[test]
     fn off_disables_a_limit() {
-        let c = parse(r#"policy = { warning = { rtt = "off", loss = "off" }, critical = { stall = "off" } }"#).unwrap();
+        let c = parse(
+            r#"policy = { warning = { rtt = "off", loss = "off" }, critical = { stall = "off" } }"#,
+        )
+        .unwrap();
         assert_eq!((c.warning.rtt, c.warning.loss), (None, None));
         assert_eq!(c.warning.stall, Some(Duration::from_secs(1)));
         assert_eq!(c.critical.stall, None);
@@ -650,17 +681,32 @@ mod tests {
     fn bad_values_are_refused_with_the_reason() {
         let cases = [
             ("[policy]\nmodee = \"auto\"", "unknown field `modee`"),
-            ("[policy]\nmode = \"sometimes\"", "unknown variant `sometimes`"),
-            ("[policy]\ncheck_interval = \"soon\"", "invalid duration \"soon\""),
+            (
+                "[policy]\nmode = \"sometimes\"",
+                "unknown variant `sometimes`",
+            ),
+            (
+                "[policy]\ncheck_interval = \"soon\"",
+                "invalid duration \"soon\"",
+            ),
             ("[policy]\ncheck_interval = \"0s\"", "greater than zero"),
             ("[policy]\nhysteresis = 1.5", "below 1"),
             ("[policy]\nmin_samples = 0", "at least 1"),
             ("[policy]\nwarning = { loss = 5 }", "at most 1"),
             ("[policy]\nwarning = { rtt = \"0ms\" }", "greater than zero"),
-            ("[policy]\nwarning = { latency = \"1s\" }", "unknown field `latency`"),
+            (
+                "[policy]\nwarning = { latency = \"1s\" }",
+                "unknown field `latency`",
+            ),
             ("[policy]\nweights = { rtt = -1 }", "zero or more"),
-            ("[policy.kinds.satellite]\nmetered = true", "unknown variant `satellite`"),
-            ("[policy.interfaces.eth0]\nprice = 1", "unknown field `price`"),
+            (
+                "[policy.kinds.satellite]\nmetered = true",
+                "unknown variant `satellite`",
+            ),
+            (
+                "[policy.interfaces.eth0]\nprice = 1",
+                "unknown field `price`",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err();
@@ -672,8 +718,14 @@ mod tests {
     fn inverted_limits_are_caught() {
         let c = parse("[policy]\nwarning = { rtt = \"2s\" }").unwrap();
         assert_eq!(c.validate(), Err(ConfigError::Inverted { metric: "rtt" }));
-        let c = parse("[policy]\nwarning = { throughput = 10 }\ncritical = { throughput = 100 }").unwrap();
-        assert_eq!(c.validate(), Err(ConfigError::Inverted { metric: "throughput" }));
+        let c = parse("[policy]\nwarning = { throughput = 10 }\ncritical = { throughput = 100 }")
+            .unwrap();
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Inverted {
+                metric: "throughput"
+            })
+        );
     }
 
     #[test]

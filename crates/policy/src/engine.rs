@@ -87,14 +87,35 @@ pub enum Decision {
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Decision::Switch { to, addr, reason, urgent: true } => write!(f, "switch to {} now: {reason}", label(to, addr)),
-            Decision::Switch { to, addr, reason, urgent: false } => write!(f, "switch to {}: {reason}", label(to, addr)),
-            Decision::Propose { to, addr, reason } => write!(f, "propose {}: {reason}", label(to, addr)),
-            Decision::ProposalWithdrawn { to } => write!(f, "proposal of {to} withdrawn"),
-            Decision::Warn { reason, no_alternative: true } => {
-                write!(f, "{reason}; no other interface: the connection may soon be unavailable")
+            Decision::Switch {
+                to,
+                addr,
+                reason,
+                urgent: true,
+            } => write!(f, "switch to {} now: {reason}", label(to, addr)),
+            Decision::Switch {
+                to,
+                addr,
+                reason,
+                urgent: false,
+            } => write!(f, "switch to {}: {reason}", label(to, addr)),
+            Decision::Propose { to, addr, reason } => {
+                write!(f, "propose {}: {reason}", label(to, addr))
             }
-            Decision::Warn { reason, no_alternative: false } => write!(f, "{reason}"),
+            Decision::ProposalWithdrawn { to } => write!(f, "proposal of {to} withdrawn"),
+            Decision::Warn {
+                reason,
+                no_alternative: true,
+            } => {
+                write!(
+                    f,
+                    "{reason}; no other interface: the connection may soon be unavailable"
+                )
+            }
+            Decision::Warn {
+                reason,
+                no_alternative: false,
+            } => write!(f, "{reason}"),
             Decision::LinkGoing { reason } => write!(f, "the only link is going: {reason}"),
             Decision::StartSearch { reason } => write!(f, "{reason}; searching for another path"),
             Decision::Recovered => f.write_str("current path recovered"),
@@ -154,12 +175,20 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reason::Startup => f.write_str("start-up, first usable interface in order of preference"),
+            Reason::Startup => {
+                f.write_str("start-up, first usable interface in order of preference")
+            }
             Reason::PathLost { from } => write!(f, "path through {from} lost"),
             Reason::Warning(t) => write!(f, "warning: {t}"),
             Reason::Critical(t) => write!(f, "critical: {t}"),
-            Reason::Better { from_score, to_score } => {
-                write!(f, "better path (score {to_score:.0} against {from_score:.0})")
+            Reason::Better {
+                from_score,
+                to_score,
+            } => {
+                write!(
+                    f,
+                    "better path (score {to_score:.0} against {from_score:.0})"
+                )
             }
             Reason::LeaveMetered => f.write_str("an unmetered path is good again"),
             Reason::UserRequest => f.write_str("requested by the user"),
@@ -217,11 +246,21 @@ fn ms(d: Duration) -> f64 {
 impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Trigger::Rtt { rtt, limit } => write!(f, "round trip {:.0}ms, limit {:.0}ms", ms(rtt), ms(limit)),
-            Trigger::Loss { loss, limit } => write!(f, "loss {:.1}%, limit {:.1}%", loss * 100.0, limit * 100.0),
-            Trigger::Jitter { jitter, limit } => write!(f, "jitter {:.0}ms, limit {:.0}ms", ms(jitter), ms(limit)),
-            Trigger::Stall { stalled, limit } => write!(f, "stalled {:.0}ms, limit {:.0}ms", ms(stalled), ms(limit)),
-            Trigger::Throughput { rate, limit } => write!(f, "throughput {rate}B/s, limit {limit}B/s"),
+            Trigger::Rtt { rtt, limit } => {
+                write!(f, "round trip {:.0}ms, limit {:.0}ms", ms(rtt), ms(limit))
+            }
+            Trigger::Loss { loss, limit } => {
+                write!(f, "loss {:.1}%, limit {:.1}%", loss * 100.0, limit * 100.0)
+            }
+            Trigger::Jitter { jitter, limit } => {
+                write!(f, "jitter {:.0}ms, limit {:.0}ms", ms(jitter), ms(limit))
+            }
+            Trigger::Stall { stalled, limit } => {
+                write!(f, "stalled {:.0}ms, limit {:.0}ms", ms(stalled), ms(limit))
+            }
+            Trigger::Throughput { rate, limit } => {
+                write!(f, "throughput {rate}B/s, limit {limit}B/s")
+            }
         }
     }
 }
@@ -364,7 +403,8 @@ impl Entry {
     }
 
     fn failed_within(&self, now: Instant, span: Duration) -> bool {
-        self.failed_at.is_some_and(|t| now.saturating_duration_since(t) < span)
+        self.failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < span)
     }
 }
 
@@ -379,7 +419,13 @@ fn after(now: Instant, d: Duration) -> Option<Instant> {
 /// limit does not flip the level at every check. The level held is the
 /// interface's overall one, so leaving a level needs every metric clear of
 /// the band.
-fn judge_high(v: f64, warn: Option<f64>, crit: Option<f64>, prev: Health, h: f64) -> Option<Health> {
+fn judge_high(
+    v: f64,
+    warn: Option<f64>,
+    crit: Option<f64>,
+    prev: Health,
+    h: f64,
+) -> Option<Health> {
     if crit.is_some_and(|c| v >= c || (prev == Health::Critical && v >= c * (1.0 - h))) {
         return Some(Health::Critical);
     }
@@ -418,7 +464,11 @@ fn assess_window(
     let (w, c, h) = (&cfg.warning, &cfg.critical, cfg.hysteresis);
     let stats = window.stats(now, cfg.window);
     let judged = stats.samples >= cfg.min_samples;
-    let mut health = if judged { Health::Good } else { Health::Unknown };
+    let mut health = if judged {
+        Health::Good
+    } else {
+        Health::Unknown
+    };
     let mut trigger = None;
     let mut consider = |level: Option<Health>, t: &dyn Fn(Health) -> Trigger| {
         if let Some(level) = level {
@@ -435,40 +485,70 @@ fn assess_window(
     if let Some(e) = path {
         let stalled = e.stalled(now);
         if !stalled.is_zero() {
-            consider(judge_high(stalled.as_secs_f64(), secs(w.stall), secs(c.stall), prev, h), &|l| Trigger::Stall {
-                stalled,
-                limit: pick(l, w.stall, c.stall),
-            });
+            consider(
+                judge_high(stalled.as_secs_f64(), secs(w.stall), secs(c.stall), prev, h),
+                &|l| Trigger::Stall {
+                    stalled,
+                    limit: pick(l, w.stall, c.stall),
+                },
+            );
         }
     }
     if judged {
         if let Some(loss) = stats.loss {
-            consider(judge_high(loss, w.loss, c.loss, prev, h), &|l| Trigger::Loss {
-                loss,
-                limit: if l == Health::Critical { c.loss } else { w.loss }.unwrap_or_default(),
+            consider(judge_high(loss, w.loss, c.loss, prev, h), &|l| {
+                Trigger::Loss {
+                    loss,
+                    limit: if l == Health::Critical {
+                        c.loss
+                    } else {
+                        w.loss
+                    }
+                    .unwrap_or_default(),
+                }
             });
         }
         if let Some(rtt) = stats.rtt {
-            consider(judge_high(rtt.as_secs_f64(), secs(w.rtt), secs(c.rtt), prev, h), &|l| Trigger::Rtt {
-                rtt,
-                limit: pick(l, w.rtt, c.rtt),
-            });
+            consider(
+                judge_high(rtt.as_secs_f64(), secs(w.rtt), secs(c.rtt), prev, h),
+                &|l| Trigger::Rtt {
+                    rtt,
+                    limit: pick(l, w.rtt, c.rtt),
+                },
+            );
         }
         if let Some(jitter) = stats.jitter {
-            consider(judge_high(jitter.as_secs_f64(), secs(w.jitter), secs(c.jitter), prev, h), &|l| Trigger::Jitter {
-                jitter,
-                limit: pick(l, w.jitter, c.jitter),
-            });
+            consider(
+                judge_high(
+                    jitter.as_secs_f64(),
+                    secs(w.jitter),
+                    secs(c.jitter),
+                    prev,
+                    h,
+                ),
+                &|l| Trigger::Jitter {
+                    jitter,
+                    limit: pick(l, w.jitter, c.jitter),
+                },
+            );
         }
     }
     if let Some(e) = path {
         if let Some((rate, at)) = e.throughput {
             if now.saturating_duration_since(at) < cfg.window {
                 let f = |v: Option<u64>| v.map(|v| v as f64);
-                consider(judge_low(rate as f64, f(w.throughput), f(c.throughput), prev, h), &|l| Trigger::Throughput {
-                    rate,
-                    limit: if l == Health::Critical { c.throughput } else { w.throughput }.unwrap_or_default(),
-                });
+                consider(
+                    judge_low(rate as f64, f(w.throughput), f(c.throughput), prev, h),
+                    &|l| Trigger::Throughput {
+                        rate,
+                        limit: if l == Health::Critical {
+                            c.throughput
+                        } else {
+                            w.throughput
+                        }
+                        .unwrap_or_default(),
+                    },
+                );
             }
         }
     }
@@ -488,9 +568,16 @@ fn level_reason(health: Health, trigger: Option<Trigger>) -> Option<Reason> {
 /// then the name for a stable order.
 fn preference(a: &Entry, b: &Entry) -> Ordering {
     let key = |e: &Entry| {
-        (e.attrs.priority.is_none(), e.attrs.priority, e.iface.route_metric.is_none(), e.iface.route_metric)
+        (
+            e.attrs.priority.is_none(),
+            e.attrs.priority,
+            e.iface.route_metric.is_none(),
+            e.iface.route_metric,
+        )
     };
-    key(a).cmp(&key(b)).then_with(|| a.iface.name.cmp(&b.iface.name))
+    key(a)
+        .cmp(&key(b))
+        .then_with(|| a.iface.name.cmp(&b.iface.name))
 }
 
 /// Order in which to try interfaces with no measurements (seed Figure 20):
@@ -498,8 +585,18 @@ fn preference(a: &Entry, b: &Entry) -> Ordering {
 /// before metered, cheaper first, then the route metric.
 fn connect_order(a: &Entry, b: &Entry) -> Ordering {
     let (x, y) = (&a.attrs, &b.attrs);
-    (x.needs_user_interaction, x.priority.is_none(), x.priority, x.metered)
-        .cmp(&(y.needs_user_interaction, y.priority.is_none(), y.priority, y.metered))
+    (
+        x.needs_user_interaction,
+        x.priority.is_none(),
+        x.priority,
+        x.metered,
+    )
+        .cmp(&(
+            y.needs_user_interaction,
+            y.priority.is_none(),
+            y.priority,
+            y.metered,
+        ))
         .then_with(|| x.cost.total_cmp(&y.cost))
         .then_with(|| preference(a, b))
 }
@@ -736,7 +833,10 @@ impl Engine {
         if self.switching.is_some() {
             return None;
         }
-        [self.next_check, self.next_search, self.next_far].into_iter().flatten().min()
+        [self.next_check, self.next_search, self.next_far]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs the activities that are due at `now`.
@@ -772,7 +872,10 @@ impl Engine {
         let current = current.map(str::to_owned);
         if current != self.target {
             for e in &mut self.entries {
-                let new = current.as_ref().and_then(|c| e.far.remove(c)).unwrap_or_default();
+                let new = current
+                    .as_ref()
+                    .and_then(|c| e.far.remove(c))
+                    .unwrap_or_default();
                 let old = Far {
                     window: std::mem::replace(&mut e.window, new.window),
                     health: std::mem::replace(&mut e.health, new.health),
@@ -789,7 +892,10 @@ impl Engine {
         }
         let mut targets: Vec<String> = Vec::new();
         for o in others {
-            if Some(o) != self.target.as_ref() && !targets.contains(o) && targets.len() < MAX_TARGETS {
+            if Some(o) != self.target.as_ref()
+                && !targets.contains(o)
+                && targets.len() < MAX_TARGETS
+            {
                 targets.push(o.clone());
             }
         }
@@ -797,7 +903,11 @@ impl Engine {
             e.far.retain(|a, _| targets.contains(a));
         }
         self.far_probes.retain(|(_, a)| targets.contains(a));
-        if self.proposal_addr.as_ref().is_some_and(|a| !targets.contains(a)) {
+        if self
+            .proposal_addr
+            .as_ref()
+            .is_some_and(|a| !targets.contains(a))
+        {
             self.withdraw();
         }
         self.targets = targets;
@@ -819,7 +929,9 @@ impl Engine {
             return;
         }
         let span = self.config.window;
-        let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == iface) else { return };
+        let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == iface) else {
+            return;
+        };
         let far = e.far.entry(addr.to_owned()).or_default();
         match sample {
             Sample::Rtt(rtt) => far.window.push(now, Some(rtt), span),
@@ -870,7 +982,9 @@ impl Engine {
     /// interfaces not in the table are ignored.
     pub fn on_measurement(&mut self, iface: &str, sample: Sample, now: Instant) {
         let span = self.config.window;
-        let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == iface) else { return };
+        let Some(e) = self.entries.iter_mut().find(|e| e.iface.name == iface) else {
+            return;
+        };
         match sample {
             Sample::Rtt(rtt) => e.window.push(now, Some(rtt), span),
             Sample::Lost => e.window.push(now, None, span),
@@ -959,8 +1073,11 @@ impl Engine {
     /// until it degrades: automatic improvements do not undo the user's
     /// choice.
     pub fn request_switch(&mut self, to: &str, _now: Instant) -> Result<(), Refusal> {
-        let e =
-            self.entries.iter().find(|e| e.iface.name == to).ok_or_else(|| Refusal::UnknownInterface(to.to_owned()))?;
+        let e = self
+            .entries
+            .iter()
+            .find(|e| e.iface.name == to)
+            .ok_or_else(|| Refusal::UnknownInterface(to.to_owned()))?;
         if e.attrs.never_use {
             return Err(Refusal::NeverUse(to.to_owned()));
         }
@@ -1023,7 +1140,9 @@ impl Engine {
 
     /// Check Activity: probe and judge the current path.
     fn check(&mut self, now: Instant) {
-        let Some(ci) = self.current_index() else { return };
+        let Some(ci) = self.current_index() else {
+            return;
+        };
         self.probe(self.entries[ci].iface.name.clone());
         let (health, trigger) = assess(&self.config, &self.entries[ci], now, true);
         self.entries[ci].health = health;
@@ -1063,7 +1182,9 @@ impl Engine {
     }
 
     fn decide(&mut self, now: Instant) {
-        let Some(ci) = self.current_index() else { return };
+        let Some(ci) = self.current_index() else {
+            return;
+        };
         let health = self.entries[ci].health;
         let reason = level_reason(health, self.trigger);
         self.refresh_alternatives(now);
@@ -1079,10 +1200,15 @@ impl Engine {
         if health == Health::Critical {
             let Some(reason) = reason else { return };
             match self.urgent_target(now, true, true) {
-                Some((i, addr)) => self.emit_switch(self.entries[i].iface.name.clone(), addr, reason, true),
+                Some((i, addr)) => {
+                    self.emit_switch(self.entries[i].iface.name.clone(), addr, reason, true)
+                }
                 None if self.told < Health::Critical => {
                     self.told = Health::Critical;
-                    self.decisions.push_back(Decision::Warn { reason, no_alternative: true });
+                    self.decisions.push_back(Decision::Warn {
+                        reason,
+                        no_alternative: true,
+                    });
                 }
                 None => {}
             }
@@ -1090,18 +1216,27 @@ impl Engine {
         }
         let target = self.planned_target(now, health);
         match (self.mode, target) {
-            (Mode::Auto, Some((i, addr, r))) => self.emit_switch(self.entries[i].iface.name.clone(), addr, r, false),
+            (Mode::Auto, Some((i, addr, r))) => {
+                self.emit_switch(self.entries[i].iface.name.clone(), addr, r, false)
+            }
             (Mode::Manual, Some((i, addr, r))) => {
                 let to = self.entries[i].iface.name.clone();
                 let declined = self.declined.as_ref().is_some_and(|(d, a, at)| {
-                    *d == to && *a == addr && now.saturating_duration_since(*at) < self.config.min_dwell
+                    *d == to
+                        && *a == addr
+                        && now.saturating_duration_since(*at) < self.config.min_dwell
                 });
-                let same = self.proposal.as_deref() == Some(to.as_str()) && self.proposal_addr == addr;
+                let same =
+                    self.proposal.as_deref() == Some(to.as_str()) && self.proposal_addr == addr;
                 if !declined && !same {
                     self.withdraw();
                     self.proposal = Some(to.clone());
                     self.proposal_addr = addr.clone();
-                    self.decisions.push_back(Decision::Propose { to, addr, reason: r });
+                    self.decisions.push_back(Decision::Propose {
+                        to,
+                        addr,
+                        reason: r,
+                    });
                 }
             }
             (Mode::User, _) | (_, None) => {
@@ -1114,7 +1249,10 @@ impl Engine {
                     // to go is the search's business, not yet the user's.
                     if self.mode == Mode::User || no_alternative {
                         self.told = Health::Warning;
-                        self.decisions.push_back(Decision::Warn { reason, no_alternative });
+                        self.decisions.push_back(Decision::Warn {
+                            reason,
+                            no_alternative,
+                        });
                     }
                 }
             }
@@ -1136,12 +1274,20 @@ impl Engine {
                     None => Reason::Startup,
                 };
                 self.no_path_told = false;
-                self.emit_switch(self.entries[i].iface.name.clone(), None, reason, self.connected_once);
+                self.emit_switch(
+                    self.entries[i].iface.name.clone(),
+                    None,
+                    reason,
+                    self.connected_once,
+                );
             }
             None if !self.no_path_told => {
                 self.no_path_told = true;
-                let reason =
-                    if self.entries.iter().any(Entry::usable) { Reason::AllFailed } else { Reason::NoUsableInterface };
+                let reason = if self.entries.iter().any(Entry::usable) {
+                    Reason::AllFailed
+                } else {
+                    Reason::NoUsableInterface
+                };
                 self.decisions.push_back(Decision::NoPath { reason });
             }
             None => {}
@@ -1149,11 +1295,15 @@ impl Engine {
     }
 
     fn lose_current(&mut self, now: Instant) {
-        let Some(from) = self.current.take() else { return };
+        let Some(from) = self.current.take() else {
+            return;
+        };
         self.reset_path_state();
         self.next_check = None;
         if self.single_interface() {
-            self.decisions.push_back(Decision::LinkGoing { reason: Reason::PathLost { from: from.clone() } });
+            self.decisions.push_back(Decision::LinkGoing {
+                reason: Reason::PathLost { from: from.clone() },
+            });
         }
         self.lost_from = Some(from);
         self.connect(now);
@@ -1170,16 +1320,27 @@ impl Engine {
     /// address within the hysteresis of the best is preferred. Nothing
     /// within the dwell time, and nothing while the user's own choice is
     /// still good.
-    fn planned_target(&self, now: Instant, health: Health) -> Option<(usize, Option<String>, Reason)> {
+    fn planned_target(
+        &self,
+        now: Instant,
+        health: Health,
+    ) -> Option<(usize, Option<String>, Reason)> {
         let ci = self.current_index()?;
         let degraded = health >= Health::Warning;
         if self.pinned && !degraded {
             return None;
         }
-        if self.switched_at.is_some_and(|t| now.saturating_duration_since(t) < self.config.min_dwell) {
+        if self
+            .switched_at
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.min_dwell)
+        {
             return None;
         }
-        let cur_class = if degraded { 2 } else { u8::from(self.entries[ci].attrs.metered) };
+        let cur_class = if degraded {
+            2
+        } else {
+            u8::from(self.entries[ci].attrs.metered)
+        };
         let cur_score = self.score(ci, now);
         let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
         let dwell = self.config.min_dwell;
@@ -1190,7 +1351,10 @@ impl Engine {
         let (mut best, mut best_here): (Option<Cand<'_>>, Option<Cand<'_>>) = (None, None);
         let wins = |key: &(bool, u8, f64), b: &Option<Cand<'_>>| {
             b.as_ref().is_none_or(|(_, _, b)| {
-                (key.0, key.1).cmp(&(b.0, b.1)).then_with(|| key.2.total_cmp(&b.2)) == Ordering::Less
+                (key.0, key.1)
+                    .cmp(&(b.0, b.1))
+                    .then_with(|| key.2.total_cmp(&b.2))
+                    == Ordering::Less
             })
         };
         for (i, e) in self.entries.iter().enumerate() {
@@ -1203,16 +1367,20 @@ impl Engine {
                     Some(a) => e.far.get(a).is_some_and(|f| {
                         f.health == Health::Good
                             && self.fresh(&f.window)
-                            && f.failed_at.is_none_or(|t| now.saturating_duration_since(t) >= dwell)
+                            && f.failed_at
+                                .is_none_or(|t| now.saturating_duration_since(t) >= dwell)
                     }),
                 };
                 if !good {
                     continue;
                 }
-                let Some(s) = self.score_of(i, addr.map(String::as_str), now) else { continue };
+                let Some(s) = self.score_of(i, addr.map(String::as_str), now) else {
+                    continue;
+                };
                 let class = u8::from(e.attrs.metered);
                 let better = class < cur_class
-                    || (class == cur_class && cur_score.is_some_and(|c| c - s > (h * c).max(min_gain)));
+                    || (class == cur_class
+                        && cur_score.is_some_and(|c| c - s > (h * c).max(min_gain)));
                 if !better {
                     continue;
                 }
@@ -1240,7 +1408,10 @@ impl Engine {
         } else if class < cur_class {
             Reason::LeaveMetered
         } else {
-            Reason::Better { from_score: cur_score.unwrap_or_default(), to_score: s }
+            Reason::Better {
+                from_score: cur_score.unwrap_or_default(),
+                to_score: s,
+            }
         };
         Some((i, addr.cloned(), reason))
     }
@@ -1253,7 +1424,12 @@ impl Engine {
     /// than the current one counting the hysteresis against it), then the
     /// current address before the others, then order of preference. Critical ones
     /// are excluded when leaving a critical path.
-    fn urgent_target(&mut self, now: Instant, exclude_critical: bool, pairs: bool) -> Option<(usize, Option<String>)> {
+    fn urgent_target(
+        &mut self,
+        now: Instant,
+        exclude_critical: bool,
+        pairs: bool,
+    ) -> Option<(usize, Option<String>)> {
         self.refresh_alternatives(now);
         let ci = self.current_index();
         let class = |h: Health| match h {
@@ -1275,7 +1451,12 @@ impl Engine {
                     None if Some(i) == ci => continue,
                     None => (e.health, Some(&e.window)),
                     Some(a) => match e.far.get(a) {
-                        Some(f) if f.failed_at.is_some_and(|t| now.saturating_duration_since(t) < span) => continue,
+                        Some(f)
+                            if f.failed_at
+                                .is_some_and(|t| now.saturating_duration_since(t) < span) =>
+                        {
+                            continue
+                        }
                         Some(f) => (f.health, Some(&f.window)),
                         None => (Health::Unknown, None),
                     },
@@ -1287,14 +1468,26 @@ impl Engine {
                     continue;
                 }
                 let score = match health {
-                    Health::Good | Health::Warning => self.score_of(i, addr.map(String::as_str), now).unwrap_or_default(),
+                    Health::Good | Health::Warning => self
+                        .score_of(i, addr.map(String::as_str), now)
+                        .unwrap_or_default(),
                     Health::Unknown | Health::Critical => 0.0,
                 };
                 // Moving the gateway address as well must be worth it, as
                 // in `planned_target`: another address pays the hysteresis.
                 let (h, min_gain) = (self.config.hysteresis, self.config.min_gain);
-                let score = if addr.is_some() { score + (h * score).max(min_gain) } else { score };
-                candidates.push((i, addr, e.attrs.needs_user_interaction, class(health) * 2 + u8::from(stale), score));
+                let score = if addr.is_some() {
+                    score + (h * score).max(min_gain)
+                } else {
+                    score
+                };
+                candidates.push((
+                    i,
+                    addr,
+                    e.attrs.needs_user_interaction,
+                    class(health) * 2 + u8::from(stale),
+                    score,
+                ));
             }
         }
         candidates
@@ -1328,7 +1521,11 @@ impl Engine {
         }
         let rtt = stats.rtt?;
         let w = &self.config.weights;
-        let rank = self.entries.iter().filter(|o| o.usable() && preference(o, e) == Ordering::Less).count();
+        let rank = self
+            .entries
+            .iter()
+            .filter(|o| o.usable() && preference(o, e) == Ordering::Less)
+            .count();
         Some(
             w.rtt * ms(rtt)
                 + w.jitter * ms(stats.jitter.unwrap_or_default())
@@ -1366,11 +1563,18 @@ impl Engine {
         self.next_check = None;
         self.next_search = None;
         self.next_far = None;
-        self.decisions.push_back(Decision::Switch { to, addr, reason, urgent });
+        self.decisions.push_back(Decision::Switch {
+            to,
+            addr,
+            reason,
+            urgent,
+        });
     }
 
     fn run_queued_request(&mut self) {
-        let Some(to) = self.queued_request.take() else { return };
+        let Some(to) = self.queued_request.take() else {
+            return;
+        };
         if self.current.as_deref() != Some(to.as_str()) && self.is_usable(&to) {
             self.pin_next = Some(to.clone());
             self.emit_switch(to, None, Reason::UserRequest, false);
@@ -1385,7 +1589,10 @@ impl Engine {
     }
 
     fn resume(&mut self, now: Instant) {
-        self.next_check = self.current.as_ref().and_then(|_| after(now, self.config.check_interval));
+        self.next_check = self
+            .current
+            .as_ref()
+            .and_then(|_| after(now, self.config.check_interval));
         self.next_search = after(now, self.config.search_interval);
         self.next_far = self.far_timer(now);
     }
@@ -1445,7 +1652,9 @@ impl Engine {
     }
 
     fn is_usable(&self, name: &str) -> bool {
-        self.entries.iter().any(|e| e.iface.name == name && e.usable())
+        self.entries
+            .iter()
+            .any(|e| e.iface.name == name && e.usable())
     }
 
     /// Only one interface the policy may use exists at all (up or not): the
@@ -1462,11 +1671,9 @@ impl Engine {
     /// same interface is a fine way out.)
     fn interface_suspect(&self, ci: usize) -> bool {
         !self.targets.is_empty()
-            && self
-                .entries
-                .iter()
-                .enumerate()
-                .any(|(i, e)| i != ci && e.usable() && e.health == Health::Good && self.fresh(&e.window))
+            && self.entries.iter().enumerate().any(|(i, e)| {
+                i != ci && e.usable() && e.health == Health::Good && self.fresh(&e.window)
+            })
     }
 
     /// With a multihomed gateway, while the current path is degraded: the
@@ -1486,7 +1693,10 @@ impl Engine {
     }
 
     fn any_alternative(&self) -> bool {
-        self.entries.iter().any(|e| e.usable() && self.current.as_deref() != Some(e.iface.name.as_str()))
-            || (!self.targets.is_empty() && self.current.as_deref().is_some_and(|c| self.is_usable(c)))
+        self.entries
+            .iter()
+            .any(|e| e.usable() && self.current.as_deref() != Some(e.iface.name.as_str()))
+            || (!self.targets.is_empty()
+                && self.current.as_deref().is_some_and(|c| self.is_usable(c)))
     }
 }

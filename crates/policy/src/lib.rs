@@ -16,8 +16,12 @@ pub mod config;
 pub mod engine;
 pub mod table;
 
-pub use config::{Attributes, ConfigError, InterfaceRule, Kind, Mode, PolicyConfig, Thresholds, Weights};
-pub use engine::{Decision, Engine, Health, IfaceStatus, PathStatus, Reason, Refusal, Trigger, MAX_TARGETS};
+pub use config::{
+    Attributes, ConfigError, InterfaceRule, Kind, Mode, PolicyConfig, Thresholds, Weights,
+};
+pub use engine::{
+    Decision, Engine, Health, IfaceStatus, PathStatus, Reason, Refusal, Trigger, MAX_TARGETS,
+};
 pub use table::{Interface, Sample, Stats};
 
 #[cfg(test)]

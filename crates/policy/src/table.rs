@@ -31,7 +31,13 @@ impl Interface {
     /// An interface that is up, addressed, and has a default route of
     /// metric `route_metric`.
     pub fn usable(name: impl Into<String>, kind: Kind, route_metric: Option<u32>) -> Self {
-        Self { name: name.into(), kind, up: true, has_address: true, route_metric }
+        Self {
+            name: name.into(),
+            kind,
+            up: true,
+            has_address: true,
+            route_metric,
+        }
     }
 }
 
@@ -84,7 +90,11 @@ pub(crate) struct Window {
 
 impl Window {
     pub(crate) fn push(&mut self, at: Instant, rtt: Option<Duration>, span: Duration) {
-        while self.samples.front().is_some_and(|&(t, _)| at.saturating_duration_since(t) >= span) {
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(t, _)| at.saturating_duration_since(t) >= span)
+        {
             self.samples.pop_front();
         }
         if self.samples.len() == MAX_SAMPLES {
@@ -99,7 +109,10 @@ impl Window {
     }
 
     pub(crate) fn stats(&self, now: Instant, span: Duration) -> Stats {
-        let recent = self.samples.iter().filter(|&&(t, _)| now.saturating_duration_since(t) < span);
+        let recent = self
+            .samples
+            .iter()
+            .filter(|&&(t, _)| now.saturating_duration_since(t) < span);
         let (mut samples, mut lost, mut sum, mut answered) = (0u32, 0u32, 0.0f64, 0u32);
         let (mut prev, mut jitter_sum, mut jitter_n) = (None::<f64>, 0.0f64, 0u32);
         for &(_, rtt) in recent {
@@ -121,9 +134,13 @@ impl Window {
         let secs = |v: f64| Duration::try_from_secs_f64(v).ok();
         Stats {
             samples,
-            rtt: (answered > 0).then(|| secs(sum / f64::from(answered))).flatten(),
+            rtt: (answered > 0)
+                .then(|| secs(sum / f64::from(answered)))
+                .flatten(),
             loss: (samples > 0).then(|| f64::from(lost) / f64::from(samples)),
-            jitter: (jitter_n > 0).then(|| secs(jitter_sum / f64::from(jitter_n))).flatten(),
+            jitter: (jitter_n > 0)
+                .then(|| secs(jitter_sum / f64::from(jitter_n)))
+                .flatten(),
         }
     }
 }
@@ -151,7 +168,15 @@ mod tests {
         // The first sample leaves the window ten seconds after it was taken.
         let s = w.stats(t0 + ms(10_000), span);
         assert_eq!((s.samples, s.rtt), (3, Some(ms(100))));
-        assert_eq!(w.stats(t0 + ms(20_000), span), Stats { samples: 0, rtt: None, loss: None, jitter: None });
+        assert_eq!(
+            w.stats(t0 + ms(20_000), span),
+            Stats {
+                samples: 0,
+                rtt: None,
+                loss: None,
+                jitter: None
+            }
+        );
     }
 
     #[test]
@@ -161,6 +186,9 @@ mod tests {
         for i in 0..1000 {
             w.push(t0, Some(Duration::from_millis(i)), Duration::from_secs(10));
         }
-        assert_eq!(w.stats(t0, Duration::from_secs(10)).samples, MAX_SAMPLES as u32);
+        assert_eq!(
+            w.stats(t0, Duration::from_secs(10)).samples,
+            MAX_SAMPLES as u32
+        );
     }
 }

@@ -83,7 +83,11 @@ impl Sim {
         }
         while let Some(p) = self.engine.poll_probe() {
             let t = self.secs();
-            let sample = self.links.get(&p).and_then(|f| f(t)).map_or(Sample::Lost, Sample::Rtt);
+            let sample = self
+                .links
+                .get(&p)
+                .and_then(|f| f(t))
+                .map_or(Sample::Lost, Sample::Rtt);
             self.engine.on_measurement(&p, sample, self.now);
             self.probes.push((t, p));
         }
@@ -93,7 +97,9 @@ impl Sim {
     /// proposal names an interface that is in the table, up, addressed, not
     /// `never_use`, and not the current one.
     fn check_target(&self, d: &Decision) {
-        let (Decision::Switch { to, .. } | Decision::Propose { to, .. }) = d else { return };
+        let (Decision::Switch { to, .. } | Decision::Propose { to, .. }) = d else {
+            return;
+        };
         let iface = self.table.iter().find(|i| &i.name == to);
         assert!(
             iface.is_some_and(|i| i.up && i.has_address),
@@ -102,9 +108,19 @@ impl Sim {
             self.table
         );
         let kind = iface.map_or(Kind::Other, |i| i.kind);
-        assert!(!self.engine.config().attributes(to, kind).never_use, "{d:?}: never_use");
-        if matches!(d, Decision::Switch { addr: None, .. } | Decision::Propose { addr: None, .. }) {
-            assert_ne!(self.engine.current(), Some(to.as_str()), "{d:?}: the current interface");
+        assert!(
+            !self.engine.config().attributes(to, kind).never_use,
+            "{d:?}: never_use"
+        );
+        if matches!(
+            d,
+            Decision::Switch { addr: None, .. } | Decision::Propose { addr: None, .. }
+        ) {
+            assert_ne!(
+                self.engine.current(),
+                Some(to.as_str()),
+                "{d:?}: the current interface"
+            );
         }
     }
 
@@ -113,8 +129,13 @@ impl Sim {
         let end = self.t0 + Duration::from_secs_f64(secs);
         loop {
             let fin = self.finishing.as_ref().map(|f| f.0);
-            let next = [self.engine.poll_timeout(), fin].into_iter().flatten().min();
-            let Some(t) = next.filter(|&t| t <= end) else { break };
+            let next = [self.engine.poll_timeout(), fin]
+                .into_iter()
+                .flatten()
+                .min();
+            let Some(t) = next.filter(|&t| t <= end) else {
+                break;
+            };
             self.now = self.now.max(t);
             if fin.is_some_and(|f| f <= t) {
                 let (_, to) = self.finishing.take().unwrap();
@@ -150,7 +171,9 @@ impl Sim {
         self.log
             .iter()
             .filter_map(|(t, d)| match d {
-                Decision::Switch { to, reason, urgent, .. } => Some((*t, to.clone(), reason.clone(), *urgent)),
+                Decision::Switch {
+                    to, reason, urgent, ..
+                } => Some((*t, to.clone(), reason.clone(), *urgent)),
                 _ => None,
             })
             .collect()
@@ -161,7 +184,11 @@ impl Sim {
     }
 
     fn since(&self, t: f64) -> Vec<&Decision> {
-        self.log.iter().filter(|(at, _)| *at >= t).map(|(_, d)| d).collect()
+        self.log
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .map(|(_, d)| d)
+            .collect()
     }
 }
 
@@ -177,7 +204,15 @@ fn step(before: u64, at: f64, after: u64) -> impl Fn(f64) -> Option<Duration> {
 /// A round trip good (50 ms) until second 60, past the default warning of 300 ms (400 ms)
 /// until second 120, past the default critical 1 s (1500 ms) after.
 fn worsening() -> impl Fn(f64) -> Option<Duration> {
-    |t| Some(ms(if t < 60.0 { 50 } else if t < 120.0 { 400 } else { 1500 }))
+    |t| {
+        Some(ms(if t < 60.0 {
+            50
+        } else if t < 120.0 {
+            400
+        } else {
+            1500
+        }))
+    }
 }
 
 /// Deterministic noise in [-1, 1] for second `t` (splitmix64 of the
@@ -220,18 +255,29 @@ fn rule(f: impl FnOnce(&mut InterfaceRule)) -> InterfaceRule {
 fn warning_starts_search_critical_switches() {
     // The alternative is itself past the warning threshold: a warning alone
     // must only start the search; the critical threshold moves the path.
-    let mut sim = Sim::new(PolicyConfig::default(), vec![wifi("wlan0", 600), cell("wwan0", 700)])
-        .link("wlan0", worsening())
-        .link("wwan0", steady(350))
-        .start();
+    let mut sim = Sim::new(
+        PolicyConfig::default(),
+        vec![wifi("wlan0", 600), cell("wwan0", 700)],
+    )
+    .link("wlan0", worsening())
+    .link("wwan0", steady(350))
+    .start();
     sim.run_until(59.0);
     assert_eq!(sim.switches().len(), 1, "start-up only");
     assert_eq!(sim.engine.current(), Some("wlan0"));
     assert_eq!(sim.count(|d| matches!(d, Decision::StartSearch { .. })), 0);
-    let probes_before = sim.probes.iter().filter(|(t, p)| *t > 40.0 && p == "wwan0").count();
+    let probes_before = sim
+        .probes
+        .iter()
+        .filter(|(t, p)| *t > 40.0 && p == "wwan0")
+        .count();
 
     sim.run_until(119.0);
-    let starts: Vec<_> = sim.log.iter().filter(|(_, d)| matches!(d, Decision::StartSearch { .. })).collect();
+    let starts: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|(_, d)| matches!(d, Decision::StartSearch { .. }))
+        .collect();
     assert_eq!(starts.len(), 1, "{:?}", sim.log);
     let (at, d) = starts[0];
     // The 10s window's mean crosses 300ms about 7s after the change.
@@ -240,11 +286,22 @@ fn warning_starts_search_critical_switches() {
         matches!(d, Decision::StartSearch { reason: Reason::Warning(Trigger::Rtt { limit, .. }) } if *limit == ms(300)),
         "{d:?}"
     );
-    assert_eq!(sim.switches().len(), 1, "a warning alone does not switch to a worse-or-equal link");
+    assert_eq!(
+        sim.switches().len(),
+        1,
+        "a warning alone does not switch to a worse-or-equal link"
+    );
     // While degraded, the alternatives are probed at every check, not every
     // search.
-    let probes_after = sim.probes.iter().filter(|(t, p)| *t > 100.0 && p == "wwan0").count();
-    assert!(probes_after >= 3 * probes_before, "{probes_before} then {probes_after}");
+    let probes_after = sim
+        .probes
+        .iter()
+        .filter(|(t, p)| *t > 100.0 && p == "wwan0")
+        .count();
+    assert!(
+        probes_after >= 3 * probes_before,
+        "{probes_before} then {probes_after}"
+    );
 
     sim.run_until(140.0);
     let sw = sim.switches();
@@ -253,7 +310,10 @@ fn warning_starts_search_critical_switches() {
     assert!((120.0..130.0).contains(at), "{at}");
     assert_eq!(to, "wwan0");
     assert!(urgent);
-    assert!(matches!(reason, Reason::Critical(Trigger::Rtt { limit, .. }) if *limit == ms(1000)), "{reason:?}");
+    assert!(
+        matches!(reason, Reason::Critical(Trigger::Rtt { limit, .. }) if *limit == ms(1000)),
+        "{reason:?}"
+    );
     assert_eq!(sim.engine.current(), Some("wwan0"));
 }
 
@@ -262,7 +322,9 @@ fn warning_moves_to_a_good_alternative_in_auto_mode() {
     // A metered fallback: never an improvement while wlan0 is good, so only
     // the warning can move the path.
     let mut config = PolicyConfig::default();
-    config.kinds.insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
+    config
+        .kinds
+        .insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
     let mut sim = Sim::new(config, vec![wifi("wlan0", 600), cell("wwan0", 700)])
         .link("wlan0", step(50, 60.0, 400))
         .link("wwan0", steady(80))
@@ -279,13 +341,17 @@ fn warning_moves_to_a_good_alternative_in_auto_mode() {
 
 #[test]
 fn a_growing_stall_reaches_critical_without_new_reports() {
-    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", steady(5))
-        .link("wlan0", steady(30))
-        .start();
+    let mut sim = Sim::new(
+        PolicyConfig::default(),
+        vec![eth("eth0", 100), wifi("wlan0", 600)],
+    )
+    .link("eth0", steady(5))
+    .link("wlan0", steady(30))
+    .start();
     sim.run_until(10.0);
     // Reported once: the engine extends it with the time that passes.
-    sim.engine.on_measurement("eth0", Sample::Stall(ms(300)), sim.now);
+    sim.engine
+        .on_measurement("eth0", Sample::Stall(ms(300)), sim.now);
     sim.run_until(15.0);
     let sw = sim.switches();
     assert_eq!(sw.len(), 2, "{:?}", sim.log);
@@ -294,15 +360,27 @@ fn a_growing_stall_reaches_critical_without_new_reports() {
     // dwell time since start-up; critical at 2s switches regardless.
     assert!((11.5..12.5).contains(at), "{at}");
     assert_eq!((to.as_str(), *urgent), ("wlan0", true));
-    assert!(matches!(reason, Reason::Critical(Trigger::Stall { limit, .. }) if *limit == ms(2000)), "{reason:?}");
-    assert!(sim.count(|d| matches!(d, Decision::StartSearch { reason: Reason::Warning(Trigger::Stall { .. }) })) == 1);
+    assert!(
+        matches!(reason, Reason::Critical(Trigger::Stall { limit, .. }) if *limit == ms(2000)),
+        "{reason:?}"
+    );
+    assert!(
+        sim.count(|d| matches!(
+            d,
+            Decision::StartSearch {
+                reason: Reason::Warning(Trigger::Stall { .. })
+            }
+        )) == 1
+    );
 }
 
 #[test]
 fn each_gateway_address_has_its_own_measurements() {
     const A: &str = "192.0.2.1:7700";
     const B: &str = "198.51.100.1:7700";
-    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100)]).link("eth0", |t| (t < 10.0).then_some(ms(5))).start();
+    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100)])
+        .link("eth0", |t| (t < 10.0).then_some(ms(5)))
+        .start();
     sim.run_until(13.0);
     let before = sim.engine.interfaces(sim.now)[0].clone();
     assert!(before.stats.loss.is_some_and(|l| l > 0.0), "{before:?}");
@@ -310,7 +388,11 @@ fn each_gateway_address_has_its_own_measurements() {
     // before, towards no address known, says nothing of it.
     sim.engine.on_targets(Some(A), &[], sim.now);
     let after = sim.engine.interfaces(sim.now)[0].clone();
-    assert_eq!((after.stats.samples, after.health), (0, Health::Unknown), "{after:?}");
+    assert_eq!(
+        (after.stats.samples, after.health),
+        (0, Health::Unknown),
+        "{after:?}"
+    );
     sim.run_until(16.0);
     let on_a = sim.engine.interfaces(sim.now)[0].stats.samples;
     assert!(on_a > 0);
@@ -318,10 +400,17 @@ fn each_gateway_address_has_its_own_measurements() {
     sim.engine.on_targets(Some(B), &[A.to_owned()], sim.now);
     assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, 0);
     let paths = sim.engine.paths(sim.now);
-    let a = paths.iter().find(|p| p.gateway_addr.as_deref() == Some(A)).expect("A is a candidate");
+    let a = paths
+        .iter()
+        .find(|p| p.gateway_addr.as_deref() == Some(A))
+        .expect("A is a candidate");
     assert_eq!((a.stats.samples, a.current), (on_a, false), "{paths:?}");
     sim.engine.on_targets(Some(A), &[B.to_owned()], sim.now);
-    assert_eq!(sim.engine.interfaces(sim.now)[0].stats.samples, on_a, "back on A, its measurements with it");
+    assert_eq!(
+        sim.engine.interfaces(sim.now)[0].stats.samples,
+        on_a,
+        "back on A, its measurements with it"
+    );
 }
 
 #[test]
@@ -343,7 +432,10 @@ fn losing_probes_reaches_critical() {
     // and the dwell over, already a (planned) switch.
     assert!((40.0..41.0).contains(at), "{at}");
     assert_eq!(to, "wlan0");
-    assert!(matches!(reason, Reason::Warning(Trigger::Loss { .. })), "{reason:?}");
+    assert!(
+        matches!(reason, Reason::Warning(Trigger::Loss { .. })),
+        "{reason:?}"
+    );
     assert!(!urgent);
 
     // With the warning off, loss goes on until critical (4 of 20 probes).
@@ -351,7 +443,10 @@ fn losing_probes_reaches_critical() {
     config.warning.loss = None;
     let (at, _, reason, urgent) = run(config).switches()[1].clone();
     assert!((41.0..42.5).contains(&at), "{at}");
-    assert!(matches!(reason, Reason::Critical(Trigger::Loss { loss, .. }) if loss >= 0.2), "{reason:?}");
+    assert!(
+        matches!(reason, Reason::Critical(Trigger::Loss { loss, .. }) if loss >= 0.2),
+        "{reason:?}"
+    );
     assert!(urgent);
 }
 
@@ -365,7 +460,8 @@ fn low_throughput_counts_only_when_configured() {
             .link("wlan0", steady(500))
             .start();
         sim.run_until(10.0);
-        sim.engine.on_measurement("eth0", Sample::Throughput(50_000), sim.now);
+        sim.engine
+            .on_measurement("eth0", Sample::Throughput(50_000), sim.now);
         sim.run_until(11.0);
         sim.log
             .into_iter()
@@ -378,7 +474,12 @@ fn low_throughput_counts_only_when_configured() {
     assert!(
         matches!(
             starts[..],
-            [Decision::StartSearch { reason: Reason::Warning(Trigger::Throughput { rate: 50_000, limit: 100_000 }) }]
+            [Decision::StartSearch {
+                reason: Reason::Warning(Trigger::Throughput {
+                    rate: 50_000,
+                    limit: 100_000
+                })
+            }]
         ),
         "{starts:?}"
     );
@@ -390,15 +491,24 @@ fn low_throughput_counts_only_when_configured() {
 /// round trip oscillates around the 300ms warning threshold (300 ± 30ms,
 /// period 40s, ±10ms noise) next to a steady metered LTE link.
 fn threshold_flaps(hysteresis: f64, min_dwell: Duration) -> usize {
-    let mut config = PolicyConfig { hysteresis, min_dwell, ..PolicyConfig::default() };
-    config.kinds.insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
+    let mut config = PolicyConfig {
+        hysteresis,
+        min_dwell,
+        ..PolicyConfig::default()
+    };
+    config
+        .kinds
+        .insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
     let mut sim = Sim::new(config, vec![wifi("wlan0", 600), cell("wwan0", 700)])
         .link("wlan0", |t| {
             Some(Duration::from_secs_f64(
-                (300.0 + 30.0 * (2.0 * std::f64::consts::PI * t / 40.0).sin() + 10.0 * noise(t, 1)) / 1e3,
+                (300.0 + 30.0 * (2.0 * std::f64::consts::PI * t / 40.0).sin() + 10.0 * noise(t, 1))
+                    / 1e3,
             ))
         })
-        .link("wwan0", |t| Some(Duration::from_secs_f64((80.0 + 10.0 * noise(t, 2)) / 1e3)))
+        .link("wwan0", |t| {
+            Some(Duration::from_secs_f64((80.0 + 10.0 * noise(t, 2)) / 1e3))
+        })
         .start();
     sim.run_until(600.0);
     sim.switches().len() - 1
@@ -409,12 +519,20 @@ fn threshold_flaps(hysteresis: f64, min_dwell: Duration) -> usize {
 /// 60s), whose scores (with the preference points of its lower rank) cross
 /// again and again.
 fn score_flaps(hysteresis: f64, min_gain: f64, min_dwell: Duration) -> usize {
-    let config = PolicyConfig { hysteresis, min_gain, min_dwell, ..PolicyConfig::default() };
+    let config = PolicyConfig {
+        hysteresis,
+        min_gain,
+        min_dwell,
+        ..PolicyConfig::default()
+    };
     let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
-        .link("eth0", |t| Some(Duration::from_secs_f64((40.0 + 2.0 * noise(t, 3)) / 1e3)))
+        .link("eth0", |t| {
+            Some(Duration::from_secs_f64((40.0 + 2.0 * noise(t, 3)) / 1e3))
+        })
         .link("wlan0", |t| {
             Some(Duration::from_secs_f64(
-                (40.0 + 20.0 * (2.0 * std::f64::consts::PI * t / 60.0).sin() + 2.0 * noise(t, 4)) / 1e3,
+                (40.0 + 20.0 * (2.0 * std::f64::consts::PI * t / 60.0).sin() + 2.0 * noise(t, 4))
+                    / 1e3,
             ))
         })
         .start();
@@ -437,21 +555,34 @@ fn oscillating_link_does_not_flap() {
         ("hysteresis only", score_flaps(0.15, 10.0, Duration::ZERO)),
         ("defaults", score_flaps(0.15, 10.0, dwell)),
     ];
-    eprintln!("switches in 10 minutes, link oscillating around the warning threshold: {threshold:?}");
+    eprintln!(
+        "switches in 10 minutes, link oscillating around the warning threshold: {threshold:?}"
+    );
     eprintln!("switches in 10 minutes, two links with crossing scores: {score:?}");
-    assert!(threshold[0].1 >= 20, "without protection the threshold case should flap: {threshold:?}");
+    assert!(
+        threshold[0].1 >= 20,
+        "without protection the threshold case should flap: {threshold:?}"
+    );
     assert!(threshold[1].1 <= threshold[0].1 / 2, "{threshold:?}");
     assert!(threshold[3].1 <= 1, "{threshold:?}");
-    assert!(score[0].1 >= 10, "without protection the score case should flap: {score:?}");
+    assert!(
+        score[0].1 >= 10,
+        "without protection the score case should flap: {score:?}"
+    );
     assert!(score[3].1 == 0, "{score:?}");
 }
 
 #[test]
 fn no_switch_back_before_min_dwell() {
     let run = |min_dwell: Duration| {
-        let config = PolicyConfig { min_dwell, ..PolicyConfig::default() };
+        let config = PolicyConfig {
+            min_dwell,
+            ..PolicyConfig::default()
+        };
         let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
-            .link("eth0", |t| Some(ms(if (50.0..60.0).contains(&t) { 2000 } else { 5 })))
+            .link("eth0", |t| {
+                Some(ms(if (50.0..60.0).contains(&t) { 2000 } else { 5 }))
+            })
             .link("wlan0", steady(30))
             .start();
         sim.run_until(200.0);
@@ -467,8 +598,16 @@ fn no_switch_back_before_min_dwell() {
     assert!(matches!(back.2, Reason::Better { .. }), "{:?}", back.2);
     // The dwell counts from the end of the switch (200ms after the decision).
     let dwell_end = away.0 + 0.2 + 30.0;
-    assert!(back.0 >= dwell_end, "back at {} before the dwell ended at {dwell_end}", back.0);
-    assert!(back.0 <= dwell_end + 2.5, "back at {}, long after the dwell ended at {dwell_end}", back.0);
+    assert!(
+        back.0 >= dwell_end,
+        "back at {} before the dwell ended at {dwell_end}",
+        back.0
+    );
+    assert!(
+        back.0 <= dwell_end + 2.5,
+        "back at {}, long after the dwell ended at {dwell_end}",
+        back.0
+    );
 
     // Without a dwell time the same timeline switches back as soon as eth0
     // is judged good again, well before.
@@ -481,7 +620,10 @@ fn no_switch_back_before_min_dwell() {
 
 /// Manual mode on Wi-Fi at 120ms; a 5ms Ethernet cable is plugged in at 40s.
 fn manual_upgrade() -> Sim {
-    let config = PolicyConfig { mode: Mode::Manual, ..PolicyConfig::default() };
+    let config = PolicyConfig {
+        mode: Mode::Manual,
+        ..PolicyConfig::default()
+    };
     let mut sim = Sim::new(config, vec![down(eth("eth0", 100)), wifi("wlan0", 600)])
         .link("eth0", steady(5))
         .link("wlan0", steady(120))
@@ -495,12 +637,22 @@ fn manual_upgrade() -> Sim {
 #[test]
 fn manual_mode_waits_for_approval() {
     let mut sim = manual_upgrade();
-    let proposals: Vec<_> = sim.log.iter().filter(|(_, d)| matches!(d, Decision::Propose { .. })).collect();
+    let proposals: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|(_, d)| matches!(d, Decision::Propose { .. }))
+        .collect();
     assert_eq!(proposals.len(), 1, "{:?}", sim.log);
-    assert!(matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. }, .. } if to == "eth0"));
+    assert!(
+        matches!(proposals[0].1, Decision::Propose { ref to, reason: Reason::Better { .. }, .. } if to == "eth0")
+    );
     sim.run_until(300.0);
     assert_eq!(sim.switches().len(), 1, "no switch without approval");
-    assert_eq!(sim.count(|d| matches!(d, Decision::Propose { .. })), 1, "proposed once, not at every search");
+    assert_eq!(
+        sim.count(|d| matches!(d, Decision::Propose { .. })),
+        1,
+        "proposed once, not at every search"
+    );
     assert_eq!(sim.engine.proposal(), Some("eth0"));
     assert_eq!(sim.engine.current(), Some("wlan0"));
 
@@ -508,7 +660,10 @@ fn manual_mode_waits_for_approval() {
     sim.drain();
     let sw = sim.switches();
     assert_eq!(sw.len(), 2);
-    assert_eq!((sw[1].1.as_str(), &sw[1].2, sw[1].3), ("eth0", &Reason::UserApproved, false));
+    assert_eq!(
+        (sw[1].1.as_str(), &sw[1].2, sw[1].3),
+        ("eth0", &Reason::UserApproved, false)
+    );
     sim.run_until(301.0);
     assert_eq!(sim.engine.current(), Some("eth0"));
     assert_eq!(sim.engine.approve(sim.now), Err(Refusal::NoProposal));
@@ -521,11 +676,23 @@ fn decline_keeps_the_path_and_does_not_nag() {
     let declined_at = sim.secs();
     sim.run_until(declined_at + 29.0);
     assert_eq!(sim.switches().len(), 1);
-    assert!(sim.since(declined_at).iter().all(|d| !matches!(d, Decision::Propose { .. })), "{:?}", sim.log);
+    assert!(
+        sim.since(declined_at)
+            .iter()
+            .all(|d| !matches!(d, Decision::Propose { .. })),
+        "{:?}",
+        sim.log
+    );
     assert_eq!(sim.engine.current(), Some("wlan0"));
     // After the dwell time the still-better link is proposed once more.
     sim.run_until(declined_at + 33.0);
-    assert_eq!(sim.since(declined_at).iter().filter(|d| matches!(d, Decision::Propose { .. })).count(), 1);
+    assert_eq!(
+        sim.since(declined_at)
+            .iter()
+            .filter(|d| matches!(d, Decision::Propose { .. }))
+            .count(),
+        1
+    );
     assert_eq!(sim.switches().len(), 1);
     assert_eq!(sim.engine.decline(sim.now), Ok("eth0".to_owned()));
     assert_eq!(sim.engine.decline(sim.now), Err(Refusal::NoProposal));
@@ -533,7 +700,10 @@ fn decline_keeps_the_path_and_does_not_nag() {
 
 #[test]
 fn proposal_is_withdrawn_when_no_longer_better() {
-    let config = PolicyConfig { mode: Mode::Manual, ..PolicyConfig::default() };
+    let config = PolicyConfig {
+        mode: Mode::Manual,
+        ..PolicyConfig::default()
+    };
     let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600)])
         .link("eth0", steady(100))
         .link("wlan0", step(5, 100.0, 150))
@@ -542,22 +712,34 @@ fn proposal_is_withdrawn_when_no_longer_better() {
     assert_eq!(sim.engine.proposal(), Some("wlan0"));
     sim.run_until(130.0);
     assert_eq!(sim.engine.proposal(), None);
-    assert_eq!(sim.count(|d| matches!(d, Decision::ProposalWithdrawn { to } if to == "wlan0")), 1);
+    assert_eq!(
+        sim.count(|d| matches!(d, Decision::ProposalWithdrawn { to } if to == "wlan0")),
+        1
+    );
     assert_eq!(sim.engine.approve(sim.now), Err(Refusal::NoProposal));
     assert_eq!(sim.switches().len(), 1);
 }
 
 #[test]
 fn critical_overrides_manual_and_prefers_no_interaction() {
-    let mut config = PolicyConfig { mode: Mode::Manual, ..PolicyConfig::default() };
-    config.interfaces.insert("hotspot0".into(), rule(|r| r.needs_user_interaction = Some(true)));
+    let mut config = PolicyConfig {
+        mode: Mode::Manual,
+        ..PolicyConfig::default()
+    };
+    config.interfaces.insert(
+        "hotspot0".into(),
+        rule(|r| r.needs_user_interaction = Some(true)),
+    );
     // hotspot0 has the best metric and the best round trip, but needs a
     // captive portal.
-    let mut sim = Sim::new(config, vec![wifi("hotspot0", 50), wifi("wlan0", 600), cell("wwan0", 700)])
-        .link("hotspot0", steady(20))
-        .link("wlan0", step(100, 60.0, 2000))
-        .link("wwan0", steady(90))
-        .start();
+    let mut sim = Sim::new(
+        config,
+        vec![wifi("hotspot0", 50), wifi("wlan0", 600), cell("wwan0", 700)],
+    )
+    .link("hotspot0", steady(20))
+    .link("wlan0", step(100, 60.0, 2000))
+    .link("wwan0", steady(90))
+    .start();
     // Start-up puts the interactive link last despite its metric.
     assert_eq!(sim.switches()[0].1, "wlan0");
     sim.run_until(59.0);
@@ -576,7 +758,10 @@ fn critical_overrides_manual_and_prefers_no_interaction() {
     assert_eq!(sim.engine.current(), Some("wwan0"));
     // Between warning and critical the proposal moved to the automatic
     // link, and nothing was approved.
-    assert!(sim.log.iter().any(|(_, d)| matches!(d, Decision::ProposalWithdrawn { to } if to == "hotspot0")));
+    assert!(sim
+        .log
+        .iter()
+        .any(|(_, d)| matches!(d, Decision::ProposalWithdrawn { to } if to == "hotspot0")));
     assert!(sim
         .log
         .iter()
@@ -589,7 +774,9 @@ fn critical_overrides_manual_and_prefers_no_interaction() {
 fn cheaper_wins_when_quality_is_comparable() {
     let run = |wlan1_rtt: u64| {
         let mut config = PolicyConfig::default();
-        config.interfaces.insert("wlan0".into(), rule(|r| r.cost = Some(2.0)));
+        config
+            .interfaces
+            .insert("wlan0".into(), rule(|r| r.cost = Some(2.0)));
         let mut sim = Sim::new(config, vec![wifi("wlan0", 600), down(wifi("wlan1", 700))])
             .link("wlan0", steady(30))
             .link("wlan1", steady(wlan1_rtt))
@@ -613,19 +800,34 @@ fn cheaper_wins_when_quality_is_comparable() {
 #[test]
 fn metered_and_never_use_are_avoided() {
     let mut config = PolicyConfig::default();
-    config.kinds.insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
-    config.interfaces.insert("eth0".into(), rule(|r| r.never_use = Some(true)));
+    config
+        .kinds
+        .insert(Kind::Cellular, rule(|r| r.metered = Some(true)));
+    config
+        .interfaces
+        .insert("eth0".into(), rule(|r| r.never_use = Some(true)));
     // The kernel prefers eth0, then wwan0; both are faster than wlan0.
-    let mut sim = Sim::new(config, vec![eth("eth0", 50), cell("wwan0", 100), wifi("wlan0", 600)])
-        .link("eth0", steady(1))
-        .link("wwan0", steady(30))
-        .link("wlan0", move |t| Some(ms(if (100.0..150.0).contains(&t) { 400 } else { 80 })))
-        .start();
+    let mut sim = Sim::new(
+        config,
+        vec![eth("eth0", 50), cell("wwan0", 100), wifi("wlan0", 600)],
+    )
+    .link("eth0", steady(1))
+    .link("wwan0", steady(30))
+    .link("wlan0", move |t| {
+        Some(ms(if (100.0..150.0).contains(&t) { 400 } else { 80 }))
+    })
+    .start();
     sim.run_until(99.0);
     let sw = sim.switches();
     assert_eq!(sw.len(), 1, "{sw:?}");
-    assert_eq!(sw[0].1, "wlan0", "start-up skips never_use and tries unmetered first");
-    assert!(sim.probes.iter().all(|(_, p)| p != "eth0"), "never_use is not even probed");
+    assert_eq!(
+        sw[0].1, "wlan0",
+        "start-up skips never_use and tries unmetered first"
+    );
+    assert!(
+        sim.probes.iter().all(|(_, p)| p != "eth0"),
+        "never_use is not even probed"
+    );
 
     // wlan0 degrades: the metered link is the way out...
     sim.run_until(149.0);
@@ -636,10 +838,16 @@ fn metered_and_never_use_are_avoided() {
     sim.run_until(300.0);
     let sw = sim.switches();
     assert_eq!(sw.len(), 3, "{sw:?}");
-    assert_eq!((sw[2].1.as_str(), &sw[2].2), ("wlan0", &Reason::LeaveMetered));
+    assert_eq!(
+        (sw[2].1.as_str(), &sw[2].2),
+        ("wlan0", &Reason::LeaveMetered)
+    );
     assert!(sw.iter().all(|s| s.1 != "eth0"));
 
-    assert_eq!(sim.engine.request_switch("eth0", sim.now), Err(Refusal::NeverUse("eth0".into())));
+    assert_eq!(
+        sim.engine.request_switch("eth0", sim.now),
+        Err(Refusal::NeverUse("eth0".into()))
+    );
     let status = sim.engine.interfaces(sim.now);
     let eth0 = status.iter().find(|s| s.name == "eth0").unwrap();
     assert!(!eth0.usable && eth0.attributes.never_use);
@@ -651,22 +859,40 @@ fn metered_and_never_use_are_avoided() {
 
 #[test]
 fn user_initiated_switch_is_honoured() {
-    let mut sim =
-        Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600), down(cell("wwan0", 700))])
-            .link("eth0", steady(5))
-            .link("wlan0", step(60, 200.0, 500))
-            .start();
+    let mut sim = Sim::new(
+        PolicyConfig::default(),
+        vec![
+            eth("eth0", 100),
+            wifi("wlan0", 600),
+            down(cell("wwan0", 700)),
+        ],
+    )
+    .link("eth0", steady(5))
+    .link("wlan0", step(60, 200.0, 500))
+    .start();
     sim.run_until(5.0);
     assert_eq!(sim.engine.current(), Some("eth0"));
-    assert_eq!(sim.engine.request_switch("wlan9", sim.now), Err(Refusal::UnknownInterface("wlan9".into())));
-    assert_eq!(sim.engine.request_switch("wwan0", sim.now), Err(Refusal::Unusable("wwan0".into())));
-    assert_eq!(sim.engine.request_switch("eth0", sim.now), Err(Refusal::AlreadyCurrent("eth0".into())));
+    assert_eq!(
+        sim.engine.request_switch("wlan9", sim.now),
+        Err(Refusal::UnknownInterface("wlan9".into()))
+    );
+    assert_eq!(
+        sim.engine.request_switch("wwan0", sim.now),
+        Err(Refusal::Unusable("wwan0".into()))
+    );
+    assert_eq!(
+        sim.engine.request_switch("eth0", sim.now),
+        Err(Refusal::AlreadyCurrent("eth0".into()))
+    );
 
     // Honoured at once, within the dwell time and against the score.
     assert_eq!(sim.engine.request_switch("wlan0", sim.now), Ok(()));
     sim.drain();
     let sw = sim.switches();
-    assert_eq!((sw[1].1.as_str(), &sw[1].2, sw[1].3), ("wlan0", &Reason::UserRequest, false));
+    assert_eq!(
+        (sw[1].1.as_str(), &sw[1].2, sw[1].3),
+        ("wlan0", &Reason::UserRequest, false)
+    );
     // The user's choice is not undone by the far better eth0...
     sim.run_until(199.0);
     assert_eq!(sim.switches().len(), 2, "{:?}", sim.log);
@@ -682,18 +908,28 @@ fn user_initiated_switch_is_honoured() {
 #[test]
 fn user_request_works_in_every_mode_and_waits_for_a_switch_under_way() {
     for mode in [Mode::Auto, Mode::Manual, Mode::User] {
-        let config = PolicyConfig { mode, ..PolicyConfig::default() };
-        let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600), cell("wwan0", 700)])
-            .link("eth0", steady(5))
-            .link("wlan0", steady(40))
-            .link("wwan0", steady(60))
-            .start();
+        let config = PolicyConfig {
+            mode,
+            ..PolicyConfig::default()
+        };
+        let mut sim = Sim::new(
+            config,
+            vec![eth("eth0", 100), wifi("wlan0", 600), cell("wwan0", 700)],
+        )
+        .link("eth0", steady(5))
+        .link("wlan0", steady(40))
+        .link("wwan0", steady(60))
+        .start();
         // Asked while the start-up switch is under way: carried out after it.
         assert_eq!(sim.engine.switching(), Some("eth0"));
         assert_eq!(sim.engine.request_switch("wwan0", sim.now), Ok(()));
         sim.run_until(1.0);
         let sw = sim.switches();
-        assert_eq!(sw.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), ["eth0", "wwan0"], "{mode}");
+        assert_eq!(
+            sw.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+            ["eth0", "wwan0"],
+            "{mode}"
+        );
         assert_eq!(sim.engine.current(), Some("wwan0"));
         sim.engine.set_mode(Mode::Auto);
         assert_eq!(sim.engine.request_switch("wlan0", sim.now), Ok(()));
@@ -708,7 +944,10 @@ fn user_request_works_in_every_mode_and_waits_for_a_switch_under_way() {
 #[test]
 fn single_interface_reports_link_going_and_never_proposes() {
     for mode in [Mode::Auto, Mode::Manual] {
-        let config = PolicyConfig { mode, ..PolicyConfig::default() };
+        let config = PolicyConfig {
+            mode,
+            ..PolicyConfig::default()
+        };
         let mut sim = Sim::new(config, vec![wifi("wlan0", 600)])
             .link("wlan0", worsening())
             .start();
@@ -725,14 +964,28 @@ fn single_interface_reports_link_going_and_never_proposes() {
         assert!(matches!(going[0], Reason::Warning(_)));
         assert!(matches!(going[1], Reason::Critical(_)));
         assert_eq!(sim.switches().len(), 1, "start-up only");
-        assert_eq!(sim.count(|d| matches!(d, Decision::Propose { .. } | Decision::StartSearch { .. })), 0);
-        assert_eq!(sim.engine.request_switch("wlan0", sim.now), Err(Refusal::AlreadyCurrent("wlan0".into())));
+        assert_eq!(
+            sim.count(|d| matches!(d, Decision::Propose { .. } | Decision::StartSearch { .. })),
+            0
+        );
+        assert_eq!(
+            sim.engine.request_switch("wlan0", sim.now),
+            Err(Refusal::AlreadyCurrent("wlan0".into()))
+        );
 
         // The link goes: reported, and there is nothing to switch to.
         sim.set_up("wlan0", false);
         let tail = sim.since(sim.secs());
         assert!(
-            matches!(tail[..], [Decision::LinkGoing { reason: Reason::PathLost { .. } }, Decision::NoPath { .. }]),
+            matches!(
+                tail[..],
+                [
+                    Decision::LinkGoing {
+                        reason: Reason::PathLost { .. }
+                    },
+                    Decision::NoPath { .. }
+                ]
+            ),
             "{tail:?}"
         );
         sim.run_until(300.0);
@@ -754,15 +1007,37 @@ fn startup_tries_interfaces_in_order_of_preference() {
     no_route.route_metric = None;
     let mut sim = Sim::new(
         PolicyConfig::default(),
-        vec![cell("wwan0", 700), no_route, down(eth("eth1", 10)), eth("eth0", 100), wifi("wlan0", 600)],
+        vec![
+            cell("wwan0", 700),
+            no_route,
+            down(eth("eth1", 10)),
+            eth("eth0", 100),
+            wifi("wlan0", 600),
+        ],
     );
-    sim.failing = vec!["eth0".into(), "wlan0".into(), "wwan0".into(), "wlan1".into()];
+    sim.failing = vec![
+        "eth0".into(),
+        "wlan0".into(),
+        "wwan0".into(),
+        "wlan1".into(),
+    ];
     let mut sim = sim.start();
     sim.run_until(1.0);
     let order: Vec<String> = sim.switches().into_iter().map(|s| s.1).collect();
     assert_eq!(order, ["eth0", "wlan0", "wwan0", "wlan1"]);
-    assert!(sim.switches().iter().all(|s| s.2 == Reason::Startup && !s.3));
-    assert!(matches!(sim.log.last(), Some((_, Decision::NoPath { reason: Reason::AllFailed }))));
+    assert!(sim
+        .switches()
+        .iter()
+        .all(|s| s.2 == Reason::Startup && !s.3));
+    assert!(matches!(
+        sim.log.last(),
+        Some((
+            _,
+            Decision::NoPath {
+                reason: Reason::AllFailed
+            }
+        ))
+    ));
 
     // It keeps trying, every search interval, from the top.
     sim.failing.clear();
@@ -776,11 +1051,31 @@ fn startup_tries_interfaces_in_order_of_preference() {
     // User priorities rank before metrics; an interface that needs the user
     // comes last, a metered one after the unmetered.
     let mut config = PolicyConfig::default();
-    config.interfaces.insert("wwan0".into(), rule(|r| r.priority = Some(1)));
-    config.interfaces.insert("eth0".into(), rule(|r| r.needs_user_interaction = Some(true)));
-    config.interfaces.insert("wlan0".into(), rule(|r| r.metered = Some(true)));
-    let mut sim = Sim::new(config, vec![eth("eth0", 100), wifi("wlan0", 600), cell("wwan0", 700), wifi("wlan1", 800)]);
-    sim.failing = vec!["eth0".into(), "wlan0".into(), "wwan0".into(), "wlan1".into()];
+    config
+        .interfaces
+        .insert("wwan0".into(), rule(|r| r.priority = Some(1)));
+    config.interfaces.insert(
+        "eth0".into(),
+        rule(|r| r.needs_user_interaction = Some(true)),
+    );
+    config
+        .interfaces
+        .insert("wlan0".into(), rule(|r| r.metered = Some(true)));
+    let mut sim = Sim::new(
+        config,
+        vec![
+            eth("eth0", 100),
+            wifi("wlan0", 600),
+            cell("wwan0", 700),
+            wifi("wlan1", 800),
+        ],
+    );
+    sim.failing = vec![
+        "eth0".into(),
+        "wlan0".into(),
+        "wwan0".into(),
+        "wlan1".into(),
+    ];
     let mut sim = sim.start();
     sim.run_until(1.0);
     let order: Vec<String> = sim.switches().into_iter().map(|s| s.1).collect();
@@ -790,12 +1085,26 @@ fn startup_tries_interfaces_in_order_of_preference() {
 #[test]
 fn no_usable_interface_is_reported_once_and_retried() {
     let mut config = PolicyConfig::default();
-    config.interfaces.insert("wwan0".into(), rule(|r| r.never_use = Some(true)));
+    config
+        .interfaces
+        .insert("wwan0".into(), rule(|r| r.never_use = Some(true)));
     let mut no_addr = wifi("wlan0", 600);
     no_addr.has_address = false;
-    let mut sim = Sim::new(config, vec![down(eth("eth0", 100)), no_addr, cell("wwan0", 700)]).start();
+    let mut sim = Sim::new(
+        config,
+        vec![down(eth("eth0", 100)), no_addr, cell("wwan0", 700)],
+    )
+    .start();
     sim.run_until(60.0);
-    assert_eq!(sim.count(|d| *d == Decision::NoPath { reason: Reason::NoUsableInterface }), 1, "{:?}", sim.log);
+    assert_eq!(
+        sim.count(|d| *d
+            == Decision::NoPath {
+                reason: Reason::NoUsableInterface
+            }),
+        1,
+        "{:?}",
+        sim.log
+    );
     assert_eq!(sim.log.len(), 1);
     assert!(sim.engine.poll_timeout().is_some(), "keeps searching");
     assert_eq!(sim.engine.current(), None);
@@ -812,17 +1121,30 @@ fn no_usable_interface_is_reported_once_and_retried() {
 
 #[test]
 fn lost_path_switches_at_once() {
-    let mut sim = Sim::new(PolicyConfig::default(), vec![eth("eth0", 100), wifi("wlan0", 600), cell("wwan0", 700)])
-        .link("eth0", steady(5))
-        .link("wlan0", steady(500))
-        .link("wwan0", steady(60))
-        .start();
+    let mut sim = Sim::new(
+        PolicyConfig::default(),
+        vec![eth("eth0", 100), wifi("wlan0", 600), cell("wwan0", 700)],
+    )
+    .link("eth0", steady(5))
+    .link("wlan0", steady(500))
+    .link("wwan0", steady(60))
+    .start();
     sim.run_until(20.0);
     sim.set_up("eth0", false);
     let sw = sim.switches();
     assert_eq!(sw.len(), 2);
     // Measured good beats measured degraded, whatever the metric.
-    assert_eq!(sw[1], (20.0, "wwan0".into(), Reason::PathLost { from: "eth0".into() }, true));
+    assert_eq!(
+        sw[1],
+        (
+            20.0,
+            "wwan0".into(),
+            Reason::PathLost {
+                from: "eth0".into()
+            },
+            true
+        )
+    );
 }
 
 #[test]
@@ -930,7 +1252,10 @@ fn config() -> impl Strategy<Value = PolicyConfig> {
 
 /// Random attributes for [`NAMES`] and random settings, with check and
 /// search intervals (ms) in the given ranges.
-fn config_with(check: std::ops::Range<u64>, search: std::ops::Range<u64>) -> impl Strategy<Value = PolicyConfig> {
+fn config_with(
+    check: std::ops::Range<u64>,
+    search: std::ops::Range<u64>,
+) -> impl Strategy<Value = PolicyConfig> {
     let attrs = prop::collection::vec(
         (
             prop::bool::weighted(0.15),
@@ -942,33 +1267,45 @@ fn config_with(check: std::ops::Range<u64>, search: std::ops::Range<u64>) -> imp
         NAMES.len(),
     );
     let dwell = prop_oneof![Just(0u64), 0u64..60_000];
-    (attrs, 0u8..3, check, search, 0.0f64..0.5, dwell, 1u32..5, 1u64..60_000).prop_map(
-        |(attrs, mode, check, search, hysteresis, dwell, min_samples, window)| {
-            let mut c = PolicyConfig {
-                mode: [Mode::Auto, Mode::Manual, Mode::User][usize::from(mode)],
-                check_interval: ms(check),
-                search_interval: ms(search),
-                hysteresis,
-                min_dwell: ms(dwell),
-                min_samples,
-                window: ms(window),
-                ..PolicyConfig::default()
-            };
-            for (name, (never_use, interactive, metered, cost, priority)) in NAMES.iter().zip(attrs) {
-                c.interfaces.insert(
-                    (*name).into(),
-                    InterfaceRule {
-                        cost,
-                        priority,
-                        metered: Some(metered),
-                        never_use: Some(never_use),
-                        needs_user_interaction: Some(interactive),
-                    },
-                );
-            }
-            c
-        },
+    (
+        attrs,
+        0u8..3,
+        check,
+        search,
+        0.0f64..0.5,
+        dwell,
+        1u32..5,
+        1u64..60_000,
     )
+        .prop_map(
+            |(attrs, mode, check, search, hysteresis, dwell, min_samples, window)| {
+                let mut c = PolicyConfig {
+                    mode: [Mode::Auto, Mode::Manual, Mode::User][usize::from(mode)],
+                    check_interval: ms(check),
+                    search_interval: ms(search),
+                    hysteresis,
+                    min_dwell: ms(dwell),
+                    min_samples,
+                    window: ms(window),
+                    ..PolicyConfig::default()
+                };
+                for (name, (never_use, interactive, metered, cost, priority)) in
+                    NAMES.iter().zip(attrs)
+                {
+                    c.interfaces.insert(
+                        (*name).into(),
+                        InterfaceRule {
+                            cost,
+                            priority,
+                            metered: Some(metered),
+                            never_use: Some(never_use),
+                            needs_user_interaction: Some(interactive),
+                        },
+                    );
+                }
+                c
+            },
+        )
 }
 
 /// A driver for paths (interface, gateway address): probes are answered
@@ -989,14 +1326,21 @@ fn run_pairs(
     loop {
         while let Some(d) = e.poll() {
             if let Decision::Switch { to, addr, .. } = d {
-                assert!(addr.is_some() || to != at.0, "a switch to where the path already is");
+                assert!(
+                    addr.is_some() || to != at.0,
+                    "a switch to where the path already is"
+                );
                 e.on_switch_started(&to, now);
                 e.on_switch_finished(&to, now);
                 at.0 = to.clone();
                 if let Some(a) = &addr {
                     at.1 = a.clone();
                 }
-                let others: Vec<String> = addrs.iter().map(|a| a.to_string()).filter(|a| *a != at.1).collect();
+                let others: Vec<String> = addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .filter(|a| *a != at.1)
+                    .collect();
                 e.on_targets(Some(&at.1), &others, now);
                 out.push((now.saturating_duration_since(t0).as_secs_f64(), to, addr));
             }
@@ -1010,7 +1354,9 @@ fn run_pairs(
             let s = model(t, &iface, &addr).map_or(Sample::Lost, Sample::Rtt);
             e.on_path_measurement(&iface, &addr, s, now);
         }
-        let Some(next) = e.poll_timeout().filter(|&n| n <= end) else { return out };
+        let Some(next) = e.poll_timeout().filter(|&n| n <= end) else {
+            return out;
+        };
         now = now.max(next);
         e.handle_timeout(now);
     }
@@ -1022,11 +1368,19 @@ fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_inter
     const B: &str = "198.51.100.1:7700";
     // A short dwell: the moves come at the warning threshold, on the first
     // evidence, not at the critical one.
-    let mut e = Engine::new(PolicyConfig { min_dwell: ms(2000), ..PolicyConfig::default() });
+    let mut e = Engine::new(PolicyConfig {
+        min_dwell: ms(2000),
+        ..PolicyConfig::default()
+    });
     let t0 = Instant::now();
-    let table = vec![Interface::usable("wlan0", Kind::Wifi, Some(100)), Interface::usable("wwan0", Kind::Cellular, Some(200))];
+    let table = vec![
+        Interface::usable("wlan0", Kind::Wifi, Some(100)),
+        Interface::usable("wwan0", Kind::Cellular, Some(200)),
+    ];
     e.on_table(&table, t0);
-    let Some(Decision::Switch { to, addr: None, .. }) = e.poll() else { panic!("a start-up decision") };
+    let Some(Decision::Switch { to, addr: None, .. }) = e.poll() else {
+        panic!("a start-up decision")
+    };
     assert_eq!(to, "wlan0");
     e.on_switch_started(&to, t0);
     e.on_switch_finished(&to, t0);
@@ -1047,21 +1401,31 @@ fn pairs_a_degraded_address_moves_the_address_and_a_degraded_interface_the_inter
         Some(ms(if iface == "wlan0" { 20 } else { 45 }))
     };
     let sw = run_pairs(&mut e, t0, 20.0, &mut at, &[A, B], &model);
-    assert!(sw.is_empty(), "nothing moves while every path is good: {sw:?}");
+    assert!(
+        sw.is_empty(),
+        "nothing moves while every path is good: {sw:?}"
+    );
     let paths = e.paths(t0 + ms(19_000));
     assert_eq!(paths.len(), 4, "two interfaces by two addresses: {paths:?}");
     assert!(paths.iter().all(|p| p.health == Health::Good), "{paths:?}");
     let sw = run_pairs(&mut e, t0, 60.0, &mut at, &[A, B], &model);
     assert_eq!(
-        sw.iter().map(|(_, i, a)| (i.as_str(), a.as_deref())).collect::<Vec<_>>(),
+        sw.iter()
+            .map(|(_, i, a)| (i.as_str(), a.as_deref()))
+            .collect::<Vec<_>>(),
         vec![("wlan0", Some(B))],
         "the address moves, the interface stays: {sw:?}"
     );
-    assert!(sw[0].0 < 26.0, "within a few checks of the degradation: {sw:?}");
+    assert!(
+        sw[0].0 < 26.0,
+        "within a few checks of the degradation: {sw:?}"
+    );
     assert_eq!(e.target(), Some(B));
     let sw = run_pairs(&mut e, t0, 64.0, &mut at, &[A, B], &model);
     assert_eq!(
-        sw.iter().map(|(_, i, a)| (i.as_str(), a.as_deref())).collect::<Vec<_>>(),
+        sw.iter()
+            .map(|(_, i, a)| (i.as_str(), a.as_deref()))
+            .collect::<Vec<_>>(),
         vec![("wwan0", None)],
         "the interface moves, the address stays: {sw:?}"
     );
@@ -1072,7 +1436,9 @@ fn without_other_addresses_nothing_is_probed_but_interfaces() {
     let mut e = Engine::new(PolicyConfig::default());
     let t0 = Instant::now();
     e.on_table(&[Interface::usable("eth0", Kind::Ethernet, Some(100))], t0);
-    let Some(Decision::Switch { to, .. }) = e.poll() else { panic!("a start-up decision") };
+    let Some(Decision::Switch { to, .. }) = e.poll() else {
+        panic!("a start-up decision")
+    };
     e.on_switch_started(&to, t0);
     e.on_switch_finished(&to, t0);
     e.on_targets(Some("192.0.2.1:7700"), &["192.0.2.1:7700".to_owned()], t0);

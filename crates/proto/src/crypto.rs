@@ -65,7 +65,10 @@ pub struct ClientKey {
 
 impl fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientKey").field("public", &self.public()).field("seed", &"MASKED").finish()
+        f.debug_struct("ClientKey")
+            .field("public", &self.public())
+            .field("seed", &"MASKED")
+            .finish()
     }
 }
 
@@ -95,18 +98,24 @@ impl ClientKey {
         let body = text
             .trim()
             .strip_prefix(KEY_TEXT_PREFIX)
-            .ok_or(CryptoError::MalformedKey("expected a key starting with `baton-secret-key:`"))?;
+            .ok_or(CryptoError::MalformedKey(
+                "expected a key starting with `baton-secret-key:`",
+            ))?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|_| CryptoError::MalformedKey("not base64"))?;
-        let seed: [u8; 32] =
-            bytes.try_into().map_err(|_| CryptoError::MalformedKey("wrong length (want 32 bytes)"))?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::MalformedKey("wrong length (want 32 bytes)"))?;
         Ok(Self::from_seed(seed))
     }
 
     /// The key as text for a key file.
     pub fn to_text(&self) -> String {
-        format!("{KEY_TEXT_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(self.seed))
+        format!(
+            "{KEY_TEXT_PREFIX}{}",
+            base64::engine::general_purpose::STANDARD.encode(self.seed)
+        )
     }
 
     /// The public key, for the gateway's configuration.
@@ -150,15 +159,18 @@ impl std::str::FromStr for PublicKey {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(s.trim())
             .map_err(|_| CryptoError::MalformedKey("not base64"))?;
-        let pk: [u8; 32] =
-            bytes.try_into().map_err(|_| CryptoError::MalformedKey("wrong length (want 32 bytes)"))?;
+        let pk: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::MalformedKey("wrong length (want 32 bytes)"))?;
         Ok(Self(pk))
     }
 }
 
 impl PublicKey {
     fn verify(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
-        signature::UnparsedPublicKey::new(&signature::ED25519, self.0).verify(msg, sig).is_ok()
+        signature::UnparsedPublicKey::new(&signature::ED25519, self.0)
+            .verify(msg, sig)
+            .is_ok()
     }
 }
 
@@ -231,7 +243,10 @@ pub struct ControlCipher {
 
 impl fmt::Debug for ControlCipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ControlCipher").field("send_seq", &self.send_seq).field("recv_seq", &self.recv_seq).finish()
+        f.debug_struct("ControlCipher")
+            .field("send_seq", &self.send_seq)
+            .field("recv_seq", &self.recv_seq)
+            .finish()
     }
 }
 
@@ -257,7 +272,12 @@ impl ControlCipher {
             Role::Client => (keys.c2g.clone(), keys.g2c.clone()),
             Role::Gateway => (keys.g2c.clone(), keys.c2g.clone()),
         };
-        Self { send, recv, send_seq: 0, recv_seq: 0 }
+        Self {
+            send,
+            recv,
+            send_seq: 0,
+            recv_seq: 0,
+        }
     }
 
     /// Appends `msg` as a keyed frame (header, payload, tag) to `out`.
@@ -270,7 +290,12 @@ impl ControlCipher {
     }
 
     /// Authenticates and decodes a keyed frame read from the network.
-    pub fn open(&mut self, header: &[u8; FRAME_HEADER_LEN], payload: &[u8], got_tag: &[u8]) -> Result<Message, WireError> {
+    pub fn open(
+        &mut self,
+        header: &[u8; FRAME_HEADER_LEN],
+        payload: &[u8],
+        got_tag: &[u8],
+    ) -> Result<Message, WireError> {
         let hdr = FrameHeader::decode(header)?;
         if payload.len() != hdr.len || got_tag.len() != TAG_LEN {
             return Err(WireError::Truncated);
@@ -353,13 +378,19 @@ impl LegKey {
 
 fn ephemeral(rng: &dyn SecureRandom) -> Result<(EphemeralPrivateKey, [u8; 32]), CryptoError> {
     let private = EphemeralPrivateKey::generate(&X25519, rng).map_err(|_| CryptoError::Random)?;
-    let public = private.compute_public_key().map_err(|_| CryptoError::Random)?;
+    let public = private
+        .compute_public_key()
+        .map_err(|_| CryptoError::Random)?;
     let mut pk = [0u8; 32];
     pk.copy_from_slice(public.as_ref());
     Ok((private, pk))
 }
 
-fn agree(private: EphemeralPrivateKey, peer: &[u8; 32], transcript: &[u8]) -> Result<SessionKeys, CryptoError> {
+fn agree(
+    private: EphemeralPrivateKey,
+    peer: &[u8; 32],
+    transcript: &[u8],
+) -> Result<SessionKeys, CryptoError> {
     agreement::agree_ephemeral(private, &UnparsedPublicKey::new(&X25519, peer), |shared| {
         SessionKeys::derive(shared, transcript)
     })
@@ -390,18 +421,36 @@ impl ClientHandshake {
     ) -> Result<(Self, Vec<u8>), CryptoError> {
         let (private, ephemeral) = ephemeral(rng)?;
         let mut out = Preface::new(ConnKind::Control).encode().to_vec();
-        Message::Hello { client_id: client_id.to_owned(), ephemeral, resume }.encode(&mut out);
+        Message::Hello {
+            client_id: client_id.to_owned(),
+            ephemeral,
+            resume,
+        }
+        .encode(&mut out);
         let mut transcript = digest::Context::new(&SHA256);
         transcript.update(&out);
-        Ok((Self { key: key.clone(), private, transcript }, out))
+        Ok((
+            Self {
+                key: key.clone(),
+                private,
+                transcript,
+            },
+            out,
+        ))
     }
 
     /// Takes the gateway's Challenge frame (header and payload as received);
     /// returns the session id, the keys, and the Auth frame to send.
-    pub fn on_challenge(mut self, frame: &[u8]) -> Result<(u64, SessionKeys, Vec<u8>), CryptoError> {
+    pub fn on_challenge(
+        mut self,
+        frame: &[u8],
+    ) -> Result<(u64, SessionKeys, Vec<u8>), CryptoError> {
         let (ty, payload) = split_frame(frame)?;
         let (session_id, peer) = match Message::decode(ty, payload)? {
-            Message::Challenge { session_id, ephemeral } => (session_id, ephemeral),
+            Message::Challenge {
+                session_id,
+                ephemeral,
+            } => (session_id, ephemeral),
             other => return Err(CryptoError::Unexpected(other.ty())),
         };
         self.transcript.update(frame);
@@ -442,12 +491,23 @@ impl GatewayHandshake {
     ) -> Result<(Self, Vec<u8>), CryptoError> {
         let (private, ephemeral) = ephemeral(rng)?;
         let mut out = Vec::new();
-        Message::Challenge { session_id, ephemeral }.encode(&mut out);
+        Message::Challenge {
+            session_id,
+            ephemeral,
+        }
+        .encode(&mut out);
         let mut ctx = digest::Context::new(&SHA256);
         ctx.update(preface);
         ctx.update(hello_frame);
         ctx.update(&out);
-        Ok((Self { private, client_ephemeral, transcript: ctx.finish() }, out))
+        Ok((
+            Self {
+                private,
+                client_ephemeral,
+                transcript: ctx.finish(),
+            },
+            out,
+        ))
     }
 
     /// Checks the client's Auth frame against the public key configured for
@@ -463,13 +523,19 @@ impl GatewayHandshake {
         if !client.verify(&signed, &signature) {
             return Err(CryptoError::BadProof);
         }
-        agree(self.private, &self.client_ephemeral, self.transcript.as_ref())
+        agree(
+            self.private,
+            &self.client_ephemeral,
+            self.transcript.as_ref(),
+        )
     }
 }
 
 fn split_frame(frame: &[u8]) -> Result<(u8, &[u8]), WireError> {
-    let header: &[u8; FRAME_HEADER_LEN] =
-        frame.get(..FRAME_HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(WireError::Truncated)?;
+    let header: &[u8; FRAME_HEADER_LEN] = frame
+        .get(..FRAME_HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(WireError::Truncated)?;
     let hdr = FrameHeader::decode(header)?;
     let payload = &frame[FRAME_HEADER_LEN..];
     if payload.len() != hdr.len {
@@ -509,7 +575,10 @@ mod tests {
     use crate::stream::{Offset, StreamId};
     use ring::rand::SystemRandom;
 
-    fn handshake(client_key: &ClientKey, configured: &PublicKey) -> Result<(SessionKeys, SessionKeys), CryptoError> {
+    fn handshake(
+        client_key: &ClientKey,
+        configured: &PublicKey,
+    ) -> Result<(SessionKeys, SessionKeys), CryptoError> {
         let rng = SystemRandom::new();
         let (ch, first) = ClientHandshake::start("laptop-7", client_key, 0, &rng)?;
         let (preface, hello) = first.split_at(8);
@@ -547,7 +616,13 @@ mod tests {
             let mut buf = Vec::new();
             c.seal(&Message::Ping { seq }, &mut buf);
             let n = buf.len();
-            let m = g.open(buf[..3].try_into().unwrap(), &buf[3..n - TAG_LEN], &buf[n - TAG_LEN..]).unwrap();
+            let m = g
+                .open(
+                    buf[..3].try_into().unwrap(),
+                    &buf[3..n - TAG_LEN],
+                    &buf[n - TAG_LEN..],
+                )
+                .unwrap();
             assert_eq!(m, Message::Ping { seq });
         }
     }
@@ -557,7 +632,10 @@ mod tests {
         let rng = SystemRandom::new();
         let k = ClientKey::generate(&rng).unwrap();
         let other = ClientKey::generate(&rng).unwrap();
-        assert!(matches!(handshake(&k, &other.public()), Err(CryptoError::BadProof)));
+        assert!(matches!(
+            handshake(&k, &other.public()),
+            Err(CryptoError::BadProof)
+        ));
     }
 
     #[test]
@@ -573,7 +651,10 @@ mod tests {
         // Flipped tag bit.
         let mut bad = t.to_vec();
         bad[0] ^= 1;
-        assert_eq!(g.open(h.try_into().unwrap(), p, &bad), Err(WireError::BadTag));
+        assert_eq!(
+            g.open(h.try_into().unwrap(), p, &bad),
+            Err(WireError::BadTag)
+        );
         assert!(g.open(h.try_into().unwrap(), p, t).is_ok());
         // Replay of the same frame: the sequence number moved on.
         assert_eq!(g.open(h.try_into().unwrap(), p, t), Err(WireError::BadTag));
@@ -601,17 +682,30 @@ mod tests {
         let mut buf = Vec::new();
         let t = ck.leg_key().seal_open(&open, &mut buf);
         let n = buf.len();
-        assert!(gk.leg_key().verify_open(&buf[..n - TAG_LEN], &buf[n - TAG_LEN..]));
+        assert!(gk
+            .leg_key()
+            .verify_open(&buf[..n - TAG_LEN], &buf[n - TAG_LEN..]));
         let mut tampered = buf.clone();
         tampered[5] ^= 1;
-        assert!(!gk.leg_key().verify_open(&tampered[..n - TAG_LEN], &tampered[n - TAG_LEN..]));
-        let reply = Message::LegReply { result: Ok(Offset(0)), detail: String::new() };
+        assert!(!gk
+            .leg_key()
+            .verify_open(&tampered[..n - TAG_LEN], &tampered[n - TAG_LEN..]));
+        let reply = Message::LegReply {
+            result: Ok(Offset(0)),
+            detail: String::new(),
+        };
         let mut rb = Vec::new();
         gk.leg_key().seal_reply(&reply, &t, &mut rb);
         let m = rb.len();
-        assert!(ck.leg_key().verify_reply(&t, &rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
-        assert!(!ck.leg_key().verify_reply(&[0; TAG_LEN], &rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
+        assert!(ck
+            .leg_key()
+            .verify_reply(&t, &rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
+        assert!(!ck
+            .leg_key()
+            .verify_reply(&[0; TAG_LEN], &rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
         // An open tag never verifies as a reply.
-        assert!(!ck.leg_key().verify_open(&rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
+        assert!(!ck
+            .leg_key()
+            .verify_open(&rb[..m - TAG_LEN], &rb[m - TAG_LEN..]));
     }
 }

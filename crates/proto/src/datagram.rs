@@ -97,7 +97,9 @@ impl Kind {
     }
 
     fn from_code(code: u8, sender: Role) -> Option<Self> {
-        [Self::Data, Self::Announce].into_iter().find(|k| k.code(sender) == code)
+        [Self::Data, Self::Announce]
+            .into_iter()
+            .find(|k| k.code(sender) == code)
     }
 }
 
@@ -116,21 +118,33 @@ pub struct Header {
 
 /// A payload too large to relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("datagram of {0} bytes is larger than the {MAX_PAYLOAD} bytes a relayed datagram can carry")]
+#[error(
+    "datagram of {0} bytes is larger than the {MAX_PAYLOAD} bytes a relayed datagram can carry"
+)]
 pub struct TooLarge(pub usize);
 
 impl Header {
     /// The session id of bytes that look like a relayed datagram (either
     /// direction), to find the key to open them with.
     pub fn peek_session(bytes: &[u8]) -> Option<u64> {
-        if bytes.len() < OVERHEAD || bytes.len() > MAX_DATAGRAM || &bytes[..4] != MAGIC || bytes[4] != VERSION {
+        if bytes.len() < OVERHEAD
+            || bytes.len() > MAX_DATAGRAM
+            || &bytes[..4] != MAGIC
+            || bytes[4] != VERSION
+        {
             return None;
         }
         Some(u64::from_be_bytes(bytes[6..14].try_into().ok()?))
     }
 
     /// Appends the datagram carrying `payload`, sent by `sender`, to `out`.
-    pub fn seal(&self, sender: Role, payload: &[u8], key: &LegKey, out: &mut Vec<u8>) -> Result<(), TooLarge> {
+    pub fn seal(
+        &self,
+        sender: Role,
+        payload: &[u8],
+        key: &LegKey,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TooLarge> {
         if payload.len() > MAX_PAYLOAD {
             return Err(TooLarge(payload.len()));
         }
@@ -162,7 +176,15 @@ impl Header {
         if seq == 0 {
             return None;
         }
-        Some((Self { kind, session_id, flow, seq }, &bytes[HEADER_LEN..body]))
+        Some((
+            Self {
+                kind,
+                session_id,
+                flow,
+                seq,
+            },
+            &bytes[HEADER_LEN..body],
+        ))
     }
 }
 
@@ -194,7 +216,10 @@ pub struct ReplayWindow {
 
 impl Default for ReplayWindow {
     fn default() -> Self {
-        Self { top: 0, bits: [0; WORDS] }
+        Self {
+            top: 0,
+            bits: [0; WORDS],
+        }
     }
 }
 
@@ -259,8 +284,16 @@ impl HoldQueue {
     /// `max_bytes` bytes of payload (a single datagram larger than that is
     /// still held alone).
     pub fn new(max_datagrams: usize, max_bytes: usize) -> Self {
-        assert!(max_datagrams > 0, "a hold queue needs room for one datagram");
-        Self { queue: VecDeque::new(), bytes: 0, max_datagrams, max_bytes }
+        assert!(
+            max_datagrams > 0,
+            "a hold queue needs room for one datagram"
+        );
+        Self {
+            queue: VecDeque::new(),
+            bytes: 0,
+            max_datagrams,
+            max_bytes,
+        }
     }
 
     /// Holds `d`; returns how many older datagrams were dropped for it.
@@ -309,7 +342,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn data(seq: u64) -> Header {
-        Header { kind: Kind::Data, session_id: 7, flow: FlowId(3), seq }
+        Header {
+            kind: Kind::Data,
+            session_id: 7,
+            flow: FlowId(3),
+            seq,
+        }
     }
 
     #[test]
@@ -317,28 +355,47 @@ mod tests {
         let (c, g) = keys_pair();
         for payload in [&b""[..], b"hello", &[0xAB; MAX_PAYLOAD]] {
             let mut out = Vec::new();
-            data(1).seal(Role::Client, payload, &c.leg_key(), &mut out).unwrap();
+            data(1)
+                .seal(Role::Client, payload, &c.leg_key(), &mut out)
+                .unwrap();
             assert_eq!(out.len(), OVERHEAD + payload.len());
-            assert_eq!(&out[HEADER_LEN..HEADER_LEN + payload.len()], payload, "payload bytes unchanged");
+            assert_eq!(
+                &out[HEADER_LEN..HEADER_LEN + payload.len()],
+                payload,
+                "payload bytes unchanged"
+            );
             assert_eq!(Header::peek_session(&out), Some(7));
             let (h, p) = Header::open(&out, &g.leg_key(), Role::Client).unwrap();
             assert_eq!((h, p), (data(1), payload));
         }
-        let a = Header { kind: Kind::Announce, session_id: 7, flow: FlowId(0), seq: 2 };
+        let a = Header {
+            kind: Kind::Announce,
+            session_id: 7,
+            flow: FlowId(0),
+            seq: 2,
+        };
         let mut out = Vec::new();
         a.seal(Role::Gateway, &[], &g.leg_key(), &mut out).unwrap();
-        assert_eq!(Header::open(&out, &c.leg_key(), Role::Gateway).unwrap().0, a);
+        assert_eq!(
+            Header::open(&out, &c.leg_key(), Role::Gateway).unwrap().0,
+            a
+        );
     }
 
     #[test]
     fn forged_reflected_and_oversized_datagrams_fail() {
         let (c, g) = keys_pair();
         let mut out = Vec::new();
-        data(5).seal(Role::Client, b"payload", &c.leg_key(), &mut out).unwrap();
+        data(5)
+            .seal(Role::Client, b"payload", &c.leg_key(), &mut out)
+            .unwrap();
         for i in 0..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0x01;
-            assert!(Header::open(&bad, &g.leg_key(), Role::Client).is_none(), "flipped byte {i} opened");
+            assert!(
+                Header::open(&bad, &g.leg_key(), Role::Client).is_none(),
+                "flipped byte {i} opened"
+            );
         }
         // Reflected: a client's datagram is not a gateway's.
         assert!(Header::open(&out, &c.leg_key(), Role::Gateway).is_none());
@@ -350,11 +407,22 @@ mod tests {
             assert!(Header::open(&out[..n], &g.leg_key(), Role::Client).is_none());
         }
         assert_eq!(
-            data(1).seal(Role::Client, &vec![0; MAX_PAYLOAD + 1], &c.leg_key(), &mut Vec::new()),
+            data(1).seal(
+                Role::Client,
+                &vec![0; MAX_PAYLOAD + 1],
+                &c.leg_key(),
+                &mut Vec::new()
+            ),
             Err(TooLarge(MAX_PAYLOAD + 1))
         );
         // A probe is not a datagram, and a datagram key is not a probe key.
-        let probe = crate::probe::Probe { reply: false, session_id: 7, seq: 1, sent_us: 0 }.seal(&c.leg_key());
+        let probe = crate::probe::Probe {
+            reply: false,
+            session_id: 7,
+            seq: 1,
+            sent_us: 0,
+        }
+        .seal(&c.leg_key());
         assert!(Header::open(&probe, &g.leg_key(), Role::Client).is_none());
     }
 
@@ -380,12 +448,19 @@ mod tests {
         let mut q = HoldQueue::new(3, 1 << 20);
         let dropped: u64 = (0u8..10).map(|i| q.push(vec![i])).sum();
         assert_eq!(dropped, 7);
-        assert_eq!(q.take().into_iter().collect::<Vec<_>>(), vec![vec![7], vec![8], vec![9]]);
+        assert_eq!(
+            q.take().into_iter().collect::<Vec<_>>(),
+            vec![vec![7], vec![8], vec![9]]
+        );
         assert!(q.is_empty());
         let mut q = HoldQueue::new(100, 10);
         assert_eq!(q.push(vec![0; 6]), 0);
         assert_eq!(q.push(vec![1; 6]), 1, "the byte bound drops the oldest too");
-        assert_eq!(q.push(vec![2; 30]), 1, "one oversized datagram is held alone");
+        assert_eq!(
+            q.push(vec![2; 30]),
+            1,
+            "one oversized datagram is held alone"
+        );
         assert_eq!((q.len(), q.bytes()), (1, 30));
     }
 

@@ -13,10 +13,13 @@ pub mod session;
 pub mod stream;
 pub mod wire;
 
+pub use crypto::{
+    ClientHandshake, ClientKey, ControlCipher, CryptoError, GatewayHandshake, LegKey, PublicKey,
+    Role, SessionKeys,
+};
 pub use datagram::FlowId;
-pub use wire::FlowEnd;
-pub use crypto::{ClientHandshake, ClientKey, ControlCipher, CryptoError, GatewayHandshake, LegKey, PublicKey, Role, SessionKeys};
 pub use replay::{ReplayBuffer, ReplayError};
 pub use session::{Liveness, LivenessAction};
 pub use stream::{Admission, AdmitError, Offset, StreamId, StreamState, StreamTable};
+pub use wire::FlowEnd;
 pub use wire::{Compression, ConnKind, Message, Preface, RefuseReason, ResetCode, WireError};

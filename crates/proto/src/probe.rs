@@ -81,7 +81,12 @@ mod tests {
     #[test]
     fn probe_roundtrip_and_forgery() {
         let (a, b) = keys_pair();
-        let p = Probe { reply: false, session_id: 7, seq: 9, sent_us: 123 };
+        let p = Probe {
+            reply: false,
+            session_id: 7,
+            seq: 9,
+            sent_us: 123,
+        };
         let bytes = p.seal(&a.leg_key());
         assert_eq!(Probe::peek_session(&bytes), Some(7));
         assert_eq!(Probe::open(&bytes, &b.leg_key()), Some(p));

@@ -51,8 +51,17 @@ impl ReplayBuffer {
     /// An empty buffer holding at most `capacity` bytes. Nothing is
     /// allocated until bytes arrive.
     pub fn new(capacity: usize) -> Self {
-        assert!(capacity > 0, "a replay buffer needs room for at least one byte");
-        Self { ring: Vec::new(), capacity, base: 0, start: 0, end: 0 }
+        assert!(
+            capacity > 0,
+            "a replay buffer needs room for at least one byte"
+        );
+        Self {
+            ring: Vec::new(),
+            capacity,
+            base: 0,
+            start: 0,
+            end: 0,
+        }
     }
 
     /// Offset of the oldest unconfirmed byte.
@@ -131,7 +140,10 @@ impl ReplayBuffer {
     /// If `n` is more than that slice held.
     pub fn commit(&mut self, n: usize) {
         let at = self.index(self.end);
-        assert!(n <= self.free() && at + n <= self.ring.len(), "commit of {n} bytes beyond the spare slice");
+        assert!(
+            n <= self.free() && at + n <= self.ring.len(),
+            "commit of {n} bytes beyond the spare slice"
+        );
         self.end += n as u64;
     }
 
@@ -208,7 +220,10 @@ mod tests {
         }
         assert_eq!(got, b"fghijklm");
         assert_eq!(b.bytes_from(Offset(4)), Err(ReplayError::Missing(4, 5)));
-        assert_eq!(b.bytes_from(Offset(14)), Err(ReplayError::BeyondEnd(14, 13)));
+        assert_eq!(
+            b.bytes_from(Offset(14)),
+            Err(ReplayError::BeyondEnd(14, 13))
+        );
         assert_eq!(b.ack(Offset(14)), Err(ReplayError::BeyondEnd(14, 13)));
         b.ack(Offset(3)).unwrap(); // stale: ignored
         assert_eq!(b.start(), Offset(5));
@@ -281,7 +296,11 @@ mod tests {
         assert_eq!(held(&b, 4), b"e");
         // The next slice starts right after the last committed byte.
         assert_eq!(fill(&mut b, b"fghijklm"), 3, "up to the end of the ring");
-        assert_eq!(fill(&mut b, b"ijklm"), 4, "then from its front, up to the unconfirmed byte");
+        assert_eq!(
+            fill(&mut b, b"ijklm"),
+            4,
+            "then from its front, up to the unconfirmed byte"
+        );
         assert_eq!(held(&b, 4), b"efghijkl");
         assert!(b.spare(1).is_empty());
     }

@@ -31,7 +31,13 @@ pub struct Liveness {
 impl Liveness {
     /// `keepalive` is `None` on an end that only listens (the gateway).
     pub fn new(now: Instant, keepalive: Option<Duration>, timeout: Duration) -> Self {
-        Self { keepalive, timeout, last_rx: now, next_ping: keepalive.map(|k| now + k), next_seq: 0 }
+        Self {
+            keepalive,
+            timeout,
+            last_rx: now,
+            next_ping: keepalive.map(|k| now + k),
+            next_seq: 0,
+        }
     }
 
     /// An authenticated frame arrived from the peer.
@@ -83,9 +89,15 @@ mod tests {
         assert_eq!(l.poll_timeout(), t0 + s);
         assert_eq!(l.handle_timeout(t0 + s / 2), None);
         assert_eq!(l.handle_timeout(t0 + s), Some(LivenessAction::SendPing(0)));
-        assert_eq!(l.handle_timeout(t0 + 2 * s), Some(LivenessAction::SendPing(1)));
+        assert_eq!(
+            l.handle_timeout(t0 + 2 * s),
+            Some(LivenessAction::SendPing(1))
+        );
         l.on_receive(t0 + 2 * s);
-        assert_eq!(l.handle_timeout(t0 + 4 * s), Some(LivenessAction::SendPing(2)));
+        assert_eq!(
+            l.handle_timeout(t0 + 4 * s),
+            Some(LivenessAction::SendPing(2))
+        );
         assert_eq!(l.handle_timeout(t0 + 5 * s), Some(LivenessAction::Expired));
     }
 
@@ -97,7 +109,13 @@ mod tests {
         assert_eq!(l.handle_timeout(t0 + Duration::from_secs(299)), None);
         l.on_receive(t0 + Duration::from_secs(299));
         assert_eq!(l.handle_timeout(t0 + Duration::from_secs(300)), None);
-        assert_eq!(l.silent_for(t0 + Duration::from_secs(310)), Duration::from_secs(11));
-        assert_eq!(l.handle_timeout(t0 + Duration::from_secs(599)), Some(LivenessAction::Expired));
+        assert_eq!(
+            l.silent_for(t0 + Duration::from_secs(310)),
+            Duration::from_secs(11)
+        );
+        assert_eq!(
+            l.handle_timeout(t0 + Duration::from_secs(599)),
+            Some(LivenessAction::Expired)
+        );
     }
 }

@@ -153,7 +153,13 @@ pub const MAX_ID_GAP: u64 = 4096;
 impl StreamTable {
     /// An empty table admitting at most `max_live` live streams.
     pub fn new(max_live: usize) -> Self {
-        Self { next_unseen: 0, gaps: BTreeSet::new(), live: HashMap::new(), max_live, next_gateway: StreamId::GATEWAY }
+        Self {
+            next_unseen: 0,
+            gaps: BTreeSet::new(),
+            live: HashMap::new(),
+            max_live,
+            next_gateway: StreamId::GATEWAY,
+        }
     }
 
     /// Opens a stream from the gateway's side (a client service's
@@ -192,7 +198,9 @@ impl StreamTable {
             }
             let id = stream.0;
             if id >= self.next_unseen {
-                if id - self.next_unseen > MAX_ID_GAP || self.gaps.len() as u64 + (id - self.next_unseen) > MAX_ID_GAP {
+                if id - self.next_unseen > MAX_ID_GAP
+                    || self.gaps.len() as u64 + (id - self.next_unseen) > MAX_ID_GAP
+                {
                     return Err(AdmitError::TooFarAhead);
                 }
                 self.gaps.extend(self.next_unseen..id);
@@ -255,7 +263,10 @@ mod tests {
     #[test]
     fn limits_hold() {
         let mut t = StreamTable::new(2);
-        assert_eq!(t.admit(StreamId(MAX_ID_GAP + 1), 0), Err(AdmitError::TooFarAhead));
+        assert_eq!(
+            t.admit(StreamId(MAX_ID_GAP + 1), 0),
+            Err(AdmitError::TooFarAhead)
+        );
         t.admit(StreamId(0), 0).unwrap();
         t.admit(StreamId(1), 0).unwrap();
         assert_eq!(t.admit(StreamId(2), 0), Err(AdmitError::TooMany));
@@ -278,7 +289,10 @@ mod tests {
         // A client cannot open or revive an id of the gateway's space.
         t.close(g);
         assert_eq!(t.admit(g, 9), Err(AdmitError::Unopened));
-        assert_eq!(t.admit(StreamId(StreamId::GATEWAY | 77), 0), Err(AdmitError::Unopened));
+        assert_eq!(
+            t.admit(StreamId(StreamId::GATEWAY | 77), 0),
+            Err(AdmitError::Unopened)
+        );
         // Client ids still count from 0, with the live limit shared.
         assert_eq!(t.admit(StreamId(0), 0), Ok(Admission::New));
         assert_eq!(t.admit(StreamId(1), 0), Ok(Admission::New));

@@ -67,7 +67,10 @@ pub struct Preface {
 impl Preface {
     /// The preface this build sends for a connection of `kind`.
     pub fn new(kind: ConnKind) -> Self {
-        Self { version: VERSION, kind }
+        Self {
+            version: VERSION,
+            kind,
+        }
     }
 
     /// Encodes the preface.
@@ -93,7 +96,10 @@ impl Preface {
             b'L' => ConnKind::Leg,
             _ => return Err(WireError::BadPreface),
         };
-        Ok(Self { version: bytes[5], kind })
+        Ok(Self {
+            version: bytes[5],
+            kind,
+        })
     }
 }
 
@@ -266,17 +272,31 @@ pub enum Message {
     /// Client → gateway, first on a control connection: who I am, my
     /// ephemeral X25519 key, and the session to resume (0 for a new one).
     /// The resume request takes effect only once the Auth checks out.
-    Hello { client_id: String, ephemeral: [u8; 32], resume: u64 },
+    Hello {
+        client_id: String,
+        ephemeral: [u8; 32],
+        resume: u64,
+    },
     /// Gateway → client: the gateway's ephemeral key and the session id it
     /// will use if the proof checks out.
-    Challenge { session_id: u64, ephemeral: [u8; 32] },
+    Challenge {
+        session_id: u64,
+        ephemeral: [u8; 32],
+    },
     /// Client → gateway: Ed25519 signature over the handshake transcript.
     Auth { signature: [u8; 64] },
     /// Gateway → client, keyed: the session is up.
-    Accepted { session_id: u64, keepalive_ms: u32, inactivity_ms: u32 },
+    Accepted {
+        session_id: u64,
+        keepalive_ms: u32,
+        inactivity_ms: u32,
+    },
     /// Gateway → client: no. Sent before keys exist, so not keyed; a forged
     /// refusal can do no more than closing the connection could.
-    Refused { reason: RefuseReason, detail: String },
+    Refused {
+        reason: RefuseReason,
+        detail: String,
+    },
     /// Keep-alive, either way, keyed.
     Ping { seq: u64 },
     /// Answer to a [`Message::Ping`], keyed.
@@ -304,7 +324,9 @@ pub enum Message {
     /// Gateway → client, keyed: for each service of an [`Message::Expose`],
     /// where the gateway listens for it (on the address it assigned to this
     /// client agent) or why it does not.
-    Exposed { entries: Vec<(String, Result<SocketAddr, RefuseReason>)> },
+    Exposed {
+        entries: Vec<(String, Result<SocketAddr, RefuseReason>)>,
+    },
     /// Gateway → client, keyed: a connection arrived for a client service.
     /// The gateway opened `stream` (an id from its own space, see
     /// [`StreamId::GATEWAY`]); the client agent connects to the service's
@@ -328,7 +350,10 @@ pub enum Message {
     },
     /// Gateway → client on a leg: accepted with the offset from which the
     /// gateway needs the client's bytes, or refused.
-    LegReply { result: Result<Offset, RefuseReason>, detail: String },
+    LegReply {
+        result: Result<Offset, RefuseReason>,
+        detail: String,
+    },
     /// Gateway → client, keyed: every address at which the gateway accepts
     /// client agents now (seed 003's dynamic computer addresses), sent once
     /// the session is up and again whenever the set changes. The list
@@ -350,7 +375,11 @@ pub enum Message {
     FlowOpen { flow: FlowId, service: String },
     /// The answer to a [`Message::FlowOpen`], the other way: the flow may
     /// send (its socket to the target is ready), or it is refused. Keyed.
-    FlowReply { flow: FlowId, result: Result<(), RefuseReason>, detail: String },
+    FlowReply {
+        flow: FlowId,
+        result: Result<(), RefuseReason>,
+        detail: String,
+    },
     /// Either way: the flow is gone on the sender's side (idle, or never
     /// known there). Keyed.
     FlowClose { flow: FlowId, why: FlowEnd },
@@ -475,17 +504,28 @@ impl Message {
         out.put_u8(self.ty());
         out.put_u16(0);
         match self {
-            Self::Hello { client_id, ephemeral, resume } => {
+            Self::Hello {
+                client_id,
+                ephemeral,
+                resume,
+            } => {
                 put_str(out, client_id, MAX_NAME);
                 out.put_slice(ephemeral);
                 out.put_u64(*resume);
             }
-            Self::Challenge { session_id, ephemeral } => {
+            Self::Challenge {
+                session_id,
+                ephemeral,
+            } => {
                 out.put_u64(*session_id);
                 out.put_slice(ephemeral);
             }
             Self::Auth { signature } => out.put_slice(signature),
-            Self::Accepted { session_id, keepalive_ms, inactivity_ms } => {
+            Self::Accepted {
+                session_id,
+                keepalive_ms,
+                inactivity_ms,
+            } => {
                 out.put_u64(*session_id);
                 out.put_u32(*keepalive_ms);
                 out.put_u32(*inactivity_ms);
@@ -514,14 +554,20 @@ impl Message {
             }
             Self::Releg { stream } => out.put_u64(stream.0),
             Self::Expose { services } => {
-                assert!(services.len() <= MAX_EXPOSED, "too many exposed services for one frame");
+                assert!(
+                    services.len() <= MAX_EXPOSED,
+                    "too many exposed services for one frame"
+                );
                 out.put_u8(services.len() as u8);
                 for s in services {
                     put_str(out, s, MAX_NAME);
                 }
             }
             Self::Exposed { entries } => {
-                assert!(entries.len() <= MAX_EXPOSED, "too many exposed services for one frame");
+                assert!(
+                    entries.len() <= MAX_EXPOSED,
+                    "too many exposed services for one frame"
+                );
                 out.put_u8(entries.len() as u8);
                 for (name, result) in entries {
                     put_str(out, name, MAX_NAME);
@@ -538,7 +584,15 @@ impl Message {
                 out.put_u64(stream.0);
                 put_str(out, service, MAX_NAME);
             }
-            Self::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
+            Self::LegOpen {
+                session_id,
+                stream,
+                generation,
+                received,
+                service,
+                handover,
+                compression,
+            } => {
                 out.put_u64(*session_id);
                 out.put_u64(stream.0);
                 out.put_u32(*generation);
@@ -561,7 +615,10 @@ impl Message {
                 put_str(out, truncate(detail, MAX_REASON), MAX_REASON);
             }
             Self::Addresses { list } => {
-                assert!(list.len() <= MAX_ADDRESSES, "too many addresses for one frame");
+                assert!(
+                    list.len() <= MAX_ADDRESSES,
+                    "too many addresses for one frame"
+                );
                 out.put_u8(list.len() as u8);
                 list.iter().for_each(|a| put_addr(out, a));
             }
@@ -578,7 +635,11 @@ impl Message {
                 out.put_u32(flow.0);
                 put_str(out, service, MAX_NAME);
             }
-            Self::FlowReply { flow, result, detail } => {
+            Self::FlowReply {
+                flow,
+                result,
+                detail,
+            } => {
                 out.put_u32(flow.0);
                 out.put_u8(match result {
                     Ok(()) => 0,
@@ -592,7 +653,10 @@ impl Message {
             }
         }
         let len = out.len() - start - FRAME_HEADER_LEN;
-        assert!(len <= MAX_PAYLOAD, "message built by this process exceeds the frame bound");
+        assert!(
+            len <= MAX_PAYLOAD,
+            "message built by this process exceeds the frame bound"
+        );
         out[start + 1..start + 3].copy_from_slice(&(len as u16).to_be_bytes());
     }
 
@@ -605,10 +669,13 @@ impl Message {
                 ephemeral: get_array(&mut r)?,
                 resume: get_u64(&mut r)?,
             },
-            ty::CHALLENGE => {
-                Self::Challenge { session_id: get_u64(&mut r)?, ephemeral: get_array(&mut r)? }
-            }
-            ty::AUTH => Self::Auth { signature: get_array(&mut r)? },
+            ty::CHALLENGE => Self::Challenge {
+                session_id: get_u64(&mut r)?,
+                ephemeral: get_array(&mut r)?,
+            },
+            ty::AUTH => Self::Auth {
+                signature: get_array(&mut r)?,
+            },
             ty::ACCEPTED => Self::Accepted {
                 session_id: get_u64(&mut r)?,
                 keepalive_ms: get_u32(&mut r)?,
@@ -618,27 +685,36 @@ impl Message {
                 reason: RefuseReason::from_code(get_u8(&mut r)?),
                 detail: get_str(&mut r, MAX_REASON)?,
             },
-            ty::PING => Self::Ping { seq: get_u64(&mut r)? },
-            ty::PONG => Self::Pong { seq: get_u64(&mut r)? },
+            ty::PING => Self::Ping {
+                seq: get_u64(&mut r)?,
+            },
+            ty::PONG => Self::Pong {
+                seq: get_u64(&mut r)?,
+            },
             ty::DISCONNECT => Self::Disconnect,
             ty::DISCONNECT_ACK => Self::DisconnectAck,
             ty::STREAM_RESET => Self::StreamReset {
                 stream: StreamId(get_u64(&mut r)?),
                 code: ResetCode::from_code(get_u8(&mut r)?),
             },
-            ty::STREAM_FIN => {
-                Self::StreamFin { stream: StreamId(get_u64(&mut r)?), offset: Offset(get_u64(&mut r)?) }
-            }
+            ty::STREAM_FIN => Self::StreamFin {
+                stream: StreamId(get_u64(&mut r)?),
+                offset: Offset(get_u64(&mut r)?),
+            },
             ty::ACKS => {
                 let n = get_u16(&mut r)? as usize;
                 if n > MAX_ACKS {
                     return Err(WireError::TooLong(n));
                 }
                 need(r, n * 16)?;
-                let entries = (0..n).map(|_| (StreamId(r.get_u64()), Offset(r.get_u64()))).collect();
+                let entries = (0..n)
+                    .map(|_| (StreamId(r.get_u64()), Offset(r.get_u64())))
+                    .collect();
                 Self::Acks { entries }
             }
-            ty::RELEG => Self::Releg { stream: StreamId(get_u64(&mut r)?) },
+            ty::RELEG => Self::Releg {
+                stream: StreamId(get_u64(&mut r)?),
+            },
             ty::EXPOSE => {
                 let n = get_u8(&mut r)? as usize;
                 if n > MAX_EXPOSED {
@@ -663,7 +739,10 @@ impl Message {
                 }
                 Self::Exposed { entries }
             }
-            ty::INCOMING => Self::Incoming { stream: StreamId(get_u64(&mut r)?), service: get_name(&mut r)? },
+            ty::INCOMING => Self::Incoming {
+                stream: StreamId(get_u64(&mut r)?),
+                service: get_name(&mut r)?,
+            },
             ty::LEG_OPEN => Self::LegOpen {
                 session_id: get_u64(&mut r)?,
                 stream: StreamId(get_u64(&mut r)?),
@@ -684,8 +763,15 @@ impl Message {
             ty::LEG_REPLY => {
                 let code = get_u8(&mut r)?;
                 let off = get_u64(&mut r)?;
-                let result = if code == 0 { Ok(Offset(off)) } else { Err(RefuseReason::from_code(code)) };
-                Self::LegReply { result, detail: get_str(&mut r, MAX_REASON)? }
+                let result = if code == 0 {
+                    Ok(Offset(off))
+                } else {
+                    Err(RefuseReason::from_code(code))
+                };
+                Self::LegReply {
+                    result,
+                    detail: get_str(&mut r, MAX_REASON)?,
+                }
             }
             ty::ADDRESSES => {
                 let n = get_u8(&mut r)? as usize;
@@ -697,20 +783,37 @@ impl Message {
             }
             ty::GO_TO => match get_u8(&mut r)? {
                 0 => Self::GoTo { addr: None },
-                1 => Self::GoTo { addr: Some(get_addr(&mut r)?) },
+                1 => Self::GoTo {
+                    addr: Some(get_addr(&mut r)?),
+                },
                 _ => return Err(WireError::Invalid("go-to flag")),
             },
-            ty::ROAM => Self::Roam { from: get_addr(&mut r)?, to: get_addr(&mut r)? },
-            ty::FLOW_OPEN => Self::FlowOpen { flow: FlowId(get_u32(&mut r)?), service: get_name(&mut r)? },
+            ty::ROAM => Self::Roam {
+                from: get_addr(&mut r)?,
+                to: get_addr(&mut r)?,
+            },
+            ty::FLOW_OPEN => Self::FlowOpen {
+                flow: FlowId(get_u32(&mut r)?),
+                service: get_name(&mut r)?,
+            },
             ty::FLOW_REPLY => {
                 let flow = FlowId(get_u32(&mut r)?);
                 let code = get_u8(&mut r)?;
-                let result = if code == 0 { Ok(()) } else { Err(RefuseReason::from_code(code)) };
-                Self::FlowReply { flow, result, detail: get_str(&mut r, MAX_REASON)? }
+                let result = if code == 0 {
+                    Ok(())
+                } else {
+                    Err(RefuseReason::from_code(code))
+                };
+                Self::FlowReply {
+                    flow,
+                    result,
+                    detail: get_str(&mut r, MAX_REASON)?,
+                }
             }
-            ty::FLOW_CLOSE => {
-                Self::FlowClose { flow: FlowId(get_u32(&mut r)?), why: FlowEnd::from_code(get_u8(&mut r)?) }
-            }
+            ty::FLOW_CLOSE => Self::FlowClose {
+                flow: FlowId(get_u32(&mut r)?),
+                why: FlowEnd::from_code(get_u8(&mut r)?),
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         if !r.is_empty() {
@@ -725,7 +828,9 @@ impl Message {
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -740,7 +845,10 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
-    assert!(s.len() <= max && max <= u16::MAX as usize, "string field over its bound");
+    assert!(
+        s.len() <= max && max <= u16::MAX as usize,
+        "string field over its bound"
+    );
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
 }
@@ -811,7 +919,8 @@ fn get_str(r: &mut &[u8], max: usize) -> Result<String, WireError> {
         return Err(WireError::TooLong(len));
     }
     need(r, len)?;
-    let s = std::str::from_utf8(&r[..len]).map_err(|_| WireError::Invalid("string is not UTF-8"))?;
+    let s =
+        std::str::from_utf8(&r[..len]).map_err(|_| WireError::Invalid("string is not UTF-8"))?;
     let s = s.to_owned();
     r.advance(len);
     Ok(s)
@@ -849,34 +958,74 @@ mod tests {
 
     #[test]
     fn every_message_roundtrips() {
-        roundtrip(Message::Hello { client_id: "laptop-7".into(), ephemeral: [7; 32], resume: 9 });
-        roundtrip(Message::StreamFin { stream: StreamId(3), offset: Offset(1 << 40) });
-        roundtrip(Message::Acks { entries: vec![(StreamId(1), Offset(2)); MAX_ACKS] });
+        roundtrip(Message::Hello {
+            client_id: "laptop-7".into(),
+            ephemeral: [7; 32],
+            resume: 9,
+        });
+        roundtrip(Message::StreamFin {
+            stream: StreamId(3),
+            offset: Offset(1 << 40),
+        });
+        roundtrip(Message::Acks {
+            entries: vec![(StreamId(1), Offset(2)); MAX_ACKS],
+        });
         roundtrip(Message::Acks { entries: vec![] });
-        roundtrip(Message::Releg { stream: StreamId(8) });
-        roundtrip(Message::Expose { services: vec!["push".into(); MAX_EXPOSED] });
+        roundtrip(Message::Releg {
+            stream: StreamId(8),
+        });
+        roundtrip(Message::Expose {
+            services: vec!["push".into(); MAX_EXPOSED],
+        });
         roundtrip(Message::Expose { services: vec![] });
         let longest = "p".repeat(MAX_NAME);
         roundtrip(Message::Exposed {
             entries: (0..MAX_EXPOSED)
                 .map(|i| {
-                    let addr = if i % 2 == 0 { "[fd00::7]:7000" } else { "127.0.10.3:7000" };
-                    let result = if i % 3 == 0 { Err(RefuseReason::ServiceNotAllowed) } else { Ok(addr.parse().unwrap()) };
+                    let addr = if i % 2 == 0 {
+                        "[fd00::7]:7000"
+                    } else {
+                        "127.0.10.3:7000"
+                    };
+                    let result = if i % 3 == 0 {
+                        Err(RefuseReason::ServiceNotAllowed)
+                    } else {
+                        Ok(addr.parse().unwrap())
+                    };
                     (longest.clone(), result)
                 })
                 .collect(),
         });
-        roundtrip(Message::Incoming { stream: StreamId(StreamId::GATEWAY | 5), service: "push".into() });
-        roundtrip(Message::StreamReset { stream: StreamId(4), code: ResetCode::Refused });
-        roundtrip(Message::Challenge { session_id: 99, ephemeral: [1; 32] });
+        roundtrip(Message::Incoming {
+            stream: StreamId(StreamId::GATEWAY | 5),
+            service: "push".into(),
+        });
+        roundtrip(Message::StreamReset {
+            stream: StreamId(4),
+            code: ResetCode::Refused,
+        });
+        roundtrip(Message::Challenge {
+            session_id: 99,
+            ephemeral: [1; 32],
+        });
         roundtrip(Message::Auth { signature: [3; 64] });
-        roundtrip(Message::Accepted { session_id: 5, keepalive_ms: 10, inactivity_ms: 20 });
-        roundtrip(Message::Refused { reason: RefuseReason::CapacityFull, detail: "full".into() });
+        roundtrip(Message::Accepted {
+            session_id: 5,
+            keepalive_ms: 10,
+            inactivity_ms: 20,
+        });
+        roundtrip(Message::Refused {
+            reason: RefuseReason::CapacityFull,
+            detail: "full".into(),
+        });
         roundtrip(Message::Ping { seq: 1 });
         roundtrip(Message::Pong { seq: u64::MAX });
         roundtrip(Message::Disconnect);
         roundtrip(Message::DisconnectAck);
-        roundtrip(Message::StreamReset { stream: StreamId(4), code: ResetCode::Peer });
+        roundtrip(Message::StreamReset {
+            stream: StreamId(4),
+            code: ResetCode::Peer,
+        });
         roundtrip(Message::LegOpen {
             session_id: 1,
             stream: StreamId(2),
@@ -895,25 +1044,46 @@ mod tests {
             handover: true,
             compression: Compression::Zstd,
         });
-        roundtrip(Message::LegReply { result: Ok(Offset(77)), detail: String::new() });
+        roundtrip(Message::LegReply {
+            result: Ok(Offset(77)),
+            detail: String::new(),
+        });
         let v6: SocketAddr = "[2001:db8::7]:7700".parse().unwrap();
         let v4: SocketAddr = "10.90.1.2:7700".parse().unwrap();
         roundtrip(Message::Addresses { list: vec![] });
         roundtrip(Message::Addresses { list: vec![v4, v6] });
-        roundtrip(Message::Addresses { list: vec![v6; MAX_ADDRESSES] });
+        roundtrip(Message::Addresses {
+            list: vec![v6; MAX_ADDRESSES],
+        });
         roundtrip(Message::GoTo { addr: None });
         roundtrip(Message::GoTo { addr: Some(v6) });
         roundtrip(Message::Roam { from: v4, to: v6 });
-        roundtrip(Message::FlowOpen { flow: FlowId(1), service: "dns".into() });
-        roundtrip(Message::FlowOpen { flow: FlowId(FlowId::GATEWAY | 1), service: "telemetry".into() });
-        roundtrip(Message::FlowReply { flow: FlowId(2), result: Ok(()), detail: String::new() });
+        roundtrip(Message::FlowOpen {
+            flow: FlowId(1),
+            service: "dns".into(),
+        });
+        roundtrip(Message::FlowOpen {
+            flow: FlowId(FlowId::GATEWAY | 1),
+            service: "telemetry".into(),
+        });
+        roundtrip(Message::FlowReply {
+            flow: FlowId(2),
+            result: Ok(()),
+            detail: String::new(),
+        });
         roundtrip(Message::FlowReply {
             flow: FlowId(u32::MAX),
             result: Err(RefuseReason::ServiceNotAllowed),
             detail: "no".into(),
         });
-        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Idle });
-        roundtrip(Message::FlowClose { flow: FlowId(3), why: FlowEnd::Unknown });
+        roundtrip(Message::FlowClose {
+            flow: FlowId(3),
+            why: FlowEnd::Idle,
+        });
+        roundtrip(Message::FlowClose {
+            flow: FlowId(3),
+            why: FlowEnd::Unknown,
+        });
         roundtrip(Message::LegReply {
             result: Err(RefuseReason::TargetUnreachable),
             detail: "connection refused".into(),
@@ -935,15 +1105,27 @@ mod tests {
 
     #[test]
     fn exposed_lists_are_bounded_and_names_checked() {
-        assert_eq!(Message::decode(ty::EXPOSE, &[MAX_EXPOSED as u8 + 1]), Err(WireError::TooLong(MAX_EXPOSED + 1)));
-        assert_eq!(Message::decode(ty::EXPOSE, &[1, 0, 3, b'a', b' ', b'b']), Err(WireError::Invalid("name")));
+        assert_eq!(
+            Message::decode(ty::EXPOSE, &[MAX_EXPOSED as u8 + 1]),
+            Err(WireError::TooLong(MAX_EXPOSED + 1))
+        );
+        assert_eq!(
+            Message::decode(ty::EXPOSE, &[1, 0, 3, b'a', b' ', b'b']),
+            Err(WireError::Invalid("name"))
+        );
         // An address of an unknown family.
-        assert_eq!(Message::decode(ty::EXPOSED, &[1, 0, 1, b'a', 0, 5, 0, 0]), Err(WireError::Invalid("address family")));
+        assert_eq!(
+            Message::decode(ty::EXPOSED, &[1, 0, 1, b'a', 0, 5, 0, 0]),
+            Err(WireError::Invalid("address family"))
+        );
     }
 
     #[test]
     fn oversized_frame_is_rejected_before_allocation() {
-        assert_eq!(FrameHeader::decode(&[1, 0xff, 0xff]), Err(WireError::TooLong(0xffff)));
+        assert_eq!(
+            FrameHeader::decode(&[1, 0xff, 0xff]),
+            Err(WireError::TooLong(0xffff))
+        );
     }
 
     #[test]
@@ -953,7 +1135,10 @@ mod tests {
         buf.put_slice(b"a b");
         buf.put_slice(&[0; 32]);
         buf.put_u64(0);
-        assert_eq!(Message::decode(ty::HELLO, &buf), Err(WireError::Invalid("name")));
+        assert_eq!(
+            Message::decode(ty::HELLO, &buf),
+            Err(WireError::Invalid("name"))
+        );
         assert!(!valid_name(""));
         assert!(!valid_name(&"a".repeat(65)));
         assert!(valid_name("laptop-7.office_2"));
@@ -962,19 +1147,41 @@ mod tests {
     #[test]
     fn bad_addresses_are_rejected() {
         // Family 5, port 0, more entries than the bound, a truncated entry.
-        assert_eq!(Message::decode(ty::GO_TO, &[1, 5, 1, 2, 3, 4, 0, 80]), Err(WireError::Invalid("address family")));
-        assert_eq!(Message::decode(ty::GO_TO, &[1, 4, 1, 2, 3, 4, 0, 0]), Err(WireError::Invalid("port 0")));
-        assert_eq!(Message::decode(ty::GO_TO, &[2]), Err(WireError::Invalid("go-to flag")));
-        assert_eq!(Message::decode(ty::ADDRESSES, &[MAX_ADDRESSES as u8 + 1]), Err(WireError::TooLong(MAX_ADDRESSES + 1)));
-        assert_eq!(Message::decode(ty::ADDRESSES, &[1, 4, 1, 2, 3]), Err(WireError::Truncated));
-        assert_eq!(Message::decode(ty::ADDRESSES, &[0, 9]), Err(WireError::Trailing(1)));
+        assert_eq!(
+            Message::decode(ty::GO_TO, &[1, 5, 1, 2, 3, 4, 0, 80]),
+            Err(WireError::Invalid("address family"))
+        );
+        assert_eq!(
+            Message::decode(ty::GO_TO, &[1, 4, 1, 2, 3, 4, 0, 0]),
+            Err(WireError::Invalid("port 0"))
+        );
+        assert_eq!(
+            Message::decode(ty::GO_TO, &[2]),
+            Err(WireError::Invalid("go-to flag"))
+        );
+        assert_eq!(
+            Message::decode(ty::ADDRESSES, &[MAX_ADDRESSES as u8 + 1]),
+            Err(WireError::TooLong(MAX_ADDRESSES + 1))
+        );
+        assert_eq!(
+            Message::decode(ty::ADDRESSES, &[1, 4, 1, 2, 3]),
+            Err(WireError::Truncated)
+        );
+        assert_eq!(
+            Message::decode(ty::ADDRESSES, &[0, 9]),
+            Err(WireError::Trailing(1))
+        );
     }
 
     #[test]
     fn long_detail_is_truncated_on_a_char_boundary() {
         let detail = "é".repeat(400);
         let mut buf = Vec::new();
-        Message::Refused { reason: RefuseReason::Version, detail }.encode(&mut buf);
+        Message::Refused {
+            reason: RefuseReason::Version,
+            detail,
+        }
+        .encode(&mut buf);
         match Message::decode(buf[0], &buf[3..]).unwrap() {
             Message::Refused { detail, .. } => assert!(detail.len() <= MAX_REASON),
             m => panic!("decoded {m:?}"),

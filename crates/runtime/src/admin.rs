@@ -105,7 +105,9 @@ pub async fn status(client: &Client) -> Value {
             let (state, info) = match client.link_state(&g) {
                 Some(LinkState::Up(i)) => ("up", Some(i)),
                 Some(LinkState::Switching(i)) => ("switching", Some(i)),
-                Some(LinkState::Failed(e)) => return json!({"gateway": g, "state": "failed", "error": e.to_string()}),
+                Some(LinkState::Failed(e)) => {
+                    return json!({"gateway": g, "state": "failed", "error": e.to_string()})
+                }
                 _ => ("connecting", None),
             };
             match info {
@@ -121,8 +123,12 @@ pub async fn status(client: &Client) -> Value {
     let mut sessions = sessions;
     for v in &mut sessions {
         // The gateway's addresses and how the last search fared (client/roam.rs).
-        let book = v["gateway"].as_str().and_then(|g| client.gateway_addresses(g));
-        if let (Some(Ok(Value::Object(extra))), Some(obj)) = (book.map(serde_json::to_value), v.as_object_mut()) {
+        let book = v["gateway"]
+            .as_str()
+            .and_then(|g| client.gateway_addresses(g));
+        if let (Some(Ok(Value::Object(extra))), Some(obj)) =
+            (book.map(serde_json::to_value), v.as_object_mut())
+        {
             obj.extend(extra);
         }
     }
@@ -157,11 +163,15 @@ async fn handle(client: &Client, line: &str) -> Value {
         Request::Status => status(client).await,
         Request::Mode { mode } => match mode.parse::<baton_policy::Mode>() {
             Ok(m) => answer(client.set_mode(m).await),
-            Err(_) => json!({"ok": false, "error": format!("unknown mode {mode:?}: auto, manual or user")}),
+            Err(_) => {
+                json!({"ok": false, "error": format!("unknown mode {mode:?}: auto, manual or user")})
+            }
         },
         Request::Approve => answer(client.approve().await),
         Request::Decline => answer(client.decline().await),
-        Request::Events => json!({"ok": false, "error": "events are streamed: open a connection for them"}),
+        Request::Events => {
+            json!({"ok": false, "error": "events are streamed: open a connection for them"})
+        }
         Request::Switch { to } => match client.switch(&to).await {
             Ok(records) => json!({"ok": true, "switches": records}),
             Err(e) => json!({"ok": false, "error": e}),
@@ -181,18 +191,29 @@ pub(crate) async fn bind_socket(path: &Path, owner: &str) -> std::io::Result<Uni
         if UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("admin socket {} is in use by another {owner}", path.display()),
+                format!(
+                    "admin socket {} is in use by another {owner}",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create admin socket {}: {e}", path.display())))
+    UnixListener::bind(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot create admin socket {}: {e}", path.display()),
+        )
+    })
 }
 
 /// Serves the admin API on `path` until `shutdown`. An old socket file left
 /// by a crashed agent is replaced; a live one is an error.
-pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    client: Client,
+    path: PathBuf,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = bind_socket(&path, "agent").await?;
     info!(socket = %path.display(), "admin API listening");
     serve_api(listener, client, &path, shutdown).await
@@ -202,7 +223,12 @@ pub async fn serve(client: Client, path: PathBuf, shutdown: CancellationToken) -
 /// socket file at `path`. Each connection is served by a task of its own: one request per
 /// line, one reply line each; a line longer than [`MAX_REQUEST`] is refused, and a
 /// connection ends after 64 times that much, so that no peer holds a task for ever.
-pub(crate) async fn serve_api(listener: UnixListener, api: impl Api, path: &Path, shutdown: CancellationToken) -> std::io::Result<()> {
+pub(crate) async fn serve_api(
+    listener: UnixListener,
+    api: impl Api,
+    path: &Path,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     loop {
         let (conn, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -246,7 +272,9 @@ async fn stream_events(client: &Client, w: &mut OwnedWriteHalf) {
     loop {
         let line = match rx.recv().await {
             Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => json!({"kind": "lagged", "missed": n}).to_string(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                json!({"kind": "lagged", "missed": n}).to_string()
+            }
             Err(_) => return,
         };
         if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
@@ -259,7 +287,10 @@ async fn stream_events(client: &Client, w: &mut OwnedWriteHalf) {
 /// agent closes the connection.
 pub async fn follow_events(path: &Path, mut each: impl FnMut(Value)) -> std::io::Result<()> {
     let conn = UnixStream::connect(path).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach the client agent at {}: {e}", path.display()))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot reach the client agent at {}: {e}", path.display()),
+        )
     })?;
     let (r, mut w) = conn.into_split();
     w.write_all(b"{\"cmd\":\"events\"}\n").await?;
@@ -279,26 +310,49 @@ pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
 
 /// Sends one request line to the admin socket at `path` of `daemon` (started by `command`,
 /// named in the error that it cannot be reached) and returns its reply line.
-pub(crate) async fn ask(path: &Path, req: &impl Serialize, daemon: &str, command: &str) -> std::io::Result<Value> {
+pub(crate) async fn ask(
+    path: &Path,
+    req: &impl Serialize,
+    daemon: &str,
+    command: &str,
+) -> std::io::Result<Value> {
     let conn = UnixStream::connect(path).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach {daemon} at {}: {e} (is `{command}` running? --admin PATH)", path.display()))
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach {daemon} at {}: {e} (is `{command}` running? --admin PATH)",
+                path.display()
+            ),
+        )
     })?;
     let (r, mut w) = conn.into_split();
     let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
     text.push('\n');
     w.write_all(text.as_bytes()).await?;
     let mut lines = BufReader::new(r).lines();
-    let line = lines.next_line().await?.ok_or_else(|| std::io::Error::other(format!("{daemon} closed the admin connection")))?;
+    let line = lines
+        .next_line()
+        .await?
+        .ok_or_else(|| std::io::Error::other(format!("{daemon} closed the admin connection")))?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 
 /// `{"cmd":"roam"}`: a planned move to another address of the gateway.
 async fn roam(client: &Client, gateway: Option<String>, to: Option<String>) -> Value {
-    let to = match to.as_deref().map(str::parse::<std::net::SocketAddr>).transpose() {
+    let to = match to
+        .as_deref()
+        .map(str::parse::<std::net::SocketAddr>)
+        .transpose()
+    {
         Ok(t) => t,
-        Err(_) => return json!({"ok": false, "error": format!("invalid address {:?}: expected ip:port", to.unwrap_or_default())}),
+        Err(_) => {
+            return json!({"ok": false, "error": format!("invalid address {:?}: expected ip:port", to.unwrap_or_default())})
+        }
     };
-    match client.roam(gateway.as_deref(), to, "requested by the user").await {
+    match client
+        .roam(gateway.as_deref(), to, "requested by the user")
+        .await
+    {
         Ok(records) => json!({"ok": true, "switches": records}),
         Err(e) => json!({"ok": false, "error": e}),
     }

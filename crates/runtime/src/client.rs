@@ -36,26 +36,29 @@ use tracing::{debug, info, warn};
 
 use baton_proto::wire::{ConnKind, Preface, TAG_LEN};
 use baton_proto::{
-    ClientHandshake, ClientKey, ControlCipher, LegKey, Liveness, LivenessAction, Message, Offset, RefuseReason,
-    Role, StreamId,
+    ClientHandshake, ClientKey, ControlCipher, LegKey, Liveness, LivenessAction, Message, Offset,
+    RefuseReason, Role, StreamId,
 };
 
 mod expose;
 
 pub use expose::{ExposedState, ExposedStatus};
 
-use crate::util::{lock, sid};
 use crate::config::ClientConfig;
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
-use crate::stream::{self, AckBatch, InEvent, OutEvent, LegStart, StreamEnd, StreamInbox, StreamLimits, StreamShared, Tombstones, ToSession};
+use crate::stream::{
+    self, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamInbox, StreamLimits,
+    StreamShared, ToSession, Tombstones,
+};
+use crate::util::{lock, sid};
 
 mod book;
 mod roam;
 
 pub use book::AddressStatus;
-pub use roam::AddressBookStatus;
 use roam::AddrChoice;
+pub use roam::AddressBookStatus;
 
 /// Why a session with a gateway could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,7 +86,12 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Self::Refused { reason: RefuseReason::UnknownClient | RefuseReason::BadProof | RefuseReason::Version, .. }
+            Self::Refused {
+                reason: RefuseReason::UnknownClient
+                    | RefuseReason::BadProof
+                    | RefuseReason::Version,
+                ..
+            }
         )
     }
 }
@@ -283,21 +291,31 @@ struct ClientStream {
 impl Client {
     /// Binds every service listener and starts the sessions. Stops when
     /// `shutdown` fires, sending DISCONNECT to every gateway first.
-    pub async fn start(config: ClientConfig, key: ClientKey, shutdown: CancellationToken) -> std::io::Result<Self> {
+    pub async fn start(
+        config: ClientConfig,
+        key: ClientKey,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for (name, svc) in &config.services {
             if svc.protocol == crate::config::Protocol::Udp {
                 continue;
             }
             let l = baton_os::listen(svc.listen).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("service {name}: cannot listen on {}: {e}", svc.listen))
+                std::io::Error::new(
+                    e.kind(),
+                    format!("service {name}: cannot listen on {}: {e}", svc.listen),
+                )
             })?;
             listeners.push((name.clone(), l));
         }
         let tasks = TaskTracker::new();
         let mut udp = HashMap::new();
         for name in config.gateways.keys() {
-            udp.insert(name.clone(), crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?);
+            udp.insert(
+                name.clone(),
+                crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?,
+            );
         }
         let links = config
             .gateways
@@ -325,7 +343,10 @@ impl Client {
                 drop(task);
             }
         }
-        let limits = StreamLimits { replay_buffer: config.replay_buffer, ..StreamLimits::default() };
+        let limits = StreamLimits {
+            replay_buffer: config.replay_buffer,
+            ..StreamLimits::default()
+        };
         let (decider, decider_rx) = mpsc::unbounded_channel();
         let engine = baton_policy::Engine::new(config.policy.clone());
         let shared = Arc::new(Shared {
@@ -342,7 +363,9 @@ impl Client {
             decider,
         });
         for link in shared.links.values() {
-            shared.tasks.spawn(maintain_link(shared.clone(), link.clone()));
+            shared
+                .tasks
+                .spawn(maintain_link(shared.clone(), link.clone()));
         }
         let mut service_addrs = HashMap::new();
         for link in shared.links.values() {
@@ -354,8 +377,16 @@ impl Client {
             info!(service = %name, addr = %l.local_addr()?, "service listening");
             shared.tasks.spawn(serve_service(shared.clone(), name, l));
         }
-        let client = Self { shared: shared.clone(), service_addrs };
-        shared.tasks.spawn(crate::decide::run(client.clone(), engine, decider_rx, shared.shutdown.clone()));
+        let client = Self {
+            shared: shared.clone(),
+            service_addrs,
+        };
+        shared.tasks.spawn(crate::decide::run(
+            client.clone(),
+            engine,
+            decider_rx,
+            shared.shutdown.clone(),
+        ));
         Ok(client)
     }
 
@@ -366,13 +397,20 @@ impl Client {
 
     /// The current state of the session with `gateway`.
     pub fn link_state(&self, gateway: &str) -> Option<LinkState> {
-        self.shared.links.get(gateway).map(|l| l.state.borrow().clone())
+        self.shared
+            .links
+            .get(gateway)
+            .map(|l| l.state.borrow().clone())
     }
 
     /// Waits until the session with `gateway` is up, or its first attempt
     /// fails permanently.
     pub async fn wait_up(&self, gateway: &str) -> Result<SessionInfo, SessionError> {
-        let link = self.shared.links.get(gateway).ok_or_else(|| SessionError::Protocol(format!("no gateway {gateway}")))?;
+        let link = self
+            .shared
+            .links
+            .get(gateway)
+            .ok_or_else(|| SessionError::Protocol(format!("no gateway {gateway}")))?;
         let mut rx = link.state.subscribe();
         loop {
             match &*rx.borrow_and_update() {
@@ -405,24 +443,32 @@ impl Client {
 
     /// Live streams of the session with `gateway`.
     pub fn stream_count_for(&self, gateway: &str) -> usize {
-        self.shared.links.get(gateway).and_then(|l| lock(&l.core).clone()).map_or(0, |c| lock(&c.streams).len())
+        self.shared
+            .links
+            .get(gateway)
+            .and_then(|l| lock(&l.core).clone())
+            .map_or(0, |c| lock(&c.streams).len())
     }
 
     /// The interface the sessions use now (the first session's, if they differ).
     pub fn current_path(&self) -> Option<String> {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
-        names.into_iter().find_map(|g| match &*self.shared.links[g].state.borrow() {
-            LinkState::Up(i) => Some(i.path.clone()),
-            _ => None,
-        })
+        names
+            .into_iter()
+            .find_map(|g| match &*self.shared.links[g].state.borrow() {
+                LinkState::Up(i) => Some(i.path.clone()),
+                _ => None,
+            })
     }
 
     /// Every live stream.
     pub fn streams(&self) -> Vec<StreamStatus> {
         let mut out = Vec::new();
         for (g, link) in &self.shared.links {
-            let Some(core) = lock(&link.core).clone() else { continue };
+            let Some(core) = lock(&link.core).clone() else {
+                continue;
+            };
             for s in lock(&core.streams).values() {
                 out.push(StreamStatus {
                     gateway: g.clone(),
@@ -453,7 +499,10 @@ impl Client {
     pub fn exposed(&self) -> Vec<ExposedStatus> {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
-        names.into_iter().flat_map(|g| lock(&self.shared.links[g].exposed).clone()).collect()
+        names
+            .into_iter()
+            .flat_map(|g| lock(&self.shared.links[g].exposed).clone())
+            .collect()
     }
 
     /// UDP services, flows and their counters.
@@ -462,13 +511,19 @@ impl Client {
         for g in self.gateway_names() {
             self.shared.links[&g].udp.status(&mut out);
         }
-        out.flows.sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
+        out.flows
+            .sort_by(|a, b| a.gateway.cmp(&b.gateway).then(a.flow.cmp(&b.flow)));
         out
     }
 
     /// Live streams over all sessions.
     pub fn stream_count(&self) -> usize {
-        self.shared.links.values().filter_map(|l| lock(&l.core).clone()).map(|c| lock(&c.streams).len()).sum()
+        self.shared
+            .links
+            .values()
+            .filter_map(|l| lock(&l.core).clone())
+            .map(|c| lock(&c.streams).len())
+            .sum()
     }
 
     /// User-initiated switch of every session to the interface `to`,
@@ -477,14 +532,21 @@ impl Client {
     pub async fn switch(&self, to: &str) -> Result<Vec<SwitchRecord>, String> {
         let before = lock(&self.shared.switches).len();
         let (tx, rx) = oneshot::channel();
-        self.shared.decider.send(crate::decide::Command::Switch(to.to_owned(), tx)).map_err(|_| "client stopped".to_owned())?;
+        self.shared
+            .decider
+            .send(crate::decide::Command::Switch(to.to_owned(), tx))
+            .map_err(|_| "client stopped".to_owned())?;
         rx.await.map_err(|_| "client stopped".to_owned())??;
         Ok(lock(&self.shared.switches)[before..].to_vec())
     }
 
     /// Planned switch of every session to `to`, make before break, without
     /// asking the engine (the engine's own decisions come here).
-    pub(crate) async fn switch_now(&self, to: &str, reason: &str) -> Result<Vec<SwitchRecord>, String> {
+    pub(crate) async fn switch_now(
+        &self,
+        to: &str,
+        reason: &str,
+    ) -> Result<Vec<SwitchRecord>, String> {
         if !self.shared.paths.is_usable(to) {
             return Err(format!("interface {to:?} is not known or not up"));
         }
@@ -492,7 +554,12 @@ impl Client {
         for link in self.shared.links.values() {
             let (done, rx) = oneshot::channel();
             link.switch_tx
-                .send(SwitchRequest { to: to.to_owned(), addr: AddrChoice::Keep, reason: reason.to_owned(), done })
+                .send(SwitchRequest {
+                    to: to.to_owned(),
+                    addr: AddrChoice::Keep,
+                    reason: reason.to_owned(),
+                    done,
+                })
                 .map_err(|_| "client stopped".to_owned())?;
             waits.push(rx);
         }
@@ -507,7 +574,8 @@ impl Client {
 
     /// Sets the decision mode.
     pub async fn set_mode(&self, mode: baton_policy::Mode) -> Result<String, String> {
-        self.ask(|tx| crate::decide::Command::SetMode(mode, tx)).await
+        self.ask(|tx| crate::decide::Command::SetMode(mode, tx))
+            .await
     }
 
     /// Approves the engine's pending proposal (manual mode).
@@ -525,7 +593,10 @@ impl Client {
         cmd: impl FnOnce(oneshot::Sender<Result<String, String>>) -> crate::decide::Command,
     ) -> Result<String, String> {
         let (tx, rx) = oneshot::channel();
-        self.shared.decider.send(cmd(tx)).map_err(|_| "client stopped".to_owned())?;
+        self.shared
+            .decider
+            .send(cmd(tx))
+            .map_err(|_| "client stopped".to_owned())?;
         rx.await.map_err(|_| "client stopped".to_owned())?
     }
 
@@ -533,7 +604,12 @@ impl Client {
     /// measurements, scores and health.
     pub async fn engine_status(&self) -> serde_json::Value {
         let (tx, rx) = oneshot::channel();
-        if self.shared.decider.send(crate::decide::Command::Status(tx)).is_err() {
+        if self
+            .shared
+            .decider
+            .send(crate::decide::Command::Status(tx))
+            .is_err()
+        {
             return serde_json::Value::Null;
         }
         rx.await.unwrap_or(serde_json::Value::Null)
@@ -579,7 +655,9 @@ impl Client {
     pub(crate) fn path_stall(&self) -> Duration {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
-        let Some(core) = lock(&self.shared.links[names[0]].core).clone() else { return Duration::ZERO };
+        let Some(core) = lock(&self.shared.links[names[0]].core).clone() else {
+            return Duration::ZERO;
+        };
         let silent = lock(&core.last_heard).elapsed();
         silent.saturating_sub(self.shared.config.keepalive + Duration::from_millis(250))
     }
@@ -608,10 +686,9 @@ impl Client {
     }
 }
 
-
-
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Established {
@@ -630,7 +707,9 @@ struct Established {
 /// connection, switches when asked or when the path fails, and releases the
 /// session when no path works for the switch timeout.
 async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
-    let Some(mut switch_rx) = lock(&link.switch_rx).take() else { return };
+    let Some(mut switch_rx) = lock(&link.switch_rx).take() else {
+        return;
+    };
     let mut backoff = Duration::from_millis(50);
     // Set while the path is lost: (when, from which interface, why, from
     // which gateway address).
@@ -647,7 +726,9 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                 warn!(gateway = %link.gateway, session = %sid(c.id), "no path for the switch timeout: releasing the session");
                 release_core(&link, c, "switch timeout passed");
                 if let Some(req) = waiting.take() {
-                    let _ = req.done.send(Err("no path for the switch timeout: the session was released".into()));
+                    let _ = req.done.send(Err(
+                        "no path for the switch timeout: the session was released".into(),
+                    ));
                 }
                 outage = None;
                 continue;
@@ -660,7 +741,11 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         let est = match result {
             Ok(est) => est,
             Err(e) => {
-                let pause = if e.is_permanent() { Duration::from_secs(30) } else { backoff };
+                let pause = if e.is_permanent() {
+                    Duration::from_secs(30)
+                } else {
+                    backoff
+                };
                 if core.is_none() {
                     warn!(gateway = %link.gateway, "session failed: {e}; retrying in {pause:?}");
                     link.state.send_replace(LinkState::Failed(e));
@@ -678,12 +763,32 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
         };
         backoff = Duration::from_millis(50);
         let core = adopt(&shared, &link, core, &est);
-        core.udp.route(core.id, &core.leg_key, &est.route.path, est.route.gateway_addr);
+        core.udp.route(
+            core.id,
+            &core.leg_key,
+            &est.route.path,
+            est.route.gateway_addr,
+        );
         let from = outage.as_ref().map(|o| o.2.clone());
-        let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: est.route.gateway_addr, path: est.route.path.name.clone() };
+        let info = SessionInfo {
+            id: core.id,
+            gateway: link.gateway.clone(),
+            gateway_addr: est.route.gateway_addr,
+            path: est.route.path.name.clone(),
+        };
         link.state.send_replace(LinkState::Up(info));
         if let Some((since, at, from, why, from_addr)) = outage.take() {
-            let record = relegs_and_record(&shared, &link, &core, SwitchKind::Unexpected, (from, from_addr), since, at, why).await;
+            let record = relegs_and_record(
+                &shared,
+                &link,
+                &core,
+                SwitchKind::Unexpected,
+                (from, from_addr),
+                since,
+                at,
+                why,
+            )
+            .await;
             info!(gateway = %link.gateway, to = %record.to, pause_ms = record.duration_ms, "unexpected switch done");
             report_path(&shared, &core, &record, est.rtt);
             lock(&shared.switches).push(record.clone());
@@ -699,13 +804,36 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
             match end {
                 ControlEnd::Shutdown => return,
                 ControlEnd::Switched(new_est, req, started, at) => {
-                    let from = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
+                    let from = {
+                        let r = lock(&core.route);
+                        (r.path.name.clone(), r.gateway_addr)
+                    };
                     *lock(&core.route) = new_est.route.clone();
-                    core.udp.route(core.id, &core.leg_key, &new_est.route.path, new_est.route.gateway_addr);
-                    let info = SessionInfo { id: core.id, gateway: link.gateway.clone(), gateway_addr: new_est.route.gateway_addr, path: new_est.route.path.name.clone() };
+                    core.udp.route(
+                        core.id,
+                        &core.leg_key,
+                        &new_est.route.path,
+                        new_est.route.gateway_addr,
+                    );
+                    let info = SessionInfo {
+                        id: core.id,
+                        gateway: link.gateway.clone(),
+                        gateway_addr: new_est.route.gateway_addr,
+                        path: new_est.route.path.name.clone(),
+                    };
                     link.state.send_replace(LinkState::Up(info));
                     let why = req.reason.clone();
-                    let record = relegs_and_record(&shared, &link, &core, SwitchKind::Planned, from, started, at, why).await;
+                    let record = relegs_and_record(
+                        &shared,
+                        &link,
+                        &core,
+                        SwitchKind::Planned,
+                        from,
+                        started,
+                        at,
+                        why,
+                    )
+                    .await;
                     info!(gateway = %link.gateway, to = %record.to, ms = record.duration_ms, "planned switch done");
                     report_path(&shared, &core, &record, new_est.rtt);
                     lock(&shared.switches).push(record.clone());
@@ -713,7 +841,10 @@ async fn maintain_link(shared: Arc<Shared>, link: Arc<Link>) {
                     est = *new_est;
                 }
                 ControlEnd::Failed(why) => {
-                    let (from, from_addr) = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
+                    let (from, from_addr) = {
+                        let r = lock(&core.route);
+                        (r.path.name.clone(), r.gateway_addr)
+                    };
                     warn!(gateway = %link.gateway, path = %from, gateway_addr = %from_addr, "path lost: {why}; switching");
                     roam::path_failed(&shared, &link, &from);
                     core.up.send_replace(false);
@@ -748,21 +879,39 @@ fn early_relegs(shared: &Arc<Shared>, core: &Arc<Core>, failed: &str, preferred:
         return;
     }
     let usable = shared.paths.usable();
-    let Some(next) = usable.iter().find(|p| Some(p.name.as_str()) == preferred).or(usable.first()).cloned() else { return };
+    let Some(next) = usable
+        .iter()
+        .find(|p| Some(p.name.as_str()) == preferred)
+        .or(usable.first())
+        .cloned()
+    else {
+        return;
+    };
     let gateway_addr = lock(&core.route).gateway_addr;
     let cut = shared.paths.cut_token(&next.name).child_token();
     debug!(to = %next.name, "opening new legs while the session resumes");
-    *lock(&core.route) = Route { path: next, gateway_addr, cut };
+    *lock(&core.route) = Route {
+        path: next,
+        gateway_addr,
+        cut,
+    };
     let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
     for s in streams {
         let (shared2, core2) = (shared.clone(), core.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
+        shared
+            .tasks
+            .spawn(async move { releg(&shared2, &core2, &s, LegStart::Rewind).await });
     }
 }
 
 /// Makes the established connection the session's: a new session (the
 /// first, or after the gateway lost the old one) or a resumed one.
-fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &Established) -> Arc<Core> {
+fn adopt(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    core: Option<Arc<Core>>,
+    est: &Established,
+) -> Arc<Core> {
     if let Some(c) = core {
         if c.id == est.session_id {
             *lock(&c.route) = est.route.clone();
@@ -787,7 +936,9 @@ fn adopt(shared: &Arc<Shared>, link: &Arc<Link>, core: Option<Arc<Core>>, est: &
         udp: link.udp.clone(),
     });
     *lock(&link.core) = Some(core.clone());
-    shared.tasks.spawn(session_task(shared.clone(), core.clone(), from_streams));
+    shared
+        .tasks
+        .spawn(session_task(shared.clone(), core.clone(), from_streams));
     core
 }
 
@@ -816,16 +967,24 @@ async fn relegs_and_record(
     reason: String,
 ) -> SwitchRecord {
     let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
-    let resent_before: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    let resent_before: u64 = streams
+        .iter()
+        .map(|s| s.shared.resent.load(Ordering::Relaxed))
+        .sum();
     let mark = std::time::Instant::now();
     for s in &streams {
-        s.shared.mark_stall_window(mark.checked_sub(started.elapsed()).unwrap_or(mark));
+        s.shared
+            .mark_stall_window(mark.checked_sub(started.elapsed()).unwrap_or(mark));
     }
     let mut opens = Vec::new();
     let since = started.into_std();
     // In a planned switch the old legs still work: the new ones go on
     // where they stop. After a failure they rewind to what the peer has.
-    let start = if kind == SwitchKind::Planned { LegStart::Continue } else { LegStart::Rewind };
+    let start = if kind == SwitchKind::Planned {
+        LegStart::Continue
+    } else {
+        LegStart::Rewind
+    };
     for s in &streams {
         // Streams that already have a leg on the new path (opened early, see
         // `early_relegs`) keep it; one still opening is waited for.
@@ -850,15 +1009,31 @@ async fn relegs_and_record(
     // The first bytes on the new legs follow within a round trip; what the
     // streams saw is read again later (see `settle_record`).
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let longest = streams.iter().map(|s| s.shared.longest_stall()).max().unwrap_or_default();
-    let resent_after: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
+    let longest = streams
+        .iter()
+        .map(|s| s.shared.longest_stall())
+        .max()
+        .unwrap_or_default();
+    let resent_after: u64 = streams
+        .iter()
+        .map(|s| s.shared.resent.load(Ordering::Relaxed))
+        .sum();
     let settle = duration.max(Duration::from_millis(250)) * 2;
-    let (shared2, streams2, key) = (shared.clone(), streams.clone(), (link.gateway.clone(), unix_ms(at)));
-    let (to, to_addr) = { let r = lock(&core.route); (r.path.name.clone(), r.gateway_addr) };
+    let (shared2, streams2, key) = (
+        shared.clone(),
+        streams.clone(),
+        (link.gateway.clone(), unix_ms(at)),
+    );
+    let (to, to_addr) = {
+        let r = lock(&core.route);
+        (r.path.name.clone(), r.gateway_addr)
+    };
     if to_addr != from_addr {
         *lock(&link.pending_roam) = Some((from_addr, to_addr));
     }
-    shared.tasks.spawn(async move { settle_record(shared2, key, streams2, resent_before, settle).await });
+    shared
+        .tasks
+        .spawn(async move { settle_record(shared2, key, streams2, resent_before, settle).await });
     SwitchRecord {
         kind,
         gateway: link.gateway.clone(),
@@ -884,11 +1059,19 @@ fn report_path(shared: &Arc<Shared>, core: &Arc<Core>, record: &SwitchRecord, rt
     let streams: Vec<_> = lock(&core.streams).values().cloned().collect();
     let counters = move || {
         streams.iter().fold((0u64, 0u64), |(d, u), s| {
-            (d + s.shared.delivered.load(Ordering::Relaxed), u + s.shared.peer_acked.load(Ordering::Relaxed))
+            (
+                d + s.shared.delivered.load(Ordering::Relaxed),
+                u + s.shared.peer_acked.load(Ordering::Relaxed),
+            )
         })
     };
     let events = shared.events.clone();
-    let (gateway, switch, from, to) = (record.gateway.clone(), record.kind, record.from.clone(), record.to.clone());
+    let (gateway, switch, from, to) = (
+        record.gateway.clone(),
+        record.kind,
+        record.from.clone(),
+        record.to.clone(),
+    );
     shared.tasks.spawn(async move {
         let (d0, u0) = counters();
         let began = Instant::now();
@@ -920,9 +1103,20 @@ async fn settle_record(
     after: Duration,
 ) {
     tokio::time::sleep(after).await;
-    let longest = streams.iter().map(|s| s.shared.longest_stall()).max().unwrap_or_default();
-    let resent: u64 = streams.iter().map(|s| s.shared.resent.load(Ordering::Relaxed)).sum();
-    if let Some(r) = lock(&shared.switches).iter_mut().rev().find(|r| r.gateway == key.0 && r.at_unix_ms == key.1) {
+    let longest = streams
+        .iter()
+        .map(|s| s.shared.longest_stall())
+        .max()
+        .unwrap_or_default();
+    let resent: u64 = streams
+        .iter()
+        .map(|s| s.shared.resent.load(Ordering::Relaxed))
+        .sum();
+    if let Some(r) = lock(&shared.switches)
+        .iter_mut()
+        .rev()
+        .find(|r| r.gateway == key.0 && r.at_unix_ms == key.1)
+    {
         r.longest_stall_ms = r.longest_stall_ms.max(longest.as_millis() as u64);
         r.bytes_resent = r.bytes_resent.max(resent.saturating_sub(resent_before));
     }
@@ -930,7 +1124,12 @@ async fn settle_record(
 
 /// Tries the gateway's addresses over the usable paths (the preferred one
 /// first) until a control connection is established (`roam::search`).
-async fn connect_any(shared: &Shared, link: &Link, resume: u64, preferred: Option<&str>) -> Result<Established, SessionError> {
+async fn connect_any(
+    shared: &Shared,
+    link: &Link,
+    resume: u64,
+    preferred: Option<&str>,
+) -> Result<Established, SessionError> {
     let mut paths = shared.paths.usable();
     if let Some(p) = preferred {
         if let Some(i) = paths.iter().position(|x| x.name == p) {
@@ -955,7 +1154,8 @@ async fn handshake_on(
     rtt: Duration,
     resume: u64,
 ) -> Result<Established, SessionError> {
-    let unreachable = |e: std::io::Error| SessionError::Unreachable(format!("{target} via {}: {e}", path.name));
+    let unreachable =
+        |e: std::io::Error| SessionError::Unreachable(format!("{target} via {}: {e}", path.name));
     let timeout = shared.config.connect_timeout;
     // This connection's own token, under the interface's: cutting this route
     // (a failed control connection) must not cut later connections on the
@@ -967,11 +1167,14 @@ async fn handshake_on(
     stream.write_all(&first).await.map_err(unreachable)?;
 
     let (r, mut w) = stream.into_split();
-    let mut frames = FramedRead::with_capacity(r, FrameCodec::default(), crate::frame::CONTROL_READ_BUFFER);
+    let mut frames =
+        FramedRead::with_capacity(r, FrameCodec::default(), crate::frame::CONTROL_READ_BUFFER);
     let mut next = async || -> Result<crate::frame::RawFrame, SessionError> {
         match tokio::time::timeout(timeout, frames.next()).await {
             Err(_) => Err(SessionError::Unreachable("handshake timed out".into())),
-            Ok(None) => Err(SessionError::Unreachable("gateway closed the connection".into())),
+            Ok(None) => Err(SessionError::Unreachable(
+                "gateway closed the connection".into(),
+            )),
             Ok(Some(Err(e))) => Err(SessionError::Protocol(e.to_string())),
             Ok(Some(Ok(f))) => Ok(f),
         }
@@ -982,26 +1185,50 @@ async fn handshake_on(
     };
     let challenge = next().await?;
     if !matches!(challenge.decode(), Ok(Message::Challenge { .. })) {
-        return Err(refused(challenge.decode().map_err(|e| SessionError::Protocol(e.to_string()))?));
+        return Err(refused(
+            challenge
+                .decode()
+                .map_err(|e| SessionError::Protocol(e.to_string()))?,
+        ));
     }
-    let (session_id, keys, auth) =
-        hs.on_challenge(&challenge.bytes).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let (session_id, keys, auth) = hs
+        .on_challenge(&challenge.bytes)
+        .map_err(|e| SessionError::Protocol(e.to_string()))?;
     w.write_all(&auth).await.map_err(unreachable)?;
     let reply = next().await?;
     let mut cipher = ControlCipher::new(&keys, Role::Client);
     let keepalive_ms = if reply.tag.is_some() {
-        match reply.open(&mut cipher).map_err(|e| SessionError::Protocol(e.to_string()))? {
-            Message::Accepted { session_id: sid, keepalive_ms, .. } if sid == session_id => keepalive_ms,
-            other => return Err(SessionError::Protocol(format!("unexpected message type {:#04x}", other.ty()))),
+        match reply
+            .open(&mut cipher)
+            .map_err(|e| SessionError::Protocol(e.to_string()))?
+        {
+            Message::Accepted {
+                session_id: sid,
+                keepalive_ms,
+                ..
+            } if sid == session_id => keepalive_ms,
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected message type {:#04x}",
+                    other.ty()
+                )))
+            }
         }
     } else {
-        return Err(refused(reply.decode().map_err(|e| SessionError::Protocol(e.to_string()))?));
+        return Err(refused(
+            reply
+                .decode()
+                .map_err(|e| SessionError::Protocol(e.to_string()))?,
+        ));
     };
     // The same reader goes on into the control loop: frames the gateway
     // sent right after Accepted (half-closes and resets it holds for a
     // resumed session) may already be in its buffer.
     frames.decoder_mut().keyed = true;
-    let keepalive = shared.config.keepalive.min(Duration::from_millis(u64::from(keepalive_ms.max(100))));
+    let keepalive = shared
+        .config
+        .keepalive
+        .min(Duration::from_millis(u64::from(keepalive_ms.max(100))));
     // On a resume the session's first leg key stays in force: legs of the
     // session are authenticated with it whatever control connection is up.
     Ok(Established {
@@ -1012,7 +1239,11 @@ async fn handshake_on(
         keepalive,
         frames,
         writer: w,
-        route: Route { path: path.clone(), gateway_addr: target, cut },
+        route: Route {
+            path: path.clone(),
+            gateway_addr: target,
+            cut,
+        },
     })
 }
 
@@ -1032,7 +1263,14 @@ async fn run_control(
     switch_rx: &mut mpsc::UnboundedReceiver<SwitchRequest>,
     waiting: &mut Option<SwitchRequest>,
 ) -> ControlEnd {
-    let Established { mut cipher, keepalive, mut frames, writer: mut w, route, .. } = est;
+    let Established {
+        mut cipher,
+        keepalive,
+        mut frames,
+        writer: mut w,
+        route,
+        ..
+    } = est;
     let dead_after = shared.config.dead_after;
     let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1045,17 +1283,28 @@ async fn run_control(
     for s in lock(&core.streams).values() {
         if s.generation.load(Ordering::Acquire) == 0 && !s.releg_busy.load(Ordering::Acquire) {
             let (shared2, core2, s2) = (shared.clone(), core.clone(), s.clone());
-            shared.tasks.spawn(async move { releg(&shared2, &core2, &s2, LegStart::Rewind).await });
+            shared
+                .tasks
+                .spawn(async move { releg(&shared2, &core2, &s2, LegStart::Rewind).await });
         }
     }
     // What the gateway may have missed: half-closes and acks.
     let mut out = Vec::new();
     for s in lock(&core.streams).values() {
         if let Some(offset) = *lock(&s.shared.fin_at) {
-            cipher.seal(&Message::StreamFin { stream: s.shared.id, offset }, &mut out);
+            cipher.seal(
+                &Message::StreamFin {
+                    stream: s.shared.id,
+                    offset,
+                },
+                &mut out,
+            );
         }
         s.shared.acked_to_peer.store(0, Ordering::Relaxed);
-        let _ = core.to_session.send(ToSession::Ack { stream: s.shared.id, urgent: false });
+        let _ = core.to_session.send(ToSession::Ack {
+            stream: s.shared.id,
+            urgent: false,
+        });
     }
     for m in lock(&core.finished).messages() {
         cipher.seal(&m, &mut out);
@@ -1196,7 +1445,9 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Releg { stream } => {
             let _ = core.to_session.send(ToSession::LegLost(stream));
         }
-        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => core.udp.on_control(m),
+        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => {
+            core.udp.on_control(m)
+        }
         other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
     }
     None
@@ -1205,7 +1456,11 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
 /// The session's own task: acknowledgements, half-closes and resets from
 /// the streams to the control connection, and new legs for streams whose
 /// leg broke.
-async fn session_task(shared: Arc<Shared>, core: Arc<Core>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
+async fn session_task(
+    shared: Arc<Shared>,
+    core: Arc<Core>,
+    mut from_streams: mpsc::UnboundedReceiver<ToSession>,
+) {
     let mut acks = AckBatch::default();
     let mut up_rx = core.up.subscribe();
     let send = |msg: Message| {
@@ -1284,20 +1539,40 @@ enum LegError {
     Path(String),
 }
 
-async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream, start: LegStart) -> Result<(), LegError> {
+async fn open_leg(
+    shared: &Shared,
+    core: &Arc<Core>,
+    s: &ClientStream,
+    start: LegStart,
+) -> Result<(), LegError> {
     let route = lock(&core.route).clone();
     let timeout = shared.config.connect_timeout;
     let mut leg = connect_via(route.gateway_addr, &route.path, timeout)
         .await
-        .map_err(|e| LegError::Path(format!("leg to {} via {}: {e}", route.gateway_addr, route.path.name)))?;
+        .map_err(|e| {
+            LegError::Path(format!(
+                "leg to {} via {}: {e}",
+                route.gateway_addr, route.path.name
+            ))
+        })?;
     let _ = baton_os::tune_relay(&leg);
     let generation = s.generation.fetch_add(1, Ordering::AcqRel);
     let received = Offset(s.shared.delivered.load(Ordering::Acquire));
     let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
     let handover = start == LegStart::Continue;
-    let open = Message::LegOpen { session_id: core.id, stream: s.shared.id, generation, received, service: s.service.clone(), handover, compression: s.shared.compression };
+    let open = Message::LegOpen {
+        session_id: core.id,
+        stream: s.shared.id,
+        generation,
+        received,
+        service: s.service.clone(),
+        handover,
+        compression: s.shared.compression,
+    };
     let open_tag = core.leg_key.seal_open(&open, &mut out);
-    leg.write_all(&out).await.map_err(|e| LegError::Path(format!("leg: {e}")))?;
+    leg.write_all(&out)
+        .await
+        .map_err(|e| LegError::Path(format!("leg: {e}")))?;
     let reply = tokio::select! {
         r = tokio::time::timeout(timeout, read_tagged(&mut leg)) => r
             .map_err(|_| LegError::Path("gateway did not answer the leg preamble".into()))?
@@ -1308,18 +1583,34 @@ async fn open_leg(shared: &Shared, core: &Arc<Core>, s: &ClientStream, start: Le
     if !core.leg_key.verify_reply(&open_tag, &reply.bytes, &tag) {
         return Err(LegError::Path("leg reply failed authentication".into()));
     }
-    match reply.decode().map_err(|e| LegError::Path(format!("leg reply: {e}")))? {
-        Message::LegReply { result: Ok(have), .. } => {
+    match reply
+        .decode()
+        .map_err(|e| LegError::Path(format!("leg reply: {e}")))?
+    {
+        Message::LegReply {
+            result: Ok(have), ..
+        } => {
             s.shared.attach_leg(leg, have, start, route.cut.clone());
             *lock(&s.leg_opened) = Some(std::time::Instant::now());
             debug!(stream = %s.shared.id, generation, resume_in = received.0, resume_out = have.0, path = %route.path.name, "leg open");
             Ok(())
         }
-        Message::LegReply { result: Err(RefuseReason::BadStream), detail } if generation > 0 => {
-            Err(LegError::Refused(format!("the gateway no longer holds the stream ({detail})")))
-        }
-        Message::LegReply { result: Err(reason), detail } => Err(LegError::Refused(format!("gateway refused the stream: {reason}: {detail}"))),
-        other => Err(LegError::Path(format!("unexpected leg reply type {:#04x}", other.ty()))),
+        Message::LegReply {
+            result: Err(RefuseReason::BadStream),
+            detail,
+        } if generation > 0 => Err(LegError::Refused(format!(
+            "the gateway no longer holds the stream ({detail})"
+        ))),
+        Message::LegReply {
+            result: Err(reason),
+            detail,
+        } => Err(LegError::Refused(format!(
+            "gateway refused the stream: {reason}: {detail}"
+        ))),
+        other => Err(LegError::Path(format!(
+            "unexpected leg reply type {:#04x}",
+            other.ty()
+        ))),
     }
 }
 
@@ -1349,8 +1640,12 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
             match serve_stream(&shared2, &link, &remote, svc.compress, app).await {
                 Ok(()) => {}
                 // The application's own reset: its business, not a fault.
-                Err(StreamClose::Local(why)) => info!(service = %name, %peer, "connection closed: {why}"),
-                Err(StreamClose::Fault(why)) => warn!(service = %name, %peer, "connection closed: {why}"),
+                Err(StreamClose::Local(why)) => {
+                    info!(service = %name, %peer, "connection closed: {why}")
+                }
+                Err(StreamClose::Fault(why)) => {
+                    warn!(service = %name, %peer, "connection closed: {why}")
+                }
             }
         });
     }
@@ -1401,17 +1696,30 @@ async fn serve_stream(
     };
     let _ = baton_os::tune_relay(&app);
     let id = StreamId(core.next_stream.fetch_add(1, Ordering::Relaxed));
-    let limits = StreamLimits { compression, ..shared.limits };
+    let limits = StreamLimits {
+        compression,
+        ..shared.limits
+    };
     let (st, inbox) = StreamShared::new(id, limits, core.released.child_token());
-    let cs = Arc::new(ClientStream { shared: st.clone(), service: service.to_owned(), releg_busy: AtomicBool::new(false), generation: AtomicU32::new(0), leg_opened: Mutex::new(None) });
+    let cs = Arc::new(ClientStream {
+        shared: st.clone(),
+        service: service.to_owned(),
+        releg_busy: AtomicBool::new(false),
+        generation: AtomicU32::new(0),
+        leg_opened: Mutex::new(None),
+    });
     lock(&core.streams).insert(id, cs.clone());
     debug!(stream = %id, service, "stream open");
     let end = relay(shared, &core, &cs, inbox, app).await;
     match end {
         StreamEnd::Finished => Ok(()),
-        StreamEnd::Aborted if core.released.is_cancelled() => Err(StreamClose::Fault("session ended".into())),
+        StreamEnd::Aborted if core.released.is_cancelled() => {
+            Err(StreamClose::Fault("session ended".into()))
+        }
         StreamEnd::Aborted => Ok(()),
-        StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!("application connection failed: {e}"))),
+        StreamEnd::LocalReset(e) => Err(StreamClose::Local(format!(
+            "application connection failed: {e}"
+        ))),
         other => Err(StreamClose::Fault(other.to_string())),
     }
 }
@@ -1428,10 +1736,19 @@ async fn relay(
 ) -> StreamEnd {
     if *core.up.borrow() && cs.generation.load(Ordering::Acquire) == 0 {
         let (shared2, core2, cs2) = (shared.clone(), core.clone(), cs.clone());
-        shared.tasks.spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
+        shared
+            .tasks
+            .spawn(async move { releg(&shared2, &core2, &cs2, LegStart::Rewind).await });
     }
     let st = &cs.shared;
-    let end = stream::run(local, st.clone(), inbox, shared.limits, core.to_session.clone()).await;
+    let end = stream::run(
+        local,
+        st.clone(),
+        inbox,
+        shared.limits,
+        core.to_session.clone(),
+    )
+    .await;
     if matches!(end, StreamEnd::Finished) {
         lock(&core.finished).push(st.tombstone());
     }

@@ -30,7 +30,9 @@ pub(crate) struct Compressor {
 
 impl std::fmt::Debug for Compressor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compressor").field("pending", &(self.out.len() - self.written)).finish()
+        f.debug_struct("Compressor")
+            .field("pending", &(self.out.len() - self.written))
+            .finish()
     }
 }
 
@@ -38,7 +40,11 @@ impl Compressor {
     pub(crate) fn new() -> io::Result<Self> {
         let mut enc = Encoder::new(LEVEL)?;
         enc.set_parameter(CParameter::WindowLog(WINDOW_LOG))?;
-        Ok(Self { enc, out: Vec::with_capacity(zstd::zstd_safe::compress_bound(MAX_INPUT)), written: 0 })
+        Ok(Self {
+            enc,
+            out: Vec::with_capacity(zstd::zstd_safe::compress_bound(MAX_INPUT)),
+            written: 0,
+        })
     }
 
     /// Compressed bytes not yet written to the leg.
@@ -63,12 +69,15 @@ impl Compressor {
             self.reserve();
             // Over a Vec, the output buffer sets the Vec's length as it writes.
             let len = self.out.len();
-            self.enc.run(&mut inb, &mut OutBuffer::around_pos(&mut self.out, len))?;
+            self.enc
+                .run(&mut inb, &mut OutBuffer::around_pos(&mut self.out, len))?;
         }
         loop {
             self.reserve();
             let len = self.out.len();
-            let left = self.enc.flush(&mut OutBuffer::around_pos(&mut self.out, len))?;
+            let left = self
+                .enc
+                .flush(&mut OutBuffer::around_pos(&mut self.out, len))?;
             if left == 0 {
                 return Ok(());
             }
@@ -103,7 +112,11 @@ impl Decompressor {
     /// Decodes from `input` into `out`; returns how much input it used and
     /// how much output it made. Call again while it uses or makes anything:
     /// the decoder may hold output for which `out` had no room.
-    pub(crate) fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> io::Result<(usize, usize)> {
+    pub(crate) fn decompress(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> io::Result<(usize, usize)> {
         let mut inb = InBuffer::around(input);
         let mut outb = OutBuffer::around(out);
         // A bad frame is the peer's fault (or tampering): an error, never a panic.
@@ -139,7 +152,11 @@ mod tests {
                 }
             }
             assert_eq!(pos, input.len());
-            assert_eq!(&got[got.len() - chunk.len()..], *chunk, "a flushed chunk must decode at once");
+            assert_eq!(
+                &got[got.len() - chunk.len()..],
+                *chunk,
+                "a flushed chunk must decode at once"
+            );
         }
         (got, wire)
     }
@@ -150,7 +167,11 @@ mod tests {
         let chunks: Vec<&[u8]> = text.chunks(MAX_INPUT).collect();
         let (got, wire) = roundtrip(&chunks);
         assert_eq!(got, text);
-        assert!(wire * 10 < text.len(), "{wire} bytes on the wire for {}", text.len());
+        assert!(
+            wire * 10 < text.len(),
+            "{wire} bytes on the wire for {}",
+            text.len()
+        );
     }
 
     #[test]

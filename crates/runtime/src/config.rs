@@ -70,9 +70,13 @@ impl std::str::FromStr for HostPort {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(Self { host: sa.ip().to_string(), port: sa.port() });
+            return Ok(Self {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+            });
         }
-        let bad = || format!("invalid address {s:?}: expected host:port (e.g. \"db.internal:5432\")");
+        let bad =
+            || format!("invalid address {s:?}: expected host:port (e.g. \"db.internal:5432\")");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let host_ok = !host.is_empty()
@@ -80,13 +84,18 @@ impl std::str::FromStr for HostPort {
             && host.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     && !label.starts_with('-')
             });
         if !host_ok || port == 0 {
             return Err(bad());
         }
-        Ok(Self { host: host.to_owned(), port })
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -109,7 +118,9 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
         // the user asks for a LAN address.
         PortOrAddr::Port(p) => Ok(SocketAddr::from(([127, 0, 0, 1], p))),
         PortOrAddr::Addr(s) => s.parse().map_err(|_| {
-            de::Error::custom(format!("invalid address {s:?}: expected ip:port (e.g. \"127.0.0.1:5432\")"))
+            de::Error::custom(format!(
+                "invalid address {s:?}: expected ip:port (e.g. \"127.0.0.1:5432\")"
+            ))
         }),
     }
 }
@@ -118,7 +129,9 @@ fn compression<'de, D: Deserializer<'de>>(d: D) -> Result<baton_proto::Compressi
     match String::deserialize(d)?.as_str() {
         "none" => Ok(baton_proto::Compression::None),
         "zstd" => Ok(baton_proto::Compression::Zstd),
-        other => Err(de::Error::custom(format!("unknown compression {other:?}: expected \"zstd\" or \"none\""))),
+        other => Err(de::Error::custom(format!(
+            "unknown compression {other:?}: expected \"zstd\" or \"none\""
+        ))),
     }
 }
 
@@ -127,7 +140,9 @@ fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::E
     v.iter()
         .map(|s| {
             s.parse().map_err(|_| {
-                de::Error::custom(format!("invalid address {s:?}: expected ip:port (e.g. \"0.0.0.0:7700\")"))
+                de::Error::custom(format!(
+                    "invalid address {s:?}: expected ip:port (e.g. \"0.0.0.0:7700\")"
+                ))
             })
         })
         .collect()
@@ -139,8 +154,11 @@ fn opt_socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Socket
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    let v = humantime::parse_duration(&s)
-        .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (e.g. \"30s\", \"5m\")")))?;
+    let v = humantime::parse_duration(&s).map_err(|e| {
+        de::Error::custom(format!(
+            "invalid duration {s:?}: {e} (e.g. \"30s\", \"5m\")"
+        ))
+    })?;
     if v.is_zero() {
         return Err(de::Error::custom("duration must be greater than zero"));
     }
@@ -171,13 +189,24 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
                     (&t[..i], mult)
                 }
             };
-            (digits.parse::<u64>().ok().filter(|_| mult > 0).and_then(|d| d.checked_mul(mult)), s)
+            (
+                digits
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| mult > 0)
+                    .and_then(|d| d.checked_mul(mult)),
+                s,
+            )
         }
     };
     match n {
         Some(n) if (4096..=1 << 32).contains(&n) => Ok(n as usize),
-        Some(_) => Err(de::Error::custom(format!("size {text} out of range (4 KiB to 4 GiB)"))),
-        None => Err(de::Error::custom(format!("invalid size {text:?} (e.g. \"8MiB\", \"512KiB\" or bytes)"))),
+        Some(_) => Err(de::Error::custom(format!(
+            "size {text} out of range (4 KiB to 4 GiB)"
+        ))),
+        None => Err(de::Error::custom(format!(
+            "invalid size {text:?} (e.g. \"8MiB\", \"512KiB\" or bytes)"
+        ))),
     }
 }
 
@@ -229,8 +258,14 @@ impl AddrBlock {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let host_bits = u32::from(self.bits() - self.prefix);
         match (self.base, ip) {
-            (IpAddr::V4(b), IpAddr::V4(x)) => u32::from(b).checked_shr(host_bits).unwrap_or(0) == u32::from(x).checked_shr(host_bits).unwrap_or(0),
-            (IpAddr::V6(b), IpAddr::V6(x)) => u128::from(b).checked_shr(host_bits).unwrap_or(0) == u128::from(x).checked_shr(host_bits).unwrap_or(0),
+            (IpAddr::V4(b), IpAddr::V4(x)) => {
+                u32::from(b).checked_shr(host_bits).unwrap_or(0)
+                    == u32::from(x).checked_shr(host_bits).unwrap_or(0)
+            }
+            (IpAddr::V6(b), IpAddr::V6(x)) => {
+                u128::from(b).checked_shr(host_bits).unwrap_or(0)
+                    == u128::from(x).checked_shr(host_bits).unwrap_or(0)
+            }
             _ => false,
         }
     }
@@ -253,7 +288,9 @@ impl fmt::Display for AddrBlock {
 impl std::str::FromStr for AddrBlock {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid address block {s:?}: expected ip/prefix (e.g. \"192.168.102.128/25\") or one ip");
+        let bad = || {
+            format!("invalid address block {s:?}: expected ip/prefix (e.g. \"192.168.102.128/25\") or one ip")
+        };
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
@@ -262,16 +299,27 @@ impl std::str::FromStr for AddrBlock {
         let bits = if base.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => bits,
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= bits).ok_or_else(bad)?,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(bad)?,
         };
         let block = Self { base, prefix };
         let host_bits = u32::from(bits - prefix);
         let host_part = match base {
-            IpAddr::V4(b) => u128::from(u32::from(b) & 1u32.checked_shl(host_bits).map_or(u32::MAX, |m| m - 1)),
-            IpAddr::V6(b) => u128::from(b) & 1u128.checked_shl(host_bits).map_or(u128::MAX, |m| m - 1),
+            IpAddr::V4(b) => {
+                u128::from(u32::from(b) & 1u32.checked_shl(host_bits).map_or(u32::MAX, |m| m - 1))
+            }
+            IpAddr::V6(b) => {
+                u128::from(b) & 1u128.checked_shl(host_bits).map_or(u128::MAX, |m| m - 1)
+            }
         };
         if host_part != 0 {
-            return Err(format!("{s:?} has host bits set: a block starts at its network address"));
+            return Err(format!(
+                "{s:?} has host bits set: a block starts at its network address"
+            ));
         }
         Ok(block)
     }
@@ -288,7 +336,9 @@ fn addr_blocks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AddrBlock>, D::Err
         OneOrMany::One(s) => vec![s],
         OneOrMany::Many(v) => v,
     };
-    list.iter().map(|s| s.parse().map_err(de::Error::custom)).collect()
+    list.iter()
+        .map(|s| s.parse().map_err(de::Error::custom))
+        .collect()
 }
 
 fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
@@ -541,7 +591,9 @@ pub struct ClientService {
 }
 
 /// The transport of a service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Connections, relayed as byte-exact streams.
@@ -583,17 +635,30 @@ pub struct UdpConfig {
 
 impl Default for UdpConfig {
     fn default() -> Self {
-        Self { hold: 256, hold_bytes: 1 << 20, idle_timeout: Duration::from_secs(60), max_flows: 1024 }
+        Self {
+            hold: 256,
+            hold_bytes: 1 << 20,
+            idle_timeout: Duration::from_secs(60),
+            max_flows: 1024,
+        }
     }
 }
 
 impl UdpConfig {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         if !(1..=MAX_UDP_HOLD).contains(&self.hold) {
-            return Err(key_error(path, "udp.hold", format!("must be 1 to {MAX_UDP_HOLD} datagrams")));
+            return Err(key_error(
+                path,
+                "udp.hold",
+                format!("must be 1 to {MAX_UDP_HOLD} datagrams"),
+            ));
         }
         if !(1..=MAX_UDP_FLOWS).contains(&self.max_flows) {
-            return Err(key_error(path, "udp.max_flows", format!("must be 1 to {MAX_UDP_FLOWS}")));
+            return Err(key_error(
+                path,
+                "udp.max_flows",
+                format!("must be 1 to {MAX_UDP_FLOWS}"),
+            ));
         }
         Ok(())
     }
@@ -658,8 +723,10 @@ mod defaults {
 }
 
 fn parse<T: de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    let table: toml::Table =
-        toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -667,10 +734,16 @@ fn parse<T: de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigEr
         // For an unknown field serde names the table; add the field itself.
         let key = match unknown_field(&message) {
             Some(field) if key == "." => field.to_owned(),
-            Some(field) if key != field && !key.ends_with(&format!(".{field}")) => format!("{key}.{field}"),
+            Some(field) if key != field && !key.ends_with(&format!(".{field}")) => {
+                format!("{key}.{field}")
+            }
             _ => key,
         };
-        ConfigError::Key { path: path.to_owned(), key, message }
+        ConfigError::Key {
+            path: path.to_owned(),
+            key,
+            message,
+        }
     })
 }
 
@@ -680,11 +753,18 @@ fn unknown_field(message: &str) -> Option<&str> {
 }
 
 fn key_error(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Key { path: path.to_owned(), key: key.into(), message: message.into() }
+    ConfigError::Key {
+        path: path.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl GatewayConfig {
@@ -708,14 +788,29 @@ impl GatewayConfig {
             return Err(key_error(path, "max_sessions", "must be at least 1"));
         }
         if self.max_streams_per_session == 0 {
-            return Err(key_error(path, "max_streams_per_session", "must be at least 1"));
+            return Err(key_error(
+                path,
+                "max_streams_per_session",
+                "must be at least 1",
+            ));
         }
         if let Some(adv) = &self.advertise {
             if adv.len() > baton_proto::wire::MAX_ADDRESSES {
-                return Err(key_error(path, "advertise", format!("at most {} addresses", baton_proto::wire::MAX_ADDRESSES)));
+                return Err(key_error(
+                    path,
+                    "advertise",
+                    format!("at most {} addresses", baton_proto::wire::MAX_ADDRESSES),
+                ));
             }
-            if let Some(a) = adv.iter().find(|a| a.ip().is_unspecified() || a.port() == 0) {
-                return Err(key_error(path, "advertise", format!("{a} cannot be reached: give the address clients dial")));
+            if let Some(a) = adv
+                .iter()
+                .find(|a| a.ip().is_unspecified() || a.port() == 0)
+            {
+                return Err(key_error(
+                    path,
+                    "advertise",
+                    format!("{a} cannot be reached: give the address clients dial"),
+                ));
             }
         }
         for name in self.services.keys() {
@@ -765,14 +860,27 @@ impl GatewayConfig {
             }
             // A TCP and a UDP client service may share a port: different sockets.
             if let Some(other) = ports.insert((e.protocol, e.port), name) {
-                return Err(key_error(path, key, format!("{} port {} is already used by exposed.{other}", e.protocol, e.port)));
+                return Err(key_error(
+                    path,
+                    key,
+                    format!(
+                        "{} port {} is already used by exposed.{other}",
+                        e.protocol, e.port
+                    ),
+                ));
             }
             // A client agent's address must be free on the service's port.
             let clash = self.listen.iter().find(|l| {
-                l.port() == e.port && (l.ip().is_unspecified() || self.virtual_pool.iter().any(|b| b.contains(l.ip())))
+                l.port() == e.port
+                    && (l.ip().is_unspecified()
+                        || self.virtual_pool.iter().any(|b| b.contains(l.ip())))
             });
             if let Some(l) = clash {
-                return Err(key_error(path, key, format!("port {} clashes with listen address {l}", e.port)));
+                return Err(key_error(
+                    path,
+                    key,
+                    format!("port {} clashes with listen address {l}", e.port),
+                ));
             }
         }
         Ok(())
@@ -808,29 +916,52 @@ impl ClientConfig {
             return Err(key_error(path, "id", NAME_RULE));
         }
         if self.gateways.is_empty() {
-            return Err(key_error(path, "gateways", "at least one gateway is needed"));
+            return Err(key_error(
+                path,
+                "gateways",
+                "at least one gateway is needed",
+            ));
         }
         if let Err(e) = self.policy.validate() {
             return Err(key_error(path, "policy", e.to_string()));
         }
         if self.dead_after <= self.keepalive {
-            return Err(key_error(path, "dead_after", "must be longer than `keepalive`"));
+            return Err(key_error(
+                path,
+                "dead_after",
+                "must be longer than `keepalive`",
+            ));
         }
         self.udp.validate(path)?;
         for (name, i) in &self.interfaces {
             if !valid_name(name) {
                 return Err(key_error(path, format!("interfaces.{name}"), NAME_RULE));
             }
-            if i.device.as_ref().is_some_and(|d| d.is_empty() || d.len() > 15) {
-                return Err(key_error(path, format!("interfaces.{name}.device"), "device names are 1 to 15 characters"));
+            if i.device
+                .as_ref()
+                .is_some_and(|d| d.is_empty() || d.len() > 15)
+            {
+                return Err(key_error(
+                    path,
+                    format!("interfaces.{name}.device"),
+                    "device names are 1 to 15 characters",
+                ));
             }
         }
         for (name, g) in &self.gateways {
             if g.addresses.is_empty() {
-                return Err(key_error(path, format!("gateways.{name}.addresses"), "at least one address is needed"));
+                return Err(key_error(
+                    path,
+                    format!("gateways.{name}.addresses"),
+                    "at least one address is needed",
+                ));
             }
             if !(1..=100).contains(&g.retries) {
-                return Err(key_error(path, format!("gateways.{name}.retries"), "must be 1 to 100"));
+                return Err(key_error(
+                    path,
+                    format!("gateways.{name}.retries"),
+                    "must be 1 to 100",
+                ));
             }
         }
         let mut listens = BTreeMap::new();
@@ -861,7 +992,11 @@ impl ClientConfig {
                 return Err(key_error(path, format!("services.{name}"), NAME_RULE));
             }
             if !valid_name(s.remote_name(name)) {
-                return Err(key_error(path, format!("services.{name}.remote"), NAME_RULE));
+                return Err(key_error(
+                    path,
+                    format!("services.{name}.remote"),
+                    NAME_RULE,
+                ));
             }
             if !self.gateways.contains_key(&s.gateway) {
                 return Err(key_error(
@@ -918,7 +1053,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.inactivity_timeout, Duration::from_secs(300));
         assert_eq!(c.max_sessions, 10_000);
-        assert_eq!(c.services["postgres"].target, HostPort { host: "db.internal".into(), port: 5432 });
+        assert_eq!(
+            c.services["postgres"].target,
+            HostPort {
+                host: "db.internal".into(),
+                port: 5432
+            }
+        );
     }
 
     #[test]
@@ -993,10 +1134,21 @@ mod tests {
     fn multihome_keys_parse_and_are_checked() {
         let base = "id = \"m\"\nkey_file = \"m.key\"\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n";
         let c = ClientConfig::from_toml(Path::new("c.toml"), base).unwrap();
-        assert_eq!((c.gateways["gw"].retries, c.gateways["gw"].retry_delay), (1, Duration::from_millis(500)));
-        let c = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}retries = 3\nretry_delay = \"200ms\"\n")).unwrap();
-        assert_eq!((c.gateways["gw"].retries, c.gateways["gw"].retry_delay), (3, Duration::from_millis(200)));
-        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}retries = 0\n")).unwrap_err();
+        assert_eq!(
+            (c.gateways["gw"].retries, c.gateways["gw"].retry_delay),
+            (1, Duration::from_millis(500))
+        );
+        let c = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}retries = 3\nretry_delay = \"200ms\"\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.gateways["gw"].retries, c.gateways["gw"].retry_delay),
+            (3, Duration::from_millis(200))
+        );
+        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}retries = 0\n"))
+            .unwrap_err();
         assert_eq!(key_of(e), "gateways.gw.retries");
         let g = gw(r#"listen = ["0.0.0.0:7700"]
                       advertise = ["192.0.2.1:7700", "[2001:db8::1]:7700"]
@@ -1004,8 +1156,15 @@ mod tests {
         .unwrap();
         assert_eq!(g.advertise.unwrap().len(), 2);
         let g = gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap();
-        assert!(g.advertise.is_none() && g.watch_addresses, "the host's addresses are followed by default");
-        assert!(!gw("listen = [\"0.0.0.0:7700\"]\nwatch_addresses = false").unwrap().watch_addresses);
+        assert!(
+            g.advertise.is_none() && g.watch_addresses,
+            "the host's addresses are followed by default"
+        );
+        assert!(
+            !gw("listen = [\"0.0.0.0:7700\"]\nwatch_addresses = false")
+                .unwrap()
+                .watch_addresses
+        );
         let e = gw("listen = [\"0.0.0.0:7700\"]\nwatch_addresses = \"yes\"").unwrap_err();
         assert_eq!(key_of(e), "watch_addresses");
         let e = gw(r#"listen = ["0.0.0.0:7700"]
@@ -1024,14 +1183,29 @@ mod tests {
                key = "{KEY}"
             "#
         );
-        let c = gw(&format!("virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"push\"]\n")).unwrap();
+        let c = gw(&format!(
+            "virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"push\"]\n"
+        ))
+        .unwrap();
         assert_eq!(c.virtual_pool[0].usable(), 254);
-        assert!(c.clients["a"].services.is_empty(), "services may be left out");
+        assert!(
+            c.clients["a"].services.is_empty(),
+            "services may be left out"
+        );
         // A list of blocks, and single addresses.
-        let c = gw(&format!("virtual_pool = [\"10.1.0.8/30\", \"10.2.0.9\"]\n{base}exposes = [\"push\"]\n")).unwrap();
+        let c = gw(&format!(
+            "virtual_pool = [\"10.1.0.8/30\", \"10.2.0.9\"]\n{base}exposes = [\"push\"]\n"
+        ))
+        .unwrap();
         assert_eq!(c.virtual_pool.len(), 2);
-        assert_eq!(key_of(gw(&format!("{base}exposes = [\"push\"]\n")).unwrap_err()), "virtual_pool");
-        let e = gw(&format!("virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"pull\"]\n")).unwrap_err();
+        assert_eq!(
+            key_of(gw(&format!("{base}exposes = [\"push\"]\n")).unwrap_err()),
+            "virtual_pool"
+        );
+        let e = gw(&format!(
+            "virtual_pool = \"127.0.10.0/24\"\n{base}exposes = [\"pull\"]\n"
+        ))
+        .unwrap_err();
         assert_eq!(key_of(e), "clients.a.exposes[0]");
         let e = gw(&format!("virtual_pool = \"127.0.10.0/33\"\n{base}")).unwrap_err();
         assert_eq!(key_of(e), "virtual_pool");
@@ -1039,7 +1213,10 @@ mod tests {
         assert!(e.to_string().contains("host bits"), "{e}");
         let e = gw(&format!("{base}[exposed.pull]\nport = 7000\n")).unwrap_err();
         // Two client services on one port would clash on every agent's address.
-        assert!(e.to_string().contains("already used by exposed.pull"), "{e}");
+        assert!(
+            e.to_string().contains("already used by exposed.pull"),
+            "{e}"
+        );
         assert_eq!(key_of(e), "exposed.push.port");
         let e = gw(r#"listen = ["0.0.0.0:7000"]
                       [exposed.push]
@@ -1052,13 +1229,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(key_of(e), "exposed.push.prot");
         // A TCP and a UDP client service may share a port; two UDP ones may not.
-        let c = gw(&format!("{base}[exposed.push-udp]\nport = 7000\nprotocol = \"udp\"\n")).unwrap();
-        assert_eq!((c.exposed["push"].protocol, c.exposed["push-udp"].protocol), (Protocol::Tcp, Protocol::Udp));
+        let c = gw(&format!(
+            "{base}[exposed.push-udp]\nport = 7000\nprotocol = \"udp\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.exposed["push"].protocol, c.exposed["push-udp"].protocol),
+            (Protocol::Tcp, Protocol::Udp)
+        );
         let two_udp = "[exposed.a-udp]\nport = 7000\nprotocol = \"udp\"\n[exposed.b-udp]\nport = 7000\nprotocol = \"udp\"\n";
         let e = gw(&format!("{base}{two_udp}")).unwrap_err();
-        assert!(e.to_string().contains("udp port 7000 is already used by exposed.a-udp"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("udp port 7000 is already used by exposed.a-udp"),
+            "{e}"
+        );
         assert_eq!(key_of(e), "exposed.b-udp.port");
-        let e = gw(&format!("{base}[exposed.push-udp]\nport = 7001\nprotocol = \"sctp\"\n")).unwrap_err();
+        let e = gw(&format!(
+            "{base}[exposed.push-udp]\nport = 7001\nprotocol = \"sctp\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(key_of(e), "exposed.push-udp.protocol");
         // The gateway's listen port is taken for UDP too (path probes, datagrams).
         let e = gw(r#"listen = ["0.0.0.0:7000"]
@@ -1076,28 +1266,52 @@ mod tests {
         };
         let c = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\n").unwrap();
         assert_eq!(c.exposed["push"].target.port, 8080);
-        let e = client("[exposed.push]\ngateway = \"other\"\ntarget = \"127.0.0.1:8080\"\n").unwrap_err();
+        let e = client("[exposed.push]\ngateway = \"other\"\ntarget = \"127.0.0.1:8080\"\n")
+            .unwrap_err();
         assert_eq!(key_of(e), "exposed.push.gateway");
         let e = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"8080\"\n").unwrap_err();
         assert_eq!(key_of(e), "exposed.push.target");
         assert_eq!(c.exposed["push"].protocol, Protocol::Tcp);
-        let c = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n").unwrap();
+        let c = client(
+            "[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n",
+        )
+        .unwrap();
         assert_eq!(c.exposed["push"].protocol, Protocol::Udp);
-        let e = client("[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"quic\"\n").unwrap_err();
+        let e = client(
+            "[exposed.push]\ngateway = \"gw\"\ntarget = \"127.0.0.1:8080\"\nprotocol = \"quic\"\n",
+        )
+        .unwrap_err();
         assert_eq!(key_of(e), "exposed.push.protocol");
     }
 
     #[test]
     fn address_blocks_leave_out_what_hosts_cannot_use() {
         let b: AddrBlock = "192.168.102.0/24".parse().unwrap();
-        assert_eq!((b.usable(), b.nth(0), b.nth(253), b.nth(254)), (254, Some("192.168.102.1".parse().unwrap()), Some("192.168.102.254".parse().unwrap()), None));
-        assert!(b.contains("192.168.102.77".parse().unwrap()) && !b.contains("192.168.103.1".parse().unwrap()));
+        assert_eq!(
+            (b.usable(), b.nth(0), b.nth(253), b.nth(254)),
+            (
+                254,
+                Some("192.168.102.1".parse().unwrap()),
+                Some("192.168.102.254".parse().unwrap()),
+                None
+            )
+        );
+        assert!(
+            b.contains("192.168.102.77".parse().unwrap())
+                && !b.contains("192.168.103.1".parse().unwrap())
+        );
         let one: AddrBlock = "10.0.0.5".parse().unwrap();
-        assert_eq!((one.usable(), one.nth(0)), (1, Some("10.0.0.5".parse().unwrap())));
+        assert_eq!(
+            (one.usable(), one.nth(0)),
+            (1, Some("10.0.0.5".parse().unwrap()))
+        );
         let pair: AddrBlock = "10.0.0.6/31".parse().unwrap();
         assert_eq!(pair.usable(), 2);
         let v6: AddrBlock = "fd00::/64".parse().unwrap();
-        assert_eq!((v6.usable(), v6.nth(0)), (AddrBlock::MAX_USED, Some("fd00::1".parse().unwrap())));
+        assert_eq!(
+            (v6.usable(), v6.nth(0)),
+            (AddrBlock::MAX_USED, Some("fd00::1".parse().unwrap()))
+        );
         let all: AddrBlock = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("fd00::1/64".parse::<AddrBlock>().is_err());
@@ -1118,9 +1332,20 @@ mod tests {
         .unwrap();
         assert_eq!(g.services["dns"].protocol, Protocol::Udp);
         assert_eq!(g.services["pg"].protocol, Protocol::Tcp);
-        assert_eq!((g.udp.hold, g.udp.idle_timeout, g.udp.hold_bytes, g.udp.max_flows), (16, Duration::from_secs(2), 1 << 20, 1024));
+        assert_eq!(
+            (
+                g.udp.hold,
+                g.udp.idle_timeout,
+                g.udp.hold_bytes,
+                g.udp.max_flows
+            ),
+            (16, Duration::from_secs(2), 1 << 20, 1024)
+        );
         for (text, key) in [
-            ("[services.a]\ntarget = \"h:1\"\nprotocol = \"sctp\"", "services.a.protocol"),
+            (
+                "[services.a]\ntarget = \"h:1\"\nprotocol = \"sctp\"",
+                "services.a.protocol",
+            ),
             ("[udp]\nhold = 0", "udp.hold"),
             ("[udp]\nmax_flows = 0", "udp.max_flows"),
             ("[udp]\nidle_timeout = \"0s\"", "udp.idle_timeout"),
@@ -1132,13 +1357,27 @@ mod tests {
             assert_eq!(key_of(e), key, "{msg}");
         }
         let base = "id = \"c\"\nkey_file = \"k\"\n[gateways.g]\naddresses = [\"h:1\"]\n";
-        let svc = |name: &str, proto: &str| format!("[services.{name}]\ngateway = \"g\"\nlisten = 5353\nprotocol = \"{proto}\"\n");
+        let svc = |name: &str, proto: &str| {
+            format!("[services.{name}]\ngateway = \"g\"\nlisten = 5353\nprotocol = \"{proto}\"\n")
+        };
         // TCP and UDP on one port are two sockets; two UDP services are a clash.
-        let c = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "tcp"), svc("b", "udp"))).unwrap();
+        let c = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}{}{}", svc("a", "tcp"), svc("b", "udp")),
+        )
+        .unwrap();
         assert_eq!(c.services["b"].protocol, Protocol::Udp);
-        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}{}{}", svc("a", "udp"), svc("b", "udp"))).unwrap_err();
+        let e = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}{}{}", svc("a", "udp"), svc("b", "udp")),
+        )
+        .unwrap_err();
         assert_eq!(key_of(e), "services.b.listen");
-        let e = ClientConfig::from_toml(Path::new("c.toml"), &format!("{base}[udp]\nhold = 100000\n")).unwrap_err();
+        let e = ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("{base}[udp]\nhold = 100000\n"),
+        )
+        .unwrap_err();
         assert_eq!(key_of(e), "udp.hold");
     }
 

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::client::{Client, LinkState};
-use crate::util::lock;
 use crate::path::Path;
+use crate::util::lock;
 
 /// One event of the decision engine or of a switch.
 #[derive(Debug, Clone, Serialize)]
@@ -88,16 +88,32 @@ pub(crate) struct Events {
 
 impl Events {
     pub(crate) fn new() -> Self {
-        Self { tx: broadcast::channel(256).0, recent: Mutex::new(VecDeque::new()) }
+        Self {
+            tx: broadcast::channel(256).0,
+            recent: Mutex::new(VecDeque::new()),
+        }
     }
 
-    pub(crate) fn publish(&self, kind: &'static str, interface: Option<&str>, reason: String, urgent: bool) {
+    pub(crate) fn publish(
+        &self,
+        kind: &'static str,
+        interface: Option<&str>,
+        reason: String,
+        urgent: bool,
+    ) {
         self.publish_event(kind, interface, None, reason, urgent, None);
     }
 
     /// Publishes an event about a path: an interface and, if the session
     /// is to move to another gateway address too, that address.
-    pub(crate) fn publish_path_event(&self, kind: &'static str, interface: &str, gateway_addr: Option<&str>, reason: String, urgent: bool) {
+    pub(crate) fn publish_path_event(
+        &self,
+        kind: &'static str,
+        interface: &str,
+        gateway_addr: Option<&str>,
+        reason: String,
+        urgent: bool,
+    ) {
         self.publish_event(kind, Some(interface), gateway_addr, reason, urgent, None);
     }
 
@@ -105,7 +121,12 @@ impl Events {
     pub(crate) fn publish_path(&self, report: PathReport) {
         let reason = format!(
             "{} now on {} (from {}): rtt {:.1} ms, {} B/s down, {} B/s up",
-            report.gateway, report.to, report.from, report.rtt_ms, report.down_bytes_per_s, report.up_bytes_per_s
+            report.gateway,
+            report.to,
+            report.from,
+            report.rtt_ms,
+            report.down_bytes_per_s,
+            report.up_bytes_per_s
         );
         let to = report.to.clone();
         self.publish_event("path_changed", Some(&to), None, reason, false, Some(report));
@@ -120,7 +141,9 @@ impl Events {
         urgent: bool,
         path: Option<PathReport>,
     ) {
-        let at_unix_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let at_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let e = Event {
             at_unix_ms,
             kind,
@@ -130,7 +153,14 @@ impl Events {
             urgent,
             path,
         };
-        info!(kind, interface = e.interface.as_deref().unwrap_or("-"), gateway_addr = e.gateway_addr.as_deref().unwrap_or("-"), urgent, "{}", e.reason);
+        info!(
+            kind,
+            interface = e.interface.as_deref().unwrap_or("-"),
+            gateway_addr = e.gateway_addr.as_deref().unwrap_or("-"),
+            urgent,
+            "{}",
+            e.reason
+        );
         let mut r = lock(&self.recent);
         r.push_back(e.clone());
         while r.len() > RECENT {
@@ -175,7 +205,11 @@ impl Drop for Prober {
 }
 
 fn probe_socket(path: &Path, target: SocketAddr) -> std::io::Result<UdpSocket> {
-    let s = Socket::new(Domain::for_address(target), Type::DGRAM, Some(Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     s.set_nonblocking(true)?;
     if let Some(dev) = &path.device {
         // Without CAP_NET_RAW the routing table chooses; the probe then
@@ -190,7 +224,12 @@ fn probe_socket(path: &Path, target: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// Runs the decision engine until `stop`.
-pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::UnboundedReceiver<Command>, stop: CancellationToken) {
+pub(crate) async fn run(
+    client: Client,
+    mut engine: Engine,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    stop: CancellationToken,
+) {
     let events = client.events();
     let (reply_tx, mut replies) = mpsc::unbounded_channel::<((String, SocketAddr), Probe)>();
     let (done_tx, mut switch_done) = mpsc::unbounded_channel::<(String, Result<String, String>)>();
@@ -217,7 +256,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
         // Carry out what the engine decided.
         while let Some(d) = engine.poll() {
             match d {
-                Decision::Switch { to, addr, reason, urgent } => {
+                Decision::Switch {
+                    to,
+                    addr,
+                    reason,
+                    urgent,
+                } => {
                     let on = client.current_path();
                     // The engine names addresses as given by `on_targets`.
                     let addr = addr.and_then(|a| a.parse::<SocketAddr>().ok());
@@ -253,35 +297,78 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                             .collect();
                         tracing::debug!(paths = ?seen, "candidate paths");
                     }
-                    events.publish_path_event("switch_decided", &to, a.as_deref(), reason.to_string(), urgent);
+                    events.publish_path_event(
+                        "switch_decided",
+                        &to,
+                        a.as_deref(),
+                        reason.to_string(),
+                        urgent,
+                    );
                     engine.on_switch_started(&to, Instant::now());
                     in_flight = Some(to.clone());
-                    let (c, tx, to2, why) = (client.clone(), done_tx.clone(), to.clone(), reason.to_string());
+                    let (c, tx, to2, why) = (
+                        client.clone(),
+                        done_tx.clone(),
+                        to.clone(),
+                        reason.to_string(),
+                    );
                     tokio::spawn(async move {
-                        let r = c.switch_path(&to2, addr, &why).await.map(|recs| format!("{} session(s) moved", recs.len()));
+                        let r = c
+                            .switch_path(&to2, addr, &why)
+                            .await
+                            .map(|recs| format!("{} session(s) moved", recs.len()));
                         let _ = tx.send((to2, r));
                     });
                 }
-                Decision::Propose { to, addr, reason } => {
-                    events.publish_path_event("proposal", &to, addr.as_deref(), reason.to_string(), false)
-                }
-                Decision::ProposalWithdrawn { to } => {
-                    events.publish("proposal_withdrawn", Some(&to), "no longer better".into(), false)
-                }
-                Decision::Warn { reason, no_alternative } => {
+                Decision::Propose { to, addr, reason } => events.publish_path_event(
+                    "proposal",
+                    &to,
+                    addr.as_deref(),
+                    reason.to_string(),
+                    false,
+                ),
+                Decision::ProposalWithdrawn { to } => events.publish(
+                    "proposal_withdrawn",
+                    Some(&to),
+                    "no longer better".into(),
+                    false,
+                ),
+                Decision::Warn {
+                    reason,
+                    no_alternative,
+                } => {
                     let why = if no_alternative {
-                        format!("{reason}; no other interface: the connection may soon be unavailable")
+                        format!(
+                            "{reason}; no other interface: the connection may soon be unavailable"
+                        )
                     } else {
                         reason.to_string()
                     };
-                    events.publish("warning", client.current_path().as_deref(), why, no_alternative);
+                    events.publish(
+                        "warning",
+                        client.current_path().as_deref(),
+                        why,
+                        no_alternative,
+                    );
                 }
-                Decision::LinkGoing { reason } => {
-                    events.publish("link_going", client.current_path().as_deref(), reason.to_string(), true)
+                Decision::LinkGoing { reason } => events.publish(
+                    "link_going",
+                    client.current_path().as_deref(),
+                    reason.to_string(),
+                    true,
+                ),
+                Decision::StartSearch { reason } => {
+                    events.publish("search", None, reason.to_string(), false)
                 }
-                Decision::StartSearch { reason } => events.publish("search", None, reason.to_string(), false),
-                Decision::Recovered => events.publish("recovered", client.current_path().as_deref(), "current path recovered".into(), false),
-                Decision::NoPath { reason } => events.publish("no_path", None, reason.to_string(), true),
+                Decision::Recovered => events.publish(
+                    "recovered",
+                    client.current_path().as_deref(),
+                    "current path recovered".into(),
+                    false,
+                ),
+                Decision::NoPath { reason } => {
+                    events.publish("no_path", None, reason.to_string(), true)
+                }
             }
         }
         // Send the probes it asked for: towards the current gateway address,
@@ -298,20 +385,27 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
             }
         }
         for key in wanted {
-            let Some((sid, leg_key, _)) = identity.clone() else { break };
+            let Some((sid, leg_key, _)) = identity.clone() else {
+                break;
+            };
             let (iface, target) = (key.0.clone(), key.1);
             if !probers.contains_key(&key) {
-                let Some(path) = client.path(&iface) else { continue };
+                let Some(path) = client.path(&iface) else {
+                    continue;
+                };
                 match probe_socket(&path, target) {
                     Ok(sock) => {
                         let sock = Arc::new(sock);
-                        let (r, tx, k, key2) = (sock.clone(), reply_tx.clone(), key.clone(), leg_key.clone());
+                        let (r, tx, k, key2) =
+                            (sock.clone(), reply_tx.clone(), key.clone(), leg_key.clone());
                         let reader = tokio::spawn(async move {
                             let mut buf = [0u8; PROBE_LEN + 1];
                             loop {
                                 match r.recv(&mut buf).await {
                                     Ok(n) => {
-                                        if let Some(p) = Probe::open(&buf[..n], &key2).filter(|p| p.reply) {
+                                        if let Some(p) =
+                                            Probe::open(&buf[..n], &key2).filter(|p| p.reply)
+                                        {
                                             let _ = tx.send((k.clone(), p));
                                         }
                                     }
@@ -323,10 +417,21 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                                 }
                             }
                         });
-                        probers.insert(key.clone(), Prober { socket: sock, reader });
+                        probers.insert(
+                            key.clone(),
+                            Prober {
+                                socket: sock,
+                                reader,
+                            },
+                        );
                     }
                     Err(e) => {
-                        engine.on_path_measurement(&iface, &target.to_string(), Sample::Lost, Instant::now());
+                        engine.on_path_measurement(
+                            &iface,
+                            &target.to_string(),
+                            Sample::Lost,
+                            Instant::now(),
+                        );
                         tracing::debug!(interface = %iface, %target, "cannot probe: {e}");
                         continue;
                     }
@@ -334,7 +439,13 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
             }
             seq += 1;
             let sent_us = epoch.elapsed().as_micros() as u64;
-            let bytes = Probe { reply: false, session_id: sid, seq, sent_us }.seal(&leg_key);
+            let bytes = Probe {
+                reply: false,
+                session_id: sid,
+                seq,
+                sent_us,
+            }
+            .seal(&leg_key);
             if let Some(p) = probers.get(&key) {
                 // A datagram send does not wait on the network; an error
                 // (no route, interface gone) is as good as a lost probe.
@@ -344,7 +455,12 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
                     }
                     Err(e) => {
                         tracing::debug!(interface = %iface, %target, "probe not sent: {e}");
-                        engine.on_path_measurement(&iface, &target.to_string(), Sample::Lost, Instant::now());
+                        engine.on_path_measurement(
+                            &iface,
+                            &target.to_string(),
+                            Sample::Lost,
+                            Instant::now(),
+                        );
                     }
                 }
             }
@@ -505,7 +621,11 @@ pub(crate) async fn run(client: Client, mut engine: Engine, mut commands: mpsc::
 }
 
 /// Answers the user's pending switch request if it was for `to`.
-fn answer_user(waiting: &mut Option<(String, oneshot::Sender<Result<String, String>>)>, to: &str, r: impl FnOnce() -> Result<String, String>) {
+fn answer_user(
+    waiting: &mut Option<(String, oneshot::Sender<Result<String, String>>)>,
+    to: &str,
+    r: impl FnOnce() -> Result<String, String>,
+) {
     if waiting.as_ref().is_some_and(|(t, _)| t == to) {
         if let Some((_, reply)) = waiting.take() {
             let _ = reply.send(r());
@@ -524,12 +644,18 @@ struct Progress {
 
 impl Progress {
     fn sample(&mut self, client: &Client, now: Instant) -> Vec<Sample> {
-        let moved: u64 = client.streams().iter().map(|s| s.confirmed + s.received).sum();
+        let moved: u64 = client
+            .streams()
+            .iter()
+            .map(|s| s.confirmed + s.received)
+            .sum();
         let mut out = vec![Sample::Stall(client.path_stall())];
         if let Some(prev) = self.last_sample {
             let secs = now.duration_since(prev).as_secs_f64().max(1e-3);
             if moved >= self.moved {
-                out.push(Sample::Throughput(((moved - self.moved) as f64 / secs) as u64));
+                out.push(Sample::Throughput(
+                    ((moved - self.moved) as f64 / secs) as u64,
+                ));
             }
         }
         self.moved = moved;

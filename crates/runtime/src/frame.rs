@@ -21,7 +21,9 @@ impl RawFrame {
     }
 
     pub(crate) fn header(&self) -> &[u8; FRAME_HEADER_LEN] {
-        self.bytes[..FRAME_HEADER_LEN].try_into().expect("a RawFrame always holds its header")
+        self.bytes[..FRAME_HEADER_LEN]
+            .try_into()
+            .expect("a RawFrame always holds its header")
     }
 
     pub(crate) fn payload(&self) -> &[u8] {
@@ -62,9 +64,15 @@ impl Decoder for FrameCodec {
         if src.len() < FRAME_HEADER_LEN {
             return Ok(None);
         }
-        let header: [u8; FRAME_HEADER_LEN] = src[..FRAME_HEADER_LEN].try_into().expect("length checked above");
+        let header: [u8; FRAME_HEADER_LEN] = src[..FRAME_HEADER_LEN]
+            .try_into()
+            .expect("length checked above");
         let hdr = FrameHeader::decode(&header)?;
-        let tag_len = if self.keyed || hdr.ty == ACCEPTED { TAG_LEN } else { 0 };
+        let tag_len = if self.keyed || hdr.ty == ACCEPTED {
+            TAG_LEN
+        } else {
+            0
+        };
         let total = FRAME_HEADER_LEN + hdr.len + tag_len;
         if src.len() < total {
             src.reserve(total - src.len());
@@ -102,5 +110,8 @@ pub(crate) async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R) -> Result<RawFr
     r.read_exact(&mut bytes[FRAME_HEADER_LEN..]).await?;
     let mut tag = [0u8; TAG_LEN];
     r.read_exact(&mut tag).await?;
-    Ok(RawFrame { bytes, tag: Some(tag) })
+    Ok(RawFrame {
+        bytes,
+        tag: Some(tag),
+    })
 }

@@ -31,18 +31,19 @@ use tracing::{debug, info, warn};
 
 use baton_proto::wire::{PREFACE_LEN, TAG_LEN};
 use baton_proto::{
-    Admission, ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface, RefuseReason, ResetCode,
-    Role, StreamId, StreamTable,
+    Admission, ConnKind, ControlCipher, GatewayHandshake, LegKey, Message, Offset, Preface,
+    RefuseReason, ResetCode, Role, StreamId, StreamTable,
 };
 
 mod expose;
 
-use crate::util::{lock, sid};
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame, CONTROL_READ_BUFFER};
 use crate::stream::{
-    self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits, StreamShared, Tombstones, ToSession,
+    self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits,
+    StreamShared, ToSession, Tombstones,
 };
+use crate::util::{lock, sid};
 
 /// Counters a gateway keeps, for status and tests.
 #[derive(Debug, Default)]
@@ -166,14 +167,21 @@ enum ConnError {
 impl Gateway {
     /// Binds every listen address and starts serving. Stops when `shutdown`
     /// fires (then every session is released).
-    pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
+    pub async fn start(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = baton_os::listen(*addr)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let l = baton_os::listen(*addr).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            })?;
             listeners.push(l);
         }
-        let local_addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+        let local_addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
         let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone()));
         let shared = Arc::new(Shared {
             config,
@@ -194,10 +202,18 @@ impl Gateway {
         }
         for addr in &local_addrs {
             // Path probes come over UDP to the same address and port.
-            let udp = bind_udp(*addr, addr.ip().is_unspecified())
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for probes on udp {addr}: {e}")))?;
+            let udp = bind_udp(*addr, addr.ip().is_unspecified()).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen for probes on udp {addr}: {e}"),
+                )
+            })?;
             crate::udp::tune(&udp);
-            shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), multihome::serving(&shared, *addr)));
+            shared.tasks.spawn(answer_probes(
+                shared.clone(),
+                Arc::new(udp),
+                multihome::serving(&shared, *addr),
+            ));
         }
         host::start(&shared).await;
         multihome::advertise(&shared);
@@ -210,7 +226,10 @@ impl Gateway {
             }
         });
         info!(addrs = ?local_addrs, "gateway listening");
-        Ok(Self { shared, local_addrs })
+        Ok(Self {
+            shared,
+            local_addrs,
+        })
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -225,12 +244,18 @@ impl Gateway {
 
     /// Live streams over all sessions.
     pub fn stream_count(&self) -> usize {
-        lock(&self.shared.sessions).values().map(|s| lock(&s.streams).len()).sum()
+        lock(&self.shared.sessions)
+            .values()
+            .map(|s| lock(&s.streams).len())
+            .sum()
     }
 
     /// Client ids of the sessions held now.
     pub fn session_clients(&self) -> Vec<String> {
-        lock(&self.shared.sessions).values().map(|s| s.client_id.clone()).collect()
+        lock(&self.shared.sessions)
+            .values()
+            .map(|s| s.client_id.clone())
+            .collect()
     }
 
     /// The address assigned to a client agent whose client services are
@@ -261,8 +286,6 @@ impl Gateway {
         self.shared.tasks.wait().await;
     }
 }
-
-
 
 /// A UDP socket for probes and datagrams. A wildcard one is bound with
 /// `SO_REUSEADDR`, so that each address it stands for can get a socket of
@@ -295,8 +318,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
             if let Err(e) = serve_connection(&shared2, stream, peer).await {
-                if matches!(e, ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)) {
-                    shared2.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(
+                    e,
+                    ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
+                ) {
+                    shared2
+                        .stats
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(%peer, "closing connection: {e}");
                 } else {
                     debug!(%peer, "connection ended: {e}");
@@ -309,7 +338,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
 /// Answers authenticated path probes with a reply of the same size, and
 /// hands relayed datagrams of UDP services to their session; anything else
 /// is dropped without an answer.
-async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>, stop: CancellationToken) {
+async fn answer_probes(
+    shared: Arc<Shared>,
+    udp: Arc<tokio::net::UdpSocket>,
+    stop: CancellationToken,
+) {
     use baton_proto::probe::Probe;
     let mut buf = vec![0u8; baton_proto::datagram::MAX_DATAGRAM + 1];
     loop {
@@ -331,9 +364,15 @@ async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>, sto
             }
             continue;
         }
-        let Some(sid) = Probe::peek_session(&buf[..n]) else { continue };
-        let Some(session) = lock(&shared.sessions).get(&sid).cloned() else { continue };
-        let Some(p) = Probe::open(&buf[..n], &session.leg_key) else { continue };
+        let Some(sid) = Probe::peek_session(&buf[..n]) else {
+            continue;
+        };
+        let Some(session) = lock(&shared.sessions).get(&sid).cloned() else {
+            continue;
+        };
+        let Some(p) = Probe::open(&buf[..n], &session.leg_key) else {
+            continue;
+        };
         if p.reply {
             continue;
         }
@@ -342,17 +381,34 @@ async fn answer_probes(shared: Arc<Shared>, udp: Arc<tokio::net::UdpSocket>, sto
     }
 }
 
-async fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ConnError> {
     let timeout = shared.config.handshake_timeout;
     let mut preface = [0u8; PREFACE_LEN];
-    tokio::time::timeout(timeout, stream.read_exact(&mut preface)).await.map_err(|_| ConnError::Timeout)??;
+    tokio::time::timeout(timeout, stream.read_exact(&mut preface))
+        .await
+        .map_err(|_| ConnError::Timeout)??;
     let p = Preface::decode(&preface)?;
     if p.version != baton_proto::wire::VERSION {
-        shared.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
-        let detail = format!("gateway speaks version {}, client {}", baton_proto::wire::VERSION, p.version);
+        shared
+            .stats
+            .sessions_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let detail = format!(
+            "gateway speaks version {}, client {}",
+            baton_proto::wire::VERSION,
+            p.version
+        );
         warn!(%peer, "refused: {detail}");
         let mut out = Vec::new();
-        Message::Refused { reason: RefuseReason::Version, detail }.encode(&mut out);
+        Message::Refused {
+            reason: RefuseReason::Version,
+            detail,
+        }
+        .encode(&mut out);
         stream.write_all(&out).await?;
         return Ok(());
     }
@@ -362,8 +418,16 @@ async fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: Soc
     }
 }
 
-async fn refuse(stream: &mut TcpStream, shared: &Shared, reason: RefuseReason, detail: String) -> Result<(), ConnError> {
-    shared.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+async fn refuse(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    reason: RefuseReason,
+    detail: String,
+) -> Result<(), ConnError> {
+    shared
+        .stats
+        .sessions_refused
+        .fetch_add(1, Ordering::Relaxed);
     let mut out = Vec::new();
     Message::Refused { reason, detail }.encode(&mut out);
     stream.write_all(&out).await?;
@@ -383,7 +447,10 @@ async fn next_frame(
 }
 
 fn capacity_detail(shared: &Shared) -> String {
-    format!("gateway holds its maximum of {} sessions", shared.config.max_sessions)
+    format!(
+        "gateway holds its maximum of {} sessions",
+        shared.config.max_sessions
+    )
 }
 
 async fn control(
@@ -402,13 +469,23 @@ async fn control(
             return Err(ConnError::Unexpected(hello.ty()));
         }
         match hello.decode()? {
-            Message::Hello { client_id, ephemeral, resume } => (hello, client_id, ephemeral, resume),
+            Message::Hello {
+                client_id,
+                ephemeral,
+                resume,
+            } => (hello, client_id, ephemeral, resume),
             other => return Err(ConnError::Unexpected(other.ty())),
         }
     };
     let Some(entry) = shared.config.clients.get(&client_id).cloned() else {
         warn!(%peer, client = %client_id, "refused: unknown client");
-        return refuse(&mut stream, shared, RefuseReason::UnknownClient, format!("no client {client_id:?}")).await;
+        return refuse(
+            &mut stream,
+            shared,
+            RefuseReason::UnknownClient,
+            format!("no client {client_id:?}"),
+        )
+        .await;
     };
     // A resume names a session of this client; anything else gets a new id
     // (and the client learns its old session is gone).
@@ -418,7 +495,13 @@ async fn control(
         .filter(|s| s.client_id == client_id);
     if existing.is_none() && lock(&shared.sessions).len() >= shared.config.max_sessions {
         warn!(%peer, client = %client_id, "refused: capacity full");
-        return refuse(&mut stream, shared, RefuseReason::CapacityFull, capacity_detail(shared)).await;
+        return refuse(
+            &mut stream,
+            shared,
+            RefuseReason::CapacityFull,
+            capacity_detail(shared),
+        )
+        .await;
     }
     let session_id = match &existing {
         Some(s) => s.id,
@@ -426,7 +509,8 @@ async fn control(
     };
     // Keep-alives and acknowledgements are small and latency-bound.
     let _ = stream.set_nodelay(true);
-    let (hs, challenge) = GatewayHandshake::on_hello(&preface, &hello.bytes, client_eph, session_id, &shared.rng)?;
+    let (hs, challenge) =
+        GatewayHandshake::on_hello(&preface, &hello.bytes, client_eph, session_id, &shared.rng)?;
     stream.write_all(&challenge).await?;
 
     let (r, mut w) = stream.split();
@@ -445,7 +529,10 @@ async fn control(
     let mut cipher = ControlCipher::new(&keys, Role::Gateway);
     let session = match existing {
         Some(s) => {
-            shared.stats.sessions_resumed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .sessions_resumed
+                .fetch_add(1, Ordering::Relaxed);
             info!(%peer, client = %client_id, session = %sid(session_id), "session resumed");
             s
         }
@@ -486,45 +573,92 @@ async fn control(
             };
             if !admitted {
                 drop(frames);
-                return refuse(&mut stream, shared, RefuseReason::CapacityFull, capacity_detail(shared)).await;
+                return refuse(
+                    &mut stream,
+                    shared,
+                    RefuseReason::CapacityFull,
+                    capacity_detail(shared),
+                )
+                .await;
             }
-            shared.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .sessions_accepted
+                .fetch_add(1, Ordering::Relaxed);
             info!(%peer, client = %client_id, session = %sid(session_id), "session up");
-            shared.tasks.spawn(session_task(shared.clone(), session.clone(), from_streams));
+            shared
+                .tasks
+                .spawn(session_task(shared.clone(), session.clone(), from_streams));
             session.udp.start(session.released.clone());
             session
         }
     };
     let mut out = Vec::new();
-    let inactivity_ms = u32::try_from(shared.config.inactivity_timeout.as_millis()).unwrap_or(u32::MAX);
-    cipher.seal(&Message::Accepted { session_id, keepalive_ms: inactivity_ms / 3, inactivity_ms }, &mut out);
+    let inactivity_ms =
+        u32::try_from(shared.config.inactivity_timeout.as_millis()).unwrap_or(u32::MAX);
+    cipher.seal(
+        &Message::Accepted {
+            session_id,
+            keepalive_ms: inactivity_ms / 3,
+            inactivity_ms,
+        },
+        &mut out,
+    );
 
     // Attach: this connection replaces any earlier one of the session.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let close = session.released.child_token();
     let local = w.local_addr()?;
-    if let Some(old) = lock(&session.control).replace(Attached { tx: tx.clone(), close: close.clone(), local, peer }) {
+    if let Some(old) = lock(&session.control).replace(Attached {
+        tx: tx.clone(),
+        close: close.clone(),
+        local,
+        peer,
+    }) {
         old.close.cancel();
     }
     // The gateway's addresses, for the client to roam to (seed 003, Figure 9).
-    let _ = tx.send(Message::Addresses { list: lock(&shared.advertised).clone() });
+    let _ = tx.send(Message::Addresses {
+        list: lock(&shared.advertised).clone(),
+    });
     session.udp.attach(tx.clone());
     *lock(&session.last_heard) = Instant::now();
     // What the client may have missed while detached: half-closes, resets, acks.
     for s in lock(&session.streams).values() {
         if let Some(offset) = *lock(&s.fin_at) {
-            cipher.seal(&Message::StreamFin { stream: s.id, offset }, &mut out);
+            cipher.seal(
+                &Message::StreamFin {
+                    stream: s.id,
+                    offset,
+                },
+                &mut out,
+            );
         }
         s.acked_to_peer.store(0, Ordering::Relaxed);
-        let _ = session.to_session.send(ToSession::Ack { stream: s.id, urgent: false });
+        let _ = session.to_session.send(ToSession::Ack {
+            stream: s.id,
+            urgent: false,
+        });
     }
     for (stream, code) in lock(&session.recent_resets).iter() {
-        cipher.seal(&Message::StreamReset { stream: *stream, code: *code }, &mut out);
+        cipher.seal(
+            &Message::StreamReset {
+                stream: *stream,
+                code: *code,
+            },
+            &mut out,
+        );
     }
     // Connections to client services the client has not dialed a leg for
     // (it may never have heard of them while detached).
     for (stream, service) in lock(&session.incoming).iter() {
-        cipher.seal(&Message::Incoming { stream: *stream, service: service.clone() }, &mut out);
+        cipher.seal(
+            &Message::Incoming {
+                stream: *stream,
+                service: service.clone(),
+            },
+            &mut out,
+        );
     }
     for m in lock(&session.finished).messages() {
         cipher.seal(&m, &mut out);
@@ -618,7 +752,9 @@ fn on_control(
             }
         }
         Message::Roam { from, to } => multihome::on_roam(shared, session, from, to),
-        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => session.udp.on_control(m),
+        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => {
+            session.udp.on_control(m)
+        }
         Message::Disconnect => {
             info!(client = %session.client_id, session = %sid(session.id), "session disconnected");
             release(shared, session, "client disconnected");
@@ -633,7 +769,10 @@ fn on_control(
 fn new_session_id(shared: &Shared) -> Result<u64, ConnError> {
     loop {
         let mut b = [0u8; 8];
-        shared.rng.fill(&mut b).map_err(|_| baton_proto::CryptoError::Random)?;
+        shared
+            .rng
+            .fill(&mut b)
+            .map_err(|_| baton_proto::CryptoError::Random)?;
         let id = u64::from_be_bytes(b);
         if id != 0 && !lock(&shared.sessions).contains_key(&id) {
             return Ok(id);
@@ -643,13 +782,19 @@ fn new_session_id(shared: &Shared) -> Result<u64, ConnError> {
 
 /// Sends to the attached control connection, if any.
 fn send_control(session: &Session, msg: Message) -> bool {
-    lock(&session.control).as_ref().is_some_and(|a| a.tx.send(msg).is_ok())
+    lock(&session.control)
+        .as_ref()
+        .is_some_and(|a| a.tx.send(msg).is_ok())
 }
 
 /// The session's own task: relays what its streams ask (acks, half-closes,
 /// resets, broken legs) to the control connection, and decides when a
 /// silent or detached session is released.
-async fn session_task(shared: Arc<Shared>, session: Arc<Session>, mut from_streams: mpsc::UnboundedReceiver<ToSession>) {
+async fn session_task(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    mut from_streams: mpsc::UnboundedReceiver<ToSession>,
+) {
     let mut acks = AckBatch::default();
     // The task sleeps until the session's next deadline rather than polling:
     // thousands of idle sessions then cost no wake-ups. The deadline only
@@ -712,7 +857,8 @@ fn next_deadline(shared: &Shared, session: &Session) -> Instant {
         shared.config.switch_timeout
     };
     // A timeout too long to add is as good as none.
-    last.checked_add(timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400))
+    last.checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400))
 }
 
 /// Detaches a silent control connection and releases a session detached for
@@ -730,7 +876,10 @@ fn expire_check(shared: &Shared, session: &Session) -> bool {
         }
         None if silent >= shared.config.switch_timeout => {
             drop(control);
-            shared.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .sessions_expired
+                .fetch_add(1, Ordering::Relaxed);
             info!(client = %session.client_id, session = %sid(session.id), "session released: client gone longer than the switch timeout");
             release(shared, session, "switch timeout");
             true
@@ -757,7 +906,10 @@ fn stream_ended(session: &Session, s: &StreamShared, end: StreamEnd) {
     lock(&session.streams).remove(&stream_id);
     lock(&session.incoming).remove(&stream_id);
     lock(&session.table).close(stream_id);
-    let (up, down) = (s.delivered.load(Ordering::Relaxed), s.taken.load(Ordering::Relaxed));
+    let (up, down) = (
+        s.delivered.load(Ordering::Relaxed),
+        s.taken.load(Ordering::Relaxed),
+    );
     if s.compression != baton_proto::Compression::None {
         info!(stream = %stream_id, ratio = format!("{:.2}", s.compression_ratio()), wire = s.wire_bytes(), "compressed stream ended");
     }
@@ -771,12 +923,27 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     let frame = tokio::time::timeout(shared.config.handshake_timeout, read_tagged(&mut leg))
         .await
         .map_err(|_| ConnError::Timeout)??;
-    let (session_id, stream_id, generation, received, service, handover, compression) = match frame.decode()? {
-        Message::LegOpen { session_id, stream, generation, received, service, handover, compression } => {
-            (session_id, stream, generation, received, service, handover, compression)
-        }
-        other => return Err(ConnError::Unexpected(other.ty())),
-    };
+    let (session_id, stream_id, generation, received, service, handover, compression) =
+        match frame.decode()? {
+            Message::LegOpen {
+                session_id,
+                stream,
+                generation,
+                received,
+                service,
+                handover,
+                compression,
+            } => (
+                session_id,
+                stream,
+                generation,
+                received,
+                service,
+                handover,
+                compression,
+            ),
+            other => return Err(ConnError::Unexpected(other.ty())),
+        };
     let Some(session) = lock(&shared.sessions).get(&session_id).cloned() else {
         // Without the session's keys no reply can be authenticated: just close.
         shared.stats.legs_refused.fetch_add(1, Ordering::Relaxed);
@@ -791,7 +958,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     }
     let reply = |result: Result<Offset, RefuseReason>, detail: String| {
         let mut out = Vec::new();
-        session.leg_key.seal_reply(&Message::LegReply { result, detail }, &tag, &mut out);
+        session
+            .leg_key
+            .seal_reply(&Message::LegReply { result, detail }, &tag, &mut out);
         out
     };
     let refused = |reason: RefuseReason, detail: String| {
@@ -803,7 +972,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     if let Some(t) = tomb {
         // The stream finished here; the client missed its end. Tell it
         // everything arrived, and how this side ended.
-        leg.write_all(&reply(Ok(t.delivered), String::new())).await?;
+        leg.write_all(&reply(Ok(t.delivered), String::new()))
+            .await?;
         for m in tombstone_messages(&t) {
             send_control(&session, m);
         }
@@ -813,7 +983,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     let admission = match admitted {
         Ok(a) => a,
         Err(e) => {
-            leg.write_all(&refused(RefuseReason::BadStream, e.to_string())).await?;
+            leg.write_all(&refused(RefuseReason::BadStream, e.to_string()))
+                .await?;
             return Ok(());
         }
     };
@@ -823,13 +994,21 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         // leg of a client service's stream too: the server's bytes wait in
         // the replay buffer from offset 0.)
         let Some(s) = lock(&session.streams).get(&stream_id).cloned() else {
-            leg.write_all(&refused(RefuseReason::BadStream, "stream already ended".into())).await?;
+            leg.write_all(&refused(
+                RefuseReason::BadStream,
+                "stream already ended".into(),
+            ))
+            .await?;
             return Ok(());
         };
         let have = Offset(s.delivered.load(Ordering::Acquire));
         leg.write_all(&reply(Ok(have), String::new())).await?;
         s.generation.store(generation, Ordering::Relaxed);
-        let start = if handover { LegStart::Continue } else { LegStart::Rewind };
+        let start = if handover {
+            LegStart::Continue
+        } else {
+            LegStart::Rewind
+        };
         s.attach_leg(leg, received, start, session.released.child_token());
         if lock(&session.incoming).remove(&stream_id).is_none() {
             shared.stats.legs_resumed.fetch_add(1, Ordering::Relaxed);
@@ -837,21 +1016,35 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         debug!(client = %session.client_id, stream = %stream_id, generation, resume_in = have.0, resume_out = received.0, "leg resumed");
         return Ok(());
     }
-    let tcp = shared.config.services.get(&service).is_some_and(|s| s.protocol == crate::config::Protocol::Tcp);
+    let tcp = shared
+        .config
+        .services
+        .get(&service)
+        .is_some_and(|s| s.protocol == crate::config::Protocol::Tcp);
     if !session.services.contains(&service) || !tcp {
         lock(&session.table).close(stream_id);
-        leg.write_all(&refused(RefuseReason::ServiceNotAllowed, format!("service {service:?} is not allowed"))).await?;
+        leg.write_all(&refused(
+            RefuseReason::ServiceNotAllowed,
+            format!("service {service:?} is not allowed"),
+        ))
+        .await?;
         return Ok(());
     }
     // The stream is registered before the target is reached, so that what
     // the client sends about it meanwhile (a half-close) is not lost.
     // The client chooses the stream's compression when it opens; resumed
     // legs keep it.
-    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer, compression };
+    let limits = StreamLimits {
+        replay_buffer: shared.config.replay_buffer,
+        compression,
+    };
     let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
     lock(&session.streams).insert(stream_id, s.clone());
     let target = &shared.config.services[&service].target;
-    let connect = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect((target.host.as_str(), target.port)));
+    let connect = tokio::time::timeout(
+        shared.config.connect_timeout,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    );
     let upstream = tokio::select! {
         r = connect => match r {
             Ok(Ok(s)) => Ok(s),
@@ -865,7 +1058,8 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         Err(detail) => {
             lock(&session.streams).remove(&stream_id);
             lock(&session.table).close(stream_id);
-            leg.write_all(&refused(RefuseReason::TargetUnreachable, detail)).await?;
+            leg.write_all(&refused(RefuseReason::TargetUnreachable, detail))
+                .await?;
             return Ok(());
         }
     };
@@ -874,8 +1068,20 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %stream_id, service = %service, "stream open");
 
-    s.attach_leg(leg, received, LegStart::Rewind, session.released.child_token());
-    let end = stream::run(upstream, s.clone(), inbox, limits, session.to_session.clone()).await;
+    s.attach_leg(
+        leg,
+        received,
+        LegStart::Rewind,
+        session.released.child_token(),
+    );
+    let end = stream::run(
+        upstream,
+        s.clone(),
+        inbox,
+        limits,
+        session.to_session.clone(),
+    )
+    .await;
     stream_ended(&session, &s, end);
     Ok(())
 }

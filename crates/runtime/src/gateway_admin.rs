@@ -79,7 +79,9 @@ pub fn status(gw: &Gateway) -> Value {
 }
 
 fn addr(s: &str) -> Result<SocketAddr, Value> {
-    s.parse().map_err(|_| json!({"ok": false, "error": format!("invalid address {s:?}: expected ip:port")}))
+    s.parse().map_err(
+        |_| json!({"ok": false, "error": format!("invalid address {s:?}: expected ip:port")}),
+    )
 }
 
 async fn handle(gw: &Gateway, line: &str) -> Value {
@@ -90,7 +92,11 @@ async fn handle(gw: &Gateway, line: &str) -> Value {
     let wait = |ms: Option<u64>| ms.map_or(DEFAULT_WAIT, Duration::from_millis);
     match req {
         Request::Status => status(gw),
-        Request::Goto { client, to, wait_ms } => {
+        Request::Goto {
+            client,
+            to,
+            wait_ms,
+        } => {
             let to = match to.as_deref().map(addr).transpose() {
                 Ok(t) => t,
                 Err(e) => return e,
@@ -102,7 +108,9 @@ async fn handle(gw: &Gateway, line: &str) -> Value {
         }
         Request::ListenAdd { addr: a } => match addr(&a) {
             Ok(a) => match gw.listen_add(a).await {
-                Ok(bound) => json!({"ok": true, "addr": bound.to_string(), "advertised": gw.advertised()}),
+                Ok(bound) => {
+                    json!({"ok": true, "addr": bound.to_string(), "advertised": gw.advertised()})
+                }
                 Err(e) => json!({"ok": false, "error": e}),
             },
             Err(e) => e,

@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::util::lock;
 use crate::config::ClientConfig;
+use crate::util::lock;
 
 /// One way out of this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,14 +79,17 @@ pub(crate) struct Paths {
 /// The loopback device: a path only to a gateway on this host.
 pub(crate) const LOOPBACK: &str = "lo";
 
-
 impl Paths {
     pub(crate) fn from_config(config: &ClientConfig) -> Self {
         let mut entries: Vec<Entry> = config
             .interfaces
             .iter()
             .map(|(name, i)| Entry {
-                path: Path { name: name.clone(), device: i.device.clone(), source: i.source },
+                path: Path {
+                    name: name.clone(),
+                    device: i.device.clone(),
+                    source: i.source,
+                },
                 up: true,
                 priority: i.priority,
                 cut: CancellationToken::new(),
@@ -96,7 +99,12 @@ impl Paths {
             })
             .collect();
         let kernel = entries.is_empty();
-        let paths = Self { entries: Mutex::new(Vec::new()), policy: config.policy.clone(), changed: watch::channel(0).0, kernel };
+        let paths = Self {
+            entries: Mutex::new(Vec::new()),
+            policy: config.policy.clone(),
+            changed: watch::channel(0).0,
+            kernel,
+        };
         paths.sort(&mut entries);
         *lock(&paths.entries) = entries;
         paths
@@ -107,7 +115,11 @@ impl Paths {
         let mut entries = lock(&self.entries);
         if entries.is_empty() {
             entries.push(Entry {
-                path: Path { name: "default".into(), device: None, source: None },
+                path: Path {
+                    name: "default".into(),
+                    device: None,
+                    source: None,
+                },
                 up: true,
                 priority: 0,
                 cut: CancellationToken::new(),
@@ -129,14 +141,34 @@ impl Paths {
             .candidates()
             .into_iter()
             .map(|i| {
-                let path = Path { name: i.name.clone(), device: Some(i.name.clone()), source: None };
+                let path = Path {
+                    name: i.name.clone(),
+                    device: Some(i.name.clone()),
+                    source: None,
+                };
                 let metric = i.default_route_metric;
-                (path, metric.unwrap_or(u32::MAX - 1), i.addrs.iter().copied().collect(), i.kind, metric)
+                (
+                    path,
+                    metric.unwrap_or(u32::MAX - 1),
+                    i.addrs.iter().copied().collect(),
+                    i.kind,
+                    metric,
+                )
             })
             .collect();
         if let Some(lo) = table.by_name(LOOPBACK) {
-            let path = Path { name: LOOPBACK.into(), device: Some(LOOPBACK.into()), source: None };
-            next.push((path, u32::MAX, lo.addrs.iter().copied().collect(), lo.kind, None));
+            let path = Path {
+                name: LOOPBACK.into(),
+                device: Some(LOOPBACK.into()),
+                source: None,
+            };
+            next.push((
+                path,
+                u32::MAX,
+                lo.addrs.iter().copied().collect(),
+                lo.kind,
+                None,
+            ));
         }
         let mut entries = lock(&self.entries);
         let mut changed = false;
@@ -201,25 +233,48 @@ impl Paths {
     /// kernel's metric (or the configured priority), then the name.
     fn sort(&self, entries: &mut [Entry]) {
         let key = |e: &Entry| {
-            let a = self.policy.attributes(&e.path.name, crate::decide::kind(e.kind));
+            let a = self
+                .policy
+                .attributes(&e.path.name, crate::decide::kind(e.kind));
             // The loopback device only reaches this host: always last.
             let lo = e.path.name == LOOPBACK;
-            (lo, a.priority.unwrap_or(u32::MAX), a.needs_user_interaction, a.metered, (a.cost * 1000.0) as i64, e.priority)
+            (
+                lo,
+                a.priority.unwrap_or(u32::MAX),
+                a.needs_user_interaction,
+                a.metered,
+                (a.cost * 1000.0) as i64,
+                e.priority,
+            )
         };
-        entries.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.path.name.cmp(&b.path.name)));
+        entries.sort_by(|a, b| {
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| a.path.name.cmp(&b.path.name))
+        });
     }
 
     fn allowed(&self, e: &Entry) -> bool {
-        e.up && !self.policy.attributes(&e.path.name, crate::decide::kind(e.kind)).never_use
+        e.up && !self
+            .policy
+            .attributes(&e.path.name, crate::decide::kind(e.kind))
+            .never_use
     }
 
     /// Usable paths, preferred first.
     pub(crate) fn usable(&self) -> Vec<Path> {
-        lock(&self.entries).iter().filter(|e| self.allowed(e)).map(|e| e.path.clone()).collect()
+        lock(&self.entries)
+            .iter()
+            .filter(|e| self.allowed(e))
+            .map(|e| e.path.clone())
+            .collect()
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Path> {
-        lock(&self.entries).iter().find(|e| e.path.name == name && self.allowed(e)).map(|e| e.path.clone())
+        lock(&self.entries)
+            .iter()
+            .find(|e| e.path.name == name && self.allowed(e))
+            .map(|e| e.path.clone())
     }
 
     pub(crate) fn is_usable(&self, name: &str) -> bool {
@@ -258,7 +313,10 @@ impl Paths {
     /// Marks a path up or down. Down cuts every connection on it at once.
     pub(crate) fn set_up(&self, name: &str, up: bool) -> Result<(), String> {
         let mut entries = lock(&self.entries);
-        let e = entries.iter_mut().find(|e| e.path.name == name).ok_or_else(|| format!("no interface {name:?}"))?;
+        let e = entries
+            .iter_mut()
+            .find(|e| e.path.name == name)
+            .ok_or_else(|| format!("no interface {name:?}"))?;
         if e.up != up {
             e.up = up;
             if !up {
@@ -285,7 +343,11 @@ impl Paths {
                 up: e.up,
                 has_address: e.up,
                 // Static interfaces: their priority stands in for the metric.
-                route_metric: if self.kernel { e.metric } else { Some(e.priority) },
+                route_metric: if self.kernel {
+                    e.metric
+                } else {
+                    Some(e.priority)
+                },
             })
             .collect()
     }
@@ -303,11 +365,18 @@ impl Paths {
 }
 
 /// Connects to `target` out of `path`, within `timeout`.
-pub(crate) async fn connect_via(target: SocketAddr, path: &Path, timeout: Duration) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_via(
+    target: SocketAddr,
+    path: &Path,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     // The loopback device reaches only this host, and this host is reached
     // only through it: refuse the pairs that could only time out.
     if path.device.is_some() && (path.name == LOOPBACK) != target.ip().is_loopback() {
-        return Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("{target} is not reachable through {}", path.name)));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{target} is not reachable through {}", path.name),
+        ));
     }
     match baton_os::connect_via(target, path.device.as_deref(), path.source, timeout).await {
         // Without CAP_NET_RAW a device cannot be bound: the routing table
@@ -325,7 +394,10 @@ pub(crate) async fn connect_via(target: SocketAddr, path: &Path, timeout: Durati
 /// Starts following the kernel's interface table: the first table is
 /// applied before this returns (so the first connection attempt already has
 /// its paths), then a task keeps `paths` in step until `stop`.
-pub(crate) async fn follow_kernel(paths: std::sync::Arc<Paths>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) async fn follow_kernel(
+    paths: std::sync::Arc<Paths>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     let watcher = match baton_os::watch().await {
         Ok(w) => w,
         Err(e) => {

@@ -118,7 +118,13 @@ fn get(c: &AtomicU64) -> u64 {
 /// truncates to the buffer) and is refused where it is handled. A receive error reports an
 /// earlier send (ICMP: port closed, no route): `on_error` logs it, and a short pause keeps a
 /// stream of them from spinning.
-async fn receive_until(socket: &UdpSocket, stop: &CancellationToken, max: usize, mut on_datagram: impl FnMut(&[u8]), on_error: impl Fn(io::Error)) {
+async fn receive_until(
+    socket: &UdpSocket,
+    stop: &CancellationToken,
+    max: usize,
+    mut on_datagram: impl FnMut(&[u8]),
+    on_error: impl Fn(io::Error),
+) {
     let mut buf = vec![0u8; max + 1];
     loop {
         let r = tokio::select! {
@@ -137,7 +143,11 @@ async fn receive_until(socket: &UdpSocket, stop: &CancellationToken, max: usize,
 
 /// Resolves a flow's `target` and opens a socket of the flow's own, connected to it, within
 /// `limit`; none if `stop` fires first. The error is the detail a refusal carries.
-async fn open_target(target: &HostPort, limit: Duration, stop: &CancellationToken) -> Option<Result<(UdpSocket, SocketAddr), String>> {
+async fn open_target(
+    target: &HostPort,
+    limit: Duration,
+    stop: &CancellationToken,
+) -> Option<Result<(UdpSocket, SocketAddr), String>> {
     let connect = async {
         let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
             .await?
@@ -157,12 +167,25 @@ async fn open_target(target: &HostPort, limit: Duration, stop: &CancellationToke
 }
 
 /// Seals a datagram with the next sequence number of `seq`.
-fn seal(kind: Kind, session_id: u64, flow: FlowId, seq: &mut u64, sender: Role, payload: &[u8], key: &LegKey) -> Vec<u8> {
+fn seal(
+    kind: Kind,
+    session_id: u64,
+    flow: FlowId,
+    seq: &mut u64,
+    sender: Role,
+    payload: &[u8],
+    key: &LegKey,
+) -> Vec<u8> {
     *seq += 1;
     let mut out = Vec::new();
-    Header { kind, session_id, flow, seq: *seq }
-        .seal(sender, payload, key, &mut out)
-        .expect("payloads are checked against MAX_PAYLOAD when they arrive");
+    Header {
+        kind,
+        session_id,
+        flow,
+        seq: *seq,
+    }
+    .seal(sender, payload, key, &mut out)
+    .expect("payloads are checked against MAX_PAYLOAD when they arrive");
     out
 }
 
@@ -500,16 +523,38 @@ struct Outbound {
 
 impl Outbound {
     fn new(config: &UdpConfig) -> Outbound {
-        Outbound { hold: HoldQueue::new(config.hold, config.hold_bytes), sent: 0, dropped: 0 }
+        Outbound {
+            hold: HoldQueue::new(config.hold, config.hold_bytes),
+            sent: 0,
+            dropped: 0,
+        }
     }
 
     /// A datagram of flow `id`: sent at once if the flow `may_send`, the session is live
     /// on a route and nothing older is held (order is kept); held otherwise, the oldest
     /// dropped beyond the bounds. Counts here and in `c`, the service's.
-    fn send(&mut self, id: FlowId, payload: &[u8], may_send: bool, session: &mut Option<ClientSession>, route: &Option<RouteSocket>, c: &OutCounters) {
-        if let (true, Some(session), Some(route)) = (may_send && self.hold.is_empty(), session, route) {
+    fn send(
+        &mut self,
+        id: FlowId,
+        payload: &[u8],
+        may_send: bool,
+        session: &mut Option<ClientSession>,
+        route: &Option<RouteSocket>,
+        c: &OutCounters,
+    ) {
+        if let (true, Some(session), Some(route)) =
+            (may_send && self.hold.is_empty(), session, route)
+        {
             if session.live {
-                let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, payload, &session.key);
+                let d = seal(
+                    Kind::Data,
+                    session.id,
+                    id,
+                    &mut session.seq,
+                    Role::Client,
+                    payload,
+                    &session.key,
+                );
                 if send_now(&route.socket, &d).is_ok() {
                     self.sent += 1;
                     inc(&c.sent);
@@ -524,11 +569,25 @@ impl Outbound {
 
     /// Sends what flow `id` holds, oldest first, while the route's socket takes it; the
     /// rest stays held.
-    fn flush(&mut self, id: FlowId, session: &mut ClientSession, route: &RouteSocket, c: &OutCounters) {
+    fn flush(
+        &mut self,
+        id: FlowId,
+        session: &mut ClientSession,
+        route: &RouteSocket,
+        c: &OutCounters,
+    ) {
         let mut failed = false;
         for payload in self.hold.take() {
             if !failed {
-                let d = seal(Kind::Data, session.id, id, &mut session.seq, Role::Client, &payload, &session.key);
+                let d = seal(
+                    Kind::Data,
+                    session.id,
+                    id,
+                    &mut session.seq,
+                    Role::Client,
+                    &payload,
+                    &session.key,
+                );
                 if send_now(&route.socket, &d).is_ok() {
                     self.sent += 1;
                     inc(&c.sent);
@@ -554,13 +613,20 @@ impl Outbound {
 /// A socket for datagrams to `gateway` out of `path`, bound the way legs
 /// are (device, source address).
 fn route_socket(path: &Path, gateway: SocketAddr) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::for_address(gateway), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::for_address(gateway),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     s.set_nonblocking(true)?;
     if let Some(dev) = &path.device {
         // Without CAP_NET_RAW the routing table chooses, as for legs.
         if let Err(e) = s.bind_device(Some(dev.as_bytes())) {
             if e.kind() != io::ErrorKind::PermissionDenied {
-                return Err(io::Error::new(e.kind(), format!("bind udp socket to {dev}: {e}")));
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("bind udp socket to {dev}: {e}"),
+                ));
             }
         }
     }
@@ -587,7 +653,11 @@ impl ClientUdp {
             .exposed
             .iter()
             .filter(|(_, e)| e.protocol == Protocol::Udp && e.gateway == gateway)
-            .map(|(name, e)| ExposedUdp { name: name.clone(), target: e.target.clone(), counters: ExposedCounters::default() })
+            .map(|(name, e)| ExposedUdp {
+                name: name.clone(),
+                target: e.target.clone(),
+                counters: ExposedCounters::default(),
+            })
             .collect();
         let mut services = Vec::new();
         for (name, svc) in &config.services {
@@ -595,7 +665,10 @@ impl ClientUdp {
                 continue;
             }
             let socket = UdpSocket::bind(svc.listen).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("service {name}: cannot listen on udp {}: {e}", svc.listen))
+                io::Error::new(
+                    e.kind(),
+                    format!("service {name}: cannot listen on udp {}: {e}", svc.listen),
+                )
             })?;
             tune(&socket);
             let listen = socket.local_addr()?;
@@ -677,7 +750,13 @@ impl ClientUdp {
     /// Session `id` is established (first connection, resume after a
     /// failure, or planned switch) on `path` to `gateway_addr`: datagrams
     /// leave from there from now on, held ones first.
-    pub(crate) fn route(self: &Arc<Self>, id: u64, key: &LegKey, path: &Path, gateway_addr: SocketAddr) {
+    pub(crate) fn route(
+        self: &Arc<Self>,
+        id: u64,
+        key: &LegKey,
+        path: &Path,
+        gateway_addr: SocketAddr,
+    ) {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         match &mut st.session {
@@ -710,15 +789,24 @@ impl ClientUdp {
             // client service it takes for UDP): no socket, no announces.
             return;
         }
-        let same = st.route.as_ref().is_some_and(|r| r.path == path.name && r.gateway_addr == gateway_addr);
+        let same = st
+            .route
+            .as_ref()
+            .is_some_and(|r| r.path == path.name && r.gateway_addr == gateway_addr);
         if !same {
             match route_socket(path, gateway_addr) {
                 Ok(socket) => {
                     let socket = Arc::new(socket);
                     let stop = self.shutdown.child_token();
-                    self.tasks.spawn(self.clone().read_gateway(socket.clone(), stop.clone()));
+                    self.tasks
+                        .spawn(self.clone().read_gateway(socket.clone(), stop.clone()));
                     debug!(gateway = %self.gateway, path = %path.name, local = ?socket.local_addr().ok(), "udp datagrams move to a new socket");
-                    let new = RouteSocket { socket, path: path.name.clone(), gateway_addr, stop };
+                    let new = RouteSocket {
+                        socket,
+                        path: path.name.clone(),
+                        gateway_addr,
+                        stop,
+                    };
                     if let Some(old) = st.route.replace(new) {
                         st.retiring.push(old.stop.clone());
                         self.stop_after(old.stop, RETIRE_AFTER);
@@ -730,7 +818,16 @@ impl ClientUdp {
                 }
             }
         }
-        let ClientState { session: Some(session), route: Some(route), flows, exposed_flows, .. } = st else { return };
+        let ClientState {
+            session: Some(session),
+            route: Some(route),
+            flows,
+            exposed_flows,
+            ..
+        } = st
+        else {
+            return;
+        };
         session.live = true;
         session.confirmed = false;
         session.announces = 0;
@@ -750,7 +847,14 @@ impl ClientUdp {
     /// The session's control connection is up: flow messages go there.
     pub(crate) fn attach(&self, id: u64, control: UnboundedSender<Message>) {
         let mut st = lock(&self.state);
-        let ClientState { session: Some(session), flows, .. } = &mut *st else { return };
+        let ClientState {
+            session: Some(session),
+            flows,
+            ..
+        } = &mut *st
+        else {
+            return;
+        };
         if session.id != id {
             return;
         }
@@ -758,7 +862,10 @@ impl ClientUdp {
         // Idempotent on the gateway: flows it holds go on, others are
         // opened again (the session is new, or a message was lost).
         for (id, f) in flows.iter() {
-            session.tell(Message::FlowOpen { flow: *id, service: self.services[f.service].remote.clone() });
+            session.tell(Message::FlowOpen {
+                flow: *id,
+                service: self.services[f.service].remote.clone(),
+            });
         }
     }
 
@@ -794,8 +901,14 @@ impl ClientUdp {
                     self.end_exposed(f);
                 }
             }
-            Message::FlowReply { flow, result: Ok(()), .. } => {
-                let Some(f) = st.flows.get_mut(&flow) else { return };
+            Message::FlowReply {
+                flow,
+                result: Ok(()),
+                ..
+            } => {
+                let Some(f) = st.flows.get_mut(&flow) else {
+                    return;
+                };
                 f.open = true;
                 if let (Some(session), Some(route)) = (&mut st.session, &st.route) {
                     if session.live {
@@ -803,7 +916,11 @@ impl ClientUdp {
                     }
                 }
             }
-            Message::FlowReply { flow, result: Err(reason), detail } => {
+            Message::FlowReply {
+                flow,
+                result: Err(reason),
+                detail,
+            } => {
                 if let Some(f) = self.remove(st, flow) {
                     let svc = &self.services[f.service];
                     inc(&svc.counters.flows_refused);
@@ -817,7 +934,10 @@ impl ClientUdp {
                     debug!(service = %svc.name, %flow, ?why, "udp flow closed by the gateway");
                 }
             }
-            other => debug!("ignoring control message {:#04x} on the udp side", other.ty()),
+            other => debug!(
+                "ignoring control message {:#04x} on the udp side",
+                other.ty()
+            ),
         }
     }
 
@@ -827,10 +947,17 @@ impl ClientUdp {
         let Some(session) = &st.session else { return };
         let refuse = |reason: RefuseReason, detail: String| {
             warn!(gateway = %self.gateway, service = %service, %flow, "udp client service flow refused: {reason}: {detail}");
-            session.tell(Message::FlowReply { flow, result: Err(reason), detail });
+            session.tell(Message::FlowReply {
+                flow,
+                result: Err(reason),
+                detail,
+            });
         };
         if !flow.is_gateway_opened() {
-            refuse(RefuseReason::BadStream, format!("flow {flow} is an id of the agent's space"));
+            refuse(
+                RefuseReason::BadStream,
+                format!("flow {flow} is an id of the agent's space"),
+            );
             return;
         }
         let Some(i) = self.exposed.iter().position(|e| e.name == service) else {
@@ -841,9 +968,19 @@ impl ClientUdp {
         if let Some(f) = st.exposed_flows.get(&flow) {
             // Sent again after a reconnect: the flow goes on.
             if f.service == i {
-                session.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+                session.tell(Message::FlowReply {
+                    flow,
+                    result: Ok(()),
+                    detail: String::new(),
+                });
             } else {
-                refuse(RefuseReason::BadStream, format!("flow {flow} belongs to client service {:?}", self.exposed[f.service].name));
+                refuse(
+                    RefuseReason::BadStream,
+                    format!(
+                        "flow {flow} belongs to client service {:?}",
+                        self.exposed[f.service].name
+                    ),
+                );
             }
             return;
         }
@@ -852,16 +989,31 @@ impl ClientUdp {
         }
         if st.flow_count() >= self.config.max_flows {
             inc(&self.exposed[i].counters.flows_refused);
-            refuse(RefuseReason::CapacityFull, format!("the session holds its maximum of {} udp flows", self.config.max_flows));
+            refuse(
+                RefuseReason::CapacityFull,
+                format!(
+                    "the session holds its maximum of {} udp flows",
+                    self.config.max_flows
+                ),
+            );
             return;
         }
         let session_id = session.id;
         st.exposed_opening.insert(flow, session_id);
-        self.tasks.spawn(self.clone().open_exposed(flow, i, session_id));
+        self.tasks
+            .spawn(self.clone().open_exposed(flow, i, session_id));
     }
 
     async fn open_exposed(self: Arc<Self>, flow: FlowId, i: usize, session_id: u64) {
-        let Some(r) = open_target(&self.exposed[i].target, self.connect_timeout, &self.shutdown).await else { return };
+        let Some(r) = open_target(
+            &self.exposed[i].target,
+            self.connect_timeout,
+            &self.shutdown,
+        )
+        .await
+        else {
+            return;
+        };
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         // The session changed meanwhile: the gateway that asked is gone.
@@ -869,14 +1021,20 @@ impl ClientUdp {
             return;
         }
         st.exposed_opening.remove(&flow);
-        let Some(session) = st.session.as_ref().filter(|s| s.id == session_id) else { return };
+        let Some(session) = st.session.as_ref().filter(|s| s.id == session_id) else {
+            return;
+        };
         let svc = &self.exposed[i];
         let (socket, addr) = match r {
             Ok(x) => x,
             Err(detail) => {
                 inc(&svc.counters.flows_refused);
                 warn!(service = %svc.name, "udp client service flow refused: {detail}");
-                session.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail });
+                session.tell(Message::FlowReply {
+                    flow,
+                    result: Err(RefuseReason::TargetUnreachable),
+                    detail,
+                });
                 return;
             }
         };
@@ -897,25 +1055,49 @@ impl ClientUdp {
         );
         inc(&svc.counters.flows_opened);
         debug!(service = %svc.name, %flow, target = %addr, "udp client service flow open");
-        session.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+        session.tell(Message::FlowReply {
+            flow,
+            result: Ok(()),
+            detail: String::new(),
+        });
         drop(guard);
-        self.tasks.spawn(self.clone().read_exposed_target(flow, socket, stop));
+        self.tasks
+            .spawn(self.clone().read_exposed_target(flow, socket, stop));
     }
 
-    async fn read_exposed_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
+    async fn read_exposed_target(
+        self: Arc<Self>,
+        flow: FlowId,
+        socket: Arc<UdpSocket>,
+        stop: CancellationToken,
+    ) {
         let on_error = |e: io::Error| {
             // The target's port is closed (ICMP): the server's business, as it would be
             // without baton.
             debug!(gateway = %self.gateway, %flow, "udp receive from client service target: {e}");
         };
-        receive_until(&socket, &stop, MAX_PAYLOAD, |d| self.on_exposed_target_datagram(flow, d), on_error).await;
+        receive_until(
+            &socket,
+            &stop,
+            MAX_PAYLOAD,
+            |d| self.on_exposed_target_datagram(flow, d),
+            on_error,
+        )
+        .await;
     }
 
     /// A datagram from a client service's target, for the server of `flow`.
     fn on_exposed_target_datagram(&self, flow: FlowId, payload: &[u8]) {
         let mut guard = lock(&self.state);
-        let ClientState { session, route, exposed_flows, .. } = &mut *guard;
-        let Some(f) = exposed_flows.get_mut(&flow) else { return };
+        let ClientState {
+            session,
+            route,
+            exposed_flows,
+            ..
+        } = &mut *guard;
+        let Some(f) = exposed_flows.get_mut(&flow) else {
+            return;
+        };
         let c = &self.exposed[f.service].counters;
         if payload.len() > MAX_PAYLOAD {
             inc(&c.too_large);
@@ -930,8 +1112,15 @@ impl ClientUdp {
 
     /// Sends what a client service's flow holds, oldest first; what cannot
     /// be sent stays held.
-    fn flush_exposed(&self, id: FlowId, f: &mut ExposedFlow, session: &mut ClientSession, route: &RouteSocket) {
-        f.out.flush(id, session, route, &self.exposed[f.service].counters.out);
+    fn flush_exposed(
+        &self,
+        id: FlowId,
+        f: &mut ExposedFlow,
+        session: &mut ClientSession,
+        route: &RouteSocket,
+    ) {
+        f.out
+            .flush(id, session, route, &self.exposed[f.service].counters.out);
     }
 
     /// A client service's flow is gone: its reader stops, what it held
@@ -988,28 +1177,40 @@ impl ClientUdp {
                 inc(&svc.counters.flows_opened);
                 debug!(service = %svc.name, app = %from, flow = %id, "udp flow starts");
                 if let Some(s) = &st.session {
-                    s.tell(Message::FlowOpen { flow: id, service: svc.remote.clone() });
+                    s.tell(Message::FlowOpen {
+                        flow: id,
+                        service: svc.remote.clone(),
+                    });
                 }
                 id
             }
         };
-        let ClientState { session, route, flows, .. } = st;
+        let ClientState {
+            session,
+            route,
+            flows,
+            ..
+        } = st;
         let Some(f) = flows.get_mut(&id) else { return };
         f.last = Instant::now();
         f.from_app += 1;
         // Until the gateway accepts the flow its datagrams are held.
-        f.out.send(id, payload, f.open, session, route, &svc.counters.out);
+        f.out
+            .send(id, payload, f.open, session, route, &svc.counters.out);
     }
 
     /// Sends what `f` holds, oldest first; what cannot be sent stays held.
     fn flush(&self, f: &mut ClientFlow, session: &mut ClientSession, route: &RouteSocket) {
-        f.out.flush(f.id, session, route, &self.services[f.service].counters.out);
+        f.out
+            .flush(f.id, session, route, &self.services[f.service].counters.out);
     }
 
     fn on_gateway_datagram(&self, bytes: &[u8]) {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let Some(session) = &mut st.session else { return };
+        let Some(session) = &mut st.session else {
+            return;
+        };
         let Some((h, payload)) = Header::open(bytes, &session.key, Role::Gateway) else {
             inc(&self.forged);
             return;
@@ -1034,7 +1235,10 @@ impl ClientUdp {
             Kind::Data if h.flow.is_gateway_opened() => {
                 let Some(f) = st.exposed_flows.get_mut(&h.flow) else {
                     inc(&self.unknown_flow);
-                    session.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
+                    session.tell(Message::FlowClose {
+                        flow: h.flow,
+                        why: FlowEnd::Unknown,
+                    });
                     return;
                 };
                 f.last = Instant::now();
@@ -1049,7 +1253,10 @@ impl ClientUdp {
             Kind::Data => {
                 let Some(f) = st.flows.get_mut(&h.flow) else {
                     inc(&self.unknown_flow);
-                    session.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
+                    session.tell(Message::FlowClose {
+                        flow: h.flow,
+                        why: FlowEnd::Unknown,
+                    });
                     return;
                 };
                 f.last = Instant::now();
@@ -1070,22 +1277,36 @@ impl ClientUdp {
             // connection judges the path.
             debug!(gateway = %self.gateway, "udp receive: {e}");
         };
-        receive_until(&socket, &stop, MAX_DATAGRAM, |d| self.on_gateway_datagram(d), on_error).await;
+        receive_until(
+            &socket,
+            &stop,
+            MAX_DATAGRAM,
+            |d| self.on_gateway_datagram(d),
+            on_error,
+        )
+        .await;
     }
 
     fn tick(&self) {
         let now = Instant::now();
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let idle: Vec<FlowId> =
-            st.flows.iter().filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout).map(|(id, _)| *id).collect();
+        let idle: Vec<FlowId> = st
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
         for id in idle {
             if let Some(f) = self.remove(st, id) {
                 let svc = &self.services[f.service];
                 inc(&svc.counters.flows_expired);
                 debug!(service = %svc.name, app = %f.app, flow = %id, "udp flow idle: removed");
                 if let Some(s) = &st.session {
-                    s.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
+                    s.tell(Message::FlowClose {
+                        flow: id,
+                        why: FlowEnd::Idle,
+                    });
                 }
             }
         }
@@ -1105,11 +1326,23 @@ impl ClientUdp {
                 debug!(service = %svc.name, flow = %id, "udp client service flow idle: removed");
                 self.end_exposed(f);
                 if let Some(s) = &st.session {
-                    s.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
+                    s.tell(Message::FlowClose {
+                        flow: id,
+                        why: FlowEnd::Idle,
+                    });
                 }
             }
         }
-        let ClientState { session: Some(session), route: Some(route), flows, exposed_flows, .. } = st else { return };
+        let ClientState {
+            session: Some(session),
+            route: Some(route),
+            flows,
+            exposed_flows,
+            ..
+        } = st
+        else {
+            return;
+        };
         if !session.live {
             return;
         }
@@ -1117,10 +1350,16 @@ impl ClientUdp {
             announce(session, route);
         }
         // Datagrams that a full socket buffer sent back to the queue.
-        for f in flows.values_mut().filter(|f| f.open && !f.out.hold.is_empty()) {
+        for f in flows
+            .values_mut()
+            .filter(|f| f.open && !f.out.hold.is_empty())
+        {
             self.flush(f, session, route);
         }
-        for (id, f) in exposed_flows.iter_mut().filter(|(_, f)| !f.out.hold.is_empty()) {
+        for (id, f) in exposed_flows
+            .iter_mut()
+            .filter(|(_, f)| !f.out.hold.is_empty())
+        {
             self.flush_exposed(*id, f, session, route);
         }
     }
@@ -1215,7 +1454,15 @@ impl ClientUdp {
 
 fn announce(session: &mut ClientSession, route: &RouteSocket) {
     session.announces += 1;
-    let d = seal(Kind::Announce, session.id, FlowId(0), &mut session.seq, Role::Client, &[], &session.key);
+    let d = seal(
+        Kind::Announce,
+        session.id,
+        FlowId(0),
+        &mut session.seq,
+        Role::Client,
+        &[],
+        &session.key,
+    );
     let _ = send_now(&route.socket, &d);
 }
 
@@ -1424,9 +1671,17 @@ impl GatewayFlow {
 
 /// A socket of the gateway's own for one flow, connected to `target`.
 fn flow_socket(target: SocketAddr) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::for_address(target), Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     s.set_nonblocking(true)?;
-    let any: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let any: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     s.bind(&any.into())?;
     s.connect(&target.into())?;
     let s = UdpSocket::from_std(s.into())?;
@@ -1448,12 +1703,29 @@ impl SessionUdp {
     ) -> Arc<Self> {
         let services = allowed
             .iter()
-            .filter_map(|name| config.services.get(name).filter(|s| s.protocol == Protocol::Udp).map(|s| (name.clone(), s.target.clone())))
+            .filter_map(|name| {
+                config
+                    .services
+                    .get(name)
+                    .filter(|s| s.protocol == Protocol::Udp)
+                    .map(|s| (name.clone(), s.target.clone()))
+            })
             .collect();
         let exposed = config
             .clients
             .get(client)
-            .map(|c| c.exposes.iter().filter(|n| config.exposed.get(*n).is_some_and(|e| e.protocol == Protocol::Udp)).cloned().collect())
+            .map(|c| {
+                c.exposes
+                    .iter()
+                    .filter(|n| {
+                        config
+                            .exposed
+                            .get(*n)
+                            .is_some_and(|e| e.protocol == Protocol::Udp)
+                    })
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         Arc::new(Self {
             id,
@@ -1513,7 +1785,10 @@ impl SessionUdp {
         // Idempotent on the agent: the flows of client services it holds go
         // on, the others it opens (its answer may have been lost).
         for (id, f) in st.flows.iter().filter(|(_, f)| f.origin == Origin::Gateway) {
-            st.tell(Message::FlowOpen { flow: *id, service: f.service.clone() });
+            st.tell(Message::FlowOpen {
+                flow: *id,
+                service: f.service.clone(),
+            });
         }
     }
 
@@ -1526,18 +1801,34 @@ impl SessionUdp {
                 let refuse = |st: &GatewayState, reason: RefuseReason, detail: String| {
                     inc(&self.stats.flows_refused);
                     warn!(client = %self.client, service = %service, %flow, "udp flow refused: {reason}: {detail}");
-                    st.tell(Message::FlowReply { flow, result: Err(reason), detail });
+                    st.tell(Message::FlowReply {
+                        flow,
+                        result: Err(reason),
+                        detail,
+                    });
                 };
                 if flow.is_gateway_opened() {
-                    refuse(st, RefuseReason::BadStream, format!("flow {flow}: ids with the top bit set are the gateway's"));
+                    refuse(
+                        st,
+                        RefuseReason::BadStream,
+                        format!("flow {flow}: ids with the top bit set are the gateway's"),
+                    );
                     return;
                 }
                 if let Some(f) = st.flows.get(&flow) {
                     // Sent again after a reconnect: the flow goes on.
                     if f.service == service {
-                        st.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+                        st.tell(Message::FlowReply {
+                            flow,
+                            result: Ok(()),
+                            detail: String::new(),
+                        });
                     } else {
-                        refuse(st, RefuseReason::BadStream, format!("flow {flow} belongs to service {:?}", f.service));
+                        refuse(
+                            st,
+                            RefuseReason::BadStream,
+                            format!("flow {flow} belongs to service {:?}", f.service),
+                        );
                     }
                     return;
                 }
@@ -1545,26 +1836,52 @@ impl SessionUdp {
                     return;
                 }
                 let Some(target) = self.services.get(&service).cloned() else {
-                    refuse(st, RefuseReason::ServiceNotAllowed, format!("no udp service {service:?} for this client"));
+                    refuse(
+                        st,
+                        RefuseReason::ServiceNotAllowed,
+                        format!("no udp service {service:?} for this client"),
+                    );
                     return;
                 };
                 if st.flows.len() + st.opening.len() >= self.config.max_flows {
-                    refuse(st, RefuseReason::CapacityFull, format!("the session holds its maximum of {} udp flows", self.config.max_flows));
+                    refuse(
+                        st,
+                        RefuseReason::CapacityFull,
+                        format!(
+                            "the session holds its maximum of {} udp flows",
+                            self.config.max_flows
+                        ),
+                    );
                     return;
                 }
                 st.opening.insert(flow);
-                self.tasks.spawn(self.clone().open_flow(flow, service, target));
+                self.tasks
+                    .spawn(self.clone().open_flow(flow, service, target));
             }
             // The agent's answer about a client service's flow.
-            Message::FlowReply { flow, result: Ok(()), .. } => {
-                let Some(f) = st.flows.get_mut(&flow).filter(|f| f.origin == Origin::Gateway) else { return };
+            Message::FlowReply {
+                flow,
+                result: Ok(()),
+                ..
+            } => {
+                let Some(f) = st
+                    .flows
+                    .get_mut(&flow)
+                    .filter(|f| f.origin == Origin::Gateway)
+                else {
+                    return;
+                };
                 if !f.open {
                     f.open = true;
                     debug!(client = %self.client, service = %f.service, %flow, server = %f.target, "udp client service flow accepted by the agent");
                     self.flush_all(st);
                 }
             }
-            Message::FlowReply { flow, result: Err(reason), detail } => {
+            Message::FlowReply {
+                flow,
+                result: Err(reason),
+                detail,
+            } => {
                 if !flow.is_gateway_opened() {
                     return;
                 }
@@ -1584,12 +1901,17 @@ impl SessionUdp {
                     debug!(client = %self.client, %flow, service = %f.service, ?why, "udp flow closed by the client");
                 }
             }
-            other => debug!("ignoring control message {:#04x} on the udp side", other.ty()),
+            other => debug!(
+                "ignoring control message {:#04x} on the udp side",
+                other.ty()
+            ),
         }
     }
 
     async fn open_flow(self: Arc<Self>, flow: FlowId, service: String, target: HostPort) {
-        let Some(r) = open_target(&target, self.connect_timeout, &self.released).await else { return };
+        let Some(r) = open_target(&target, self.connect_timeout, &self.released).await else {
+            return;
+        };
         let mut st = lock(&self.state);
         st.opening.remove(&flow);
         let (socket, addr) = match r {
@@ -1597,22 +1919,44 @@ impl SessionUdp {
             Err(detail) => {
                 inc(&self.stats.flows_refused);
                 warn!(client = %self.client, %service, "udp flow refused: {detail}");
-                st.tell(Message::FlowReply { flow, result: Err(RefuseReason::TargetUnreachable), detail });
+                st.tell(Message::FlowReply {
+                    flow,
+                    result: Err(RefuseReason::TargetUnreachable),
+                    detail,
+                });
                 return;
             }
         };
         let socket = Arc::new(socket);
         let stop = self.released.child_token();
-        let f = self.new_flow(service.clone(), Origin::Agent, socket.clone(), addr, stop.clone());
+        let f = self.new_flow(
+            service.clone(),
+            Origin::Agent,
+            socket.clone(),
+            addr,
+            stop.clone(),
+        );
         st.flows.insert(flow, f);
         inc(&self.stats.flows_opened);
         debug!(client = %self.client, %service, %flow, target = %addr, "udp flow open");
-        st.tell(Message::FlowReply { flow, result: Ok(()), detail: String::new() });
+        st.tell(Message::FlowReply {
+            flow,
+            result: Ok(()),
+            detail: String::new(),
+        });
         drop(st);
-        self.tasks.spawn(self.clone().read_target(flow, socket, stop));
+        self.tasks
+            .spawn(self.clone().read_target(flow, socket, stop));
     }
 
-    fn new_flow(&self, service: String, origin: Origin, socket: Arc<UdpSocket>, target: SocketAddr, stop: CancellationToken) -> GatewayFlow {
+    fn new_flow(
+        &self,
+        service: String,
+        origin: Origin,
+        socket: Arc<UdpSocket>,
+        target: SocketAddr,
+        stop: CancellationToken,
+    ) -> GatewayFlow {
         GatewayFlow {
             service,
             origin,
@@ -1629,13 +1973,25 @@ impl SessionUdp {
         }
     }
 
-    async fn read_target(self: Arc<Self>, flow: FlowId, socket: Arc<UdpSocket>, stop: CancellationToken) {
+    async fn read_target(
+        self: Arc<Self>,
+        flow: FlowId,
+        socket: Arc<UdpSocket>,
+        stop: CancellationToken,
+    ) {
         let on_error = |e: io::Error| {
             // The target's port is closed (ICMP): the application's business, as it would
             // be without baton.
             debug!(client = %self.client, %flow, "udp receive from target: {e}");
         };
-        receive_until(&socket, &stop, MAX_PAYLOAD, |d| self.on_target_datagram(flow, d), on_error).await;
+        receive_until(
+            &socket,
+            &stop,
+            MAX_PAYLOAD,
+            |d| self.on_target_datagram(flow, d),
+            on_error,
+        )
+        .await;
     }
 
     fn on_target_datagram(&self, flow: FlowId, payload: &[u8]) {
@@ -1652,13 +2008,27 @@ impl SessionUdp {
     /// otherwise.
     fn to_client(&self, st: &mut GatewayState, flow: FlowId, payload: &[u8]) {
         let sending = st.sending();
-        let GatewayState { peer, seq, flows, .. } = st;
-        let Some(f) = flows.get_mut(&flow) else { return };
+        let GatewayState {
+            peer, seq, flows, ..
+        } = st;
+        let Some(f) = flows.get_mut(&flow) else {
+            return;
+        };
         f.last = Instant::now();
         f.from_target += 1;
         inc(&self.stats.from_target);
-        if let (true, Some((socket, addr))) = (sending && f.open && f.hold.is_empty(), peer.as_ref()) {
-            let d = seal(Kind::Data, self.id, flow, seq, Role::Gateway, payload, &self.key);
+        if let (true, Some((socket, addr))) =
+            (sending && f.open && f.hold.is_empty(), peer.as_ref())
+        {
+            let d = seal(
+                Kind::Data,
+                self.id,
+                flow,
+                seq,
+                Role::Gateway,
+                payload,
+                &self.key,
+            );
             if send_to_now(socket, &d, *addr).is_ok() {
                 f.to_client += 1;
                 inc(&self.stats.to_client);
@@ -1696,7 +2066,11 @@ impl SessionUdp {
             inc(&self.stats.dropped);
             return;
         }
-        let known = st.by_server.get(service).and_then(|m| m.get(&from)).copied();
+        let known = st
+            .by_server
+            .get(service)
+            .and_then(|m| m.get(&from))
+            .copied();
         let id = match known {
             Some(id) => id,
             None => {
@@ -1711,12 +2085,24 @@ impl SessionUdp {
                         break id;
                     }
                 };
-                let f = self.new_flow(service.to_owned(), Origin::Gateway, socket.clone(), from, stop.child_token());
+                let f = self.new_flow(
+                    service.to_owned(),
+                    Origin::Gateway,
+                    socket.clone(),
+                    from,
+                    stop.child_token(),
+                );
                 st.flows.insert(id, f);
-                st.by_server.entry(service.to_owned()).or_default().insert(from, id);
+                st.by_server
+                    .entry(service.to_owned())
+                    .or_default()
+                    .insert(from, id);
                 inc(&self.stats.flows_opened);
                 debug!(client = %self.client, service, flow = %id, server = %from, "udp client service flow starts");
-                st.tell(Message::FlowOpen { flow: id, service: service.to_owned() });
+                st.tell(Message::FlowOpen {
+                    flow: id,
+                    service: service.to_owned(),
+                });
                 id
             }
         };
@@ -1757,7 +2143,15 @@ impl SessionUdp {
         match h.kind {
             Kind::Announce => {
                 if newest {
-                    let ack = seal(Kind::Announce, self.id, FlowId(0), &mut st.seq, Role::Gateway, &[], &self.key);
+                    let ack = seal(
+                        Kind::Announce,
+                        self.id,
+                        FlowId(0),
+                        &mut st.seq,
+                        Role::Gateway,
+                        &[],
+                        &self.key,
+                    );
                     let _ = send_to_now(socket, &ack, from);
                 }
             }
@@ -1766,8 +2160,14 @@ impl SessionUdp {
                     inc(&self.stats.unknown_flow);
                     // Bounded: an authenticated client naming many unknown
                     // flows must not grow this set.
-                    if !st.opening.contains(&h.flow) && st.told_unknown.len() < MAX_TOLD && st.told_unknown.insert(h.flow) {
-                        st.tell(Message::FlowClose { flow: h.flow, why: FlowEnd::Unknown });
+                    if !st.opening.contains(&h.flow)
+                        && st.told_unknown.len() < MAX_TOLD
+                        && st.told_unknown.insert(h.flow)
+                    {
+                        st.tell(Message::FlowClose {
+                            flow: h.flow,
+                            why: FlowEnd::Unknown,
+                        });
                     }
                     return;
                 };
@@ -1787,12 +2187,31 @@ impl SessionUdp {
         if !st.sending() {
             return;
         }
-        let GatewayState { peer: Some((socket, addr)), seq, flows, .. } = st else { return };
-        for (id, f) in flows.iter_mut().filter(|(_, f)| f.open && !f.hold.is_empty()) {
+        let GatewayState {
+            peer: Some((socket, addr)),
+            seq,
+            flows,
+            ..
+        } = st
+        else {
+            return;
+        };
+        for (id, f) in flows
+            .iter_mut()
+            .filter(|(_, f)| f.open && !f.hold.is_empty())
+        {
             let mut failed = false;
             for payload in f.hold.take() {
                 if !failed {
-                    let d = seal(Kind::Data, self.id, *id, seq, Role::Gateway, &payload, &self.key);
+                    let d = seal(
+                        Kind::Data,
+                        self.id,
+                        *id,
+                        seq,
+                        Role::Gateway,
+                        &payload,
+                        &self.key,
+                    );
                     if send_to_now(socket, &d, *addr).is_ok() {
                         f.to_client += 1;
                         inc(&self.stats.to_client);
@@ -1814,7 +2233,12 @@ impl SessionUdp {
         st.told_unknown.clear();
         // A client service that stopped listening (its owner, a later
         // session of the client, was released) ends its flows here too.
-        let unheard: Vec<FlowId> = st.flows.iter().filter(|(_, f)| f.origin == Origin::Gateway && f.stop.is_cancelled()).map(|(id, _)| *id).collect();
+        let unheard: Vec<FlowId> = st
+            .flows
+            .iter()
+            .filter(|(_, f)| f.origin == Origin::Gateway && f.stop.is_cancelled())
+            .map(|(id, _)| *id)
+            .collect();
         for id in unheard {
             if let Some((_, held)) = st.remove(id) {
                 add(&self.stats.dropped, held);
@@ -1826,14 +2250,21 @@ impl SessionUdp {
             return;
         }
         let now = Instant::now();
-        let idle: Vec<FlowId> =
-            st.flows.iter().filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout).map(|(id, _)| *id).collect();
+        let idle: Vec<FlowId> = st
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last) >= self.config.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
         for id in idle {
             if let Some((f, held)) = st.remove(id) {
                 add(&self.stats.dropped, held);
                 inc(&self.stats.flows_expired);
                 debug!(client = %self.client, flow = %id, service = %f.service, "udp flow idle: removed");
-                st.tell(Message::FlowClose { flow: id, why: FlowEnd::Idle });
+                st.tell(Message::FlowClose {
+                    flow: id,
+                    why: FlowEnd::Idle,
+                });
             }
         }
         self.flush_all(st);

@@ -36,7 +36,9 @@ pub struct Pattern {
 impl Pattern {
     /// The pattern for `(seed, dir)`.
     pub fn new(seed: u64, dir: Dir) -> Self {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ if dir == Dir::Up { 0x5555 } else { 0xAAAA } | 1;
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ if dir == Dir::Up { 0x5555 } else { 0xAAAA }
+            | 1;
         let mut block = vec![0u8; BLOCK];
         for chunk in block.chunks_exact_mut(8) {
             // xorshift64*
@@ -57,7 +59,10 @@ impl Pattern {
             // The block repeats; XOR-ing in the block number makes a lost or
             // repeated whole block detectable.
             let twist = (self.pos / BLOCK as u64) as u8;
-            for (d, s) in buf[done..done + n].iter_mut().zip(&self.block[off..off + n]) {
+            for (d, s) in buf[done..done + n]
+                .iter_mut()
+                .zip(&self.block[off..off + n])
+            {
                 *d = s ^ twist;
             }
             done += n;
@@ -79,14 +84,23 @@ pub struct Checker {
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checker").field("received", &self.received).field("first_mismatch", &self.first_mismatch).finish()
+        f.debug_struct("Checker")
+            .field("received", &self.received)
+            .field("first_mismatch", &self.first_mismatch)
+            .finish()
     }
 }
 
 impl Checker {
     /// A checker for the pattern `(seed, dir)`.
     pub fn new(seed: u64, dir: Dir) -> Self {
-        Self { pattern: Pattern::new(seed, dir), expect: Vec::new(), hash: Context::new(&SHA256), received: 0, first_mismatch: None }
+        Self {
+            pattern: Pattern::new(seed, dir),
+            expect: Vec::new(),
+            hash: Context::new(&SHA256),
+            received: 0,
+            first_mismatch: None,
+        }
     }
 
     /// Checks the next received bytes.
@@ -94,7 +108,11 @@ impl Checker {
         self.expect.resize(data.len(), 0);
         self.pattern.fill(&mut self.expect);
         if self.first_mismatch.is_none() && data != &self.expect[..] {
-            let i = data.iter().zip(&self.expect).position(|(a, b)| a != b).unwrap_or(0);
+            let i = data
+                .iter()
+                .zip(&self.expect)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             self.first_mismatch = Some(self.received + i as u64);
         }
         self.hash.update(data);
@@ -181,10 +199,20 @@ impl Report {
     }
 }
 
-async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, dir: Dir, len: u64, pace: u64) -> io::Result<()> {
+async fn send_pattern(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    seed: u64,
+    dir: Dir,
+    len: u64,
+    pace: u64,
+) -> io::Result<()> {
     let mut p = Pattern::new(seed, dir);
     // Paced senders write small chunks so the rate is smooth.
-    let chunk = if pace > 0 { (pace / 100).clamp(1024, 256 * 1024) as usize } else { 256 * 1024 };
+    let chunk = if pace > 0 {
+        (pace / 100).clamp(1024, 256 * 1024) as usize
+    } else {
+        256 * 1024
+    };
     let mut buf = vec![0u8; chunk];
     let mut left = len;
     let start = tokio::time::Instant::now();
@@ -203,7 +231,12 @@ async fn send_pattern(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, dir: Dir,
     w.shutdown().await
 }
 
-async fn receive_pattern(r: &mut (impl AsyncReadExt + Unpin), seed: u64, dir: Dir, expected: u64) -> io::Result<Report> {
+async fn receive_pattern(
+    r: &mut (impl AsyncReadExt + Unpin),
+    seed: u64,
+    dir: Dir,
+    expected: u64,
+) -> io::Result<Report> {
     let mut c = Checker::new(seed, dir);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -214,19 +247,38 @@ async fn receive_pattern(r: &mut (impl AsyncReadExt + Unpin), seed: u64, dir: Di
         c.check(&buf[..n]);
     }
     let (received, first_mismatch) = (c.received, c.first_mismatch);
-    Ok(Report { seed, received, expected, first_mismatch, digest: c.digest() })
+    Ok(Report {
+        seed,
+        received,
+        expected,
+        first_mismatch,
+        digest: c.digest(),
+    })
 }
 
 /// Runs one exchange as the client over `stream`; returns what the client
 /// received (the server→client direction).
-pub async fn exchange(stream: TcpStream, seed: u64, up: u64, down: u64, mode: Mode) -> io::Result<Report> {
+pub async fn exchange(
+    stream: TcpStream,
+    seed: u64,
+    up: u64,
+    down: u64,
+    mode: Mode,
+) -> io::Result<Report> {
     exchange_paced(stream, seed, up, down, mode, 0).await
 }
 
 /// Like [`exchange`], with both ends sending at most `pace` bytes per
 /// second (0: as fast as possible), so that a stream lasts long enough to
 /// live through switches.
-pub async fn exchange_paced(mut stream: TcpStream, seed: u64, up: u64, down: u64, mode: Mode, pace: u64) -> io::Result<Report> {
+pub async fn exchange_paced(
+    mut stream: TcpStream,
+    seed: u64,
+    up: u64,
+    down: u64,
+    mode: Mode,
+    pace: u64,
+) -> io::Result<Report> {
     let mut header = [0u8; HEADER];
     header[..8].copy_from_slice(&seed.to_be_bytes());
     header[8..16].copy_from_slice(&up.to_be_bytes());
@@ -235,8 +287,10 @@ pub async fn exchange_paced(mut stream: TcpStream, seed: u64, up: u64, down: u64
     header[25..33].copy_from_slice(&pace.to_be_bytes());
     stream.write_all(&header).await?;
     let (mut r, mut w) = stream.split();
-    let (_, report) =
-        tokio::try_join!(send_pattern(&mut w, seed, Dir::Up, up, pace), receive_pattern(&mut r, seed, Dir::Down, down))?;
+    let (_, report) = tokio::try_join!(
+        send_pattern(&mut w, seed, Dir::Up, up, pace),
+        receive_pattern(&mut r, seed, Dir::Down, down)
+    )?;
     Ok(report)
 }
 
@@ -259,12 +313,16 @@ async fn serve_one(mut stream: TcpStream) -> io::Result<Report> {
     let seed = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
     let up = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
     let down = u64::from_be_bytes(header[16..24].try_into().expect("8 bytes"));
-    let mode = Mode::from_code(header[24]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad mode"))?;
+    let mode = Mode::from_code(header[24])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad mode"))?;
     let pace = u64::from_be_bytes(header[25..33].try_into().expect("8 bytes"));
     let (mut r, mut w) = stream.split();
     match mode {
         Mode::Concurrent => {
-            let (_, rep) = tokio::try_join!(send_pattern(&mut w, seed, Dir::Down, down, pace), receive_pattern(&mut r, seed, Dir::Up, up))?;
+            let (_, rep) = tokio::try_join!(
+                send_pattern(&mut w, seed, Dir::Down, down, pace),
+                receive_pattern(&mut r, seed, Dir::Up, up)
+            )?;
             Ok(rep)
         }
         Mode::AfterClientFin => {

@@ -27,27 +27,43 @@ const PORT: u16 = 7000;
 
 /// A gateway with the client service `push` (port 7000), `camera` (7001),
 /// the pool `127.77.{net}.0/24`, and the given clients: (id, key, exposes).
-async fn gateway_with(net: u8, clients: &[(&str, &ClientKey, &str)], shutdown: &CancellationToken) -> Gateway {
+async fn gateway_with(
+    net: u8,
+    clients: &[(&str, &ClientKey, &str)],
+    shutdown: &CancellationToken,
+) -> Gateway {
     let mut toml = format!(
         "listen = [\"127.0.0.1:0\"]\nvirtual_pool = \"127.77.{net}.0/24\"\n[exposed.push]\nport = {PORT}\n[exposed.camera]\nport = {}\n",
         PORT + 1
     );
     for (id, key, exposes) in clients {
-        toml.push_str(&format!("[clients.{id}]\nkey = \"{}\"\nexposes = [{exposes}]\n", key.public()));
+        toml.push_str(&format!(
+            "[clients.{id}]\nkey = \"{}\"\nexposes = [{exposes}]\n",
+            key.public()
+        ));
     }
     gateway(&toml, shutdown).await
 }
 
 /// A client agent exposing `push` (and whatever `more` adds) through `gw`,
 /// with the interfaces `a` (127.0.0.2) and `b` (127.0.0.3).
-async fn agent(id: &str, key: &ClientKey, gw: &Gateway, target: SocketAddr, more: &str, shutdown: &CancellationToken) -> Client {
+async fn agent(
+    id: &str,
+    key: &ClientKey,
+    gw: &Gateway,
+    target: SocketAddr,
+    more: &str,
+    shutdown: &CancellationToken,
+) -> Client {
     let toml = format!(
         "id = \"{id}\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n\
          [gateways.gw]\naddresses = [\"{}\"]\n[exposed.push]\ngateway = \"gw\"\ntarget = \"{target}\"\n{more}",
         gw.local_addrs()[0]
     );
     let cfg = ClientConfig::from_toml(std::path::Path::new("client-services.toml"), &toml).unwrap();
-    let c = Client::start(cfg, key.clone(), shutdown.clone()).await.unwrap();
+    let c = Client::start(cfg, key.clone(), shutdown.clone())
+        .await
+        .unwrap();
     c.wait_up("gw").await.unwrap();
     c
 }
@@ -56,7 +72,9 @@ async fn agent(id: &str, key: &ClientKey, gw: &Gateway, target: SocketAddr, more
 async fn answer(c: &Client, service: &str) -> baton_runtime::client::ExposedStatus {
     let find = || c.exposed().into_iter().find(|e| e.name == service).unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || find().state != ExposedState::Pending).await,
+        eventually(Duration::from_secs(10), || find().state
+            != ExposedState::Pending)
+        .await,
         "the gateway never answered for {service}"
     );
     find()
@@ -103,11 +121,19 @@ async fn push(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
         s.read_to_end(&mut got).await.unwrap();
         got
     };
-    tokio::time::timeout(Duration::from_secs(20), run).await.expect("push stalled")
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("push stalled")
 }
 
-async fn report(rx: &mut mpsc::UnboundedReceiver<std::io::Result<verify::Report>>) -> verify::Report {
-    tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no report from the target").unwrap().unwrap()
+async fn report(
+    rx: &mut mpsc::UnboundedReceiver<std::io::Result<verify::Report>>,
+) -> verify::Report {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("no report from the target")
+        .unwrap()
+        .unwrap()
 }
 
 /// (a) A server beside the gateway pushes to the agent's virtual address;
@@ -122,7 +148,10 @@ async fn a_push_reaches_the_agents_target_byte_exact_and_back() {
     let addr = push_address(&c).await;
     assert_eq!(addr.port(), PORT);
     assert_eq!(Some(addr.ip()), gw.client_address("a"));
-    assert!(addr.ip().to_string().starts_with("127.77.1."), "{addr} is not from the pool");
+    assert!(
+        addr.ip().to_string().starts_with("127.77.1."),
+        "{addr} is not from the pool"
+    );
     // The agent's status document shows it.
     let st = baton_runtime::admin::status(&c).await;
     assert_eq!(st["exposed"][0]["name"], "push");
@@ -135,14 +164,21 @@ async fn a_push_reaches_the_agents_target_byte_exact_and_back() {
     for (seed, mode) in [(11, Mode::Concurrent), (12, Mode::AfterClientFin)] {
         let s = TcpStream::connect(addr).await.unwrap();
         let run = verify::exchange(s, seed, 3 * MIB, 2 * MIB, mode);
-        let back = tokio::time::timeout(Duration::from_secs(30), run).await.expect("push stalled").unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("push stalled")
+            .unwrap();
         assert!(back.is_exact(Dir::Down), "{mode:?}: {back:?}");
         let there = report(&mut reports).await;
         assert!(there.is_exact(Dir::Up), "{mode:?}: {there:?}");
     }
     let st = baton_runtime::admin::status(&c).await;
     assert_eq!(st["exposed"][0]["connections"], 2);
-    assert!(eventually(Duration::from_secs(5), || gw.stream_count() == 0 && c.stream_count() == 0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || gw.stream_count() == 0
+            && c.stream_count() == 0)
+        .await
+    );
     shutdown.cancel();
 }
 
@@ -152,7 +188,12 @@ async fn a_push_reaches_the_agents_target_byte_exact_and_back() {
 async fn two_agents_on_the_same_port_each_get_their_own_pushes() {
     let shutdown = CancellationToken::new();
     let (ka, kb) = (key(), key());
-    let gw = gateway_with(2, &[("a", &ka, "\"push\""), ("b", &kb, "\"push\"")], &shutdown).await;
+    let gw = gateway_with(
+        2,
+        &[("a", &ka, "\"push\""), ("b", &kb, "\"push\"")],
+        &shutdown,
+    )
+    .await;
     let (ta, mut got_a) = tagged_server("a").await;
     let (tb, mut got_b) = tagged_server("b").await;
     let a = agent("a", &ka, &gw, ta, "", &shutdown).await;
@@ -170,7 +211,10 @@ async fn two_agents_on_the_same_port_each_get_their_own_pushes() {
         assert_eq!(got_a.recv().await.unwrap(), to_a.as_bytes());
         assert_eq!(got_b.recv().await.unwrap(), to_b.as_bytes());
     }
-    assert!(got_a.try_recv().is_err() && got_b.try_recv().is_err(), "a push reached an agent twice");
+    assert!(
+        got_a.try_recv().is_err() && got_b.try_recv().is_err(),
+        "a push reached an agent twice"
+    );
     shutdown.cancel();
 }
 
@@ -190,17 +234,31 @@ async fn a_push_stream_survives_planned_and_sudden_switches() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = c.switch("b").await.unwrap();
-    assert_eq!((r[0].kind, r[0].to.as_str(), r[0].streams), (SwitchKind::Planned, "b", 1), "the push stream moved");
+    assert_eq!(
+        (r[0].kind, r[0].to.as_str(), r[0].streams),
+        (SwitchKind::Planned, "b", 1),
+        "the push stream moved"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.switch("a").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Sudden: a goes down, the session finds b by itself.
     c.set_path_up("a", false).unwrap();
-    assert!(eventually(Duration::from_secs(10), || c.switches().len() >= 3).await, "no sudden switch");
+    assert!(
+        eventually(Duration::from_secs(10), || c.switches().len() >= 3).await,
+        "no sudden switch"
+    );
     let sw = c.switches()[2].clone();
-    assert_eq!((sw.kind, sw.to.as_str(), sw.streams), (SwitchKind::Unexpected, "b", 1));
+    assert_eq!(
+        (sw.kind, sw.to.as_str(), sw.streams),
+        (SwitchKind::Unexpected, "b", 1)
+    );
     c.set_path_up("a", true).unwrap();
-    let down = tokio::time::timeout(Duration::from_secs(30), long).await.unwrap().unwrap().expect("no reset, no error");
+    let down = tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no reset, no error");
     assert!(down.is_exact(Dir::Down), "{down:?}");
     let up = report(&mut reports).await;
     assert!(up.is_exact(Dir::Up), "{up:?}");
@@ -246,12 +304,21 @@ async fn services_a_client_may_not_expose_are_refused() {
     let addr = push_address(&a).await;
     let cam = answer(&a, "camera").await;
     assert_eq!(cam.state, ExposedState::Refused, "{cam:?}");
-    assert!(cam.error.as_deref().unwrap().contains("not allowed"), "{cam:?}");
+    assert!(
+        cam.error.as_deref().unwrap().contains("not allowed"),
+        "{cam:?}"
+    );
     let refused = answer(&b, "push").await;
-    assert_eq!((refused.state, refused.address), (ExposedState::Refused, None), "{refused:?}");
+    assert_eq!(
+        (refused.state, refused.address),
+        (ExposedState::Refused, None),
+        "{refused:?}"
+    );
     assert_eq!(gw.client_address("b"), None, "b got no address");
     // Nothing listens for a's camera.
-    let e = TcpStream::connect(SocketAddr::new(addr.ip(), PORT + 1)).await.unwrap_err();
+    let e = TcpStream::connect(SocketAddr::new(addr.ip(), PORT + 1))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
     assert_eq!(push(addr, b"ok").await, b"x got ok");
     let st = baton_runtime::admin::status(&b).await;
@@ -280,7 +347,10 @@ async fn a_released_agents_address_refuses_connections() {
     a.wait().await;
     assert!(eventually(Duration::from_secs(5), || gw.session_count() == 0).await);
     assert_eq!(gw.client_address("a"), None);
-    assert!(closed_within(&mut open, Duration::from_secs(5)).await, "the open push was not closed");
+    assert!(
+        closed_within(&mut open, Duration::from_secs(5)).await,
+        "the open push was not closed"
+    );
     let refused = async {
         loop {
             match TcpStream::connect(addr).await {
@@ -289,7 +359,9 @@ async fn a_released_agents_address_refuses_connections() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), refused).await.expect("the released address still accepts");
+    tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("the released address still accepts");
 
     // Back (a new session, same client id): the same address.
     let again = agent("a", &k, &gw, target, "", &shutdown).await;
@@ -306,7 +378,11 @@ async fn an_unreachable_target_closes_the_servers_connection() {
     let k = key();
     let gw = gateway_with(7, &[("a", &k, "\"push\"")], &shutdown).await;
     // A port where nothing listens.
-    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let a = agent("a", &k, &gw, gone, "", &shutdown).await;
     let addr = push_address(&a).await;
     for _ in 0..3 {
@@ -315,13 +391,23 @@ async fn an_unreachable_target_closes_the_servers_connection() {
         match TcpStream::connect(addr).await {
             Ok(mut s) => {
                 let _ = s.write_all(b"anyone there?").await;
-                assert!(closed_within(&mut s, Duration::from_secs(10)).await, "the server's connection stayed open");
+                assert!(
+                    closed_within(&mut s, Duration::from_secs(10)).await,
+                    "the server's connection stayed open"
+                );
             }
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         }
     }
-    assert!(eventually(Duration::from_secs(5), || a.exposed()[0].connections == 3).await, "every connection reached the agent");
-    assert!(eventually(Duration::from_secs(5), || gw.stream_count() == 0 && a.stream_count() == 0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || a.exposed()[0].connections == 3).await,
+        "every connection reached the agent"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || gw.stream_count() == 0
+            && a.stream_count() == 0)
+        .await
+    );
     assert_eq!(gw.session_count(), 1);
     shutdown.cancel();
 }

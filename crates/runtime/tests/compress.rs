@@ -19,7 +19,13 @@ fn text(total: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(total + 100);
     let mut i = 0u64;
     while v.len() < total {
-        v.extend_from_slice(format!("{i:010} INFO relay: stream moved to lte at offset {} without loss\n", i * 77).as_bytes());
+        v.extend_from_slice(
+            format!(
+                "{i:010} INFO relay: stream moved to lte at offset {} without loss\n",
+                i * 77
+            )
+            .as_bytes(),
+        );
         i += 1;
     }
     v.truncate(total);
@@ -52,12 +58,20 @@ async fn a_compressed_service_is_exact_across_switches_and_reports_its_ratio() {
          [gateways.gw]\naddresses = [\"{}\"]\n[services.logs]\ngateway = \"gw\"\nlisten = \"127.0.0.1:0\"\ncompress = \"zstd\"\n",
         gw.local_addrs()[0]
     );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(), k, shutdown.clone()).await.unwrap();
+    let client = Client::start(
+        ClientConfig::from_toml(std::path::Path::new("c.toml"), &toml).unwrap(),
+        k,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     client.wait_up("gw").await.unwrap();
 
     const TOTAL: usize = 24 << 20;
     let data = text(TOTAL);
-    let app = TcpStream::connect(client.service_addr("logs").unwrap()).await.unwrap();
+    let app = TcpStream::connect(client.service_addr("logs").unwrap())
+        .await
+        .unwrap();
     let (mut r, mut w) = app.into_split();
     let sent = data.clone();
     // 8 MiB/s, so the transfer outlasts the switches.
@@ -84,14 +98,24 @@ async fn a_compressed_service_is_exact_across_switches_and_reports_its_ratio() {
     client.switch("b").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let st = client.streams().into_iter().next().expect("the stream is still running");
-    println!("compress {} ratio {:.2} over {} wire bytes, {} legs", st.compress, st.compression_ratio, st.wire_bytes, st.legs);
+    let st = client
+        .streams()
+        .into_iter()
+        .next()
+        .expect("the stream is still running");
+    println!(
+        "compress {} ratio {:.2} over {} wire bytes, {} legs",
+        st.compress, st.compression_ratio, st.wire_bytes, st.legs
+    );
     assert_eq!(st.compress, "zstd");
     assert!(st.compression_ratio > 4.0, "log text should shrink: {st:?}");
     assert!(st.legs >= 4, "the stream moved across its legs: {st:?}");
 
     writer.await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(30), reader).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "echoed bytes differ");
     assert_eq!(client.switches().len(), 3);

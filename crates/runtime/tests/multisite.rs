@@ -41,9 +41,13 @@ async fn two_gateways_move_together_and_report_the_new_path() {
         gw1.local_addrs()[0],
         gw2.local_addrs()[0]
     );
-    let client = Client::start(ClientConfig::from_toml(std::path::Path::new("m.toml"), &toml).unwrap(), k.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let client = Client::start(
+        ClientConfig::from_toml(std::path::Path::new("m.toml"), &toml).unwrap(),
+        k.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(client.wait_up("site1").await.unwrap().path, "a");
     assert_eq!(client.wait_up("site2").await.unwrap().path, "a");
     let mut events = client.subscribe_events();
@@ -58,13 +62,26 @@ async fn two_gateways_move_together_and_report_the_new_path() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!((gw1.stream_count(), gw2.stream_count()), (1, 1), "each service reaches its own gateway");
+    assert_eq!(
+        (gw1.stream_count(), gw2.stream_count()),
+        (1, 1),
+        "each service reaches its own gateway"
+    );
 
     // A planned switch completes when both sessions have moved.
     let records = client.switch("b").await.unwrap();
-    let mut sites: Vec<_> = records.iter().map(|r| (r.gateway.as_str(), r.kind, r.to.as_str())).collect();
+    let mut sites: Vec<_> = records
+        .iter()
+        .map(|r| (r.gateway.as_str(), r.kind, r.to.as_str()))
+        .collect();
     sites.sort_by_key(|s| s.0);
-    assert_eq!(sites, [("site1", SwitchKind::Planned, "b"), ("site2", SwitchKind::Planned, "b")]);
+    assert_eq!(
+        sites,
+        [
+            ("site1", SwitchKind::Planned, "b"),
+            ("site2", SwitchKind::Planned, "b")
+        ]
+    );
     assert_eq!(client.wait_up("site1").await.unwrap().path, "b");
     assert_eq!(client.wait_up("site2").await.unwrap().path, "b");
 
@@ -72,16 +89,36 @@ async fn two_gateways_move_together_and_report_the_new_path() {
     let mut reported = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while reported.len() < 2 {
-        let e = tokio::time::timeout_at(deadline, events.recv()).await.expect("no path_changed events").unwrap();
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("no path_changed events")
+            .unwrap();
         if e.kind != "path_changed" {
             continue;
         }
-        let p = e.path.clone().expect("path_changed carries the measurements");
-        assert_eq!((e.interface.as_deref(), p.from.as_str(), p.to.as_str(), p.switch), (Some("b"), "a", "b", SwitchKind::Planned));
+        let p = e
+            .path
+            .clone()
+            .expect("path_changed carries the measurements");
+        assert_eq!(
+            (
+                e.interface.as_deref(),
+                p.from.as_str(),
+                p.to.as_str(),
+                p.switch
+            ),
+            (Some("b"), "a", "b", SwitchKind::Planned)
+        );
         assert!(p.rtt_ms > 0.0 && p.rtt_ms < 1000.0, "{p:?}");
         // The streams run at 4 MiB/s each way: the path carried a good part of that.
-        assert!(p.down_bytes_per_s > MIB && p.down_bytes_per_s < 16 * MIB, "{p:?}");
-        assert!(p.up_bytes_per_s > MIB && p.up_bytes_per_s < 16 * MIB, "{p:?}");
+        assert!(
+            p.down_bytes_per_s > MIB && p.down_bytes_per_s < 16 * MIB,
+            "{p:?}"
+        );
+        assert!(
+            p.up_bytes_per_s > MIB && p.up_bytes_per_s < 16 * MIB,
+            "{p:?}"
+        );
         assert!(p.window_ms >= 900, "{p:?}");
         reported.push(p.gateway);
     }
@@ -93,16 +130,37 @@ async fn two_gateways_move_together_and_report_the_new_path() {
     client.switch("a").await.unwrap();
     let before = client.switches().len();
     client.set_path_up("a", false).unwrap();
-    assert!(eventually(Duration::from_secs(10), || client.switches().len() >= before + 2).await, "both sessions must move");
-    let sudden: Vec<_> = client.switches()[before..].iter().map(|r| (r.kind, r.to.clone())).collect();
-    assert!(sudden.iter().all(|(k, to)| *k == SwitchKind::Unexpected && to == "b"), "{sudden:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || client.switches().len()
+            >= before + 2)
+        .await,
+        "both sessions must move"
+    );
+    let sudden: Vec<_> = client.switches()[before..]
+        .iter()
+        .map(|r| (r.kind, r.to.clone()))
+        .collect();
+    assert!(
+        sudden
+            .iter()
+            .all(|(k, to)| *k == SwitchKind::Unexpected && to == "b"),
+        "{sudden:?}"
+    );
 
     for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap().expect("stream failed");
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream failed");
         assert!(r.is_exact(Dir::Down), "{r:?}");
     }
     assert!(reports1.recv().await.unwrap().unwrap().is_exact(Dir::Up));
     assert!(reports2.recv().await.unwrap().unwrap().is_exact(Dir::Up));
-    assert_eq!((gw1.session_count(), gw2.session_count()), (1, 1), "one session per gateway throughout");
+    assert_eq!(
+        (gw1.session_count(), gw2.session_count()),
+        (1, 1),
+        "one session per gateway throughout"
+    );
     shutdown.cancel();
 }

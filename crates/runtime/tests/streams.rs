@@ -64,21 +64,36 @@ async fn two_hundred_streams_byte_exact_with_half_closes() {
         }
         (client_side, server_side)
     };
-    let (client_side, server_side) = tokio::time::timeout(Duration::from_secs(240), run).await.expect("streams did not finish in time");
+    let (client_side, server_side) = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("streams did not finish in time");
     for r in &client_side {
         assert_eq!(r.expected, plan(r.seed).1);
-        assert!(r.is_exact(Dir::Down), "server→client of stream {} not exact: {r:?}", r.seed);
+        assert!(
+            r.is_exact(Dir::Down),
+            "server→client of stream {} not exact: {r:?}",
+            r.seed
+        );
     }
     let mut seeds: Vec<u64> = server_side.iter().map(|r| r.seed).collect();
     seeds.sort();
     assert_eq!(seeds, (0..STREAMS).collect::<Vec<_>>());
     for r in &server_side {
         assert_eq!(r.expected, plan(r.seed).0);
-        assert!(r.is_exact(Dir::Up), "client→server of stream {} not exact: {r:?}", r.seed);
+        assert!(
+            r.is_exact(Dir::Up),
+            "client→server of stream {} not exact: {r:?}",
+            r.seed
+        );
     }
     // One session carried all of them, and their state was released.
     assert_eq!(gw.session_count(), 1);
-    assert_eq!(gw.stats().streams_opened.load(std::sync::atomic::Ordering::Relaxed), STREAMS);
+    assert_eq!(
+        gw.stats()
+            .streams_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        STREAMS
+    );
     assert!(eventually(Duration::from_secs(5), || gw.stream_count() == 0).await);
     assert_eq!(client.wait_up("gw").await.unwrap().id, session.id);
     shutdown.cancel();
@@ -86,7 +101,10 @@ async fn two_hundred_streams_byte_exact_with_half_closes() {
 
 /// A gateway with one service `s` relaying to `target`, and a client agent
 /// `c` allowed it, its session up.
-async fn one_service(target: std::net::SocketAddr, shutdown: &CancellationToken) -> (baton_runtime::Gateway, baton_runtime::Client) {
+async fn one_service(
+    target: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+) -> (baton_runtime::Gateway, baton_runtime::Client) {
     let k = key();
     let gw = gateway(
         &format!("listen = [\"127.0.0.1:0\"]\n[services.s]\ntarget = \"{target}\"\n[clients.c]\nkey = \"{}\"\nservices = [\"s\"]\n", k.public()),
@@ -116,7 +134,9 @@ async fn resets_are_carried_as_resets_both_ways() {
     baton_os::arm_reset(&srv).unwrap();
     drop(srv);
     let mut rbuf = [0u8; 16];
-    let r = tokio::time::timeout(Duration::from_secs(5), app.read(&mut rbuf)).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), app.read(&mut rbuf))
+        .await
+        .unwrap();
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
 
     // Application resets: the server sees a reset.
@@ -126,7 +146,9 @@ async fn resets_are_carried_as_resets_both_ways() {
     srv.read_exact(&mut [0u8; 1]).await.unwrap();
     baton_os::arm_reset(&app).unwrap();
     drop(app);
-    let r = tokio::time::timeout(Duration::from_secs(5), srv.read(&mut rbuf)).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), srv.read(&mut rbuf))
+        .await
+        .unwrap();
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
     shutdown.cancel();
 }
@@ -135,13 +157,27 @@ async fn resets_are_carried_as_resets_both_ways() {
 async fn unreachable_target_closes_the_application_promptly() {
     let shutdown = CancellationToken::new();
     // A port nobody listens on.
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let (gw, c) = one_service(dead, &shutdown).await;
-    let mut app = TcpStream::connect(c.service_addr("s").unwrap()).await.unwrap();
+    let mut app = TcpStream::connect(c.service_addr("s").unwrap())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
-    assert!(closed_within(&mut app, Duration::from_secs(2)).await, "application connection left open");
+    assert!(
+        closed_within(&mut app, Duration::from_secs(2)).await,
+        "application connection left open"
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(gw.stats().legs_refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        gw.stats()
+            .legs_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // The session is unharmed.
     assert_eq!(gw.session_count(), 1);
     shutdown.cancel();
@@ -162,7 +198,10 @@ async fn a_connection_closed_before_its_first_leg_still_ends() {
         drop(TcpStream::connect(addr).await.unwrap());
     }
     for _ in 0..PROBES {
-        let (mut srv, _) = tokio::time::timeout(Duration::from_secs(10), server.accept()).await.unwrap().unwrap();
+        let (mut srv, _) = tokio::time::timeout(Duration::from_secs(10), server.accept())
+            .await
+            .unwrap()
+            .unwrap();
         // The server sees a clean end with no byte, not an open connection.
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), srv.read(&mut buf))
@@ -173,9 +212,24 @@ async fn a_connection_closed_before_its_first_leg_still_ends() {
     }
     // The server's side is closed too (dropped above): every stream ends at
     // both ends, each on its first leg.
-    assert!(eventually(Duration::from_secs(5), || gw.stream_count() == 0 && c.stream_count() == 0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || gw.stream_count() == 0
+            && c.stream_count() == 0)
+        .await
+    );
     let stats = gw.stats();
-    assert_eq!(stats.streams_opened.load(std::sync::atomic::Ordering::Relaxed), PROBES);
-    assert_eq!(stats.legs_resumed.load(std::sync::atomic::Ordering::Relaxed), 0, "a stream asked for a new leg");
+    assert_eq!(
+        stats
+            .streams_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        PROBES
+    );
+    assert_eq!(
+        stats
+            .legs_resumed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a stream asked for a new leg"
+    );
     shutdown.cancel();
 }

@@ -35,13 +35,23 @@ async fn bed(client_extra: &str, gateway_extra: &str) -> Bed {
     let shutdown = CancellationToken::new();
     let (server, reports) = verify_server().await;
     let (gw, client) = pair(server, client_extra, gateway_extra, &shutdown).await;
-    Bed { shutdown, gw, client, reports }
+    Bed {
+        shutdown,
+        gw,
+        client,
+        reports,
+    }
 }
 
 /// A gateway whose service `data` leads to `target`, and a client agent with interfaces
 /// `a` (127.0.0.2, preferred) and `b` (127.0.0.3) whose session is up on `a`.
 /// `client_extra` and `gateway_extra` are top-level keys of their files.
-async fn pair(target: SocketAddr, client_extra: &str, gateway_extra: &str, shutdown: &CancellationToken) -> (baton_runtime::Gateway, Client) {
+async fn pair(
+    target: SocketAddr,
+    client_extra: &str,
+    gateway_extra: &str,
+    shutdown: &CancellationToken,
+) -> (baton_runtime::Gateway, Client) {
     let k = key();
     let gw = gateway(
         &format!(
@@ -64,7 +74,12 @@ async fn pair(target: SocketAddr, client_extra: &str, gateway_extra: &str, shutd
 
 impl Bed {
     /// Starts a paced, verified exchange of `bytes` each way through the agent's service.
-    fn start_exchange(&self, seed: u64, bytes: u64, pace: u64) -> JoinHandle<std::io::Result<verify::Report>> {
+    fn start_exchange(
+        &self,
+        seed: u64,
+        bytes: u64,
+        pace: u64,
+    ) -> JoinHandle<std::io::Result<verify::Report>> {
         let addr = self.client.service_addr("data").unwrap();
         tokio::spawn(async move {
             let s = TcpStream::connect(addr).await.unwrap();
@@ -74,8 +89,15 @@ impl Bed {
 
     /// Waits for the exchange: both directions exact, no reset or error, and one session
     /// throughout.
-    async fn finish_on_one_session(&mut self, exchange: JoinHandle<std::io::Result<verify::Report>>) {
-        let down = tokio::time::timeout(Duration::from_secs(30), exchange).await.unwrap().unwrap().expect("no reset, no error");
+    async fn finish_on_one_session(
+        &mut self,
+        exchange: JoinHandle<std::io::Result<verify::Report>>,
+    ) {
+        let down = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("no reset, no error");
         assert!(down.is_exact(Dir::Down), "{down:?}");
         let up = self.reports.recv().await.unwrap().unwrap();
         assert!(up.is_exact(Dir::Up), "{up:?}");
@@ -99,7 +121,15 @@ async fn long_stream_survives_planned_and_sudden_switches() {
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = c.switch("b").await.unwrap();
-    assert_eq!((r[0].kind, r[0].from.as_str(), r[0].to.as_str(), r[0].streams), (SwitchKind::Planned, "a", "b", 1));
+    assert_eq!(
+        (
+            r[0].kind,
+            r[0].from.as_str(),
+            r[0].to.as_str(),
+            r[0].streams
+        ),
+        (SwitchKind::Planned, "a", "b", 1)
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.switch("a").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -108,7 +138,10 @@ async fn long_stream_survives_planned_and_sudden_switches() {
     assert!(switches_reach(c, 3).await);
     assert_eq!(current(c).await, "b");
     let sw = c.switches()[2].clone();
-    assert_eq!((sw.kind, sw.from.as_str(), sw.to.as_str()), (SwitchKind::Unexpected, "a", "b"));
+    assert_eq!(
+        (sw.kind, sw.from.as_str(), sw.to.as_str()),
+        (SwitchKind::Unexpected, "a", "b")
+    );
     c.set_path_up("a", true).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.switch("a").await.unwrap();
@@ -121,9 +154,15 @@ async fn long_stream_survives_planned_and_sudden_switches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn two_hundred_random_switches_under_load_on_twenty_streams() {
-    let seed: u64 = std::env::var("BATON_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed: u64 = std::env::var("BATON_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("seed {seed} (re-run with BATON_SEED={seed})");
     let mut x = seed | 1;
     let mut rand = move || {
@@ -147,13 +186,19 @@ async fn two_hundred_random_switches_under_load_on_twenty_streams() {
         let on = current(c).await;
         let other = if on == "a" { "b" } else { "a" };
         if rand() % 2 == 0 {
-            let r = c.switch(other).await.unwrap_or_else(|e| panic!("switch {n} (seed {seed}): {e}"));
+            let r = c
+                .switch(other)
+                .await
+                .unwrap_or_else(|e| panic!("switch {n} (seed {seed}): {e}"));
             assert_eq!(r[0].to, other);
             planned += 1;
         } else {
             let before = c.switches().len();
             c.set_path_up(&on, false).unwrap();
-            assert!(switches_reach(c, before + 1).await, "sudden switch {n} did not complete (seed {seed})");
+            assert!(
+                switches_reach(c, before + 1).await,
+                "sudden switch {n} did not complete (seed {seed})"
+            );
             c.set_path_up(&on, true).unwrap();
             sudden += 1;
         }
@@ -161,9 +206,16 @@ async fn two_hundred_random_switches_under_load_on_twenty_streams() {
     }
     println!("{planned} planned and {sudden} sudden switches");
     assert_eq!(c.switches().len(), 200);
-    assert!(planned > 50 && sudden > 50, "seed {seed} gave a lopsided mix");
+    assert!(
+        planned > 50 && sudden > 50,
+        "seed {seed} gave a lopsided mix"
+    );
     for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap().expect("stream failed");
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream failed");
         assert!(r.is_exact(Dir::Down), "seed {seed}: {r:?}");
     }
     for _ in 0..20 {
@@ -171,7 +223,12 @@ async fn two_hundred_random_switches_under_load_on_twenty_streams() {
         assert!(r.is_exact(Dir::Up), "seed {seed}: {r:?}");
     }
     let resent: u64 = c.switches().iter().map(|s| s.bytes_resent).sum();
-    let longest = c.switches().iter().map(|s| s.longest_stall_ms).max().unwrap();
+    let longest = c
+        .switches()
+        .iter()
+        .map(|s| s.longest_stall_ms)
+        .max()
+        .unwrap();
     println!("bytes resent {resent}, longest stall {longest} ms");
     bed.shutdown.cancel();
 }
@@ -187,8 +244,16 @@ async fn memory_stays_bounded_when_the_far_side_stops_reading() {
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop(s);
     });
-    let (_gw, client) = pair(target, "replay_buffer = \"1MiB\"", "replay_buffer = \"1MiB\"", &shutdown).await;
-    let mut app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
+    let (_gw, client) = pair(
+        target,
+        "replay_buffer = \"1MiB\"",
+        "replay_buffer = \"1MiB\"",
+        &shutdown,
+    )
+    .await;
+    let mut app = TcpStream::connect(client.service_addr("data").unwrap())
+        .await
+        .unwrap();
     let chunk = vec![7u8; 64 * 1024];
     let mut written = 0u64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -206,10 +271,16 @@ async fn memory_stays_bounded_when_the_far_side_stops_reading() {
     let s = &client.streams()[0];
     let held_by_agent = s.sent - s.confirmed;
     println!("application wrote {written} bytes before blocking; client agent holds {held_by_agent} unconfirmed");
-    assert!(held_by_agent <= MIB, "replay buffer exceeded its bound: {held_by_agent}");
+    assert!(
+        held_by_agent <= MIB,
+        "replay buffer exceeded its bound: {held_by_agent}"
+    );
     // Everything else is in kernel socket buffers (application, leg, server
     // connections), themselves bounded: far below an unbounded relay's.
-    assert!(written < 96 * MIB, "the application was never pushed back: {written} bytes accepted");
+    assert!(
+        written < 96 * MIB,
+        "the application was never pushed back: {written} bytes accepted"
+    );
     held.abort();
     shutdown.cancel();
 }
@@ -221,13 +292,24 @@ async fn outage_within_the_switch_timeout_resumes_and_beyond_it_closes() {
     let c = bed.client.clone();
     // 1. Both interfaces gone for 1.5 s, then b comes back: resumed, exact.
     let s = TcpStream::connect(addr).await.unwrap();
-    let t = tokio::spawn(verify::exchange_paced(s, 9, 6 * MIB, 6 * MIB, Mode::Concurrent, 4 * MIB));
+    let t = tokio::spawn(verify::exchange_paced(
+        s,
+        9,
+        6 * MIB,
+        6 * MIB,
+        Mode::Concurrent,
+        4 * MIB,
+    ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.set_path_up("a", false).unwrap();
     c.set_path_up("b", false).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.set_path_up("b", true).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), t)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(r.is_exact(Dir::Down));
     assert!(bed.reports.recv().await.unwrap().unwrap().is_exact(Dir::Up));
     let sw = c.switches().last().cloned().unwrap();
@@ -247,10 +329,19 @@ async fn outage_within_the_switch_timeout_resumes_and_beyond_it_closes() {
     assert_eq!(bed.gw.stream_count(), 1);
     c.set_path_up("b", false).unwrap();
     let started = std::time::Instant::now();
-    assert!(closed_within(&mut app, Duration::from_secs(10)).await, "stream not closed after the switch timeout");
+    assert!(
+        closed_within(&mut app, Duration::from_secs(10)).await,
+        "stream not closed after the switch timeout"
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(2500), "closed before the switch timeout: {waited:?}");
-    assert!(eventually(Duration::from_secs(5), || bed.gw.session_count() == 0).await, "gateway kept the session");
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "closed before the switch timeout: {waited:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || bed.gw.session_count() == 0).await,
+        "gateway kept the session"
+    );
     bed.shutdown.cancel();
 }
 
@@ -268,11 +359,15 @@ async fn a_planned_switch_sends_nothing_twice() {
         let (mut s, _) = sink.accept().await.unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
         let mut got = Vec::with_capacity(TOTAL);
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got).await.unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got)
+            .await
+            .unwrap();
         got
     });
     let (_gw, client) = pair(target, "", "", &shutdown).await;
-    let app = TcpStream::connect(client.service_addr("data").unwrap()).await.unwrap();
+    let app = TcpStream::connect(client.service_addr("data").unwrap())
+        .await
+        .unwrap();
     let writer = tokio::spawn(async move {
         let mut app = app;
         let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
@@ -288,15 +383,27 @@ async fn a_planned_switch_sends_nothing_twice() {
     };
     let r = client.switch("b").await.unwrap();
     assert_eq!(r[0].kind, SwitchKind::Planned);
-    let got = tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap();
     let _app = writer.await.unwrap();
     assert_eq!(got.len(), TOTAL);
-    assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i)), "bytes differ");
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "bytes differ"
+    );
     // The record settles after the new legs have run a while.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let rec = client.switches()[0].clone();
-    println!("unconfirmed at the switch: {in_flight} bytes; resent: {}", rec.bytes_resent);
-    assert!(in_flight > MIB, "the test needs bytes in flight at the switch: {in_flight}");
+    println!(
+        "unconfirmed at the switch: {in_flight} bytes; resent: {}",
+        rec.bytes_resent
+    );
+    assert!(
+        in_flight > MIB,
+        "the test needs bytes in flight at the switch: {in_flight}"
+    );
     assert_eq!(rec.bytes_resent, 0, "{rec:?}");
     shutdown.cancel();
 }
@@ -312,14 +419,21 @@ async fn a_switch_away_from_an_interface_that_went_down_is_unexpected() {
     let long = bed.start_exchange(43, 16 * MIB, 8 * MIB);
     let c = &bed.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (n, (down, to)) in [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")].into_iter().enumerate() {
+    for (n, (down, to)) in [("a", "b"), ("b", "a"), ("a", "b"), ("b", "a")]
+        .into_iter()
+        .enumerate()
+    {
         c.set_path_up(down, false).unwrap();
         // The answer may come as soon as the session is on `to`, before the
         // switch's record (written once every stream has its new leg).
         c.switch(to).await.unwrap();
         assert!(switches_reach(c, n + 1).await, "{:?}", c.switches());
         let r = c.switches()[n].clone();
-        assert_eq!((r.kind, r.from.as_str(), r.to.as_str(), r.streams), (SwitchKind::Unexpected, down, to, 1), "{r:?}");
+        assert_eq!(
+            (r.kind, r.from.as_str(), r.to.as_str(), r.streams),
+            (SwitchKind::Unexpected, down, to, 1),
+            "{r:?}"
+        );
         assert_eq!(current(c).await, to);
         c.set_path_up(down, true).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -60,7 +60,10 @@ fn number_of(d: &[u8]) -> Option<u64> {
 
 async fn recv_within(s: &UdpSocket, limit: Duration) -> Option<(Vec<u8>, SocketAddr)> {
     let mut buf = vec![0u8; 70_000];
-    let (n, from) = tokio::time::timeout(limit, s.recv_from(&mut buf)).await.ok()?.ok()?;
+    let (n, from) = tokio::time::timeout(limit, s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     buf.truncate(n);
     Some((buf, from))
 }
@@ -94,7 +97,12 @@ async fn bed(interfaces: &[(&str, &str)], client_udp: &str, gateway_udp: &str) -
     let ifaces: String = interfaces
         .iter()
         .enumerate()
-        .map(|(i, (name, src))| format!("[interfaces.{name}]\nsource = \"{src}\"\npriority = {}\n", i + 1))
+        .map(|(i, (name, src))| {
+            format!(
+                "[interfaces.{name}]\nsource = \"{src}\"\npriority = {}\n",
+                i + 1
+            )
+        })
         .collect();
     let toml = format!(
         "id = \"m\"\nkey_file = \"unused\"\n[udp]\n{client_udp}\n{ifaces}[gateways.gw]\naddresses = [\"{}\"]\n[services.dgram]\ngateway = \"gw\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n",
@@ -104,12 +112,23 @@ async fn bed(interfaces: &[(&str, &str)], client_udp: &str, gateway_udp: &str) -
     let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
     assert_eq!(client.wait_up("gw").await.unwrap().path, interfaces[0].0);
     let service = client.service_addr("dgram").unwrap();
-    Bed { shutdown, gw, client, server, service }
+    Bed {
+        shutdown,
+        gw,
+        client,
+        server,
+        service,
+    }
 }
 
 impl Bed {
     fn service_status(&self) -> UdpServiceStatus {
-        self.client.udp_status().services.into_iter().next().unwrap()
+        self.client
+            .udp_status()
+            .services
+            .into_iter()
+            .next()
+            .unwrap()
     }
 
     fn flows(&self) -> Vec<UdpFlowStatus> {
@@ -124,7 +143,9 @@ impl Bed {
     /// gateway's socket for the flow (where the target answers).
     async fn open_flow(&self, app: &UdpSocket) -> SocketAddr {
         app.send_to(b"hello", self.service).await.unwrap();
-        let (d, from) = recv_within(&self.server, Duration::from_secs(10)).await.expect("first datagram reaches the target");
+        let (d, from) = recv_within(&self.server, Duration::from_secs(10))
+            .await
+            .expect("first datagram reaches the target");
         assert_eq!(d, b"hello");
         from
     }
@@ -153,28 +174,56 @@ async fn echo_returns_every_datagram_exactly() {
         for (i, size) in sizes.iter().enumerate() {
             // Two flows take turns; each must get its own datagrams back.
             for (j, app) in apps.iter().enumerate() {
-                let d: Vec<u8> = (0..*size).map(|k| (i * 7 + j * 101 + k * 3) as u8).collect();
+                let d: Vec<u8> = (0..*size)
+                    .map(|k| (i * 7 + j * 101 + k * 3) as u8)
+                    .collect();
                 app.send_to(&d, bed.service).await.unwrap();
-                let (back, from) = recv_within(app, Duration::from_secs(10)).await.expect("echo within 10s");
+                let (back, from) = recv_within(app, Duration::from_secs(10))
+                    .await
+                    .expect("echo within 10s");
                 assert_eq!(from, bed.service, "answers come from the service address");
-                assert!(back == d, "datagram {i} of flow {j} ({size} bytes) came back changed");
+                assert!(
+                    back == d,
+                    "datagram {i} of flow {j} ({size} bytes) came back changed"
+                );
             }
         }
         // Too large to relay: dropped and counted, nothing comes back.
-        apps[0].send_to(&vec![1u8; MAX_PAYLOAD + 1], bed.service).await.unwrap();
-        assert!(recv_within(&apps[0], Duration::from_millis(300)).await.is_none());
+        apps[0]
+            .send_to(&vec![1u8; MAX_PAYLOAD + 1], bed.service)
+            .await
+            .unwrap();
+        assert!(recv_within(&apps[0], Duration::from_millis(300))
+            .await
+            .is_none());
         let s = bed.service_status();
         println!("{s:?}");
         assert_eq!((s.flows, s.flows_opened), (2, 2));
-        assert_eq!((s.from_app, s.sent, s.received, s.dropped, s.too_large), (2 * n as u64 + 1, 2 * n as u64, 2 * n as u64, 0, 1));
+        assert_eq!(
+            (s.from_app, s.sent, s.received, s.dropped, s.too_large),
+            (2 * n as u64 + 1, 2 * n as u64, 2 * n as u64, 0, 1)
+        );
         for f in bed.flows() {
-            assert_eq!((f.state, f.from_app, f.sent, f.received, f.dropped, f.held), ("open", n as u64, n as u64, n as u64, 0, 0));
+            assert_eq!(
+                (f.state, f.from_app, f.sent, f.received, f.dropped, f.held),
+                ("open", n as u64, n as u64, n as u64, 0, 0)
+            );
         }
         let g = bed.gw_flows();
         assert_eq!(g.len(), 2);
-        assert!(g.iter().all(|f| f.from_client == n as u64 && f.to_client == n as u64 && f.dropped == 0), "{g:?}");
+        assert!(
+            g.iter()
+                .all(|f| f.from_client == n as u64 && f.to_client == n as u64 && f.dropped == 0),
+            "{g:?}"
+        );
         let st = &bed.gw.stats().udp;
-        assert_eq!((st.forged.load(Ordering::Relaxed), st.replayed.load(Ordering::Relaxed)), (0, 0));
+        assert_eq!(
+            (
+                st.forged.load(Ordering::Relaxed),
+                st.replayed.load(Ordering::Relaxed)
+            ),
+            (0, 0)
+        );
         bed.shutdown.cancel();
     })
     .await
@@ -296,17 +345,38 @@ async fn with_no_path_only_the_newest_held_datagrams_arrive() {
     tokio::time::timeout(LIMIT, async {
         const BOUND: u64 = 32;
         const SENT: u64 = 100;
-        let bed = bed(&[("a", "127.0.0.2")], &format!("hold = {BOUND}"), &format!("hold = {BOUND}")).await;
+        let bed = bed(
+            &[("a", "127.0.0.2")],
+            &format!("hold = {BOUND}"),
+            &format!("hold = {BOUND}"),
+        )
+        .await;
         let app = udp_socket("127.0.0.1").await;
         let flow_addr = bed.open_flow(&app).await;
         bed.server.send_to(b"hello", flow_addr).await.unwrap();
-        assert_eq!(recv_within(&app, Duration::from_secs(5)).await.unwrap().0, b"hello");
+        assert_eq!(
+            recv_within(&app, Duration::from_secs(5)).await.unwrap().0,
+            b"hello"
+        );
 
         // The only interface goes down: both sides hold.
         bed.client.set_path_up("a", false).unwrap();
         let c = &bed.client;
-        assert!(eventually(Duration::from_secs(10), || matches!(c.link_state("gw"), Some(LinkState::Switching(_)))).await);
-        assert!(eventually(Duration::from_secs(10), || bed.gw_flows().iter().all(|f| !f.sending)).await, "gateway holds");
+        assert!(
+            eventually(Duration::from_secs(10), || matches!(
+                c.link_state("gw"),
+                Some(LinkState::Switching(_))
+            ))
+            .await
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || bed
+                .gw_flows()
+                .iter()
+                .all(|f| !f.sending))
+            .await,
+            "gateway holds"
+        );
         for i in 0..SENT {
             app.send_to(&numbered(i), bed.service).await.unwrap();
             bed.server.send_to(&numbered(i), flow_addr).await.unwrap();
@@ -316,20 +386,30 @@ async fn with_no_path_only_the_newest_held_datagrams_arrive() {
             eventually(Duration::from_secs(10), || {
                 let f = &bed.flows()[0];
                 let g = &bed.gw_flows()[0];
-                (f.held, f.dropped, g.held, g.dropped) == (BOUND as usize, dropped, BOUND as usize, dropped)
+                (f.held, f.dropped, g.held, g.dropped)
+                    == (BOUND as usize, dropped, BOUND as usize, dropped)
             })
             .await,
             "held and dropped: agent {:?}, gateway {:?}",
             bed.flows(),
             bed.gw_flows()
         );
-        assert!(recv_within(&bed.server, Duration::from_millis(200)).await.is_none(), "nothing leaks while held");
+        assert!(
+            recv_within(&bed.server, Duration::from_millis(200))
+                .await
+                .is_none(),
+            "nothing leaks while held"
+        );
 
         bed.client.set_path_up("a", true).unwrap();
         let want: Vec<u64> = (dropped..SENT).collect();
         let got_up = collect(bed.server.clone(), Duration::from_secs(3)).await;
         let got_down = collect(app.clone(), Duration::from_millis(500)).await;
-        println!("sent {SENT} each way with a bound of {BOUND}: up got {:?}..., down got {} datagrams", &got_up[..3.min(got_up.len())], got_down.len());
+        println!(
+            "sent {SENT} each way with a bound of {BOUND}: up got {:?}..., down got {} datagrams",
+            &got_up[..3.min(got_up.len())],
+            got_down.len()
+        );
         assert_eq!(got_up, want, "up: exactly the newest {BOUND}, in order");
         assert_eq!(got_down, want, "down: exactly the newest {BOUND}, in order");
         let s = bed.service_status();
@@ -345,10 +425,20 @@ async fn with_no_path_only_the_newest_held_datagrams_arrive() {
 
 /// `baton status --json`'s document, through the admin socket.
 async fn admin_status(client: &Client, shutdown: &CancellationToken) -> serde_json::Value {
-    let path = std::env::temp_dir().join(format!("baton-udp-test-{}-{}.sock", std::process::id(), rand_suffix()));
-    tokio::spawn(baton_runtime::admin::serve(client.clone(), path.clone(), shutdown.child_token()));
+    let path = std::env::temp_dir().join(format!(
+        "baton-udp-test-{}-{}.sock",
+        std::process::id(),
+        rand_suffix()
+    ));
+    tokio::spawn(baton_runtime::admin::serve(
+        client.clone(),
+        path.clone(),
+        shutdown.child_token(),
+    ));
     for _ in 0..100 {
-        if let Ok(v) = baton_runtime::admin::request(&path, &baton_runtime::admin::Request::Status).await {
+        if let Ok(v) =
+            baton_runtime::admin::request(&path, &baton_runtime::admin::Request::Status).await
+        {
             return v;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -357,7 +447,10 @@ async fn admin_status(client: &Client, shutdown: &CancellationToken) -> serde_js
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,41 +458,83 @@ async fn idle_flows_expire_on_the_agent_and_on_the_gateway() {
     tokio::time::timeout(LIMIT, async {
         // The agent's timeout is the shorter: it expires the flow and tells
         // the gateway.
-        let bed1 = bed(&[("a", "127.0.0.2")], "idle_timeout = \"400ms\"", "idle_timeout = \"30s\"").await;
+        let bed1 = bed(
+            &[("a", "127.0.0.2")],
+            "idle_timeout = \"400ms\"",
+            "idle_timeout = \"30s\"",
+        )
+        .await;
         echo(bed1.server.clone());
         let app = udp_socket("127.0.0.1").await;
         app.send_to(b"ping", bed1.service).await.unwrap();
-        assert_eq!(recv_within(&app, Duration::from_secs(5)).await.unwrap().0, b"ping");
+        assert_eq!(
+            recv_within(&app, Duration::from_secs(5)).await.unwrap().0,
+            b"ping"
+        );
         assert_eq!((bed1.flows().len(), bed1.gw_flows().len()), (1, 1));
-        assert!(eventually(Duration::from_secs(5), || bed1.flows().is_empty() && bed1.gw_flows().is_empty()).await);
+        assert!(
+            eventually(Duration::from_secs(5), || bed1.flows().is_empty()
+                && bed1.gw_flows().is_empty())
+            .await
+        );
         let s = bed1.service_status();
         assert_eq!((s.flows, s.flows_expired, s.flows_closed), (0, 1, 0));
         let gs = &bed1.gw.stats().udp;
-        assert_eq!((gs.flows_closed.load(Ordering::Relaxed), gs.flows_expired.load(Ordering::Relaxed)), (1, 0));
+        assert_eq!(
+            (
+                gs.flows_closed.load(Ordering::Relaxed),
+                gs.flows_expired.load(Ordering::Relaxed)
+            ),
+            (1, 0)
+        );
         let st = admin_status(&bed1.client, &bed1.shutdown).await;
         assert_eq!(st["udp"]["flows"].as_array().unwrap().len(), 0, "{st}");
         assert_eq!(st["udp"]["services"][0]["flows_expired"], 1, "{st}");
         // The application goes on: a new flow.
         app.send_to(b"again", bed1.service).await.unwrap();
-        assert_eq!(recv_within(&app, Duration::from_secs(5)).await.unwrap().0, b"again");
+        assert_eq!(
+            recv_within(&app, Duration::from_secs(5)).await.unwrap().0,
+            b"again"
+        );
         assert_eq!(bed1.service_status().flows_opened, 2);
         bed1.shutdown.cancel();
 
         // The gateway's timeout is the shorter: it expires the flow and
         // tells the agent.
-        let bed2 = bed(&[("a", "127.0.0.2")], "idle_timeout = \"30s\"", "idle_timeout = \"400ms\"").await;
+        let bed2 = bed(
+            &[("a", "127.0.0.2")],
+            "idle_timeout = \"30s\"",
+            "idle_timeout = \"400ms\"",
+        )
+        .await;
         echo(bed2.server.clone());
         app.send_to(b"ping", bed2.service).await.unwrap();
-        assert_eq!(recv_within(&app, Duration::from_secs(5)).await.unwrap().0, b"ping");
-        assert!(eventually(Duration::from_secs(5), || bed2.flows().is_empty() && bed2.gw_flows().is_empty()).await);
+        assert_eq!(
+            recv_within(&app, Duration::from_secs(5)).await.unwrap().0,
+            b"ping"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || bed2.flows().is_empty()
+                && bed2.gw_flows().is_empty())
+            .await
+        );
         let s = bed2.service_status();
         assert_eq!((s.flows, s.flows_expired, s.flows_closed), (0, 0, 1));
         let gs = &bed2.gw.stats().udp;
-        assert_eq!((gs.flows_expired.load(Ordering::Relaxed), gs.flows_closed.load(Ordering::Relaxed)), (1, 0));
+        assert_eq!(
+            (
+                gs.flows_expired.load(Ordering::Relaxed),
+                gs.flows_closed.load(Ordering::Relaxed)
+            ),
+            (1, 0)
+        );
         let st = admin_status(&bed2.client, &bed2.shutdown).await;
         assert_eq!(st["udp"]["services"][0]["flows_closed"], 1, "{st}");
         app.send_to(b"again", bed2.service).await.unwrap();
-        assert_eq!(recv_within(&app, Duration::from_secs(5)).await.unwrap().0, b"again");
+        assert_eq!(
+            recv_within(&app, Duration::from_secs(5)).await.unwrap().0,
+            b"again"
+        );
         bed2.shutdown.cancel();
     })
     .await
@@ -534,13 +669,21 @@ const PORT: u16 = 7000;
 /// A gateway with the TCP client service `push` and the UDP client service
 /// `telemetry`, both on port 7000, the pool `127.77.{net}.0/24`, `[udp]`
 /// settings `udp`, and the given clients: (id, key), each allowed both.
-async fn udp_gateway(net: u8, clients: &[(&str, &ClientKey)], udp: &str, shutdown: &CancellationToken) -> Gateway {
+async fn udp_gateway(
+    net: u8,
+    clients: &[(&str, &ClientKey)],
+    udp: &str,
+    shutdown: &CancellationToken,
+) -> Gateway {
     let mut toml = format!(
         "listen = [\"127.0.0.1:0\"]\nvirtual_pool = \"127.77.{net}.0/24\"\n[udp]\n{udp}\n[exposed.push]\nport = {PORT}\n\
          [exposed.telemetry]\nport = {PORT}\nprotocol = \"udp\"\n"
     );
     for (id, key) in clients {
-        toml.push_str(&format!("[clients.{id}]\nkey = \"{}\"\nexposes = [\"push\", \"telemetry\"]\n", key.public()));
+        toml.push_str(&format!(
+            "[clients.{id}]\nkey = \"{}\"\nexposes = [\"push\", \"telemetry\"]\n",
+            key.public()
+        ));
     }
     gateway(&toml, shutdown).await
 }
@@ -566,8 +709,11 @@ async fn cs_agent(
          [exposed.telemetry]\ngateway = \"gw\"\ntarget = \"{target}\"\nprotocol = \"{protocol}\"\n",
         gw.local_addrs()[0]
     );
-    let cfg = ClientConfig::from_toml(std::path::Path::new("udp-client-services.toml"), &toml).unwrap();
-    let c = Client::start(cfg, key.clone(), shutdown.clone()).await.unwrap();
+    let cfg =
+        ClientConfig::from_toml(std::path::Path::new("udp-client-services.toml"), &toml).unwrap();
+    let c = Client::start(cfg, key.clone(), shutdown.clone())
+        .await
+        .unwrap();
     c.wait_up("gw").await.unwrap();
     c
 }
@@ -588,7 +734,12 @@ async fn udp_agent(
 /// Where the gateway listens for the agent's client service `name`.
 async fn exposed_address(c: &Client, name: &str) -> SocketAddr {
     let find = || c.exposed().into_iter().find(|e| e.name == name).unwrap();
-    assert!(eventually(Duration::from_secs(10), || find().state != ExposedState::Pending).await, "the gateway never answered for {name}");
+    assert!(
+        eventually(Duration::from_secs(10), || find().state
+            != ExposedState::Pending)
+        .await,
+        "the gateway never answered for {name}"
+    );
     let e = find();
     assert_eq!(e.state, ExposedState::Listening, "{e:?}");
     e.address.unwrap()
@@ -608,7 +759,9 @@ async fn tagged_server(name: &'static str) -> SocketAddr {
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 if s.read_to_end(&mut got).await.is_ok() {
-                    let _ = s.write_all(&[format!("{name} got ").as_bytes(), &got].concat()).await;
+                    let _ = s
+                        .write_all(&[format!("{name} got ").as_bytes(), &got].concat())
+                        .await;
                     let _ = s.shutdown().await;
                 }
             });
@@ -623,7 +776,10 @@ async fn push(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).await.unwrap();
     s.shutdown().await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await.expect("push stalled").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("push stalled")
+        .unwrap();
     got
 }
 
@@ -646,11 +802,18 @@ async fn tagged_udp_target(name: &'static str) -> (SocketAddr, mpsc::UnboundedRe
 }
 
 fn exposed_status(c: &Client) -> baton_runtime::udp::ExposedUdpStatus {
-    c.udp_status().exposed.into_iter().find(|e| e.service == "telemetry").unwrap()
+    c.udp_status()
+        .exposed
+        .into_iter()
+        .find(|e| e.service == "telemetry")
+        .unwrap()
 }
 
 fn server_flows(gw: &Gateway) -> Vec<GatewayFlowStatus> {
-    gw.udp_flows().into_iter().filter(|f| f.opened_by == Origin::Gateway).collect()
+    gw.udp_flows()
+        .into_iter()
+        .filter(|f| f.opened_by == Origin::Gateway)
+        .collect()
 }
 
 /// (a) Servers beside the gateway send numbered datagrams to an agent's UDP
@@ -668,30 +831,59 @@ async fn servers_reach_an_agents_udp_client_service_and_get_its_answers_exactly(
         let push_target = tagged_server("a").await;
         let c = udp_agent("a", &k, &gw, target, push_target, "", &shutdown).await;
         let addr = telemetry_address(&c).await;
-        assert_eq!((addr.port(), Some(addr.ip())), (PORT, gw.client_address("a")));
-        assert_eq!(exposed_address(&c, "push").await, addr, "TCP and UDP client services share the agent's address and port");
+        assert_eq!(
+            (addr.port(), Some(addr.ip())),
+            (PORT, gw.client_address("a"))
+        );
+        assert_eq!(
+            exposed_address(&c, "push").await,
+            addr,
+            "TCP and UDP client services share the agent's address and port"
+        );
 
         let servers = [udp_socket("127.0.0.1").await, udp_socket("127.0.0.1").await];
         // Sizes from empty to large, not only the numbered ones.
         for (i, size) in [0usize, 1, 1472, 30_000].into_iter().enumerate() {
             let d: Vec<u8> = (0..size).map(|k| (i * 31 + k * 7) as u8).collect();
             servers[i % 2].send_to(&d, addr).await.unwrap();
-            let (back, from) = recv_within(&servers[i % 2], Duration::from_secs(10)).await.expect("an answer within 10s");
-            assert_eq!(from, addr, "answers come from the address the server sent to");
-            assert!(back == [b"a got ".as_slice(), &d].concat(), "{size}-byte datagram: answer changed");
-            assert!(got.recv().await.unwrap() == d, "{size}-byte datagram changed on its way to the target");
+            let (back, from) = recv_within(&servers[i % 2], Duration::from_secs(10))
+                .await
+                .expect("an answer within 10s");
+            assert_eq!(
+                from, addr,
+                "answers come from the address the server sent to"
+            );
+            assert!(
+                back == [b"a got ".as_slice(), &d].concat(),
+                "{size}-byte datagram: answer changed"
+            );
+            assert!(
+                got.recv().await.unwrap() == d,
+                "{size}-byte datagram changed on its way to the target"
+            );
         }
         for n in 0..N {
             // The two servers take turns: each must get its own answers.
             let s = &servers[(n % 2) as usize];
             s.send_to(&numbered(n), addr).await.unwrap();
-            let (back, from) = recv_within(s, Duration::from_secs(10)).await.expect("an answer within 10s");
+            let (back, from) = recv_within(s, Duration::from_secs(10))
+                .await
+                .expect("an answer within 10s");
             assert_eq!(from, addr);
             assert_eq!(back.get(..6), Some(&b"a got "[..]));
             assert_eq!(number_of(&back[6..]), Some(n), "answer to datagram {n}");
-            assert_eq!(number_of(&got.recv().await.unwrap()), Some(n), "datagram {n} at the target");
+            assert_eq!(
+                number_of(&got.recv().await.unwrap()),
+                Some(n),
+                "datagram {n} at the target"
+            );
         }
-        assert!(recv_within(&servers[0], Duration::from_millis(200)).await.is_none(), "no answer twice");
+        assert!(
+            recv_within(&servers[0], Duration::from_millis(200))
+                .await
+                .is_none(),
+            "no answer twice"
+        );
         assert!(got.try_recv().is_err(), "no datagram twice");
         assert_eq!(push(addr, b"tcp too").await, b"a got tcp too");
 
@@ -706,20 +898,49 @@ async fn servers_reach_an_agents_udp_client_service_and_get_its_answers_exactly(
         want.sort();
         assert_eq!(servers_seen, want);
         for f in &flows {
-            assert!(f.flow >= 1 << 31, "gateway flow ids have the top bit: {}", f.flow);
+            assert!(
+                f.flow >= 1 << 31,
+                "gateway flow ids have the top bit: {}",
+                f.flow
+            );
             assert_eq!((f.service.as_str(), f.state), ("telemetry", "open"));
-            assert_eq!((f.from_target, f.to_client, f.from_client, f.dropped), (per_server, per_server, per_server, 0));
+            assert_eq!(
+                (f.from_target, f.to_client, f.from_client, f.dropped),
+                (per_server, per_server, per_server, 0)
+            );
         }
         let e = exposed_status(&c);
         println!("agent: {e:?}");
         assert_eq!((e.flows, e.flows_opened, e.flows_refused), (2, 2, 0));
-        assert_eq!((e.received, e.from_target, e.sent, e.dropped), (2 * per_server, 2 * per_server, 2 * per_server, 0));
+        assert_eq!(
+            (e.received, e.from_target, e.sent, e.dropped),
+            (2 * per_server, 2 * per_server, 2 * per_server, 0)
+        );
         let st = baton_runtime::admin::status(&c).await;
-        assert_eq!(st["udp"]["exposed_flows"].as_array().unwrap().len(), 2, "{st}");
-        let tele = st["exposed"].as_array().unwrap().iter().find(|e| e["name"] == "telemetry").unwrap().clone();
-        assert_eq!((tele["protocol"].as_str(), tele["state"].as_str()), (Some("udp"), Some("listening")));
+        assert_eq!(
+            st["udp"]["exposed_flows"].as_array().unwrap().len(),
+            2,
+            "{st}"
+        );
+        let tele = st["exposed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "telemetry")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (tele["protocol"].as_str(), tele["state"].as_str()),
+            (Some("udp"), Some("listening"))
+        );
         let us = &gw.stats().udp;
-        assert_eq!((us.forged.load(Ordering::Relaxed), us.replayed.load(Ordering::Relaxed)), (0, 0));
+        assert_eq!(
+            (
+                us.forged.load(Ordering::Relaxed),
+                us.replayed.load(Ordering::Relaxed)
+            ),
+            (0, 0)
+        );
         shutdown.cancel();
     })
     .await
@@ -750,29 +971,43 @@ async fn two_agents_on_the_same_udp_port_each_get_their_own_datagrams() {
             server.send_to(to_b.as_bytes(), addr_b).await.unwrap();
             let mut answers = Vec::new();
             for _ in 0..2 {
-                let (d, from) = recv_within(&server, Duration::from_secs(10)).await.expect("both answer within 10s");
+                let (d, from) = recv_within(&server, Duration::from_secs(10))
+                    .await
+                    .expect("both answer within 10s");
                 answers.push((from, String::from_utf8(d).unwrap()));
             }
             answers.sort();
-            let mut want = vec![(addr_a, format!("a got {to_a}")), (addr_b, format!("b got {to_b}"))];
+            let mut want = vec![
+                (addr_a, format!("a got {to_a}")),
+                (addr_b, format!("b got {to_b}")),
+            ];
             want.sort();
             assert_eq!(answers, want);
             assert_eq!(got_a.recv().await.unwrap(), to_a.as_bytes());
             assert_eq!(got_b.recv().await.unwrap(), to_b.as_bytes());
         }
-        assert!(recv_within(&server, Duration::from_millis(200)).await.is_none());
-        assert!(got_a.try_recv().is_err() && got_b.try_recv().is_err(), "a datagram reached an agent twice");
+        assert!(recv_within(&server, Duration::from_millis(200))
+            .await
+            .is_none());
+        assert!(
+            got_a.try_recv().is_err() && got_b.try_recv().is_err(),
+            "a datagram reached an agent twice"
+        );
         let (ea, eb) = (exposed_status(&a), exposed_status(&b));
-        assert_eq!((ea.flows_opened, ea.received, eb.flows_opened, eb.received), (1, 50, 1, 50));
+        assert_eq!(
+            (ea.flows_opened, ea.received, eb.flows_opened, eb.received),
+            (1, 50, 1, 50)
+        );
         let flows = server_flows(&gw);
         assert_eq!(flows.len(), 2, "one flow per agent: {flows:?}");
-        assert!(flows.iter().all(|f| f.from_target == 50 && f.to_client == 50 && f.target == server.local_addr().unwrap()));
+        assert!(flows.iter().all(|f| f.from_target == 50
+            && f.to_client == 50
+            && f.target == server.local_addr().unwrap()));
         shutdown.cancel();
     })
     .await
     .expect("test took too long");
 }
-
 
 /// (c) A server pushes numbered datagrams to the agent's UDP client service
 /// while the target answers with its own, across a planned and a sudden
@@ -892,35 +1127,79 @@ async fn idle_udp_client_service_flows_expire_on_both_sides() {
         for (agent_idle, gw_idle, net) in [("400ms", "30s", 14), ("30s", "400ms", 15)] {
             let shutdown = CancellationToken::new();
             let k = key();
-            let gw = udp_gateway(net, &[("a", &k)], &format!("idle_timeout = \"{gw_idle}\""), &shutdown).await;
+            let gw = udp_gateway(
+                net,
+                &[("a", &k)],
+                &format!("idle_timeout = \"{gw_idle}\""),
+                &shutdown,
+            )
+            .await;
             let (target, _got) = tagged_udp_target("a").await;
             let push_target = tagged_server("a").await;
-            let c = udp_agent("a", &k, &gw, target, push_target, &format!("idle_timeout = \"{agent_idle}\""), &shutdown).await;
+            let c = udp_agent(
+                "a",
+                &k,
+                &gw,
+                target,
+                push_target,
+                &format!("idle_timeout = \"{agent_idle}\""),
+                &shutdown,
+            )
+            .await;
             let addr = telemetry_address(&c).await;
             server.send_to(b"ping", addr).await.unwrap();
-            assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"a got ping".to_vec(), addr));
-            assert_eq!((c.udp_status().exposed_flows.len(), server_flows(&gw).len()), (1, 1));
+            assert_eq!(
+                recv_within(&server, Duration::from_secs(5)).await.unwrap(),
+                (b"a got ping".to_vec(), addr)
+            );
+            assert_eq!(
+                (c.udp_status().exposed_flows.len(), server_flows(&gw).len()),
+                (1, 1)
+            );
             assert!(
-                eventually(Duration::from_secs(5), || c.udp_status().exposed_flows.is_empty() && server_flows(&gw).is_empty()).await,
+                eventually(Duration::from_secs(5), || c
+                    .udp_status()
+                    .exposed_flows
+                    .is_empty()
+                    && server_flows(&gw).is_empty())
+                .await,
                 "agent {agent_idle}, gateway {gw_idle}: the flow stayed: {:?} {:?}",
                 c.udp_status().exposed_flows,
                 server_flows(&gw)
             );
             let e = exposed_status(&c);
             let us = &gw.stats().udp;
-            let gw_counts = (us.flows_expired.load(Ordering::Relaxed), us.flows_closed.load(Ordering::Relaxed));
+            let gw_counts = (
+                us.flows_expired.load(Ordering::Relaxed),
+                us.flows_closed.load(Ordering::Relaxed),
+            );
             if agent_idle == "400ms" {
-                assert_eq!((e.flows, e.flows_expired, e.flows_closed), (0, 1, 0), "the agent expired it");
+                assert_eq!(
+                    (e.flows, e.flows_expired, e.flows_closed),
+                    (0, 1, 0),
+                    "the agent expired it"
+                );
                 assert_eq!(gw_counts, (0, 1), "the gateway was told");
             } else {
-                assert_eq!((e.flows, e.flows_expired, e.flows_closed), (0, 0, 1), "the gateway expired it and told the agent");
+                assert_eq!(
+                    (e.flows, e.flows_expired, e.flows_closed),
+                    (0, 0, 1),
+                    "the gateway expired it and told the agent"
+                );
                 assert_eq!(gw_counts, (1, 0));
             }
             let st = baton_runtime::admin::status(&c).await;
-            assert_eq!(st["udp"]["exposed_flows"].as_array().unwrap().len(), 0, "{st}");
+            assert_eq!(
+                st["udp"]["exposed_flows"].as_array().unwrap().len(),
+                0,
+                "{st}"
+            );
             // The server goes on: a new flow.
             server.send_to(b"again", addr).await.unwrap();
-            assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap(), (b"a got again".to_vec(), addr));
+            assert_eq!(
+                recv_within(&server, Duration::from_secs(5)).await.unwrap(),
+                (b"a got again".to_vec(), addr)
+            );
             assert_eq!(exposed_status(&c).flows_opened, 2);
             shutdown.cancel();
         }
@@ -945,7 +1224,13 @@ async fn a_released_agents_udp_client_service_socket_closes() {
         let addr = telemetry_address(&a).await;
         let server = udp_socket("127.0.0.1").await;
         server.send_to(b"1", addr).await.unwrap();
-        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap().0, b"a got 1");
+        assert_eq!(
+            recv_within(&server, Duration::from_secs(5))
+                .await
+                .unwrap()
+                .0,
+            b"a got 1"
+        );
         assert_eq!(server_flows(&gw).len(), 1);
         first.cancel();
         a.wait().await;
@@ -960,12 +1245,22 @@ async fn a_released_agents_udp_client_service_socket_closes() {
                 }
             }
         };
-        drop(tokio::time::timeout(Duration::from_secs(5), rebound).await.expect("the released service's socket is still bound"));
+        drop(
+            tokio::time::timeout(Duration::from_secs(5), rebound)
+                .await
+                .expect("the released service's socket is still bound"),
+        );
 
         let again = udp_agent("a", &k, &gw, target, push_target, "", &shutdown).await;
         assert_eq!(telemetry_address(&again).await, addr);
         server.send_to(b"2", addr).await.unwrap();
-        assert_eq!(recv_within(&server, Duration::from_secs(5)).await.unwrap().0, b"a got 2");
+        assert_eq!(
+            recv_within(&server, Duration::from_secs(5))
+                .await
+                .unwrap()
+                .0,
+            b"a got 2"
+        );
         shutdown.cancel();
     })
     .await
@@ -988,16 +1283,34 @@ async fn a_udp_flow_for_a_service_the_agent_serves_over_tcp_is_refused_once() {
         let server = udp_socket("127.0.0.1").await;
         let refused = || gw.stats().udp.flows_refused.load(Ordering::Relaxed);
         server.send_to(b"1", addr).await.unwrap();
-        assert!(eventually(Duration::from_secs(5), || refused() == 1).await, "the agent refused the flow");
+        assert!(
+            eventually(Duration::from_secs(5), || refused() == 1).await,
+            "the agent refused the flow"
+        );
         assert!(server_flows(&gw).is_empty());
         for i in 0..5u8 {
             server.send_to(&[i], addr).await.unwrap();
         }
-        assert!(recv_within(&server, Duration::from_millis(300)).await.is_none(), "nothing answers");
+        assert!(
+            recv_within(&server, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "nothing answers"
+        );
         assert!(got.try_recv().is_err(), "nothing reached the target");
-        assert_eq!((refused(), gw.stats().udp.flows_opened.load(Ordering::Relaxed)), (1, 1), "asked once");
+        assert_eq!(
+            (
+                refused(),
+                gw.stats().udp.flows_opened.load(Ordering::Relaxed)
+            ),
+            (1, 1),
+            "asked once"
+        );
         assert!(server_flows(&gw).is_empty());
-        assert!(c.udp_status().exposed.is_empty(), "the agent has no UDP client service");
+        assert!(
+            c.udp_status().exposed.is_empty(),
+            "the agent has no UDP client service"
+        );
         assert_eq!(push(addr, b"still").await, b"a got still");
         shutdown.cancel();
     })

@@ -66,7 +66,9 @@ pub struct Options {
 
 /// Wall-clock milliseconds, as in the events' `at_unix_ms`.
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A bed with a gateway, a verifying server and a client agent whose session is up, and
@@ -129,13 +131,20 @@ impl Rig {
             bed.add_server_link().expect("SERVER's second link");
         }
         if let Some(hosts) = &opts.mobile_hosts {
-            bed.set_hosts(Host::Mobile, hosts).expect("MOBILE's /etc/hosts");
+            bed.set_hosts(Host::Mobile, hosts)
+                .expect("MOBILE's /etc/hosts");
         }
         let (app_host, app_addr) = if opts.lan {
             bed.add_lan().expect("LAN host");
-            (Host::Lan, SocketAddr::from((bed.box_lan_addr(), SERVICE_PORT)))
+            (
+                Host::Lan,
+                SocketAddr::from((bed.box_lan_addr(), SERVICE_PORT)),
+            )
         } else {
-            (Host::Mobile, SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT)))
+            (
+                Host::Mobile,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, SERVICE_PORT)),
+            )
         };
         let dir = std::env::temp_dir().join(format!("baton-netns-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -160,7 +169,11 @@ impl Rig {
             .arg(&key_file)
             .output()
             .expect("run baton keygen");
-        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let public = stdout
             .lines()
@@ -206,8 +219,14 @@ impl Rig {
         // The agent must find the gateway listening: if its first attempt (over wlan) is
         // refused, it tries lte at once and the session starts there.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default().contains("gateway listening") {
-            assert!(Instant::now() < deadline, "{name}: the gateway did not listen within 10 s");
+        while !std::fs::read_to_string(dir.join("gateway.log"))
+            .unwrap_or_default()
+            .contains("gateway listening")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the gateway did not listen within 10 s"
+            );
             if let Ok(Some(status)) = gateway.try_wait() {
                 panic!("{name}: the gateway exited: {status}");
             }
@@ -235,8 +254,16 @@ impl Rig {
             })
             .await;
         // Kernel mode: both links are known, wlan preferred (lower default-route metric).
-        let names: Vec<&str> = st["interfaces"].as_array().unwrap().iter().filter_map(|i| i["name"].as_str()).collect();
-        assert!(names.starts_with(&["wlan", "lte"]), "interfaces in order of preference: {names:?}");
+        let names: Vec<&str> = st["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["name"].as_str())
+            .collect();
+        assert!(
+            names.starts_with(&["wlan", "lte"]),
+            "interfaces in order of preference: {names:?}"
+        );
         rig.check_alive();
         if opts.events {
             rig.follow_events();
@@ -263,14 +290,19 @@ impl Rig {
                 let Ok(line) = line else { return };
                 match serde_json::from_str::<Value>(&line) {
                     Ok(v) => sink.lock().unwrap_or_else(|e| e.into_inner()).push(v),
-                    Err(e) => eprintln!("baton events printed a line that is not JSON ({e}): {line}"),
+                    Err(e) => {
+                        eprintln!("baton events printed a line that is not JSON ({e}): {line}")
+                    }
                 }
             }
         });
         self.events = Some(Events { child, lines });
         // The subscription is made when the agent reads the request; poll the admin socket
         // with a harmless command until its event shows up.
-        let mode = self.status().expect("status")["engine"]["mode"].as_str().expect("engine.mode").to_owned();
+        let mode = self.status().expect("status")["engine"]["mode"]
+            .as_str()
+            .expect("engine.mode")
+            .to_owned();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             self.baton(&["mode", &mode]).expect("baton mode");
@@ -278,7 +310,11 @@ impl Rig {
             if self.events().iter().any(|e| e["kind"] == "mode") {
                 break;
             }
-            assert!(Instant::now() < deadline, "{}: baton events printed nothing within 10 s", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{}: baton events printed nothing within 10 s",
+                self.name
+            );
         }
     }
 
@@ -293,19 +329,36 @@ impl Rig {
 
     /// The events printed so far of one kind.
     pub fn events_of(&self, kind: &str) -> Vec<Value> {
-        self.events().into_iter().filter(|e| e["kind"] == kind).collect()
+        self.events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
     }
 
     /// Waits for an event of `kind` matching `pred` among those printed after the first
     /// `skip`; panics after `limit` with the events seen.
-    pub async fn wait_event(&mut self, limit: Duration, kind: &str, skip: usize, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_event(
+        &mut self,
+        limit: Duration,
+        kind: &str,
+        skip: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(e) = self.events().into_iter().skip(skip).find(|e| e["kind"] == kind && pred(e)) {
+            if let Some(e) = self
+                .events()
+                .into_iter()
+                .skip(skip)
+                .find(|e| e["kind"] == kind && pred(e))
+            {
                 return e;
             }
             if Instant::now() > deadline {
-                let engine = self.status().map(|s| s["engine"].clone()).unwrap_or_default();
+                let engine = self
+                    .status()
+                    .map(|s| s["engine"].clone())
+                    .unwrap_or_default();
                 panic!(
                     "{}: no {kind} event within {limit:?}; events:\n{}\nengine: {engine:#}",
                     self.name,
@@ -323,13 +376,20 @@ impl Rig {
         cmd.args(["status", "--json", "--admin"]).arg(&self.admin);
         let out = run_bounded(&mut cmd, None, Duration::from_secs(10))?;
         if !out.status.success() {
-            return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()));
+            return Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
         }
         serde_json::from_slice(&out.stdout).map_err(io::Error::other)
     }
 
     /// Polls the status until `pred` holds; panics after `limit`.
-    pub async fn wait_status(&mut self, limit: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + limit;
         let mut last = Value::Null;
         loop {
@@ -340,7 +400,10 @@ impl Rig {
                 last = st;
             }
             if Instant::now() > deadline {
-                panic!("{}: not within {limit:?}: {what}; last status: {last:#}", self.name);
+                panic!(
+                    "{}: not within {limit:?}: {what}; last status: {last:#}",
+                    self.name
+                );
             }
             self.check_alive();
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -350,9 +413,15 @@ impl Rig {
     /// Waits until the agent has delivered at least `bytes` of the first stream to its
     /// application, so that what follows happens mid-stream.
     pub async fn wait_received(&mut self, bytes: u64) {
-        self.wait_status(Duration::from_secs(20), &format!("{bytes} bytes received on the stream"), |st| {
-            st["streams"][0]["received"].as_u64().is_some_and(|r| r >= bytes)
-        })
+        self.wait_status(
+            Duration::from_secs(20),
+            &format!("{bytes} bytes received on the stream"),
+            |st| {
+                st["streams"][0]["received"]
+                    .as_u64()
+                    .is_some_and(|r| r >= bytes)
+            },
+        )
         .await;
     }
 
@@ -367,7 +436,10 @@ impl Rig {
 
     /// Panics (with the logs) if a daemon has exited.
     pub fn check_alive(&mut self) {
-        for (what, child) in [("gateway", &mut self.gateway), ("client agent", &mut self.client)] {
+        for (what, child) in [
+            ("gateway", &mut self.gateway),
+            ("client agent", &mut self.client),
+        ] {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("{}: the {what} exited: {status}", self.name);
             }
@@ -376,7 +448,8 @@ impl Rig {
 
     /// `baton switch IFACE`: its output line(s).
     pub fn switch(&self, iface: &str) -> String {
-        self.baton(&["switch", iface]).unwrap_or_else(|e| panic!("{}: baton switch {iface}: {e}", self.name))
+        self.baton(&["switch", iface])
+            .unwrap_or_else(|e| panic!("{}: baton switch {iface}: {e}", self.name))
     }
 
     /// Runs `baton ARGS --admin SOCK` (the gateway's socket for gateway commands, the
@@ -385,19 +458,30 @@ impl Rig {
     pub fn baton(&self, args: &[&str]) -> Result<String, String> {
         let gateway_cmd = matches!(args.first(), Some(&("goto" | "listen" | "gateway-status")));
         let mut cmd = Command::new(baton_bin());
-        cmd.args(args).arg("--admin").arg(if gateway_cmd { &self.gw_admin } else { &self.admin });
-        let out = run_bounded(&mut cmd, None, Duration::from_secs(30)).map_err(|e| format!("run baton {args:?}: {e}"))?;
+        cmd.args(args).arg("--admin").arg(if gateway_cmd {
+            &self.gw_admin
+        } else {
+            &self.admin
+        });
+        let out = run_bounded(&mut cmd, None, Duration::from_secs(30))
+            .map_err(|e| format!("run baton {args:?}: {e}"))?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if out.status.success() {
             Ok(text)
         } else {
-            Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr).trim()).trim().to_owned())
+            Err(
+                format!("{text}\n{}", String::from_utf8_lossy(&out.stderr).trim())
+                    .trim()
+                    .to_owned(),
+            )
         }
     }
 
     /// `baton gateway-status --json`.
     pub fn gateway_status(&self) -> Value {
-        let text = self.baton(&["gateway-status", "--json"]).unwrap_or_else(|e| panic!("{}: gateway-status: {e}", self.name));
+        let text = self
+            .baton(&["gateway-status", "--json"])
+            .unwrap_or_else(|e| panic!("{}: gateway-status: {e}", self.name));
         serde_json::from_str(&text).expect("gateway status is JSON")
     }
 
@@ -414,25 +498,54 @@ impl Rig {
 
     /// Starts a paced, bidirectional, verified exchange through baton: `bytes` each way at
     /// `pace` bytes/s each way. The task returns what the application received.
-    pub fn start_exchange(&self, seed: u64, bytes: u64, pace: u64) -> tokio::task::JoinHandle<io::Result<Report>> {
+    pub fn start_exchange(
+        &self,
+        seed: u64,
+        bytes: u64,
+        pace: u64,
+    ) -> tokio::task::JoinHandle<io::Result<Report>> {
         let app = self.app_connect();
-        tokio::spawn(verify::exchange_paced(app, seed, bytes, bytes, Mode::Concurrent, pace))
+        tokio::spawn(verify::exchange_paced(
+            app,
+            seed,
+            bytes,
+            bytes,
+            Mode::Concurrent,
+            pace,
+        ))
     }
 
     /// Like [`start_exchange`](Self::start_exchange), also noting when each read of the
     /// server→mobile direction returned data.
-    pub fn start_timed_exchange(&self, seed: u64, bytes: u64, pace: u64) -> (tokio::task::JoinHandle<io::Result<Report>>, Arrivals) {
+    pub fn start_timed_exchange(
+        &self,
+        seed: u64,
+        bytes: u64,
+        pace: u64,
+    ) -> (tokio::task::JoinHandle<io::Result<Report>>, Arrivals) {
         let app = self.app_connect();
         let arrivals = Arrivals::default();
-        (tokio::spawn(timed_exchange(app, seed, bytes, pace, arrivals.clone())), arrivals)
+        (
+            tokio::spawn(timed_exchange(app, seed, bytes, pace, arrivals.clone())),
+            arrivals,
+        )
     }
 
     /// Waits for the exchange and for the server's report; asserts both directions arrived
     /// exact and that neither application saw an error (a reset is an error).
-    pub async fn finish_exchange(&mut self, app: tokio::task::JoinHandle<io::Result<Report>>, limit: Duration) {
+    pub async fn finish_exchange(
+        &mut self,
+        app: tokio::task::JoinHandle<io::Result<Report>>,
+        limit: Duration,
+    ) {
         let down = tokio::time::timeout(limit, app)
             .await
-            .unwrap_or_else(|_| panic!("{}: the exchange did not finish within {limit:?}", self.name))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{}: the exchange did not finish within {limit:?}",
+                    self.name
+                )
+            })
             .expect("exchange task")
             .unwrap_or_else(|e| panic!("{}: the application saw an error: {e}", self.name));
         let up = tokio::time::timeout(Duration::from_secs(10), self.reports.recv())
@@ -456,18 +569,31 @@ impl Rig {
             down.expected,
             down.first_mismatch
         );
-        println!("{}: {} bytes each way arrived exact, no reset on either side", self.name, up.received);
+        println!(
+            "{}: {} bytes each way arrived exact, no reset on either side",
+            self.name, up.received
+        );
     }
 
     /// The switch records so far.
     pub fn switches(&self) -> Vec<Value> {
-        self.status().expect("status")["switches"].as_array().cloned().unwrap_or_default()
+        self.status().expect("status")["switches"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Runs a command in a namespace; panics unless it succeeds.
     pub fn sh(&self, host: Host, args: &[&str]) -> String {
-        let out = self.bed.exec(host, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .bed
+            .exec(host, args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -485,7 +611,12 @@ impl Arrivals {
     /// before `from` up to `until` (an open pause at `until` counts too).
     pub fn longest_gap(&self, from: Instant, until: Instant) -> Duration {
         let times = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let start = times.iter().rev().find(|t| **t <= from).copied().unwrap_or(from);
+        let start = times
+            .iter()
+            .rev()
+            .find(|t| **t <= from)
+            .copied()
+            .unwrap_or(from);
         let (mut prev, mut longest) = (start, Duration::ZERO);
         for &t in times.iter().filter(|t| **t > start && **t <= until) {
             longest = longest.max(t - prev);
@@ -497,7 +628,13 @@ impl Arrivals {
 
 /// The client side of [`verify::exchange_paced`] (mode Concurrent), noting when data arrives.
 /// Its header: seed, bytes up, bytes down, mode, pace (see `baton_runtime::verify`).
-async fn timed_exchange(mut s: tokio::net::TcpStream, seed: u64, bytes: u64, pace: u64, arrivals: Arrivals) -> io::Result<Report> {
+async fn timed_exchange(
+    mut s: tokio::net::TcpStream,
+    seed: u64,
+    bytes: u64,
+    pace: u64,
+    arrivals: Arrivals,
+) -> io::Result<Report> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut header = [0u8; 33];
     header[..8].copy_from_slice(&seed.to_be_bytes());
@@ -516,7 +653,8 @@ async fn timed_exchange(mut s: tokio::net::TcpStream, seed: u64, bytes: u64, pac
             p.fill(&mut buf[..n]);
             w.write_all(&buf[..n]).await?;
             sent += n as u64;
-            tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / pace as f64)).await;
+            tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / pace as f64))
+                .await;
         }
         w.shutdown().await
     };
@@ -528,11 +666,21 @@ async fn timed_exchange(mut s: tokio::net::TcpStream, seed: u64, bytes: u64, pac
             if n == 0 {
                 break;
             }
-            arrivals.0.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
+            arrivals
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now());
             c.check(&buf[..n]);
         }
         let (received, first_mismatch) = (c.received, c.first_mismatch);
-        Ok::<_, io::Error>(Report { seed, received, expected: bytes, first_mismatch, digest: c.digest() })
+        Ok::<_, io::Error>(Report {
+            seed,
+            received,
+            expected: bytes,
+            first_mismatch,
+            digest: c.digest(),
+        })
     };
     let ((), report) = tokio::try_join!(send, receive)?;
     Ok(report)
@@ -540,13 +688,18 @@ async fn timed_exchange(mut s: tokio::net::TcpStream, seed: u64, bytes: u64, pac
 
 /// The engine's row for interface `name` in a status document.
 pub fn iface<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
-    st["engine"]["interfaces"].as_array()?.iter().find(|i| i["name"] == name)
+    st["engine"]["interfaces"]
+        .as_array()?
+        .iter()
+        .find(|i| i["name"] == name)
 }
 
 /// A connected tokio stream made inside `host`'s namespace.
 pub fn connect_in(bed: &Bed, host: Host, addr: SocketAddr) -> tokio::net::TcpStream {
     let s = bed
-        .in_ns(host, || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .in_ns(host, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
         .expect("enter namespace")
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     s.set_nonblocking(true).expect("nonblocking");
@@ -555,7 +708,10 @@ pub fn connect_in(bed: &Bed, host: Host, addr: SocketAddr) -> tokio::net::TcpStr
 
 /// A tokio listener made inside `host`'s namespace.
 pub fn listen_in(bed: &Bed, host: Host, addr: SocketAddr) -> tokio::net::TcpListener {
-    let l = bed.in_ns(host, || std::net::TcpListener::bind(addr)).expect("enter namespace").expect("bind");
+    let l = bed
+        .in_ns(host, || std::net::TcpListener::bind(addr))
+        .expect("enter namespace")
+        .expect("bind");
     l.set_nonblocking(true).expect("nonblocking");
     tokio::net::TcpListener::from_std(l).expect("tokio listener")
 }
@@ -569,7 +725,8 @@ fn spawn_daemon(bed: &Bed, host: Host, role: &str, config: &Path, dir: &Path) ->
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log);
-    bed.spawn(&mut cmd).unwrap_or_else(|e| panic!("start baton {role}: {e}"))
+    bed.spawn(&mut cmd)
+        .unwrap_or_else(|e| panic!("start baton {role}: {e}"))
 }
 
 /// The lines of a switch record that matter.
@@ -589,7 +746,10 @@ pub fn describe(sw: &Value) -> String {
 
 /// Events, one a line, with times relative to the first.
 pub fn describe_events(events: &[Value]) -> String {
-    let t0 = events.first().and_then(|e| e["at_unix_ms"].as_u64()).unwrap_or(0);
+    let t0 = events
+        .first()
+        .and_then(|e| e["at_unix_ms"].as_u64())
+        .unwrap_or(0);
     events
         .iter()
         .map(|e| {
@@ -608,7 +768,10 @@ pub fn describe_events(events: &[Value]) -> String {
 
 /// One line per interface of the engine's view: health, measurements, score.
 pub fn describe_engine(st: &Value) -> String {
-    let mut out = format!("mode {} proposal {} switching {}", st["engine"]["mode"], st["engine"]["proposal"], st["engine"]["switching"]);
+    let mut out = format!(
+        "mode {} proposal {} switching {}",
+        st["engine"]["mode"], st["engine"]["proposal"], st["engine"]["switching"]
+    );
     for i in st["engine"]["interfaces"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\n  {} metric={} current={} health={} rtt={} ms loss={} samples={} score={}",
@@ -630,18 +793,35 @@ impl Drop for Rig {
         self.server.abort();
         if std::thread::panicking() {
             if self.events.is_some() {
-                eprintln!("---- {}: events ----\n{}", self.name, describe_events(&self.events()));
+                eprintln!(
+                    "---- {}: events ----\n{}",
+                    self.name,
+                    describe_events(&self.events())
+                );
             }
             for which in ["client", "gateway"] {
                 let log = self.log(which);
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = &lines[lines.len().saturating_sub(150)..];
-                eprintln!("---- {}: last {} lines of the {which} log ----\n{}", self.name, tail.len(), tail.join("\n"));
+                eprintln!(
+                    "---- {}: last {} lines of the {which} log ----\n{}",
+                    self.name,
+                    tail.len(),
+                    tail.join("\n")
+                );
             }
-            eprintln!("---- {}: logs kept in {} ----", self.name, self.dir.display());
+            eprintln!(
+                "---- {}: logs kept in {} ----",
+                self.name,
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-        println!("{}: {:.1} s in all", self.name, self.started.elapsed().as_secs_f64());
+        println!(
+            "{}: {:.1} s in all",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
     }
 }

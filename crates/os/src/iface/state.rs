@@ -439,19 +439,49 @@ mod tests {
     #[test]
     fn a_deprecated_address_stays_usable_and_is_marked() {
         let mut s = State::default();
-        feed(&mut s, RouteNetlinkMessage::NewLink(link_msg(2, "srv2", UP)));
+        feed(
+            &mut s,
+            RouteNetlinkMessage::NewLink(link_msg(2, "srv2", UP)),
+        );
         let ip: IpAddr = "10.90.1.3".parse().expect("ip");
-        let a = IfaceAddr { addr: ip, prefix_len: 24 };
-        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Permanent))));
+        let a = IfaceAddr {
+            addr: ip,
+            prefix_len: 24,
+        };
+        feed(
+            &mut s,
+            RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Permanent))),
+        );
         assert!(s.table().interfaces[&2].deprecated.is_empty());
         // `ip addr change ... preferred_lft 0` (or the lifetime running out).
-        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))));
+        feed(
+            &mut s,
+            RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))),
+        );
         let t = s.table();
-        assert_eq!((t.interfaces[&2].addrs.clone(), t.interfaces[&2].deprecated.clone()), (vec![a], vec![a]));
-        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, None)));
-        assert!(s.table().interfaces[&2].deprecated.is_empty(), "a renewed lifetime clears it");
-        feed(&mut s, RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))));
-        feed(&mut s, RouteNetlinkMessage::DelAddress(addr_msg(2, ip, 24, None)));
+        assert_eq!(
+            (
+                t.interfaces[&2].addrs.clone(),
+                t.interfaces[&2].deprecated.clone()
+            ),
+            (vec![a], vec![a])
+        );
+        feed(
+            &mut s,
+            RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, None)),
+        );
+        assert!(
+            s.table().interfaces[&2].deprecated.is_empty(),
+            "a renewed lifetime clears it"
+        );
+        feed(
+            &mut s,
+            RouteNetlinkMessage::NewAddress(addr_msg(2, ip, 24, Some(AddressFlags::Deprecated))),
+        );
+        feed(
+            &mut s,
+            RouteNetlinkMessage::DelAddress(addr_msg(2, ip, 24, None)),
+        );
         let t = s.table();
         assert!(t.interfaces[&2].addrs.is_empty() && t.interfaces[&2].deprecated.is_empty());
     }

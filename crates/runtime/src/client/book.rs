@@ -88,7 +88,12 @@ impl Book {
         // Literals are known before any lookup: status shows them at once.
         let resolved = statics
             .iter()
-            .filter_map(|hp| hp.host.parse::<std::net::IpAddr>().ok().map(|ip| (SocketAddr::new(ip, hp.port), Origin::Config)))
+            .filter_map(|hp| {
+                hp.host
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| (SocketAddr::new(ip, hp.port), Origin::Config))
+            })
             .collect();
         Self {
             statics,
@@ -112,15 +117,23 @@ impl Book {
 
     /// What the static entries resolved to, in configuration order, each
     /// name's addresses in the resolver's order; and the names that failed.
-    pub(crate) fn set_resolved(&mut self, entries: Vec<(HostPort, Result<Vec<SocketAddr>, String>)>) {
+    pub(crate) fn set_resolved(
+        &mut self,
+        entries: Vec<(HostPort, Result<Vec<SocketAddr>, String>)>,
+    ) {
         self.resolved.clear();
         self.unresolved.clear();
         for (hp, r) in entries {
             let literal = hp.host.parse::<std::net::IpAddr>().is_ok();
             match r {
                 Ok(addrs) => {
-                    let origin = if literal { Origin::Config } else { Origin::Dns(hp.to_string()) };
-                    self.resolved.extend(addrs.into_iter().map(|a| (a, origin.clone())));
+                    let origin = if literal {
+                        Origin::Config
+                    } else {
+                        Origin::Dns(hp.to_string())
+                    };
+                    self.resolved
+                        .extend(addrs.into_iter().map(|a| (a, origin.clone())));
                 }
                 Err(e) => self.unresolved.push((hp, e)),
             }
@@ -142,7 +155,11 @@ impl Book {
     /// (a go-to's target, or the current address on a planned interface
     /// switch), then the static addresses, then the advertised ones; the
     /// suspect address last and `exclude` not at all.
-    pub(crate) fn order(&mut self, first: Option<SocketAddr>, exclude: Option<SocketAddr>) -> Vec<SocketAddr> {
+    pub(crate) fn order(
+        &mut self,
+        first: Option<SocketAddr>,
+        exclude: Option<SocketAddr>,
+    ) -> Vec<SocketAddr> {
         if let Some(f) = first {
             if !self.known(f) {
                 // Bounded like the advertised list: the oldest goes.
@@ -173,7 +190,9 @@ impl Book {
     }
 
     fn known(&self, a: SocketAddr) -> bool {
-        self.resolved.iter().any(|(r, _)| *r == a) || self.advertised.contains(&a) || self.extra.contains(&a)
+        self.resolved.iter().any(|(r, _)| *r == a)
+            || self.advertised.contains(&a)
+            || self.extra.contains(&a)
     }
 
     /// A new search: the failures of the last one are forgotten.
@@ -212,7 +231,9 @@ impl Book {
     /// be told: the first time, then once a minute while it lasts.
     pub(crate) fn search_failed(&mut self, now: Instant) -> bool {
         self.failed_searches += 1;
-        let tell = self.last_told.is_none_or(|t| now.duration_since(t) >= RETELL);
+        let tell = self
+            .last_told
+            .is_none_or(|t| now.duration_since(t) >= RETELL);
         if tell {
             self.last_told = Some(now);
         }
@@ -233,7 +254,11 @@ impl Book {
             .unresolved
             .iter()
             .map(|(hp, e)| format!("{hp}: {e}"))
-            .chain(self.tried.iter().filter_map(|(a, t)| t.error.as_ref().map(|e| format!("{a} ({} attempts): {e}", t.attempts))))
+            .chain(self.tried.iter().filter_map(|(a, t)| {
+                t.error
+                    .as_ref()
+                    .map(|e| format!("{a} ({} attempts): {e}", t.attempts))
+            }))
             .collect();
         v.sort();
         v.join("; ")
@@ -263,10 +288,22 @@ impl Book {
             } else {
                 "untried"
             };
-            out.push(AddressStatus { addr, origin: origin.label(), state, attempts: t.attempts, error: t.error });
+            out.push(AddressStatus {
+                addr,
+                origin: origin.label(),
+                state,
+                attempts: t.attempts,
+                error: t.error,
+            });
         }
         for (hp, e) in &self.unresolved {
-            out.push(AddressStatus { addr: hp.to_string(), origin: "config".into(), state: "failed", attempts: 1, error: Some(e.clone()) });
+            out.push(AddressStatus {
+                addr: hp.to_string(),
+                origin: "config".into(),
+                state: "failed",
+                attempts: 1,
+                error: Some(e.clone()),
+            });
         }
         out
     }
@@ -288,7 +325,10 @@ mod tests {
     fn book() -> Book {
         let mut b = Book::new(vec![hp("gw.test:7700"), hp("10.89.1.2:7700")]);
         b.set_resolved(vec![
-            (hp("gw.test:7700"), Ok(vec![sa("10.91.1.2:7700"), sa("10.92.1.2:7700")])),
+            (
+                hp("gw.test:7700"),
+                Ok(vec![sa("10.91.1.2:7700"), sa("10.92.1.2:7700")]),
+            ),
             (hp("10.89.1.2:7700"), Ok(vec![sa("10.89.1.2:7700")])),
         ]);
         b
@@ -300,7 +340,16 @@ mod tests {
         assert!(b.set_advertised(vec![sa("10.89.1.2:7700"), sa("10.90.1.2:7700")]));
         assert!(!b.set_advertised(vec![sa("10.89.1.2:7700"), sa("10.90.1.2:7700")]));
         let order = b.order(None, None);
-        assert_eq!(order, ["10.91.1.2:7700", "10.92.1.2:7700", "10.89.1.2:7700", "10.90.1.2:7700"].map(sa));
+        assert_eq!(
+            order,
+            [
+                "10.91.1.2:7700",
+                "10.92.1.2:7700",
+                "10.89.1.2:7700",
+                "10.90.1.2:7700"
+            ]
+            .map(sa)
+        );
         let st = b.status();
         assert_eq!(st[0].origin, "dns gw.test:7700");
         assert_eq!(st[2].origin, "config");
@@ -334,18 +383,30 @@ mod tests {
             b.attempt(a);
             b.failed(a, "refused".into());
         }
-        assert!(b.status().iter().all(|s| s.state == "failed" && s.attempts == 2));
+        assert!(b
+            .status()
+            .iter()
+            .all(|s| s.state == "failed" && s.attempts == 2));
         assert!(b.search_failed(t0));
         assert!(!b.search_failed(t0 + Duration::from_secs(5)));
         assert!(b.search_failed(t0 + Duration::from_secs(61)));
         assert_eq!(b.failed_searches(), 3);
         b.begin_search();
-        assert!(b.status().iter().all(|s| s.state == "untried" && s.attempts == 0));
+        assert!(b
+            .status()
+            .iter()
+            .all(|s| s.state == "untried" && s.attempts == 0));
         b.attempt(sa("10.92.1.2:7700"));
-        assert_eq!(b.connected(sa("10.92.1.2:7700"), Duration::from_millis(800)), 3);
+        assert_eq!(
+            b.connected(sa("10.92.1.2:7700"), Duration::from_millis(800)),
+            3
+        );
         assert_eq!(b.failed_searches(), 0);
         assert_eq!(b.status()[1].state, "current");
-        assert!(b.search_failed(t0 + Duration::from_secs(62)), "a new outage is told at once");
+        assert!(
+            b.search_failed(t0 + Duration::from_secs(62)),
+            "a new outage is told at once"
+        );
     }
 
     #[test]
@@ -354,7 +415,10 @@ mod tests {
         b.set_resolved(vec![(hp("nowhere.test:7700"), Err("no such host".into()))]);
         assert!(b.order(None, None).is_empty());
         let st = b.status();
-        assert_eq!((st[0].state, st[0].error.as_deref()), ("failed", Some("no such host")));
+        assert_eq!(
+            (st[0].state, st[0].error.as_deref()),
+            ("failed", Some("no such host"))
+        );
         assert!(b.failures().contains("nowhere.test:7700: no such host"));
     }
 }

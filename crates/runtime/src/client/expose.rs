@@ -119,7 +119,8 @@ pub(super) fn on_exposed(link: &Link, entries: Vec<(String, Result<SocketAddr, R
                 if e.state != ExposedState::Refused {
                     warn!(gateway = %link.gateway, service = %name, "client service refused by the gateway: {reason}");
                 }
-                (e.state, e.address, e.error) = (ExposedState::Refused, None, Some(reason.to_string()));
+                (e.state, e.address, e.error) =
+                    (ExposedState::Refused, None, Some(reason.to_string()));
             }
         }
     }
@@ -127,7 +128,13 @@ pub(super) fn on_exposed(link: &Link, entries: Vec<(String, Result<SocketAddr, R
 
 /// A server connected to a client service at the gateway: connect to the
 /// target, then relay.
-pub(super) fn on_incoming(shared: &Arc<Shared>, link: &Link, core: &Arc<Core>, stream: StreamId, service: String) {
+pub(super) fn on_incoming(
+    shared: &Arc<Shared>,
+    link: &Link,
+    core: &Arc<Core>,
+    stream: StreamId,
+    service: String,
+) {
     if !stream.is_gateway_opened() {
         // Ids below the gateway's bit are this agent's: never take one from the gateway.
         warn!(gateway = %link.gateway, %stream, "gateway announced a stream with a client-side id; ignored");
@@ -137,15 +144,26 @@ pub(super) fn on_incoming(shared: &Arc<Shared>, link: &Link, core: &Arc<Core>, s
         // Announced again after a reconnect: already being served, or done.
         return;
     }
-    let exposed = shared.config.exposed.get(&service).filter(|e| e.gateway == link.gateway);
-    let target = exposed.filter(|e| e.protocol == Protocol::Tcp).map(|e| e.target.clone());
+    let exposed = shared
+        .config
+        .exposed
+        .get(&service)
+        .filter(|e| e.gateway == link.gateway);
+    let target = exposed
+        .filter(|e| e.protocol == Protocol::Tcp)
+        .map(|e| e.target.clone());
     let Some(target) = target else {
         if exposed.is_some() {
             warn!(gateway = %link.gateway, service = %service, "connection for a udp client service: refused (exposed.{service}.protocol differs at the gateway)");
         } else {
             warn!(gateway = %link.gateway, service = %service, "connection for a client service this agent does not expose: refused");
         }
-        let _ = core.to_session.send(ToSession::Control(Message::StreamReset { stream, code: ResetCode::Refused }));
+        let _ = core
+            .to_session
+            .send(ToSession::Control(Message::StreamReset {
+                stream,
+                code: ResetCode::Refused,
+            }));
         return;
     };
     if let Some(e) = lock(&link.exposed).iter_mut().find(|e| e.name == service) {

@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 use baton_proto::Message;
 
 use super::{
-    handshake_on, AddressStatus, Client, Core, Established, Link, LinkState, Route, SessionError, Shared, SwitchRecord,
-    SwitchRequest,
+    handshake_on, AddressStatus, Client, Core, Established, Link, LinkState, Route, SessionError,
+    Shared, SwitchRecord, SwitchRequest,
 };
 use crate::path::{connect_via, Path, LOOPBACK};
 use crate::util::lock;
@@ -122,8 +122,11 @@ pub(super) async fn search(
     connecting: bool,
 ) -> Result<Established, SessionError> {
     let began = Instant::now();
-    let (retries, delay) =
-        shared.config.gateways.get(&link.gateway).map_or((1, Duration::ZERO), |g| (g.retries.max(1), g.retry_delay));
+    let (retries, delay) = shared
+        .config
+        .gateways
+        .get(&link.gateway)
+        .map_or((1, Duration::ZERO), |g| (g.retries.max(1), g.retry_delay));
     // Names are resolved again at each search, but not before `first`
     // (the current address on an interface switch, a go-to's target) has
     // been tried: a planned switch need not wait for DNS.
@@ -192,13 +195,20 @@ pub(super) async fn search(
     if connecting {
         let told = {
             let mut b = lock(&link.book);
-            b.search_failed(std::time::Instant::now()).then(|| (b.failed_searches(), b.failures()))
+            b.search_failed(std::time::Instant::now())
+                .then(|| (b.failed_searches(), b.failures()))
         };
         if let Some((n, what)) = told {
             let names: Vec<&str> = paths.iter().map(|p| p.name.as_str()).collect();
             warn!(gateway = %link.gateway, interfaces = ?names, "every address of the gateway failed ({n} search(es) in a row): {what}");
-            let reason = format!("{}: every address failed over {}: {what}", link.gateway, names.join(", "));
-            shared.events.publish("gateway_unreachable", None, reason, true);
+            let reason = format!(
+                "{}: every address failed over {}: {what}",
+                link.gateway,
+                names.join(", ")
+            );
+            shared
+                .events
+                .publish("gateway_unreachable", None, reason, true);
         }
     }
     Err(last)
@@ -206,7 +216,12 @@ pub(super) async fn search(
 
 /// One attempt at `target`: a TCP connection raced over the interfaces,
 /// then the session handshake on the first one made.
-async fn attempt(shared: &Shared, paths: &[Path], target: SocketAddr, resume: u64) -> Result<Established, SessionError> {
+async fn attempt(
+    shared: &Shared,
+    paths: &[Path],
+    target: SocketAddr,
+    resume: u64,
+) -> Result<Established, SessionError> {
     let (stream, path, rtt) = race(paths, target, shared.config.connect_timeout)
         .await
         .map_err(|e| SessionError::Unreachable(format!("{target}: {e}")))?;
@@ -216,13 +231,19 @@ async fn attempt(shared: &Shared, paths: &[Path], target: SocketAddr, resume: u6
 /// Connects to `target` over the first of `paths` to succeed: the preferred
 /// one at once, each next one after [`STAGGER`] or when the one before
 /// failed. Returns the connection, its path and how long it took.
-async fn race(paths: &[Path], target: SocketAddr, timeout: Duration) -> Result<(TcpStream, Path, Duration), String> {
+async fn race(
+    paths: &[Path],
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, Path, Duration), String> {
     let mut pending = FuturesUnordered::new();
     let mut next = 0;
     let mut errors = Vec::new();
     loop {
         if pending.is_empty() {
-            let Some(p) = paths.get(next) else { return Err(errors.join("; ")) };
+            let Some(p) = paths.get(next) else {
+                return Err(errors.join("; "));
+            };
             pending.push(dial(p.clone(), target, timeout));
             next += 1;
         }
@@ -239,7 +260,11 @@ async fn race(paths: &[Path], target: SocketAddr, timeout: Duration) -> Result<(
     }
 }
 
-async fn dial(path: Path, target: SocketAddr, timeout: Duration) -> Result<(TcpStream, Path, Duration), String> {
+async fn dial(
+    path: Path,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, Path, Duration), String> {
     let began = Instant::now();
     match connect_via(target, &path, timeout).await {
         Ok(s) => Ok((s, path, began.elapsed())),
@@ -273,7 +298,10 @@ pub(super) async fn planned(
         return Err(format!("interface {:?} is not known or not up", req.to));
     };
     if req.addr == AddrChoice::Other && lock(&link.book).order(None, exclude).is_empty() {
-        return Err(format!("gateway {} has no address but {here}", link.gateway));
+        return Err(format!(
+            "gateway {} has no address but {here}",
+            link.gateway
+        ));
     }
     let target = match req.addr {
         AddrChoice::Keep => req.to.clone(),
@@ -282,7 +310,9 @@ pub(super) async fn planned(
     };
     match search(shared, link, core.id, &[path], first, exclude, false).await {
         Ok(new) if new.session_id == core.id => Ok(Some(new)),
-        Ok(_) => Err(format!("cannot switch to {target}: the gateway no longer holds the session")),
+        Ok(_) => Err(format!(
+            "cannot switch to {target}: the gateway no longer holds the session"
+        )),
         Err(e) => Err(format!("cannot switch to {target}: {e}")),
     }
 }
@@ -307,7 +337,12 @@ pub(super) fn announce(link: &Link, core: &Core) {
 }
 
 /// Takes the multihomed gateway's messages; hands every other one back.
-pub(super) fn on_message(shared: &Arc<Shared>, link: &Link, route: &Route, msg: Message) -> Option<Message> {
+pub(super) fn on_message(
+    shared: &Arc<Shared>,
+    link: &Link,
+    route: &Route,
+    msg: Message,
+) -> Option<Message> {
     match msg {
         Message::Addresses { list } => {
             if lock(&link.book).set_advertised(list.clone()) {
@@ -326,8 +361,12 @@ pub(super) fn on_message(shared: &Arc<Shared>, link: &Link, route: &Route, msg: 
             let (events, gateway) = (shared.events.clone(), link.gateway.clone());
             shared.tasks.spawn(async move {
                 match rx.await {
-                    Ok(Ok(Some(r))) => debug!(gateway = %gateway, to = %r.gateway_addr_to, "go-to done"),
-                    Ok(Ok(None)) => debug!(gateway = %gateway, "go-to: the session already is there"),
+                    Ok(Ok(Some(r))) => {
+                        debug!(gateway = %gateway, to = %r.gateway_addr_to, "go-to done")
+                    }
+                    Ok(Ok(None)) => {
+                        debug!(gateway = %gateway, "go-to: the session already is there")
+                    }
                     Ok(Err(e)) => {
                         warn!(gateway = %gateway, "go-to failed: {e}");
                         events.publish("go_to_failed", None, format!("{gateway}: {e}"), false);
@@ -350,7 +389,12 @@ fn request(
 ) -> oneshot::Receiver<Result<Option<SwitchRecord>, String>> {
     let (done, rx) = oneshot::channel();
     // If the control loop is gone the sender drops and `rx` says so.
-    let _ = link.switch_tx.send(SwitchRequest { to, addr, reason, done });
+    let _ = link.switch_tx.send(SwitchRequest {
+        to,
+        addr,
+        reason,
+        done,
+    });
     rx
 }
 
@@ -370,9 +414,18 @@ impl Client {
     /// Planned move of the sessions (of `gateway`, or every gateway) to the
     /// gateway address `to`, or to another address of theirs, on the
     /// interface they use: seed 003's roam, asked by the user.
-    pub async fn roam(&self, gateway: Option<&str>, to: Option<SocketAddr>, reason: &str) -> Result<Vec<SwitchRecord>, String> {
+    pub async fn roam(
+        &self,
+        gateway: Option<&str>,
+        to: Option<SocketAddr>,
+        reason: &str,
+    ) -> Result<Vec<SwitchRecord>, String> {
         let links: Vec<&Arc<Link>> = match gateway {
-            Some(g) => vec![self.shared.links.get(g).ok_or_else(|| format!("no gateway {g:?}"))?],
+            Some(g) => vec![self
+                .shared
+                .links
+                .get(g)
+                .ok_or_else(|| format!("no gateway {g:?}"))?],
             None => {
                 let mut v: Vec<_> = self.shared.links.values().collect();
                 v.sort_by(|a, b| a.gateway.cmp(&b.gateway));
@@ -405,7 +458,9 @@ impl Client {
     pub(crate) fn probe_targets(&self, current: SocketAddr) -> Vec<SocketAddr> {
         let mut names: Vec<_> = self.shared.links.keys().collect();
         names.sort();
-        let Some(link) = names.first().map(|n| &self.shared.links[*n]) else { return Vec::new() };
+        let Some(link) = names.first().map(|n| &self.shared.links[*n]) else {
+            return Vec::new();
+        };
         let mut order = lock(&link.book).order(None, Some(current));
         order.truncate(baton_policy::MAX_TARGETS);
         order
@@ -415,8 +470,15 @@ impl Client {
     /// `to`, and with `addr` the first gateway's session (the one the
     /// engine measures) to that gateway address at the same time; the
     /// other sessions keep their address.
-    pub(crate) async fn switch_path(&self, to: &str, addr: Option<SocketAddr>, reason: &str) -> Result<Vec<SwitchRecord>, String> {
-        let Some(addr) = addr else { return self.switch_now(to, reason).await };
+    pub(crate) async fn switch_path(
+        &self,
+        to: &str,
+        addr: Option<SocketAddr>,
+        reason: &str,
+    ) -> Result<Vec<SwitchRecord>, String> {
+        let Some(addr) = addr else {
+            return self.switch_now(to, reason).await;
+        };
         if !self.shared.paths.is_usable(to) {
             return Err(format!("interface {to:?} is not known or not up"));
         }
@@ -424,8 +486,17 @@ impl Client {
         names.sort();
         let mut waits = Vec::new();
         for (n, name) in names.iter().enumerate() {
-            let choice = if n == 0 { AddrChoice::To(addr) } else { AddrChoice::Keep };
-            waits.push(request(&self.shared.links[name], to.to_owned(), choice, reason.to_owned()));
+            let choice = if n == 0 {
+                AddrChoice::To(addr)
+            } else {
+                AddrChoice::Keep
+            };
+            waits.push(request(
+                &self.shared.links[name],
+                to.to_owned(),
+                choice,
+                reason.to_owned(),
+            ));
         }
         let mut records = Vec::new();
         for rx in waits {

@@ -60,7 +60,10 @@ struct ClientExposure {
 
 impl Exposures {
     pub(super) fn new(blocks: Vec<AddrBlock>) -> Self {
-        Self { pool: AddressBook::new(blocks), by_client: HashMap::new() }
+        Self {
+            pool: AddressBook::new(blocks),
+            by_client: HashMap::new(),
+        }
     }
 
     /// The address assigned to a client with services listening now.
@@ -155,9 +158,18 @@ const BIND_RETRY: Duration = Duration::from_millis(1000);
 
 /// Answers a client's [`Message::Expose`]: listens for each service the
 /// configuration allows it, on the client's address.
-pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, services: Vec<String>) -> Message {
+pub(super) async fn on_expose(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    services: Vec<String>,
+) -> Message {
     let client = session.client_id.clone();
-    let allowed = shared.config.clients.get(&client).map(|c| c.exposes.clone()).unwrap_or_default();
+    let allowed = shared
+        .config
+        .clients
+        .get(&client)
+        .map(|c| c.exposes.clone())
+        .unwrap_or_default();
     let mut asked = Vec::new();
     let mut seen = BTreeSet::new();
     for s in services {
@@ -186,7 +198,12 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
                 }
                 return reply(&asked, results);
             };
-            let exposure = ClientExposure { addr, owner: session.id, listening: HashMap::new(), stop: shared.shutdown.child_token() };
+            let exposure = ClientExposure {
+                addr,
+                owner: session.id,
+                listening: HashMap::new(),
+                stop: shared.shutdown.child_token(),
+            };
             ex.by_client.insert(client.clone(), exposure);
         }
         let Some(entry) = ex.by_client.get_mut(&client) else {
@@ -222,15 +239,30 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
     {
         let mut ex = lock(&shared.exposures);
         // Released meanwhile: the listeners are simply dropped.
-        let entry = ex.by_client.get_mut(&client).filter(|e| !e.stop.is_cancelled() && e.addr == addr);
+        let entry = ex
+            .by_client
+            .get_mut(&client)
+            .filter(|e| !e.stop.is_cancelled() && e.addr == addr);
         match entry {
             Some(entry) => {
                 for (s, at, l) in bound {
                     entry.listening.insert(s.clone(), at);
                     results.insert(s.clone(), Ok(at));
                     match l {
-                        Listener::Tcp(l) => shared.tasks.spawn(accept_loop(shared.clone(), client.clone(), s, l, stop.clone())),
-                        Listener::Udp(u) => shared.tasks.spawn(datagram_loop(shared.clone(), client.clone(), s, u, stop.clone())),
+                        Listener::Tcp(l) => shared.tasks.spawn(accept_loop(
+                            shared.clone(),
+                            client.clone(),
+                            s,
+                            l,
+                            stop.clone(),
+                        )),
+                        Listener::Udp(u) => shared.tasks.spawn(datagram_loop(
+                            shared.clone(),
+                            client.clone(),
+                            s,
+                            u,
+                            stop.clone(),
+                        )),
                     };
                 }
             }
@@ -241,8 +273,15 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
             }
         }
     }
-    let listening: Vec<String> =
-        asked.iter().filter_map(|s| results.get(s).and_then(|r| r.as_ref().ok()).map(|a| format!("{s}={a}"))).collect();
+    let listening: Vec<String> = asked
+        .iter()
+        .filter_map(|s| {
+            results
+                .get(s)
+                .and_then(|r| r.as_ref().ok())
+                .map(|a| format!("{s}={a}"))
+        })
+        .collect();
     // Logged when listeners open, not on every reconnect of the agent.
     if opened {
         info!(client = %client, session = %sid(session.id), address = %addr, services = %listening.join(" "), "client services listening");
@@ -250,10 +289,20 @@ pub(super) async fn on_expose(shared: &Arc<Shared>, session: &Arc<Session>, serv
     reply(&asked, results)
 }
 
-fn reply(asked: &[String], mut results: HashMap<String, Result<SocketAddr, RefuseReason>>) -> Message {
+fn reply(
+    asked: &[String],
+    mut results: HashMap<String, Result<SocketAddr, RefuseReason>>,
+) -> Message {
     let entries = asked
         .iter()
-        .map(|s| (s.clone(), results.remove(s).unwrap_or(Err(RefuseReason::ServiceNotAllowed))))
+        .map(|s| {
+            (
+                s.clone(),
+                results
+                    .remove(s)
+                    .unwrap_or(Err(RefuseReason::ServiceNotAllowed)),
+            )
+        })
         .collect();
     Message::Exposed { entries }
 }
@@ -272,7 +321,10 @@ async fn bind(at: SocketAddr, protocol: Protocol) -> std::io::Result<Listener> {
             Protocol::Udp => UdpSocket::bind(at).await.map(Listener::Udp),
         };
         match r {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             r => return r,
@@ -284,7 +336,10 @@ async fn bind(at: SocketAddr, protocol: Protocol) -> std::io::Result<Listener> {
 /// and the address goes back to the pool (still remembered for the client).
 pub(super) fn on_release(shared: &Shared, session: &Session) {
     let mut ex = lock(&shared.exposures);
-    let owned = ex.by_client.get(&session.client_id).is_some_and(|e| e.owner == session.id);
+    let owned = ex
+        .by_client
+        .get(&session.client_id)
+        .is_some_and(|e| e.owner == session.id);
     if !owned {
         return;
     }
@@ -295,7 +350,13 @@ pub(super) fn on_release(shared: &Shared, session: &Session) {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, client: String, service: String, listener: TcpListener, stop: CancellationToken) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    client: String,
+    service: String,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let (conn, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -309,7 +370,10 @@ async fn accept_loop(shared: Arc<Shared>, client: String, service: String, liste
             },
             _ = stop.cancelled() => return,
         };
-        let owner = lock(&shared.exposures).by_client.get(&client).map(|e| e.owner);
+        let owner = lock(&shared.exposures)
+            .by_client
+            .get(&client)
+            .map(|e| e.owner);
         let session = owner.and_then(|id| lock(&shared.sessions).get(&id).cloned());
         let Some(session) = session else {
             debug!(client = %client, %peer, "client service connection while the session ends: reset");
@@ -322,7 +386,13 @@ async fn accept_loop(shared: Arc<Shared>, client: String, service: String, liste
 
 /// Reads what servers send to a UDP client service and hands it to the
 /// session that owns the client's services now, until `stop`.
-async fn datagram_loop(shared: Arc<Shared>, client: String, service: String, socket: UdpSocket, stop: CancellationToken) {
+async fn datagram_loop(
+    shared: Arc<Shared>,
+    client: String,
+    service: String,
+    socket: UdpSocket,
+    stop: CancellationToken,
+) {
     crate::udp::tune(&socket);
     let socket = Arc::new(socket);
     // One byte more than a relayable payload: a datagram that fills it was
@@ -342,13 +412,22 @@ async fn datagram_loop(shared: Arc<Shared>, client: String, service: String, soc
             _ = stop.cancelled() => return,
         };
         // The owner changes when the agent restarts (a new session).
-        let id = lock(&shared.exposures).by_client.get(&client).map(|e| e.owner);
+        let id = lock(&shared.exposures)
+            .by_client
+            .get(&client)
+            .map(|e| e.owner);
         if owner.as_ref().map(|s| s.id) != id {
             owner = id.and_then(|id| lock(&shared.sessions).get(&id).cloned());
         }
         match &owner {
-            Some(session) => session.udp.on_server_datagram(&service, &socket, &stop, from, &buf[..n]),
-            None => debug!(client = %client, %from, "client service datagram while the session ends: dropped"),
+            Some(session) => {
+                session
+                    .udp
+                    .on_server_datagram(&service, &socket, &stop, from, &buf[..n])
+            }
+            None => {
+                debug!(client = %client, %from, "client service datagram while the session ends: dropped")
+            }
         }
     }
 }
@@ -356,7 +435,13 @@ async fn datagram_loop(shared: Arc<Shared>, client: String, service: String, soc
 /// A server connected to a client service: the stream starts at once, the
 /// server's bytes wait in the replay buffer until the client agent's leg
 /// arrives (or the agent resets the stream).
-fn open_stream(shared: &Arc<Shared>, session: &Arc<Session>, service: &str, conn: TcpStream, peer: SocketAddr) {
+fn open_stream(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    service: &str,
+    conn: TcpStream,
+    peer: SocketAddr,
+) {
     let id = match lock(&session.table).open_gateway() {
         Ok(id) => id,
         Err(e) => {
@@ -366,13 +451,22 @@ fn open_stream(shared: &Arc<Shared>, session: &Arc<Session>, service: &str, conn
         }
     };
     let _ = baton_os::tune_relay(&conn);
-    let limits = StreamLimits { replay_buffer: shared.config.replay_buffer, ..StreamLimits::default() };
+    let limits = StreamLimits {
+        replay_buffer: shared.config.replay_buffer,
+        ..StreamLimits::default()
+    };
     let (s, inbox) = StreamShared::new(id, limits, session.released.child_token());
     lock(&session.streams).insert(id, s.clone());
     lock(&session.incoming).insert(id, service.to_owned());
     // While the session is detached the announcement waits for the next
     // control connection (see `control`).
-    send_control(session, Message::Incoming { stream: id, service: service.to_owned() });
+    send_control(
+        session,
+        Message::Incoming {
+            stream: id,
+            service: service.to_owned(),
+        },
+    );
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %id, service, %peer, "client service stream open");
     let session = session.clone();
@@ -403,7 +497,11 @@ mod tests {
         assert_eq!(b.assign("a"), Some(ip("10.0.0.1")), "a second session of a");
         b.free("a");
         assert_eq!(b.assign("c"), Some(ip("10.0.1.7")), "fresh addresses first");
-        assert_eq!(b.assign("a"), Some(ip("10.0.0.1")), "a comes back to its address");
+        assert_eq!(
+            b.assign("a"),
+            Some(ip("10.0.0.1")),
+            "a comes back to its address"
+        );
     }
 
     #[test]

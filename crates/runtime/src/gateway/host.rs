@@ -71,8 +71,11 @@ impl HostView {
     /// link-local left out unless the host has no other (a gateway on
     /// loopback only, as in tests), on its port.
     pub(super) fn expand(&self, wildcard: SocketAddr) -> Vec<SocketAddr> {
-        let fit: Vec<&HostAddrStatus> =
-            self.addrs.iter().filter(|a| a.state == "preferred" && a.addr.is_ipv4() == wildcard.is_ipv4()).collect();
+        let fit: Vec<&HostAddrStatus> = self
+            .addrs
+            .iter()
+            .filter(|a| a.state == "preferred" && a.addr.is_ipv4() == wildcard.is_ipv4())
+            .collect();
         let outside: Vec<SocketAddr> = fit
             .iter()
             .filter(|a| !a.addr.is_loopback() && !is_link_local(a.addr))
@@ -81,7 +84,10 @@ impl HostView {
         if !outside.is_empty() {
             return outside;
         }
-        fit.iter().filter(|a| a.addr.is_loopback()).map(|a| SocketAddr::new(a.addr, wildcard.port())).collect()
+        fit.iter()
+            .filter(|a| a.addr.is_loopback())
+            .map(|a| SocketAddr::new(a.addr, wildcard.port()))
+            .collect()
     }
 }
 
@@ -104,7 +110,11 @@ pub(super) fn addresses(table: &InterfaceTable) -> Vec<HostAddrStatus> {
             } else {
                 "preferred"
             };
-            out.push(HostAddrStatus { addr: a.addr, interface: iface.name.clone(), state });
+            out.push(HostAddrStatus {
+                addr: a.addr,
+                interface: iface.name.clone(),
+                state,
+            });
         }
     }
     out
@@ -118,8 +128,12 @@ pub(super) fn losing(before: &[HostAddrStatus], after: &[HostAddrStatus]) -> Vec
         .filter(|b| b.state == "preferred")
         .filter_map(|b| match after.iter().find(|a| a.addr == b.addr) {
             None => Some((b.addr, format!("removed from {}", b.interface))),
-            Some(a) if a.state == "deprecated" => Some((b.addr, format!("deprecated on {}", a.interface))),
-            Some(a) if a.state == "down" => Some((b.addr, format!("interface {} down", a.interface))),
+            Some(a) if a.state == "deprecated" => {
+                Some((b.addr, format!("deprecated on {}", a.interface)))
+            }
+            Some(a) if a.state == "down" => {
+                Some((b.addr, format!("interface {} down", a.interface)))
+            }
             Some(_) => None,
         })
         .collect()
@@ -205,12 +219,21 @@ async fn on_change(shared: &Arc<Shared>, next: Vec<HostAddrStatus>) {
 /// module's doc), so that probes and datagrams are answered from the
 /// address they came to.
 pub(super) async fn refresh_sockets(shared: &Arc<Shared>) {
-    let wildcards: Vec<SocketAddr> = lock(&shared.served).iter().map(|(a, _)| *a).filter(|a| a.ip().is_unspecified()).collect();
+    let wildcards: Vec<SocketAddr> = lock(&shared.served)
+        .iter()
+        .map(|(a, _)| *a)
+        .filter(|a| a.ip().is_unspecified())
+        .collect();
     let wanted: Vec<SocketAddr> = {
         let v = lock(&shared.host);
         wildcards.iter().flat_map(|w| v.expand(*w)).collect()
     };
-    let stale: Vec<SocketAddr> = lock(&shared.host).probe_sockets.keys().copied().filter(|a| !wanted.contains(a)).collect();
+    let stale: Vec<SocketAddr> = lock(&shared.host)
+        .probe_sockets
+        .keys()
+        .copied()
+        .filter(|a| !wanted.contains(a))
+        .collect();
     for a in stale {
         if let Some(stop) = lock(&shared.host).probe_sockets.remove(&a) {
             stop.cancel();
@@ -225,7 +248,9 @@ pub(super) async fn refresh_sockets(shared: &Arc<Shared>) {
             Ok(udp) => {
                 let stop = shared.shutdown.child_token();
                 lock(&shared.host).probe_sockets.insert(a, stop.clone());
-                shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
+                shared
+                    .tasks
+                    .spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
                 debug!(addr = %a, "UDP socket for an address of the wildcard");
             }
             // The wildcard socket still answers (from the routing table's
@@ -240,10 +265,20 @@ mod tests {
     use super::*;
     use baton_os::{IfaceAddr, Interface};
 
-    fn iface(index: u32, name: &str, up: bool, kind: Kind, addrs: &[&str], deprecated: &[&str]) -> Interface {
+    fn iface(
+        index: u32,
+        name: &str,
+        up: bool,
+        kind: Kind,
+        addrs: &[&str],
+        deprecated: &[&str],
+    ) -> Interface {
         let parse = |s: &&str| {
             let (a, p) = s.split_once('/').expect("prefix");
-            IfaceAddr { addr: a.parse().expect("ip"), prefix_len: p.parse().expect("len") }
+            IfaceAddr {
+                addr: a.parse().expect("ip"),
+                prefix_len: p.parse().expect("len"),
+            }
         };
         Interface {
             index,
@@ -257,8 +292,14 @@ mod tests {
     }
 
     fn view(ifaces: Vec<Interface>) -> (InterfaceTable, HostView) {
-        let t = InterfaceTable { interfaces: ifaces.into_iter().map(|i| (i.index, i)).collect() };
-        let v = HostView { watching: true, addrs: addresses(&t), probe_sockets: HashMap::new() };
+        let t = InterfaceTable {
+            interfaces: ifaces.into_iter().map(|i| (i.index, i)).collect(),
+        };
+        let v = HostView {
+            watching: true,
+            addrs: addresses(&t),
+            probe_sockets: HashMap::new(),
+        };
         (t, v)
     }
 
@@ -269,19 +310,50 @@ mod tests {
     #[test]
     fn a_wildcard_stands_for_the_usable_outside_addresses_of_its_family() {
         let (_, v) = view(vec![
-            iface(1, "lo", true, Kind::Loopback, &["127.0.0.1/8", "::1/128"], &[]),
-            iface(2, "srv", true, Kind::Ethernet, &["10.89.1.2/24", "fe80::1/64", "2001:db8::2/64"], &[]),
-            iface(3, "srv2", true, Kind::Ethernet, &["10.90.1.2/24", "10.90.1.3/24"], &["10.90.1.3/24"]),
+            iface(
+                1,
+                "lo",
+                true,
+                Kind::Loopback,
+                &["127.0.0.1/8", "::1/128"],
+                &[],
+            ),
+            iface(
+                2,
+                "srv",
+                true,
+                Kind::Ethernet,
+                &["10.89.1.2/24", "fe80::1/64", "2001:db8::2/64"],
+                &[],
+            ),
+            iface(
+                3,
+                "srv2",
+                true,
+                Kind::Ethernet,
+                &["10.90.1.2/24", "10.90.1.3/24"],
+                &["10.90.1.3/24"],
+            ),
             iface(4, "eth9", false, Kind::Ethernet, &["10.91.1.2/24"], &[]),
             iface(5, "ll", true, Kind::Ethernet, &["169.254.1.1/16"], &[]),
         ]);
-        assert_eq!(v.expand(sa("0.0.0.0:7700")), vec![sa("10.89.1.2:7700"), sa("10.90.1.2:7700")]);
+        assert_eq!(
+            v.expand(sa("0.0.0.0:7700")),
+            vec![sa("10.89.1.2:7700"), sa("10.90.1.2:7700")]
+        );
         assert_eq!(v.expand(sa("[::]:7700")), vec![sa("[2001:db8::2]:7700")]);
     }
 
     #[test]
     fn a_gateway_on_loopback_only_advertises_loopback() {
-        let (_, v) = view(vec![iface(1, "lo", true, Kind::Loopback, &["127.0.0.1/8"], &[])]);
+        let (_, v) = view(vec![iface(
+            1,
+            "lo",
+            true,
+            Kind::Loopback,
+            &["127.0.0.1/8"],
+            &[],
+        )]);
         assert_eq!(v.expand(sa("0.0.0.0:7700")), vec![sa("127.0.0.1:7700")]);
     }
 
@@ -289,12 +361,33 @@ mod tests {
     fn removed_deprecated_and_downed_addresses_are_being_lost() {
         let (_, before) = view(vec![
             iface(2, "srv", true, Kind::Ethernet, &["10.89.1.2/24"], &[]),
-            iface(3, "srv2", true, Kind::Ethernet, &["10.90.1.2/24", "10.90.1.3/24"], &[]),
-            iface(4, "srv3", true, Kind::Ethernet, &["10.91.1.2/24"], &["10.91.1.2/24"]),
+            iface(
+                3,
+                "srv2",
+                true,
+                Kind::Ethernet,
+                &["10.90.1.2/24", "10.90.1.3/24"],
+                &[],
+            ),
+            iface(
+                4,
+                "srv3",
+                true,
+                Kind::Ethernet,
+                &["10.91.1.2/24"],
+                &["10.91.1.2/24"],
+            ),
         ]);
         let (_, after) = view(vec![
             iface(2, "srv", false, Kind::Ethernet, &["10.89.1.2/24"], &[]),
-            iface(3, "srv2", true, Kind::Ethernet, &["10.90.1.3/24"], &["10.90.1.3/24"]),
+            iface(
+                3,
+                "srv2",
+                true,
+                Kind::Ethernet,
+                &["10.90.1.3/24"],
+                &["10.90.1.3/24"],
+            ),
             iface(4, "srv3", true, Kind::Ethernet, &[], &[]),
         ]);
         let lost = losing(&before.addrs, &after.addrs);

@@ -122,7 +122,11 @@ pub(super) fn on_roam(shared: &Shared, session: &Session, from: SocketAddr, to: 
 /// The sessions whose control connection is on the gateway address `ip`
 /// (any port).
 pub(super) fn sessions_on(shared: &Shared, ip: std::net::IpAddr) -> Vec<Arc<Session>> {
-    lock(&shared.sessions).values().filter(|s| on_addr(s).is_some_and(|a| a.ip() == ip)).cloned().collect()
+    lock(&shared.sessions)
+        .values()
+        .filter(|s| on_addr(s).is_some_and(|a| a.ip() == ip))
+        .cloned()
+        .collect()
 }
 
 /// The gateway address a session's control connection is on, if attached.
@@ -132,7 +136,12 @@ fn on_addr(session: &Session) -> Option<SocketAddr> {
 
 /// Sends a go-to to `sessions` and waits, at most `wait`, until each is
 /// attached on another address (`to`, when given).
-pub(super) async fn direct(shared: &Shared, sessions: Vec<Arc<Session>>, to: Option<SocketAddr>, wait: Duration) -> Vec<GoToReport> {
+pub(super) async fn direct(
+    shared: &Shared,
+    sessions: Vec<Arc<Session>>,
+    to: Option<SocketAddr>,
+    wait: Duration,
+) -> Vec<GoToReport> {
     let began = Instant::now();
     let mut waiting = Vec::new();
     for s in sessions {
@@ -171,7 +180,10 @@ pub(super) async fn direct(shared: &Shared, sessions: Vec<Arc<Session>>, to: Opt
 
 /// True if `addr` is served, exactly or by a wildcard on its port.
 fn serves(shared: &Shared, addr: SocketAddr) -> bool {
-    lock(&shared.served).iter().any(|(a, _)| *a == addr || (a.ip().is_unspecified() && a.port() == addr.port() && a.is_ipv4() == addr.is_ipv4()))
+    lock(&shared.served).iter().any(|(a, _)| {
+        *a == addr
+            || (a.ip().is_unspecified() && a.port() == addr.port() && a.is_ipv4() == addr.is_ipv4())
+    })
 }
 
 impl Gateway {
@@ -214,7 +226,11 @@ impl Gateway {
                 }
             })
             .collect();
-        v.sort_by(|a, b| a.client.cmp(&b.client).then(a.session_id.cmp(&b.session_id)));
+        v.sort_by(|a, b| {
+            a.client
+                .cmp(&b.client)
+                .then(a.session_id.cmp(&b.session_id))
+        });
         v
     }
 
@@ -227,11 +243,16 @@ impl Gateway {
         }
         let l = baton_os::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = l.local_addr().map_err(|e| e.to_string())?;
-        let udp = super::bind_udp(bound, bound.ip().is_unspecified()).map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
+        let udp = super::bind_udp(bound, bound.ip().is_unspecified())
+            .map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
         let stop = serving(shared, bound);
-        shared.tasks.spawn(accept_loop(shared.clone(), l, stop.clone()));
+        shared
+            .tasks
+            .spawn(accept_loop(shared.clone(), l, stop.clone()));
         crate::udp::tune(&udp);
-        shared.tasks.spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
+        shared
+            .tasks
+            .spawn(answer_probes(shared.clone(), Arc::new(udp), stop));
         info!(addr = %bound, "listening on a new address");
         advertise(shared);
         super::host::refresh_sockets(shared).await;
@@ -243,7 +264,11 @@ impl Gateway {
     /// at most `wait` to move, then it is no longer served. Connections
     /// still on it are not cut: a session that did not move keeps working
     /// until its path fails, and then roams.
-    pub async fn listen_remove(&self, addr: SocketAddr, wait: Duration) -> Result<Vec<GoToReport>, String> {
+    pub async fn listen_remove(
+        &self,
+        addr: SocketAddr,
+        wait: Duration,
+    ) -> Result<Vec<GoToReport>, String> {
         let shared = &self.shared;
         let stop = {
             let mut served = lock(&shared.served);
@@ -251,14 +276,20 @@ impl Gateway {
                 return Err(format!("not listening on {addr}"));
             };
             if served.len() == 1 {
-                return Err(format!("{addr} is the only address served: the gateway would be unreachable"));
+                return Err(format!(
+                    "{addr} is the only address served: the gateway would be unreachable"
+                ));
             }
             served.remove(i).1
         };
         advertise(shared);
         let on_it: Vec<_> = lock(&shared.sessions)
             .values()
-            .filter(|s| on_addr(s).is_some_and(|a| a == addr || (addr.ip().is_unspecified() && a.port() == addr.port())))
+            .filter(|s| {
+                on_addr(s).is_some_and(|a| {
+                    a == addr || (addr.ip().is_unspecified() && a.port() == addr.port())
+                })
+            })
             .cloned()
             .collect();
         info!(%addr, sessions = on_it.len(), "giving up an address: directing its sessions elsewhere");
@@ -275,14 +306,23 @@ impl Gateway {
     /// Directs the sessions of `client` to the gateway address `to`, or
     /// (`None`) to another address of the client agent's choice, and waits
     /// at most `wait` for them to arrive.
-    pub async fn goto(&self, client: &str, to: Option<SocketAddr>, wait: Duration) -> Result<Vec<GoToReport>, String> {
+    pub async fn goto(
+        &self,
+        client: &str,
+        to: Option<SocketAddr>,
+        wait: Duration,
+    ) -> Result<Vec<GoToReport>, String> {
         let shared = &self.shared;
         if let Some(a) = to {
             if !serves(shared, a) {
                 return Err(format!("{a} is not an address this gateway listens on"));
             }
         }
-        let sessions: Vec<_> = lock(&shared.sessions).values().filter(|s| s.client_id == client).cloned().collect();
+        let sessions: Vec<_> = lock(&shared.sessions)
+            .values()
+            .filter(|s| s.client_id == client)
+            .cloned()
+            .collect();
         if sessions.is_empty() {
             return Err(format!("no session of client {client:?}"));
         }

@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// Logs to the test's output when `BATON_LOG` is set (e.g. `BATON_LOG=debug`).
 pub fn logs() {
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -44,12 +47,20 @@ pub async fn gateway(toml: &str, shutdown: &CancellationToken) -> Gateway {
 }
 
 /// A client agent with one gateway `gw` and the given `[services.*]` tables.
-pub async fn client(id: &str, key: &ClientKey, gw: SocketAddr, services: &str, shutdown: &CancellationToken) -> Client {
+pub async fn client(
+    id: &str,
+    key: &ClientKey,
+    gw: SocketAddr,
+    services: &str,
+    shutdown: &CancellationToken,
+) -> Client {
     let toml = format!(
         "id = \"{id}\"\nkey_file = \"unused\"\n[gateways.gw]\naddresses = [\"{gw}\"]\n{services}"
     );
     let cfg = ClientConfig::from_toml(Path::new("test-client.toml"), &toml).unwrap();
-    Client::start(cfg, key.clone(), shutdown.clone()).await.unwrap()
+    Client::start(cfg, key.clone(), shutdown.clone())
+        .await
+        .unwrap()
 }
 
 pub fn service(name: &str) -> String {
@@ -102,7 +113,12 @@ pub async fn raw_session(gw: SocketAddr, id: &str, key: &ClientKey) -> Result<Ra
     let mut cipher = ControlCipher::new(&keys, Role::Client);
     let m = cipher.open(&hdr, &payload, &tag).unwrap();
     assert!(matches!(m, Message::Accepted { .. }), "{m:?}");
-    Ok(RawSession { stream: s, session_id, keys, cipher })
+    Ok(RawSession {
+        stream: s,
+        session_id,
+        keys,
+        cipher,
+    })
 }
 
 /// Waits until `f` holds, polling, for at most `limit`.
