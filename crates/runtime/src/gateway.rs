@@ -78,7 +78,7 @@ pub struct GatewayStats {
 mod host;
 mod multihome;
 
-pub use host::HostAddrStatus;
+pub use host::{HostAddrState, HostAddrStatus};
 pub use multihome::{GatewaySessionStatus, GoToReport};
 
 /// A running gateway.

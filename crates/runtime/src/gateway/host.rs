@@ -47,10 +47,22 @@ pub struct HostAddrStatus {
     pub addr: IpAddr,
     /// Its interface.
     pub interface: String,
-    /// `preferred` (usable and advertised when a wildcard covers it),
-    /// `deprecated` (its preferred lifetime is over), `down` (its interface
-    /// is down).
-    pub state: &'static str,
+    /// Whether it can be used.
+    pub state: HostAddrState,
+}
+
+/// Whether one of the host's addresses can be used; shown in lower case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum HostAddrState {
+    /// Usable, and advertised when a wildcard `listen` address covers it.
+    Preferred,
+    /// Its preferred lifetime is over: it still works, new sessions should
+    /// go elsewhere.
+    Deprecated,
+    /// Its interface is down.
+    Down,
 }
 
 /// What the gateway knows of the host's addresses.
@@ -74,7 +86,9 @@ impl HostView {
         let fit: Vec<&HostAddrStatus> = self
             .addrs
             .iter()
-            .filter(|a| a.state == "preferred" && a.addr.is_ipv4() == wildcard.is_ipv4())
+            .filter(|a| {
+                a.state == HostAddrState::Preferred && a.addr.is_ipv4() == wildcard.is_ipv4()
+            })
             .collect();
         let outside: Vec<SocketAddr> = fit
             .iter()
@@ -104,11 +118,11 @@ pub(super) fn addresses(table: &InterfaceTable) -> Vec<HostAddrStatus> {
     for iface in table.interfaces.values() {
         for a in &iface.addrs {
             let state = if !iface.up && iface.kind != Kind::Loopback {
-                "down"
+                HostAddrState::Down
             } else if iface.deprecated.contains(a) {
-                "deprecated"
+                HostAddrState::Deprecated
             } else {
-                "preferred"
+                HostAddrState::Preferred
             };
             out.push(HostAddrStatus {
                 addr: a.addr,
@@ -125,13 +139,13 @@ pub(super) fn addresses(table: &InterfaceTable) -> Vec<HostAddrStatus> {
 pub(super) fn losing(before: &[HostAddrStatus], after: &[HostAddrStatus]) -> Vec<(IpAddr, String)> {
     before
         .iter()
-        .filter(|b| b.state == "preferred")
+        .filter(|b| b.state == HostAddrState::Preferred)
         .filter_map(|b| match after.iter().find(|a| a.addr == b.addr) {
             None => Some((b.addr, format!("removed from {}", b.interface))),
-            Some(a) if a.state == "deprecated" => {
+            Some(a) if a.state == HostAddrState::Deprecated => {
                 Some((b.addr, format!("deprecated on {}", a.interface)))
             }
-            Some(a) if a.state == "down" => {
+            Some(a) if a.state == HostAddrState::Down => {
                 Some((b.addr, format!("interface {} down", a.interface)))
             }
             Some(_) => None,
