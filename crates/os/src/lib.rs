@@ -11,7 +11,7 @@ pub mod pipe;
 
 pub use bind::connect_via;
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
-pub use pipe::SplicePipe;
+pub use pipe::{open_pipes, pipe_budget, SplicePipe};
 
 use std::io;
 use std::net::SocketAddr;

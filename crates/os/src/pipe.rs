@@ -8,10 +8,32 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use nix::unistd::pipe2;
+
+/// Pipes open in this process.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// How many pipes may be open at once in this process: an eighth of its
+/// open-files limit (each takes two descriptors), so that pipes, which only
+/// save copies, never take the descriptors that connections need.
+pub fn pipe_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        use nix::sys::resource::{getrlimit, Resource};
+        let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        usize::try_from(soft / 8).unwrap_or(usize::MAX).max(16)
+    })
+}
+
+/// Pipes open in this process now.
+pub fn open_pipes() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
 
 /// A pipe between two sockets, and how many bytes it holds.
 #[derive(Debug)]
@@ -20,13 +42,32 @@ pub struct SplicePipe {
     write: OwnedFd,
     held: usize,
     capacity: usize,
+    _slot: Slot,
+}
+
+/// One pipe's place in the budget, given back when dropped.
+#[derive(Debug)]
+struct Slot;
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SplicePipe {
     /// A non-blocking pipe of (at least) `size` bytes if the system allows,
-    /// else of the system's default size. Fails only when no pipe can be
-    /// made (out of descriptors): the caller then copies through user space.
+    /// else of the system's default size. Fails when the process's
+    /// [`pipe_budget`] is used up or no pipe can be made: the caller then
+    /// copies through user space.
     pub fn new(size: usize) -> io::Result<Self> {
+        if OPEN.fetch_add(1, Ordering::Relaxed) >= pipe_budget() {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other("pipe budget used up"));
+        }
+        // Counted from here: dropping it, with `Self` or on an error below,
+        // gives the place back.
+        let slot = Slot;
         let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let wanted = i32::try_from(size).unwrap_or(i32::MAX);
         // A larger pipe moves more per system call; the size may be refused
@@ -41,6 +82,7 @@ impl SplicePipe {
             write,
             held: 0,
             capacity: usize::try_from(capacity).unwrap_or(0),
+            _slot: slot,
         })
     }
 
