@@ -6,10 +6,12 @@
 #![warn(missing_docs)]
 
 pub mod bind;
+pub mod handoff;
 pub mod iface;
 pub mod pipe;
 
 pub use bind::connect_via;
+pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 pub use pipe::{open_pipes, pipe_budget, SplicePipe};
 
@@ -50,6 +52,13 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// per stream: the usual backlog of 128 overflows, the kernel drops the SYNs
 /// beyond it, and each of those connections waits a second for its retry.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    listen_shared(addr, false)
+}
+
+/// [`listen`], and with `share_port` the port is shared (`SO_REUSEPORT`)
+/// with the other processes of the same program that do the same: the
+/// kernel spreads new connections over them.
+pub fn listen_shared(addr: SocketAddr, share_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -58,6 +67,9 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     // As `TcpListener::bind` does: a restarted daemon binds at once while its
     // old connections linger in TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    if share_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }

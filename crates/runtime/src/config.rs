@@ -413,7 +413,18 @@ pub struct GatewayConfig {
     /// The gateway's admin socket (`baton goto`, `baton listen`, `baton
     /// gateway-status`). Without it the default path is used if free.
     pub admin: Option<PathBuf>,
+    /// Worker processes sharing the gateway's ports (1 to 64; default 1).
+    /// Each has its own open-files limit, and every session, leg and
+    /// connection to a target takes a descriptor: a gateway that must hold
+    /// more than one process's limit allows runs several. Each client id
+    /// belongs to one worker; `max_sessions` and `virtual_pool` are shared
+    /// out evenly. Needs fixed ports in `listen`.
+    #[serde(default = "defaults::workers")]
+    pub workers: usize,
 }
+
+/// Most worker processes of one gateway.
+pub const MAX_WORKERS: usize = 64;
 
 /// A client service as the gateway knows it.
 #[derive(Debug, Clone, Deserialize)]
@@ -684,6 +695,9 @@ mod defaults {
     pub(super) fn inactivity() -> Duration {
         Duration::from_secs(300)
     }
+    pub(super) fn workers() -> usize {
+        1
+    }
     pub(super) fn max_sessions() -> usize {
         10_000
     }
@@ -786,6 +800,20 @@ impl GatewayConfig {
         }
         if self.max_sessions == 0 {
             return Err(key_error(path, "max_sessions", "must be at least 1"));
+        }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(key_error(
+                path,
+                "workers",
+                format!("must be 1 to {MAX_WORKERS}"),
+            ));
+        }
+        if self.workers > 1 && self.listen.iter().any(|a| a.port() == 0) {
+            return Err(key_error(
+                path,
+                "listen",
+                "port 0 cannot be shared by several workers: give a port",
+            ));
         }
         if self.max_streams_per_session == 0 {
             return Err(key_error(
@@ -1100,6 +1128,25 @@ mod tests {
                       services = []"#)
         .unwrap_err();
         assert_eq!(key_of(e), "clients.c.key");
+    }
+
+    #[test]
+    fn workers_are_bounded_and_need_fixed_ports() {
+        assert_eq!(gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap().workers, 1);
+        let c = gw(r#"listen = ["0.0.0.0:7700"]
+                      workers = 12"#)
+        .unwrap();
+        assert_eq!(c.workers, 12);
+        for bad in ["0", "65"] {
+            let e = gw(&format!("listen = [\"0.0.0.0:7700\"]\nworkers = {bad}")).unwrap_err();
+            assert!(e.to_string().contains("must be 1 to 64"), "{e}");
+            assert_eq!(key_of(e), "workers");
+        }
+        let e = gw(r#"listen = ["127.0.0.1:0"]
+                      workers = 2"#)
+        .unwrap_err();
+        assert!(e.to_string().contains("port 0"), "{e}");
+        assert_eq!(key_of(e), "listen");
     }
 
     #[test]

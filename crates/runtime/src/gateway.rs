@@ -73,13 +73,21 @@ pub struct GatewayStats {
     pub address_losses: AtomicU64,
     /// UDP flows and datagrams.
     pub udp: Arc<crate::udp::UdpStats>,
+    /// Connections passed on to the worker that owns them (`workers`).
+    pub handed_off: AtomicU64,
+    /// Connections other workers passed to this one.
+    pub taken_over: AtomicU64,
+    /// Datagrams passed on to the worker that owns their session.
+    pub datagrams_passed: AtomicU64,
 }
 
 mod host;
 mod multihome;
+mod workers;
 
 pub use host::{HostAddrState, HostAddrStatus};
 pub use multihome::{GatewaySessionStatus, GoToReport};
+pub use workers::WorkerSpec;
 
 /// A running gateway.
 #[derive(Debug, Clone)]
@@ -104,6 +112,23 @@ struct Shared {
     advertised: Mutex<Vec<SocketAddr>>,
     /// The host's addresses from the kernel's interface table (host.rs).
     host: Mutex<host::HostView>,
+    /// The other workers of this gateway, when it has several (workers.rs).
+    handoff: Option<Arc<baton_os::Handoff>>,
+    /// Every UDP socket receiving probes and datagrams, by bound address:
+    /// where a datagram another worker passed on is answered from.
+    udp_sockets: Mutex<HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>>,
+}
+
+impl Shared {
+    /// Whether the ports are shared with other workers (`SO_REUSEPORT`).
+    fn shares_ports(&self) -> bool {
+        self.handoff.is_some()
+    }
+
+    /// Listens on `addr`, sharing the port with the other workers if any.
+    fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        baton_os::listen_shared(addr, self.shares_ports())
+    }
 }
 
 #[derive(Debug)]
@@ -171,9 +196,30 @@ impl Gateway {
         config: GatewayConfig,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
+        Self::start_worker(config, shutdown, None).await
+    }
+
+    /// Starts worker `worker.index` of a gateway made of `worker.count`
+    /// processes (or tasks: tests run several in one process) sharing its
+    /// ports; `None` is a gateway of one. Each worker holds its share of
+    /// `max_sessions` and of `virtual_pool`.
+    pub async fn start_worker(
+        mut config: GatewayConfig,
+        shutdown: CancellationToken,
+        worker: Option<WorkerSpec>,
+    ) -> std::io::Result<Self> {
+        let handoff = match &worker {
+            Some(w) if w.count > 1 => Some(Arc::new(baton_os::Handoff::bind(
+                &w.group, w.index, w.count,
+            )?)),
+            _ => None,
+        };
+        if let Some(h) = &handoff {
+            config.max_sessions = config.max_sessions.div_ceil(h.count());
+        }
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = baton_os::listen(*addr).map_err(|e| {
+            let l = baton_os::listen_shared(*addr, handoff.is_some()).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
             listeners.push(l);
@@ -182,7 +228,8 @@ impl Gateway {
             .iter()
             .map(|l| l.local_addr())
             .collect::<Result<Vec<_>, _>>()?;
-        let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone()));
+        let share = handoff.as_ref().map_or((0, 1), |h| (h.index(), h.count()));
+        let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone(), share));
         let shared = Arc::new(Shared {
             config,
             rng: SystemRandom::new(),
@@ -194,7 +241,12 @@ impl Gateway {
             served: Mutex::new(Vec::new()),
             advertised: Mutex::new(Vec::new()),
             host: Mutex::new(host::HostView::default()),
+            handoff: handoff.clone(),
+            udp_sockets: Mutex::new(HashMap::new()),
         });
+        if let Some(h) = handoff {
+            shared.tasks.spawn(workers::receive(shared.clone(), h));
+        }
         for l in listeners {
             let shared2 = shared.clone();
             let stop = multihome::serving(&shared, l.local_addr()?);
@@ -202,12 +254,14 @@ impl Gateway {
         }
         for addr in &local_addrs {
             // Path probes come over UDP to the same address and port.
-            let udp = bind_udp(*addr, addr.ip().is_unspecified()).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot listen for probes on udp {addr}: {e}"),
-                )
-            })?;
+            let udp = bind_udp(*addr, addr.ip().is_unspecified(), shared.shares_ports()).map_err(
+                |e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen for probes on udp {addr}: {e}"),
+                    )
+                },
+            )?;
             crate::udp::tune(&udp);
             shared.tasks.spawn(answer_probes(
                 shared.clone(),
@@ -290,11 +344,18 @@ impl Gateway {
 /// A UDP socket for probes and datagrams. A wildcard one is bound with
 /// `SO_REUSEADDR`, so that each address it stands for can get a socket of
 /// its own beside it (host.rs), which answers from that address.
-fn bind_udp(addr: SocketAddr, reuse: bool) -> std::io::Result<tokio::net::UdpSocket> {
+fn bind_udp(
+    addr: SocketAddr,
+    reuse: bool,
+    share_port: bool,
+) -> std::io::Result<tokio::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if reuse {
         s.set_reuse_address(true)?;
+    }
+    if share_port {
+        s.set_reuse_port(true)?;
     }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
@@ -315,6 +376,24 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
             },
             _ = stop.cancelled() => return,
         };
+        match &shared.handoff {
+            // Peeking may wait for the client's first frame: not in this loop.
+            Some(h) => {
+                let (shared2, h) = (shared.clone(), h.clone());
+                shared.tasks.spawn(async move {
+                    if let Some(stream) = workers::route(&shared2, &h, stream, peer).await {
+                        spawn_serve(&shared2, stream, peer);
+                    }
+                });
+            }
+            None => spawn_serve(&shared, stream, peer),
+        }
+    }
+}
+
+/// Serves a new connection (control or leg) in a task of its own.
+fn spawn_serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    {
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
             if let Err(e) = serve_connection(&shared2, stream, peer).await {
@@ -343,7 +422,10 @@ async fn answer_probes(
     udp: Arc<tokio::net::UdpSocket>,
     stop: CancellationToken,
 ) {
-    use baton_proto::probe::Probe;
+    let bound = udp.local_addr().ok();
+    if let Some(a) = bound {
+        lock(&shared.udp_sockets).insert(a, udp.clone());
+    }
     let mut buf = vec![0u8; baton_proto::datagram::MAX_DATAGRAM + 1];
     loop {
         let (n, peer) = tokio::select! {
@@ -351,34 +433,70 @@ async fn answer_probes(
                 Ok(x) => x,
                 Err(_) => continue,
             },
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
-        if let Some(sid) = baton_proto::datagram::Header::peek_session(&buf[..n]) {
-            // Bound first: the sessions lock must not be held while the datagram is handled.
-            let session = lock(&shared.sessions).get(&sid).cloned();
-            match session {
-                Some(session) => session.udp.on_datagram(&udp, peer, &buf[..n]),
-                None => {
-                    shared.stats.udp.forged.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            continue;
-        }
-        let Some(sid) = Probe::peek_session(&buf[..n]) else {
-            continue;
-        };
-        let Some(session) = lock(&shared.sessions).get(&sid).cloned() else {
-            continue;
-        };
-        let Some(p) = Probe::open(&buf[..n], &session.leg_key) else {
-            continue;
-        };
-        if p.reply {
-            continue;
-        }
-        let reply = Probe { reply: true, ..p }.seal(&session.leg_key);
-        let _ = udp.send_to(&reply, peer).await;
+        on_udp(&shared, &udp, peer, &buf[..n], false).await;
     }
+    if let Some(a) = bound {
+        let mut sockets = lock(&shared.udp_sockets);
+        if sockets.get(&a).is_some_and(|s| Arc::ptr_eq(s, &udp)) {
+            sockets.remove(&a);
+        }
+    }
+}
+
+/// One datagram that came to `udp` from `peer`; `passed_on`: another worker
+/// received it and passed it here.
+async fn on_udp(
+    shared: &Arc<Shared>,
+    udp: &Arc<tokio::net::UdpSocket>,
+    peer: SocketAddr,
+    data: &[u8],
+    passed_on: bool,
+) {
+    use baton_proto::probe::Probe;
+    let relayed = baton_proto::datagram::Header::peek_session(data);
+    let Some(sid) = relayed.or_else(|| Probe::peek_session(data)) else {
+        return;
+    };
+    if let (Some(h), false) = (&shared.handoff, passed_on) {
+        let owner = workers::owner_of_session(sid, h.count());
+        if owner != h.index() {
+            let local = match udp.local_addr() {
+                Ok(a) => a,
+                Err(_) => return,
+            };
+            if h.try_send_datagram(owner, local, peer, data).is_ok() {
+                shared
+                    .stats
+                    .datagrams_passed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+    // Bound first: the sessions lock must not be held while the datagram is handled.
+    let session = lock(&shared.sessions).get(&sid).cloned();
+    if relayed.is_some() {
+        match session {
+            Some(session) => session.udp.on_datagram(udp, peer, data),
+            None => {
+                shared.stats.udp.forged.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return;
+    }
+    let Some(session) = session else {
+        return;
+    };
+    let Some(p) = Probe::open(data, &session.leg_key) else {
+        return;
+    };
+    if p.reply {
+        return;
+    }
+    let reply = Probe { reply: true, ..p }.seal(&session.leg_key);
+    let _ = udp.send_to(&reply, peer).await;
 }
 
 async fn serve_connection(
@@ -773,7 +891,11 @@ fn new_session_id(shared: &Shared) -> Result<u64, ConnError> {
             .rng
             .fill(&mut b)
             .map_err(|_| baton_proto::CryptoError::Random)?;
-        let id = u64::from_be_bytes(b);
+        let mut id = u64::from_be_bytes(b);
+        if let Some(h) = &shared.handoff {
+            // The id names its worker: legs and datagrams find their way.
+            id = workers::session_id_for(id, h.index(), h.count()).unwrap_or(0);
+        }
         if id != 0 && !lock(&shared.sessions).contains_key(&id) {
             return Ok(id);
         }

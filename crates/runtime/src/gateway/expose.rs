@@ -59,9 +59,14 @@ struct ClientExposure {
 }
 
 impl Exposures {
-    pub(super) fn new(blocks: Vec<AddrBlock>) -> Self {
+    /// `share`: (this worker, workers): a worker hands out only the pool
+    /// positions congruent to its index, so that no two workers give one
+    /// address to two clients.
+    pub(super) fn new(blocks: Vec<AddrBlock>, share: (usize, usize)) -> Self {
+        let mut pool = AddressBook::new(blocks);
+        pool.share = share;
         Self {
-            pool: AddressBook::new(blocks),
+            pool,
             by_client: HashMap::new(),
         }
     }
@@ -87,6 +92,8 @@ pub(super) struct AddressBook {
     active: HashSet<String>,
     /// Clients not holding their address now, longest away first.
     away: VecDeque<String>,
+    /// (this worker, workers): the positions this book may hand out.
+    share: (usize, usize),
 }
 
 impl AddressBook {
@@ -98,6 +105,7 @@ impl AddressBook {
             owner_of: HashMap::new(),
             active: HashSet::new(),
             away: VecDeque::new(),
+            share: (0, 1),
         }
     }
 
@@ -143,7 +151,11 @@ impl AddressBook {
                 i -= b.usable();
             }
             let a = found?;
+            let position = self.next_fresh;
             self.next_fresh += 1;
+            if position % self.share.1 as u64 != self.share.0 as u64 {
+                continue; // Another worker's.
+            }
             // Overlapping blocks may name an address twice.
             if !self.owner_of.contains_key(&a) {
                 return Some(a);
@@ -515,6 +527,34 @@ mod tests {
         assert_eq!(b.assign("c"), Some(ip("10.0.0.2")), "b was away longest");
         assert_eq!(b.assign("b"), Some(ip("10.0.0.1")));
         assert_eq!(b.assign("a"), None);
+    }
+
+    #[test]
+    fn workers_share_the_pool_without_overlap() {
+        let mut w0 = book(&["10.0.0.0/29"]);
+        let mut w1 = book(&["10.0.0.0/29"]);
+        w0.share = (0, 2);
+        w1.share = (1, 2);
+        let a: Vec<_> = ["a", "b", "c", "d"].iter().map(|c| w0.assign(c)).collect();
+        let b: Vec<_> = ["e", "f", "g", "h"].iter().map(|c| w1.assign(c)).collect();
+        assert_eq!(
+            a,
+            vec![
+                Some(ip("10.0.0.1")),
+                Some(ip("10.0.0.3")),
+                Some(ip("10.0.0.5")),
+                None
+            ]
+        );
+        assert_eq!(
+            b,
+            vec![
+                Some(ip("10.0.0.2")),
+                Some(ip("10.0.0.4")),
+                Some(ip("10.0.0.6")),
+                None
+            ]
+        );
     }
 
     #[test]

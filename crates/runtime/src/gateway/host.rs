@@ -258,7 +258,7 @@ pub(super) async fn refresh_sockets(shared: &Arc<Shared>) {
         if lock(&shared.host).probe_sockets.contains_key(&a) {
             continue;
         }
-        match super::bind_udp(a, true) {
+        match super::bind_udp(a, true, shared.shares_ports()) {
             Ok(udp) => {
                 let stop = shared.shutdown.child_token();
                 lock(&shared.host).probe_sockets.insert(a, stop.clone());

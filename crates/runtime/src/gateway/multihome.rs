@@ -241,9 +241,11 @@ impl Gateway {
         if lock(&shared.served).iter().any(|(a, _)| *a == addr) {
             return Err(format!("already listening on {addr}"));
         }
-        let l = baton_os::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = shared
+            .listen(addr)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let bound = l.local_addr().map_err(|e| e.to_string())?;
-        let udp = super::bind_udp(bound, bound.ip().is_unspecified())
+        let udp = super::bind_udp(bound, bound.ip().is_unspecified(), shared.shares_ports())
             .map_err(|e| format!("cannot listen for probes on udp {bound}: {e}"))?;
         let stop = serving(shared, bound);
         shared

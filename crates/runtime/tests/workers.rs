@@ -1,0 +1,291 @@
+//! A gateway made of several workers sharing one port (`workers = N`): here
+//! three `Gateway`s in this process, each with its own hand-off socket, as
+//! the worker processes of `baton gateway` have. The kernel spreads
+//! connections and datagrams over them by address; whatever lands on a
+//! worker that does not own its client must reach the owner, across
+//! switches, with every byte and datagram intact.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_proto::ClientKey;
+use baton_runtime::config::{ClientConfig, GatewayConfig};
+use baton_runtime::gateway::WorkerSpec;
+use baton_runtime::verify::{self, Dir, Mode};
+use baton_runtime::{Client, Gateway};
+use common::*;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// Every test ends within this, whatever goes wrong.
+const LIMIT: Duration = Duration::from_secs(90);
+const WORKERS: usize = 3;
+
+struct Workers {
+    gws: Vec<Gateway>,
+    specs: Vec<WorkerSpec>,
+    addr: SocketAddr,
+}
+
+impl Workers {
+    fn sum(&self, f: impl Fn(&Gateway) -> u64) -> u64 {
+        self.gws.iter().map(f).sum()
+    }
+
+    /// Every client's sessions are in the worker that owns the client.
+    fn sessions_where_they_belong(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        for (gw, spec) in self.gws.iter().zip(&self.specs) {
+            for c in gw.session_clients() {
+                assert!(
+                    spec.owns_client(&c),
+                    "{c}'s session is in worker {}",
+                    spec.index
+                );
+                all.push(c);
+            }
+        }
+        all.sort();
+        all
+    }
+}
+
+/// Starts `WORKERS` workers of one gateway with configuration `body`
+/// (everything but `listen`); worker 0 picks the port, the others share it.
+async fn workers(body: &str, shutdown: &CancellationToken) -> Workers {
+    static GROUP: AtomicUsize = AtomicUsize::new(0);
+    let group = format!(
+        "test-{}-{}",
+        std::process::id(),
+        GROUP.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut gws = Vec::new();
+    let mut specs = Vec::new();
+    let mut listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    for index in 0..WORKERS {
+        let cfg = GatewayConfig::from_toml(
+            Path::new("workers-gateway.toml"),
+            &format!("listen = [\"{listen}\"]\n{body}"),
+        )
+        .unwrap();
+        let spec = WorkerSpec {
+            index,
+            count: WORKERS,
+            group: group.clone(),
+        };
+        let gw = Gateway::start_worker(cfg, shutdown.clone(), Some(spec.clone()))
+            .await
+            .unwrap();
+        listen = gw.local_addrs()[0];
+        gws.push(gw);
+        specs.push(spec);
+    }
+    Workers {
+        gws,
+        specs,
+        addr: listen,
+    }
+}
+
+fn clients_section(keys: &[(String, ClientKey)], services: &str) -> String {
+    keys.iter()
+        .map(|(id, k)| {
+            format!(
+                "[clients.{id}]\nkey = \"{}\"\nservices = [{services}]\n",
+                k.public()
+            )
+        })
+        .collect()
+}
+
+/// A client agent with interfaces `a` (127.0.0.2, preferred) and `b`
+/// (127.0.0.3) and the given services.
+async fn agent(
+    id: &str,
+    key: &ClientKey,
+    gw: SocketAddr,
+    services: &str,
+    shutdown: &CancellationToken,
+) -> Client {
+    let toml = format!(
+        "id = \"{id}\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{gw}\"]\n{services}"
+    );
+    let cfg = ClientConfig::from_toml(Path::new("workers-client.toml"), &toml).unwrap();
+    let c = Client::start(cfg, key.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn streams_of_many_clients_cross_switches_on_three_workers() {
+    tokio::time::timeout(LIMIT, async {
+        const CLIENTS: usize = 6;
+        const STREAMS: u64 = 3;
+        const BYTES: u64 = 2 << 20;
+        let shutdown = CancellationToken::new();
+        let (server, mut reports) = verify_server().await;
+        let keys: Vec<_> = (0..CLIENTS).map(|i| (format!("m{i}"), key())).collect();
+        let w = workers(
+            &format!(
+                "[services.data]\ntarget = \"{server}\"\n{}",
+                clients_section(&keys, "\"data\"")
+            ),
+            &shutdown,
+        )
+        .await;
+        let mut agents = Vec::new();
+        for (id, k) in &keys {
+            agents.push(agent(id, k, w.addr, &service("data"), &shutdown).await);
+        }
+        let mut exchanges = Vec::new();
+        for (i, c) in agents.iter().enumerate() {
+            for s in 0..STREAMS {
+                let addr = c.service_addr("data").unwrap();
+                let seed = (i as u64) * 100 + s;
+                exchanges.push(tokio::spawn(async move {
+                    let conn = TcpStream::connect(addr).await.unwrap();
+                    verify::exchange_paced(conn, seed, BYTES, BYTES, Mode::Concurrent, 2 << 20)
+                        .await
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A planned switch of every agent, then a sudden one back.
+        for c in &agents {
+            c.switch("b").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for c in &agents {
+            c.set_path_up("b", false).unwrap();
+        }
+        for c in &agents {
+            assert!(eventually(Duration::from_secs(10), || c.switches().len() >= 2).await);
+            assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
+        }
+        for e in exchanges {
+            let down = e.await.unwrap().expect("no reset, no error");
+            assert!(down.is_exact(Dir::Down), "{down:?}");
+        }
+        for _ in 0..CLIENTS as u64 * STREAMS {
+            let up = reports.recv().await.unwrap().unwrap();
+            assert!(up.is_exact(Dir::Up), "{up:?}");
+        }
+        let expected: Vec<_> = keys.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            w.sessions_where_they_belong(),
+            expected,
+            "one session per client"
+        );
+        let handed = w.sum(|g| g.stats().handed_off.load(Ordering::Relaxed));
+        assert!(
+            handed > 0,
+            "some connections landed on a worker that passed them on"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                w.sum(|g| g.stats().taken_over.load(Ordering::Relaxed)) == handed
+            })
+            .await,
+            "every connection passed on was taken over"
+        );
+        assert!(w.sum(|g| g.stats().sessions_resumed.load(Ordering::Relaxed)) >= CLIENTS as u64);
+        shutdown.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn datagrams_reach_the_worker_of_their_session() {
+    tokio::time::timeout(LIMIT, async {
+        const CLIENTS: usize = 8;
+        const DATAGRAMS: u64 = 40;
+        let shutdown = CancellationToken::new();
+        // The target echoes every datagram.
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        let keys: Vec<_> = (0..CLIENTS).map(|i| (format!("u{i}"), key())).collect();
+        let w = workers(
+            &format!(
+                "[services.dgram]\ntarget = \"{target}\"\nprotocol = \"udp\"\n{}",
+                clients_section(&keys, "\"dgram\"")
+            ),
+            &shutdown,
+        )
+        .await;
+        let svc =
+            "[services.dgram]\ngateway = \"gw\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n";
+        let mut agents = Vec::new();
+        for (id, k) in &keys {
+            agents.push(Arc::new(agent(id, k, w.addr, svc, &shutdown).await));
+        }
+        let mut tasks = Vec::new();
+        for (i, c) in agents.iter().enumerate() {
+            let service = c.service_addr("dgram").unwrap();
+            tasks.push(tokio::spawn(async move {
+                let app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let mut got = BTreeSet::new();
+                let mut buf = vec![0u8; 2048];
+                // Resend what has not come back: the first datagrams wait
+                // for the flow to open, and the hold bound may drop some.
+                for _round in 0..50 {
+                    for n in 0..DATAGRAMS {
+                        if !got.contains(&n) {
+                            let d = format!("client {i} datagram {n}");
+                            app.send_to(d.as_bytes(), service).await.unwrap();
+                        }
+                    }
+                    while let Ok(Ok((len, _))) =
+                        tokio::time::timeout(Duration::from_millis(100), app.recv_from(&mut buf))
+                            .await
+                    {
+                        let text = std::str::from_utf8(&buf[..len]).unwrap().to_owned();
+                        let n: u64 = text
+                            .strip_prefix(&format!("client {i} datagram "))
+                            .unwrap_or_else(|| panic!("client {i} got {text:?}"))
+                            .parse()
+                            .unwrap();
+                        got.insert(n);
+                    }
+                    if got.len() as u64 == DATAGRAMS {
+                        break;
+                    }
+                }
+                got.len() as u64
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), DATAGRAMS, "every datagram echoed back");
+        }
+        let expected: Vec<_> = keys.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(w.sessions_where_they_belong(), expected);
+        let flows: usize = w.gws.iter().map(|g| g.udp_flows().len()).sum();
+        assert_eq!(
+            flows, CLIENTS,
+            "one flow per client, in its session's worker"
+        );
+        assert!(
+            w.sum(|g| g.stats().datagrams_passed.load(Ordering::Relaxed)) > 0,
+            "some datagrams or probes landed on a worker that passed them on"
+        );
+        shutdown.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
