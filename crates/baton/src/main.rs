@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 mod demo;
 mod status;
+mod workers;
 
 /// Exit code for a configuration that cannot be used (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
@@ -198,7 +199,7 @@ fn init_logging(demo: bool) {
         .init();
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -214,14 +215,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             if check {
                 println!(
-                    "{}: ok ({} services, {} clients)",
+                    "{}: ok ({} services, {} clients{})",
                     config.display(),
                     cfg.services.len(),
-                    cfg.clients.len()
+                    cfg.clients.len(),
+                    if cfg.workers > 1 {
+                        format!(", {} workers", cfg.workers)
+                    } else {
+                        String::new()
+                    }
                 );
                 return Ok(ExitCode::SUCCESS);
             }
             open_files_limit();
+            if let Ok(spec) = std::env::var(workers::WORKER_ENV) {
+                return workers::work(&spec, cfg);
+            }
+            if cfg.workers > 1 {
+                return workers::supervise(&config, &cfg);
+            }
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
@@ -516,7 +528,7 @@ fn keygen(id: &str, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

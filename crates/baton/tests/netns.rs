@@ -520,3 +520,48 @@ async fn connectivity_box_serves_a_lan_host_across_switches() {
     .await
     .expect("scenario within its time limit");
 }
+
+/// h. A gateway of three worker processes (`workers = 3`): whichever worker the kernel
+/// hands the agent's connections to, they reach the worker that holds its session, across a
+/// planned switch and a link going down; `baton gateway-status` answers for all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_of_three_workers_keeps_the_session_across_switches() {
+    tokio::time::timeout(LIMIT, async {
+        let opts = Options {
+            gateway: "workers = 3",
+            ..Options::default()
+        };
+        let mut rig = Rig::start("workers", opts).await;
+        let app = rig.start_exchange(18, 6 * MIB, 2 * MIB);
+        rig.wait_received(MIB).await;
+        let line = rig.switch("lte");
+        assert!(line.starts_with("gw: wlan → lte"), "{line}");
+        rig.wait_received(3 * MIB).await;
+        rig.bed.link_down(Link::Lte).unwrap();
+        rig.wait_status(Duration::from_secs(15), "back on wlan", |st| {
+            st["current_interface"] == "wlan" && st["sessions"][0]["state"] == "up"
+        })
+        .await;
+        rig.finish_exchange(app, Duration::from_secs(30)).await;
+
+        let gs = rig.gateway_status();
+        assert_eq!(gs["workers"], 3, "{gs}");
+        let sessions = gs["sessions"].as_array().unwrap();
+        assert_eq!(
+            sessions.len(),
+            1,
+            "one session over the three workers: {gs}"
+        );
+        assert_eq!(sessions[0]["client"], "m", "{gs}");
+        assert!(
+            gs["stats"]["sessions_resumed"].as_u64().unwrap() >= 1,
+            "{gs}"
+        );
+        let sw = rig.switches();
+        assert_eq!(sw.len(), 2, "{sw:?}");
+        assert_record(&sw[0], "planned", "wlan", &["lte"]);
+        assert_record(&sw[1], "unexpected", "lte", &["wlan"]);
+    })
+    .await
+    .expect("scenario within its time limit");
+}

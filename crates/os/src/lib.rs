@@ -74,6 +74,31 @@ pub fn listen_shared(addr: SocketAddr, share_port: bool) -> io::Result<TcpListen
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Has the kernel send this process `SIGTERM` when its parent exits, and
+/// fails if the parent is no longer `parent` (it exited before the request
+/// was made): a gateway's worker must not outlive its supervisor.
+pub fn die_with_parent(parent: u32) -> io::Result<()> {
+    use nix::sys::signal::Signal;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from)?;
+    let now = nix::unistd::getppid().as_raw();
+    if u32::try_from(now).ok() != Some(parent) {
+        return Err(io::Error::other(format!(
+            "the supervisor (pid {parent}) is gone"
+        )));
+    }
+    Ok(())
+}
+
+/// Sends `SIGTERM` to process `pid`.
+pub fn terminate(pid: u32) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::other("no such pid"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Closes `stream` with a reset.
 pub fn reset(stream: TcpStream) {
     // Best effort: if the option cannot be set the close is a FIN, which is

@@ -87,7 +87,7 @@ mod workers;
 
 pub use host::{HostAddrState, HostAddrStatus};
 pub use multihome::{GatewaySessionStatus, GoToReport};
-pub use workers::WorkerSpec;
+pub use workers::{owner_of_client, WorkerSpec};
 
 /// A running gateway.
 #[derive(Debug, Clone)]

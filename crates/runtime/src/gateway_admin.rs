@@ -74,6 +74,9 @@ pub fn status(gw: &Gateway) -> Value {
             "roams": st.roams.load(Ordering::Relaxed),
             "gotos": st.gotos.load(Ordering::Relaxed),
             "address_losses": st.address_losses.load(Ordering::Relaxed),
+            "handed_off": st.handed_off.load(Ordering::Relaxed),
+            "taken_over": st.taken_over.load(Ordering::Relaxed),
+            "datagrams_passed": st.datagrams_passed.load(Ordering::Relaxed),
         },
     })
 }
@@ -142,4 +145,99 @@ impl crate::admin::Api for Gateway {
 /// Sends one request to the gateway's admin socket at `path`.
 pub async fn request(path: &Path, req: &Request) -> std::io::Result<Value> {
     crate::admin::ask(path, req, "the gateway", "baton gateway").await
+}
+
+/// The admin socket of worker `index` of a gateway whose admin socket is
+/// `base`: `BASE.wINDEX`.
+pub fn worker_socket(base: &Path, index: usize) -> PathBuf {
+    let mut s = base.as_os_str().to_owned();
+    s.push(format!(".w{index}"));
+    PathBuf::from(s)
+}
+
+/// The admin API of a gateway made of workers (`workers = N`), served by
+/// its supervisor: each request goes to the workers' own sockets and their
+/// answers are merged, so that the commands work as with one process.
+#[derive(Debug, Clone)]
+struct Workers {
+    sockets: std::sync::Arc<Vec<PathBuf>>,
+}
+
+/// Serves the supervisor's admin API on `path` for `count` workers until
+/// `shutdown`.
+pub async fn serve_workers(
+    path: PathBuf,
+    count: usize,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = crate::admin::bind_socket(&path, "gateway").await?;
+    info!(socket = %path.display(), workers = count, "gateway admin API listening");
+    let api = Workers {
+        sockets: std::sync::Arc::new((0..count).map(|i| worker_socket(&path, i)).collect()),
+    };
+    crate::admin::serve_api(listener, api, &path, shutdown).await
+}
+
+impl crate::admin::Api for Workers {
+    async fn reply(&self, line: &str) -> Value {
+        let req: Request = match serde_json::from_str(line) {
+            Ok(r) => r,
+            Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        if let Request::Goto { client, .. } = &req {
+            // Only the client's worker holds its sessions.
+            let owner = crate::gateway::owner_of_client(client, self.sockets.len());
+            return match request(&self.sockets[owner], &req).await {
+                Ok(v) => v,
+                Err(e) => json!({"ok": false, "error": format!("worker {owner}: {e}")}),
+            };
+        }
+        let answers =
+            futures_util::future::join_all(self.sockets.iter().map(|p| request(p, &req))).await;
+        merge(&req, answers)
+    }
+}
+
+/// One answer from the workers' answers to the same request. A worker that
+/// cannot be reached or refuses makes it an error: a partial status or a
+/// change made by some workers only would mislead.
+fn merge(req: &Request, answers: Vec<std::io::Result<Value>>) -> Value {
+    let mut oks = Vec::with_capacity(answers.len());
+    for (i, a) in answers.into_iter().enumerate() {
+        match a {
+            Ok(v) if v["ok"] == json!(true) => oks.push(v),
+            Ok(v) => {
+                let e = v["error"].as_str().unwrap_or("failed");
+                return json!({"ok": false, "error": format!("worker {i}: {e}")});
+            }
+            Err(e) => return json!({"ok": false, "error": format!("worker {i}: {e}")}),
+        }
+    }
+    let Some(mut out) = oks.first().cloned() else {
+        return json!({"ok": false, "error": "no worker"});
+    };
+    let concat = |key: &str| -> Value {
+        Value::Array(
+            oks.iter()
+                .flat_map(|v| v[key].as_array().cloned().unwrap_or_default())
+                .collect(),
+        )
+    };
+    match req {
+        Request::Status => {
+            out["sessions"] = concat("sessions");
+            if let Some(stats) = out["stats"].as_object_mut() {
+                for (k, total) in stats.iter_mut() {
+                    *total = json!(oks
+                        .iter()
+                        .filter_map(|v| v["stats"][k].as_u64())
+                        .sum::<u64>());
+                }
+            }
+            out["workers"] = json!(oks.len());
+        }
+        Request::ListenRemove { .. } | Request::Goto { .. } => out["moves"] = concat("moves"),
+        Request::ListenAdd { .. } => {}
+    }
+    out
 }

@@ -72,7 +72,7 @@ impl std::fmt::Display for WorkerSpec {
 
 /// The worker a client id belongs to. FNV-1a: stable across processes and
 /// builds, unlike the standard library's randomly keyed hasher.
-pub(super) fn owner_of_client(client_id: &str, count: usize) -> usize {
+pub fn owner_of_client(client_id: &str, count: usize) -> usize {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     h.write(client_id.as_bytes());
     (h.finish() % count as u64) as usize
