@@ -390,6 +390,14 @@ pub(crate) fn render_gateway(st: &Value) -> String {
         s(&st["stats"]["gotos"]),
         s(&st["stats"]["address_losses"])
     );
+    if let Some(n) = st["workers"].as_u64() {
+        let _ = writeln!(
+            out,
+            "workers: {n}   connections passed on: {}   datagrams passed on: {}",
+            s(&st["stats"]["handed_off"]),
+            s(&st["stats"]["datagrams_passed"])
+        );
+    }
     if let Some(host) = st["host_addresses"].as_array() {
         let each: Vec<String> = host
             .iter()
