@@ -417,8 +417,8 @@ pub struct GatewayConfig {
     /// Each has its own open-files limit, and every session, leg and
     /// connection to a target takes a descriptor: a gateway that must hold
     /// more than one process's limit allows runs several. Each client id
-    /// belongs to one worker; `max_sessions` and `virtual_pool` are shared
-    /// out evenly. Needs fixed ports in `listen`.
+    /// belongs to one worker; `virtual_pool` is shared out evenly, and
+    /// `max_sessions` with a margin for clients hashing unevenly. Needs fixed ports in `listen`.
     #[serde(default = "defaults::workers")]
     pub workers: usize,
 }

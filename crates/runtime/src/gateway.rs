@@ -215,7 +215,7 @@ impl Gateway {
             _ => None,
         };
         if let Some(h) = &handoff {
-            config.max_sessions = config.max_sessions.div_ceil(h.count());
+            config.max_sessions = workers::share_of_sessions(config.max_sessions, h.count());
         }
         let mut listeners = Vec::new();
         for addr in &config.listen {
