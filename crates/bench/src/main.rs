@@ -67,6 +67,9 @@ enum Cmd {
     /// One gateway with many sessions and idle streams: memory, accept times, and a storm
     /// of clients switching at once.
     Scale(scale::Options),
+    /// One of the scale benchmark's load-generator processes (started by `scale`).
+    #[command(hide = true)]
+    ScalePart(scale::part::PartOptions),
     /// The scale benchmark's targets: accept, hold and echo connections (started by `scale`).
     #[command(hide = true)]
     Hold {
@@ -81,6 +84,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Handover(opts) => handover::run(&opts),
         Cmd::Scale(opts) => scale::run(&opts),
+        Cmd::ScalePart(opts) => scale::part::run(&opts),
         Cmd::Hold { listen } => scale::hold(&listen),
         Cmd::Echo { listen } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
