@@ -476,7 +476,7 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
         .stderr(log);
     let mut gw = ChildGuard::spawn(&mut gw_cmd).context("starting baton gateway")?;
     let gw_pid = gw.id();
-    wait_listening(gateway, &mut gw, "baton gateway").await?;
+    wait_gateway(gateway, &mut gw, &dir.join("gateway.log")).await?;
     wait_workers(gw_pid, plan.workers).await;
     let gw_limit = nofile_limits(Path::new(&format!("/proc/{gw_pid}/limits")))?.0;
 
@@ -512,7 +512,7 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     );
     settle().await;
     report.rss_sessions = rss_kib(gw_pid)?;
-    check_alive(&mut gw, "baton gateway")?;
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
 
     // 2. Streams.
     eprintln!("[scale] opening {} idle streams", plan.streams);
@@ -531,7 +531,7 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     report.rss_streams = rss_kib(gw_pid)?;
     report.fds_streams = count_fds(gw_pid);
     report.gw_procs = gateway_pids(gw_pid).len();
-    check_alive(&mut gw, "baton gateway")?;
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
 
     // 3. Idle.
     eprintln!("[scale] idle for {} s", opts.idle);
@@ -564,7 +564,7 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
         storm.cpu = cpu_seconds(gw_pid)? - cpu0;
         report.storms.push(storm);
         settle().await;
-        check_alive(&mut gw, "baton gateway")?;
+        gateway_alive(&mut gw, &dir.join("gateway.log"))?;
     }
     report.rss_storm = rss_kib(gw_pid)?;
 
@@ -589,7 +589,7 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     report.gateway_warnings = std::fs::read_to_string(dir.join("gateway.log"))
         .map(|s| s.lines().count())
         .unwrap_or(0);
-    check_alive(&mut gw, "baton gateway")?;
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
     for (h, (child, _)) in holds.iter_mut().enumerate() {
         check_alive(child, &format!("hold process {h}"))?;
     }
@@ -741,17 +741,28 @@ fn check_alive(child: &mut ChildGuard, what: &str) -> Result<()> {
     Ok(())
 }
 
-async fn wait_listening(addr: SocketAddr, child: &mut ChildGuard, what: &str) -> Result<()> {
+/// Like [`check_alive`], with the end of the gateway's log (the run's folder is removed).
+fn gateway_alive(gw: &mut ChildGuard, log: &Path) -> Result<()> {
+    if let Err(e) = check_alive(gw, "baton gateway") {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+        bail!("{e:#}; the end of its log:\n{tail}");
+    }
+    Ok(())
+}
+
+async fn wait_gateway(addr: SocketAddr, gw: &mut ChildGuard, log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // A connection that sends nothing: the gateway drops it after its handshake timeout.
         if TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
-        check_alive(child, what)?;
+        gateway_alive(gw, log)?;
         ensure!(
             Instant::now() < deadline,
-            "{what} did not listen on {addr} within 20 s"
+            "baton gateway did not listen on {addr} within 20 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1055,8 +1066,8 @@ impl Report {
         };
         writeln!(
             out,
-            "- processes, all on the same cores: `baton gateway` ({workers}; {} gateway processes seen), \
-             {} load-generator processes (client i in process i mod {}), {} target processes sharing the \
+            "- processes, all on the same cores: `baton gateway` ({workers}; {} gateway process(es) seen), \
+             {} load-generator process(es) (client i in process i mod {}), {} target process(es) sharing the \
              target addresses (SO_REUSEPORT); {} handshakes or legs in flight at most while opening",
             self.gw_procs, p.parts, p.parts, p.holds, opts.concurrency
         )?;
@@ -1404,8 +1415,15 @@ mod tests {
         assert_eq!(cpu_ticks(stat), Some(180));
         assert_eq!(cpu_ticks("4242 (baton"), None);
         let me = std::process::id();
-        assert_eq!(gateway_pids(me)[0], me);
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pids = gateway_pids(me);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pids[0], me);
+        assert!(pids.contains(&child.id()), "{pids:?}");
         assert!(rss_kib(me).unwrap() > 0);
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        assert!(count_fds(me) >= 3);
     }
 
     #[test]
