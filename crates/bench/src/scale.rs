@@ -823,6 +823,10 @@ fn write_gateway_config(
     if plan.workers > 1 {
         writeln!(s, "workers = {}", plan.workers)?;
     }
+    // The default (10,000) would refuse streams of runs with few sessions.
+    if plan.streams_of(0) >= 10_000 {
+        writeln!(s, "max_streams_per_session = {}", plan.streams_of(0) + 1)?;
+    }
     writeln!(s)?;
     let services: Vec<String> = (0..targets).map(|k| format!("t{k}")).collect();
     for (k, name) in services.iter().enumerate() {
