@@ -304,48 +304,64 @@ impl Plan {
             ),
         );
 
+        // Process counts given: what they hold caps the streams.
+        if let Some(parts) = opts.parts {
+            if part_load(sessions, streams, parts) > budget {
+                // The largest stream count whose busiest part fits (the load grows with it).
+                let (mut lo, mut hi) = (0, streams);
+                while lo < hi {
+                    let mid = (lo + hi).div_ceil(2);
+                    if part_load(sessions, mid, parts) <= budget {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                cap(
+                    &mut streams,
+                    lo,
+                    format!("{parts} load-generator processes hold at most {budget} sessions and streams each"),
+                );
+            }
+        }
+        if let Some(holds) = opts.holds {
+            cap(
+                &mut streams,
+                (holds as f64 * budget as f64 / HOLD_SLACK) as usize,
+                format!("{holds} target processes hold at most {budget} connections each"),
+            );
+        }
+        if let Some(workers) = opts.workers {
+            cap(
+                &mut streams,
+                (workers * budget).saturating_sub(sessions) / 2,
+                format!(
+                    "{workers} gateway processes hold at most {budget} descriptors each (one per session, two per stream)"
+                ),
+            );
+        }
+
+        // The others: as many as what is left needs.
         let parts = opts.parts.unwrap_or_else(|| {
             (1..=sessions)
                 .find(|&p| part_load(sessions, streams, p) <= budget)
                 .unwrap_or(sessions)
         });
         if part_load(sessions, streams, parts) > budget {
-            // The largest stream count whose busiest part fits (the load grows with it).
-            let (mut lo, mut hi) = (0, streams);
-            while lo < hi {
-                let mid = (lo + hi).div_ceil(2);
-                if part_load(sessions, mid, parts) <= budget {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
-                }
-            }
+            // Only when a single session has more streams than a process may hold.
+            let most = sessions * budget.saturating_sub(1);
             cap(
                 &mut streams,
-                lo,
-                format!("{parts} load-generator processes hold at most {budget} sessions and streams each"),
+                most,
+                format!("a session's streams must fit in one load-generator process ({budget} descriptors)"),
             );
         }
-
         let holds = opts.holds.unwrap_or_else(|| {
             ((streams as f64 * HOLD_SLACK / budget as f64).ceil() as usize).max(1)
         });
-        cap(
-            &mut streams,
-            (holds as f64 * budget as f64 / HOLD_SLACK) as usize,
-            format!("{holds} target processes hold at most {budget} connections each"),
-        );
-
         let workers = opts
             .workers
             .unwrap_or_else(|| (sessions + 2 * streams).div_ceil(budget).max(1));
-        cap(
-            &mut streams,
-            (workers * budget).saturating_sub(sessions) / 2,
-            format!(
-                "{workers} gateway processes hold at most {budget} descriptors each (one per session, two per stream)"
-            ),
-        );
 
         Plan {
             sessions,
@@ -1336,6 +1352,9 @@ mod tests {
         assert_eq!(p.capped.len(), 2, "{:?}", p.capped);
         let p = fit(&[&one[..], &["--sessions", "1000"]].concat(), &HERE);
         assert_eq!((p.sessions, p.streams), (1_000, 8_750));
+        // Only the gateway fixed: the others are sized for what it holds.
+        let p = fit(&["--workers", "1"], &HERE);
+        assert_eq!((p.streams, p.parts, p.holds, p.workers), (4_250, 1, 1, 1));
         // A part's limit: 18,500 - 1,000 sessions.
         let p = fit(&["--sessions", "1000", "--parts", "1"], &HERE);
         assert_eq!((p.streams, p.workers), (17_500, 2));
@@ -1357,6 +1376,9 @@ mod tests {
         // (215,000 - 15,000 - 2 × 10,000) / 4.
         assert_eq!(p.streams, 45_000);
         assert!(p.capped[0].contains("file-max"), "{:?}", p.capped);
+        // A session's streams cannot be split over processes.
+        let p = fit(&["--sessions", "1", "--streams", "30000"], &HERE);
+        assert_eq!((p.streams, p.parts, p.workers), (18_499, 1, 2));
     }
 
     #[test]
