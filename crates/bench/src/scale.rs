@@ -259,103 +259,90 @@ impl Plan {
     fn fit(opts: &Options, limits: &Limits) -> Plan {
         let budget = limits.nofile.saturating_sub(FD_MARGIN).max(1);
         let mut capped = Vec::new();
-        let mut cap = |n: &mut usize, max: usize, why: String| {
-            if *n > max {
-                *n = max;
-                capped.push(why);
+        // The smallest of the limits; the reasons of those that bind.
+        let mut least = |asked: usize, limits: Vec<(usize, String)>| {
+            let n = limits.iter().map(|l| l.0).fold(asked, usize::min);
+            if n < asked {
+                capped.extend(limits.into_iter().filter(|l| l.0 == n).map(|l| l.1));
             }
+            n
         };
 
-        let mut sessions = opts.sessions;
+        let mut session_limits = Vec::new();
         if let Some(p) = opts.parts {
-            cap(
-                &mut sessions,
+            session_limits.push((
                 p * budget,
                 format!("{p} load-generator processes hold at most {budget} sessions each"),
-            );
+            ));
         }
         if let Some(n) = opts.workers {
-            cap(
-                &mut sessions,
+            session_limits.push((
                 n * budget,
                 format!("{n} gateway processes hold at most {budget} sessions each"),
-            );
+            ));
         }
+        let sessions = least(opts.sessions, session_limits);
 
-        let mut streams = opts.streams;
         let ports = limits.ports_per_target.saturating_sub(PORT_MARGIN);
-        cap(
-            &mut streams,
-            usize::from(opts.targets) * ports,
-            format!(
-                "the gateway's connections to {} target addresses have ~{ports} source ports each (--targets)",
-                opts.targets
-            ),
-        );
         // Every process of the run together: 2 per session (both ends) and 4 per stream
         // (both ends of the leg and of the target connection).
         let files = limits.files_free.saturating_sub(10 * FD_MARGIN);
-        cap(
-            &mut streams,
-            files.saturating_sub(2 * sessions) / 4,
-            format!(
-                "the system can open {} more files (fs.file-max)",
-                limits.files_free
+        let mut stream_limits = vec![
+            (
+                usize::from(opts.targets) * ports,
+                format!(
+                    "the gateway's connections to {} target addresses have ~{ports} source ports each (--targets)",
+                    opts.targets
+                ),
             ),
-        );
-
-        // Process counts given: what they hold caps the streams.
+            (
+                files.saturating_sub(2 * sessions) / 4,
+                format!("the system can open {} more files (fs.file-max)", limits.files_free),
+            ),
+            (
+                sessions * budget.saturating_sub(1),
+                format!("a session's streams must fit in one load-generator process ({budget} descriptors)"),
+            ),
+        ];
+        // Process counts given: what they hold.
         if let Some(parts) = opts.parts {
-            if part_load(sessions, streams, parts) > budget {
-                // The largest stream count whose busiest part fits (the load grows with it).
-                let (mut lo, mut hi) = (0, streams);
-                while lo < hi {
-                    let mid = (lo + hi).div_ceil(2);
-                    if part_load(sessions, mid, parts) <= budget {
-                        lo = mid;
-                    } else {
-                        hi = mid - 1;
-                    }
+            // The largest stream count whose busiest part fits (the load grows with it).
+            let (mut lo, mut hi) = (0, opts.streams);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if part_load(sessions, mid, parts) <= budget {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
                 }
-                cap(
-                    &mut streams,
-                    lo,
-                    format!("{parts} load-generator processes hold at most {budget} sessions and streams each"),
-                );
             }
+            stream_limits.push((
+                lo,
+                format!("{parts} load-generator processes hold at most {budget} sessions and streams each"),
+            ));
         }
         if let Some(holds) = opts.holds {
-            cap(
-                &mut streams,
+            stream_limits.push((
                 (holds as f64 * budget as f64 / HOLD_SLACK) as usize,
                 format!("{holds} target processes hold at most {budget} connections each"),
-            );
+            ));
         }
         if let Some(workers) = opts.workers {
-            cap(
-                &mut streams,
+            stream_limits.push((
                 (workers * budget).saturating_sub(sessions) / 2,
                 format!(
                     "{workers} gateway processes hold at most {budget} descriptors each (one per session, two per stream)"
                 ),
-            );
+            ));
         }
+        let streams = least(opts.streams, stream_limits);
 
-        // The others: as many as what is left needs.
+        // The other counts: as many as the run needs.
         let parts = opts.parts.unwrap_or_else(|| {
             (1..=sessions)
                 .find(|&p| part_load(sessions, streams, p) <= budget)
                 .unwrap_or(sessions)
         });
-        if part_load(sessions, streams, parts) > budget {
-            // Only when a single session has more streams than a process may hold.
-            let most = sessions * budget.saturating_sub(1);
-            cap(
-                &mut streams,
-                most,
-                format!("a session's streams must fit in one load-generator process ({budget} descriptors)"),
-            );
-        }
         let holds = opts.holds.unwrap_or_else(|| {
             ((streams as f64 * HOLD_SLACK / budget as f64).ceil() as usize).max(1)
         });
@@ -1349,7 +1336,12 @@ mod tests {
         let one = ["--parts", "1", "--holds", "1", "--workers", "1"];
         let p = fit(&one, &HERE);
         assert_eq!((p.sessions, p.streams, p.storm), (10_000, 4_250, 1_000));
-        assert_eq!(p.capped.len(), 2, "{:?}", p.capped);
+        assert_eq!(p.capped.len(), 1, "{:?}", p.capped);
+        assert!(
+            p.capped[0].starts_with("1 gateway processes"),
+            "{:?}",
+            p.capped
+        );
         let p = fit(&[&one[..], &["--sessions", "1000"]].concat(), &HERE);
         assert_eq!((p.sessions, p.streams), (1_000, 8_750));
         // Only the gateway fixed: the others are sized for what it holds.
