@@ -8,7 +8,8 @@
 //!   network-namespace bed (see `handover.rs` and bench/README.md).
 //! * `baton-bench scale` measures how many sessions and idle streams one gateway
 //!   holds, their memory, how fast they are accepted and how fast a storm of
-//!   switching clients is absorbed (see `scale.rs`).
+//!   switching clients is absorbed (see `scale.rs`). It starts its own load-generator
+//!   processes (`scale-part`) and targets (`hold`), hidden subcommands.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
