@@ -750,7 +750,13 @@ fn gateway_alive(gw: &mut ChildGuard, log: &Path) -> Result<()> {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-        bail!("{e:#}; the end of its log:\n{tail}");
+        let hint = if text.contains("unknown field `workers`") {
+            "\n(this gateway has no worker processes: --workers 1, or WORKERS=1 for scale.sh, runs \
+             one gateway process and caps the streams to what it holds)"
+        } else {
+            ""
+        };
+        bail!("{e:#}; the end of its log:\n{tail}{hint}");
     }
     Ok(())
 }
