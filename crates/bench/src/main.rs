@@ -8,7 +8,8 @@
 //!   network-namespace bed (see `handover.rs` and bench/README.md).
 //! * `baton-bench scale` measures how many sessions and idle streams one gateway
 //!   holds, their memory, how fast they are accepted and how fast a storm of
-//!   switching clients is absorbed (see `scale.rs`).
+//!   switching clients is absorbed (see `scale.rs`). It starts its own load-generator
+//!   processes (`scale-part`) and targets (`hold`), hidden subcommands.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -67,6 +68,9 @@ enum Cmd {
     /// One gateway with many sessions and idle streams: memory, accept times, and a storm
     /// of clients switching at once.
     Scale(scale::Options),
+    /// One of the scale benchmark's load-generator processes (started by `scale`).
+    #[command(hide = true)]
+    ScalePart(scale::part::PartOptions),
     /// The scale benchmark's targets: accept, hold and echo connections (started by `scale`).
     #[command(hide = true)]
     Hold {
@@ -81,6 +85,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Handover(opts) => handover::run(&opts),
         Cmd::Scale(opts) => scale::run(&opts),
+        Cmd::ScalePart(opts) => scale::part::run(&opts),
         Cmd::Hold { listen } => scale::hold(&listen),
         Cmd::Echo { listen } => {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,13 +2,24 @@
 //! costs in memory, how fast they are accepted, and how fast a storm of clients switching
 //! at once is absorbed.
 //!
-//! One real `baton gateway` process is started with a generated configuration (one key per
-//! client), and a `baton-bench hold` process stands in for the services (it accepts every
-//! connection, holds it and echoes what arrives). This process is the load generator: it
-//! speaks the protocol directly with `baton-proto` (handshake, leg preamble) instead of
-//! running thousands of full client agents, so that what is measured is the gateway.
-//! Everything runs on loopback: each client has its own source address in 127.1.0.0/16 (and
-//! moves to 127.2.0.0/16 in the storm), the targets listen on 127.0.3.x.
+//! One real `baton gateway` is started with a generated configuration (one key per client);
+//! `baton-bench hold` processes stand in for the services (they accept every connection,
+//! hold it and echo what arrives). The load generator speaks the protocol directly with
+//! `baton-proto` (handshake, leg preamble) instead of running thousands of full client
+//! agents, so that what is measured is the gateway. Everything runs on loopback: each client
+//! has its own source address in 127.1.0.0/16 (and moves to 127.2.0.0/16 in the storm), the
+//! targets listen on 127.0.3.x.
+//!
+//! File descriptors are the limit on a small machine: no process can go beyond its
+//! RLIMIT_NOFILE hard limit without CAP_SYS_RESOURCE, and the gateway needs one per session
+//! and two per stream. So every role is spread over as many processes as its descriptors
+//! need ([`Plan::fit`]):
+//! * this process is the coordinator: it writes the keys and the gateway's configuration,
+//!   starts the others, drives the phases and measures the gateway;
+//! * P load-generator parts (`baton-bench scale-part`, see [`part`]) each drive the clients
+//!   whose index i has i % P == part, phase by phase over their stdin and stdout;
+//! * H `baton-bench hold` processes listen on the same target addresses (SO_REUSEPORT);
+//! * the gateway runs `workers = N` worker processes when one is not enough.
 //!
 //! Phases, each bounded in time:
 //! 1. sessions: every client connects and completes the handshake;
@@ -19,36 +30,32 @@
 //!    legs (its old network is gone) and resumes on a new source address (a new control
 //!    connection resuming the session, and a new leg per stream, in parallel as the client
 //!    agent does after a link loss); then as many other clients switch all at the same
-//!    instant (a burst: an access point rebooting under a crowd);
+//!    instant (a burst: an access point rebooting under a crowd). Every part is given the
+//!    same absolute start time;
 //! 5. check: a sample of streams, switched and not, carries bytes to the target and back.
 //!
-//! The gateway's memory is its resident set (VmRSS) between phases; its CPU time comes from
-//! /proc/PID/stat. File descriptors are the limit on a small machine: the gateway needs one
-//! per session and two per stream, and no process can go beyond its RLIMIT_NOFILE hard
-//! limit without CAP_SYS_RESOURCE; the stream count is capped to what fits, and the table
-//! says so.
+//! The gateway's memory is its resident set (VmRSS) between phases and its CPU time comes
+//! from /proc/PID/stat, both summed over the gateway process and its direct children (the
+//! workers).
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use baton_netbed::ChildGuard;
-use baton_proto::wire::{FrameHeader, FRAME_HEADER_LEN, LEG_START_LEN, TAG_LEN};
-use baton_proto::{
-    ClientHandshake, ClientKey, ConnKind, ControlCipher, LegKey, Message, Offset, Preface, Role,
-    StreamId,
-};
+use baton_proto::ClientKey;
 use ring::rand::SystemRandom;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+pub(crate) mod part;
+
+use part::{Phase, Reply};
 
 /// Options of `baton-bench scale`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,8 +63,8 @@ pub(crate) struct Options {
     /// Client sessions to open.
     #[arg(long, default_value_t = 10_000)]
     sessions: usize,
-    /// Idle streams to open, spread evenly over the sessions (capped to what the file
-    /// descriptor limit allows).
+    /// Idle streams to open, spread evenly over the sessions (capped only if the machine
+    /// cannot hold them: source ports towards the targets, the system's open files).
     #[arg(long, default_value_t = 100_000)]
     streams: usize,
     /// Clients that switch in the storm (the first ones).
@@ -69,10 +76,10 @@ pub(crate) struct Options {
     /// Skip the burst (the next `--storm` clients switching at the same instant).
     #[arg(long)]
     no_burst: bool,
-    /// Handshakes and leg openings in flight at once in phases 1 and 2. The gateway listens
-    /// with a backlog of 128 (Rust's default): more in flight overflows its accept queue and
-    /// the dropped SYNs cost a second each, which would measure TCP's retransmission timer
-    /// rather than the gateway.
+    /// Handshakes and leg openings in flight at once in phases 1 and 2, over all the load
+    /// generator's parts. More in flight than the gateway's accept queue holds would drop
+    /// SYNs that cost a second each, which would measure TCP's retransmission timer rather
+    /// than the gateway.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Seconds of idle measurement in phase 3.
@@ -85,9 +92,21 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 17800)]
     port: u16,
     /// Target addresses 127.0.3.1 to 127.0.3.N (port 19000): the gateway's connections to
-    /// the targets all leave from 127.0.0.1, and each destination offers ~28,000 ports.
-    #[arg(long, default_value_t = 4)]
+    /// the targets all leave from 127.0.0.1, and each destination offers the local port
+    /// range (~28,000 ports).
+    #[arg(long, default_value_t = 5)]
     targets: u8,
+    /// Load-generator processes (default: as many as their open-files limit needs; fewer
+    /// cap the streams to what they hold).
+    #[arg(long)]
+    parts: Option<usize>,
+    /// Target (`hold`) processes (default: as many as their open-files limit needs).
+    #[arg(long)]
+    holds: Option<usize>,
+    /// Gateway worker processes, `workers` in its configuration (default: as many as its
+    /// open-files limit needs; written only when more than 1).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 180)]
     phase_timeout: u64,
@@ -100,10 +119,14 @@ pub(crate) struct Options {
 }
 
 const TARGET_PORT: u16 = 19000;
-/// File descriptors the gateway keeps for itself (listeners, runtime, log) and for
-/// connections in flight during the storm; the rest is the budget for sessions and streams.
+/// File descriptors every process keeps for itself (listeners, runtime, log) and for
+/// connections in flight during the storm; the rest is its budget for sessions and streams.
 const FD_MARGIN: usize = 1_500;
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// Local ports of the range left to other connections to a target address.
+const PORT_MARGIN: usize = 1_000;
+/// SO_REUSEPORT spreads connections over the hold processes by a hash, not evenly: each is
+/// planned for this much more than its share.
+const HOLD_SLACK: f64 = 1.05;
 
 /// Runs the benchmark and writes the table.
 pub(crate) fn run(opts: &Options) -> Result<()> {
@@ -118,6 +141,12 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
     ensure!(
         opts.storm_window > 0.0 && opts.idle >= 0.0,
         "bad --storm-window/--idle"
+    );
+    ensure!(
+        [opts.parts, opts.holds, opts.workers]
+            .iter()
+            .all(|n| n.is_none_or(|n| n >= 1)),
+        "--parts, --holds and --workers must be at least 1"
     );
     let baton = match &opts.baton {
         Some(p) => p.clone(),
@@ -167,25 +196,168 @@ fn nofile_limits(path: &Path) -> Result<(usize, usize)> {
     }
 }
 
+/// What the machine allows: per process and for the whole system.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// RLIMIT_NOFILE of every process of the run (children inherit it).
+    nofile: usize,
+    /// Local ports a connection from 127.0.0.1 to one target address can use.
+    ports_per_target: usize,
+    /// Files the system can still open (fs.file-max less those open).
+    files_free: usize,
+}
+
+impl Limits {
+    fn read(nofile: usize) -> Limits {
+        let nums = |path: &str| -> Vec<usize> {
+            std::fs::read_to_string(path)
+                .map(|t| {
+                    t.split_whitespace()
+                        .filter_map(|w| w.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let ports_per_target = match nums("/proc/sys/net/ipv4/ip_local_port_range")[..] {
+            [lo, hi] if hi >= lo => hi - lo + 1,
+            _ => 28_232,
+        };
+        let files_free = match nums("/proc/sys/fs/file-nr")[..] {
+            [open, _, max] => max.saturating_sub(open),
+            _ => usize::MAX,
+        };
+        Limits {
+            nofile,
+            ports_per_target,
+            files_free,
+        }
+    }
+}
+
 /// What was asked and what the limits allow.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Plan {
     sessions: usize,
     streams: usize,
     storm: usize,
+    /// Load-generator processes.
+    parts: usize,
+    /// Target (`hold`) processes.
+    holds: usize,
+    /// Gateway worker processes (`workers` in its configuration).
+    workers: usize,
+    /// Why fewer sessions or streams than asked are run, one reason each.
+    capped: Vec<String>,
 }
 
 impl Plan {
-    /// The gateway needs a descriptor per session and two per stream (leg and target); this
-    /// process one per session and one per stream; the hold process one per stream.
-    fn fit(opts: &Options, nofile: usize) -> Plan {
-        let budget = nofile.saturating_sub(FD_MARGIN);
-        let sessions = opts.sessions.min(budget);
-        let streams = opts.streams.min(budget.saturating_sub(sessions) / 2);
+    /// Spreads every role over as many processes as its descriptors need within `nofile`
+    /// less a margin: a load-generator part holds one per session and one per stream, a
+    /// hold process one per stream, a gateway worker one per session and two per stream
+    /// (leg and target connection). Only what the machine as a whole cannot hold, or
+    /// process counts given in `opts`, cap the run.
+    fn fit(opts: &Options, limits: &Limits) -> Plan {
+        let budget = limits.nofile.saturating_sub(FD_MARGIN).max(1);
+        let mut capped = Vec::new();
+        // The smallest of the limits; the reasons of those that bind.
+        let mut least = |asked: usize, limits: Vec<(usize, String)>| {
+            let n = limits.iter().map(|l| l.0).fold(asked, usize::min);
+            if n < asked {
+                capped.extend(limits.into_iter().filter(|l| l.0 == n).map(|l| l.1));
+            }
+            n
+        };
+
+        let mut session_limits = Vec::new();
+        if let Some(p) = opts.parts {
+            session_limits.push((
+                p * budget,
+                format!("{p} load-generator processes hold at most {budget} sessions each"),
+            ));
+        }
+        if let Some(n) = opts.workers {
+            session_limits.push((
+                n * budget,
+                format!("{n} gateway processes hold at most {budget} sessions each"),
+            ));
+        }
+        let sessions = least(opts.sessions, session_limits);
+
+        let ports = limits.ports_per_target.saturating_sub(PORT_MARGIN);
+        // Every process of the run together: 2 per session (both ends) and 4 per stream
+        // (both ends of the leg and of the target connection).
+        let files = limits.files_free.saturating_sub(10 * FD_MARGIN);
+        let mut stream_limits = vec![
+            (
+                usize::from(opts.targets) * ports,
+                format!(
+                    "the gateway's connections to {} target addresses have ~{ports} source ports each (--targets)",
+                    opts.targets
+                ),
+            ),
+            (
+                files.saturating_sub(2 * sessions) / 4,
+                format!("the system can open {} more files (fs.file-max)", limits.files_free),
+            ),
+            (
+                sessions * budget.saturating_sub(1),
+                format!("a session's streams must fit in one load-generator process ({budget} descriptors)"),
+            ),
+        ];
+        // Process counts given: what they hold.
+        if let Some(parts) = opts.parts {
+            // The largest stream count whose busiest part fits (the load grows with it).
+            let (mut lo, mut hi) = (0, opts.streams);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if part_load(sessions, mid, parts) <= budget {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            stream_limits.push((
+                lo,
+                format!("{parts} load-generator processes hold at most {budget} sessions and streams each"),
+            ));
+        }
+        if let Some(holds) = opts.holds {
+            stream_limits.push((
+                (holds as f64 * budget as f64 / HOLD_SLACK) as usize,
+                format!("{holds} target processes hold at most {budget} connections each"),
+            ));
+        }
+        if let Some(workers) = opts.workers {
+            stream_limits.push((
+                (workers * budget).saturating_sub(sessions) / 2,
+                format!(
+                    "{workers} gateway processes hold at most {budget} descriptors each (one per session, two per stream)"
+                ),
+            ));
+        }
+        let streams = least(opts.streams, stream_limits);
+
+        // The other counts: as many as the run needs.
+        let parts = opts.parts.unwrap_or_else(|| {
+            (1..=sessions)
+                .find(|&p| part_load(sessions, streams, p) <= budget)
+                .unwrap_or(sessions)
+        });
+        let holds = opts.holds.unwrap_or_else(|| {
+            ((streams as f64 * HOLD_SLACK / budget as f64).ceil() as usize).max(1)
+        });
+        let workers = opts
+            .workers
+            .unwrap_or_else(|| (sessions + 2 * streams).div_ceil(budget).max(1));
+
         Plan {
             sessions,
             streams,
             storm: opts.storm.min(sessions),
+            parts: parts.min(sessions).max(1),
+            holds,
+            workers,
+            capped,
         }
     }
 
@@ -195,73 +367,47 @@ impl Plan {
     }
 }
 
-/// A client's source address: one per client, so that no address runs out of ports.
-fn source(net: u8, i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        net,
-        (i / 250) as u8,
-        (i % 250 + 1) as u8,
-    ))
+/// Descriptors the busiest of `parts` load-generator parts holds for `sessions` sessions
+/// and `streams` streams: part 0, which has the most sessions and the first of them (those
+/// with one stream more, see [`Plan::streams_of`]).
+fn part_load(sessions: usize, streams: usize, parts: usize) -> usize {
+    let (sessions, parts) = (sessions.max(1), parts.max(1));
+    let base = streams / sessions;
+    let more = streams % sessions;
+    sessions.div_ceil(parts) * (1 + base) + more.div_ceil(parts)
 }
 
 fn target_addr(k: u8) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(127, 0, 3, k + 1), TARGET_PORT))
 }
 
-/// Counters of what the gateway sent on the control connections.
-#[derive(Debug, Default)]
-struct ControlStats {
-    relegs: AtomicU64,
-    resets: AtomicU64,
-    other: AtomicU64,
-    errors: AtomicU64,
-}
-
-/// One client's session as the load generator holds it.
-struct Sess {
-    idx: usize,
-    id: u64,
-    leg_key: LegKey,
-    /// Kept open: dropping it would half-close the control connection.
-    ctl: Option<(OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
-    legs: Vec<TcpStream>,
-    /// Streams the session carries (its legs are dropped for a while in a switch).
-    streams: usize,
-    generation: u32,
-}
-
-impl Sess {
-    fn drop_connections(&mut self) {
-        if let Some((w, drain)) = self.ctl.take() {
-            drain.abort();
-            drop(w);
-        }
-        self.legs.clear();
-    }
-}
-
-struct Ctx {
-    gateway: SocketAddr,
-    keys: Vec<ClientKey>,
-    rng: SystemRandom,
-    services: Vec<String>,
-    stats: Arc<ControlStats>,
-}
-
 fn client_id(i: usize) -> String {
     format!("c{i:05}")
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Result<()> {
-    let plan = Plan::fit(opts, soft);
+    let limits = Limits::read(soft);
+    let plan = Plan::fit(opts, &limits);
+    for why in &plan.capped {
+        eprintln!("[scale] capped: {why}");
+    }
     let limited = plan.sessions < opts.sessions || plan.streams < opts.streams;
     if limited {
         eprintln!(
-            "[scale] RLIMIT_NOFILE is {soft} (hard {hard}): running {} sessions and {} streams instead of {} and {}",
+            "[scale] running {} sessions and {} streams instead of {} and {}",
             plan.sessions, plan.streams, opts.sessions, opts.streams
         );
     }
+    eprintln!(
+        "[scale] processes: {} load-generator parts, {} target processes, gateway workers = {}",
+        plan.parts, plan.holds, plan.workers
+    );
     let dir = std::env::temp_dir().join(format!("baton-scale-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -272,30 +418,51 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     let keys = (0..plan.sessions)
         .map(|_| ClientKey::generate(&rng))
         .collect::<Result<Vec<_>, _>>()?;
-    let services: Vec<String> = (0..opts.targets).map(|k| format!("t{k}")).collect();
+    write_keys(&dir.join("keys"), &keys)?;
     let gateway = SocketAddr::from((Ipv4Addr::LOCALHOST, opts.port));
     write_gateway_config(
         &dir.join("gateway.toml"),
         gateway,
         &keys,
-        &services,
         opts.targets,
-        plan.sessions,
+        &plan,
     )?;
+    drop(keys);
+
+    // SO_REUSEPORT would let a stray listener from another run share the addresses silently.
+    for addr in (0..opts.targets).map(target_addr).chain([gateway]) {
+        ensure!(
+            TcpStream::connect(addr).await.is_err(),
+            "something already listens on {addr}: another run? (--port for the gateway)"
+        );
+    }
 
     let exe = std::env::current_exe()?;
-    let mut hold_cmd = Command::new(&exe);
-    hold_cmd.arg("hold");
-    for k in 0..opts.targets {
-        hold_cmd.arg("--listen").arg(target_addr(k).to_string());
+    let mut holds = Vec::with_capacity(plan.holds);
+    for h in 0..plan.holds {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("hold");
+        for k in 0..opts.targets {
+            cmd.arg("--listen").arg(target_addr(k).to_string());
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("hold{h}.log")))?);
+        let mut child = ChildGuard::spawn(&mut cmd).context("starting a hold process")?;
+        let lines = stdout_lines(&mut child)?;
+        holds.push((child, lines));
     }
-    hold_cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("hold.log"))?);
-    let mut hold = ChildGuard::spawn(&mut hold_cmd).context("starting the hold process")?;
-    for k in 0..opts.targets {
-        wait_listening(target_addr(k), &mut hold, "hold").await?;
+    for (h, (child, lines)) in holds.iter_mut().enumerate() {
+        let what = format!("hold process {h}");
+        let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
+        match ready {
+            Ok(Ok(Some(line))) if line == "ready" => {}
+            Ok(_) => {
+                check_alive(child, &what)?;
+                bail!("{what} did not say it was ready");
+            }
+            Err(_) => bail!("{what} did not listen within 20 s"),
+        }
     }
 
     let log = std::fs::File::create(dir.join("gateway.log"))?;
@@ -312,19 +479,16 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
         .stderr(log);
     let mut gw = ChildGuard::spawn(&mut gw_cmd).context("starting baton gateway")?;
     let gw_pid = gw.id();
-    wait_listening(gateway, &mut gw, "baton gateway").await?;
+    wait_gateway(gateway, &mut gw, &dir.join("gateway.log")).await?;
+    wait_workers(gw_pid, plan.workers).await;
     let gw_limit = nofile_limits(Path::new(&format!("/proc/{gw_pid}/limits")))?.0;
 
-    let ctx = Arc::new(Ctx {
-        gateway,
-        keys,
-        rng,
-        services,
-        stats: Arc::new(ControlStats::default()),
-    });
+    let mut parts = Parts::spawn(&exe, &dir, &plan, opts)?;
+    parts.ready().await?;
+
     let phase_timeout = Duration::from_secs(opts.phase_timeout);
     let mut report = Report {
-        plan,
+        plan: plan.clone(),
         opts: Some(opts.clone()),
         soft,
         hard,
@@ -340,34 +504,37 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     eprintln!("[scale] opening {} sessions", plan.sessions);
     let cpu0 = cpu_seconds(gw_pid)?;
     let t = Instant::now();
-    let mut sessions = bounded(
-        phase_timeout,
-        "sessions",
-        open_sessions(&ctx, plan.sessions, opts.concurrency),
-    )
-    .await?;
+    let replies = bounded(phase_timeout, "sessions", parts.phase(|_| Phase::Sessions)).await?;
     report.t_sessions = t.elapsed();
     report.cpu_sessions = cpu_seconds(gw_pid)? - cpu0;
+    let opened: usize = replies.iter().map(|r| r.opened).sum();
+    ensure!(
+        opened == plan.sessions,
+        "{opened} sessions opened, not {}",
+        plan.sessions
+    );
     settle().await;
     report.rss_sessions = rss_kib(gw_pid)?;
-    check_alive(&mut gw, "baton gateway")?;
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
 
     // 2. Streams.
     eprintln!("[scale] opening {} idle streams", plan.streams);
     let cpu0 = cpu_seconds(gw_pid)?;
     let t = Instant::now();
-    sessions = bounded(
-        phase_timeout,
-        "streams",
-        open_streams(&ctx, sessions, &plan, opts.concurrency),
-    )
-    .await?;
+    let replies = bounded(phase_timeout, "streams", parts.phase(|_| Phase::Streams)).await?;
     report.t_streams = t.elapsed();
     report.cpu_streams = cpu_seconds(gw_pid)? - cpu0;
+    let opened: usize = replies.iter().map(|r| r.opened).sum();
+    ensure!(
+        opened == plan.streams,
+        "{opened} streams opened, not {}",
+        plan.streams
+    );
     settle().await;
     report.rss_streams = rss_kib(gw_pid)?;
     report.fds_streams = count_fds(gw_pid);
-    check_alive(&mut gw, "baton gateway")?;
+    report.gw_procs = gateway_pids(gw_pid).len();
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
 
     // 3. Idle.
     eprintln!("[scale] idle for {} s", opts.idle);
@@ -387,36 +554,51 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
             range.len()
         );
         let cpu0 = cpu_seconds(gw_pid)?;
-        let (back, mut storm) =
-            bounded(phase_timeout, "storm", storm(&ctx, sessions, range, window)).await?;
-        sessions = back;
+        // Far enough ahead for every part to have read its line.
+        let start_unix_ms = unix_ms() + 200;
+        let phase = Phase::Storm {
+            from: range.start,
+            to: range.end,
+            window,
+            start_unix_ms,
+        };
+        let replies = bounded(phase_timeout, "storm", parts.phase(|_| phase.clone())).await?;
+        let mut storm = Storm::combine(&replies, window, start_unix_ms)?;
         storm.cpu = cpu_seconds(gw_pid)? - cpu0;
         report.storms.push(storm);
         settle().await;
-        check_alive(&mut gw, "baton gateway")?;
+        gateway_alive(&mut gw, &dir.join("gateway.log"))?;
     }
     report.rss_storm = rss_kib(gw_pid)?;
 
-    // 5. Check.
-    let (ok, failed) = bounded(
+    // 5. Check: each part its share of the streams of each kind.
+    let n = plan.parts;
+    let replies = bounded(
         phase_timeout,
         "check",
-        check_streams(sessions, switched, opts.check),
+        parts.phase(|p| Phase::Check {
+            switched,
+            n: opts.check / n + usize::from(p < opts.check % n),
+        }),
     )
     .await?;
-    report.checked = (ok, failed);
-    report.control = (
-        ctx.stats.relegs.load(Ordering::Relaxed),
-        ctx.stats.resets.load(Ordering::Relaxed),
-        ctx.stats.errors.load(Ordering::Relaxed),
-    );
+    for r in &replies {
+        report.checked.0 += r.checked.0;
+        report.checked.1 += r.checked.1;
+        report.control.0 += r.control.relegs;
+        report.control.1 += r.control.resets;
+        report.control.2 += r.control.errors;
+    }
     report.gateway_warnings = std::fs::read_to_string(dir.join("gateway.log"))
         .map(|s| s.lines().count())
         .unwrap_or(0);
-    check_alive(&mut gw, "baton gateway")?;
-    check_alive(&mut hold, "hold")?;
+    gateway_alive(&mut gw, &dir.join("gateway.log"))?;
+    for (h, (child, _)) in holds.iter_mut().enumerate() {
+        check_alive(child, &format!("hold process {h}"))?;
+    }
+    drop(parts);
     drop(gw);
-    drop(hold);
+    drop(holds);
 
     let table = report.render()?;
     println!("{table}");
@@ -427,6 +609,108 @@ async fn run_async(opts: &Options, baton: &Path, soft: usize, hard: usize) -> Re
     std::fs::write(&opts.out, &table).with_context(|| format!("writing {}", opts.out.display()))?;
     eprintln!("[scale] written to {}", opts.out.display());
     Ok(())
+}
+
+type ChildLines = Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// The lines a child (started with a piped stdout) writes.
+fn stdout_lines(child: &mut ChildGuard) -> Result<ChildLines> {
+    let out = child.stdout.take().context("child without a stdout pipe")?;
+    Ok(BufReader::new(tokio::process::ChildStdout::from_std(out)?).lines())
+}
+
+/// The load generator's parts, driven phase by phase over their stdin and stdout.
+struct Parts {
+    children: Vec<ChildGuard>,
+    pipes: Vec<(tokio::process::ChildStdin, ChildLines)>,
+}
+
+impl Parts {
+    fn spawn(exe: &Path, dir: &Path, plan: &Plan, opts: &Options) -> Result<Parts> {
+        let mut parts = Parts {
+            children: Vec::with_capacity(plan.parts),
+            pipes: Vec::with_capacity(plan.parts),
+        };
+        for p in 0..plan.parts {
+            let args = part::PartOptions {
+                dir: dir.to_owned(),
+                part: p,
+                parts: plan.parts,
+                sessions: plan.sessions,
+                streams: plan.streams,
+                concurrency: opts.concurrency.div_ceil(plan.parts),
+                port: opts.port,
+                targets: opts.targets,
+            }
+            .args();
+            let mut child = ChildGuard::spawn(
+                Command::new(exe)
+                    .arg("scale-part")
+                    .args(args)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit()),
+            )
+            .context("starting a load-generator part")?;
+            let stdin = child.stdin.take().context("part without a stdin pipe")?;
+            let lines = stdout_lines(&mut child)?;
+            parts
+                .pipes
+                .push((tokio::process::ChildStdin::from_std(stdin)?, lines));
+            parts.children.push(child);
+        }
+        Ok(parts)
+    }
+
+    /// Waits for every part's first reply: its keys are loaded.
+    async fn ready(&mut self) -> Result<()> {
+        let waits = self
+            .pipes
+            .iter_mut()
+            .enumerate()
+            .map(|(p, (_, lines))| async move { read_reply(p, lines).await.map(drop) });
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::try_join_all(waits),
+        )
+        .await
+        .map_err(|_| anyhow!("the load-generator parts did not start within 60 s"))??;
+        Ok(())
+    }
+
+    /// Starts `phase(p)` in every part p at once and returns their replies once the last
+    /// one is done; fails if one of them failed.
+    async fn phase(&mut self, phase: impl Fn(usize) -> Phase) -> Result<Vec<Reply>> {
+        let runs = self
+            .pipes
+            .iter_mut()
+            .enumerate()
+            .map(|(p, (stdin, lines))| {
+                let line = phase(p).line() + "\n";
+                async move {
+                    stdin
+                        .write_all(line.as_bytes())
+                        .await
+                        .with_context(|| format!("load-generator part {p} is gone"))?;
+                    stdin.flush().await?;
+                    read_reply(p, lines).await
+                }
+            });
+        futures_util::future::try_join_all(runs).await
+    }
+}
+
+async fn read_reply(p: usize, lines: &mut ChildLines) -> Result<Reply> {
+    let line = lines
+        .next_line()
+        .await?
+        .with_context(|| format!("load-generator part {p} exited (its errors are above)"))?;
+    let reply: Reply = serde_json::from_str(&line)
+        .with_context(|| format!("load-generator part {p} answered {line:?}"))?;
+    if let Some(e) = &reply.error {
+        bail!("load-generator part {p}: {e}");
+    }
+    Ok(reply)
 }
 
 /// Removes the run's temporary folder, also on failure.
@@ -460,39 +744,101 @@ fn check_alive(child: &mut ChildGuard, what: &str) -> Result<()> {
     Ok(())
 }
 
-async fn wait_listening(addr: SocketAddr, child: &mut ChildGuard, what: &str) -> Result<()> {
+/// Like [`check_alive`], with the end of the gateway's log (the run's folder is removed).
+fn gateway_alive(gw: &mut ChildGuard, log: &Path) -> Result<()> {
+    if let Err(e) = check_alive(gw, "baton gateway") {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+        let hint = if text.contains("unknown field `workers`") {
+            "\n(this gateway has no worker processes: --workers 1, or WORKERS=1 for scale.sh, runs \
+             one gateway process and caps the streams to what it holds)"
+        } else {
+            ""
+        };
+        bail!("{e:#}; the end of its log:\n{tail}{hint}");
+    }
+    Ok(())
+}
+
+async fn wait_gateway(addr: SocketAddr, gw: &mut ChildGuard, log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // A connection that sends nothing: the gateway drops it after its handshake timeout.
         if TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
-        check_alive(child, what)?;
+        gateway_alive(gw, log)?;
         ensure!(
             Instant::now() < deadline,
-            "{what} did not listen on {addr} within 20 s"
+            "baton gateway did not listen on {addr} within 20 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Gives a gateway of `workers` > 1 up to 20 s to start them, so that its memory at start
+/// counts them all; the table shows how many processes there were.
+async fn wait_workers(pid: u32, workers: usize) {
+    if workers <= 1 {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gateway_pids(pid).len() < workers + 1 {
+        if Instant::now() >= deadline {
+            eprintln!(
+                "[scale] the gateway runs {} processes, not 1 + {workers} workers",
+                gateway_pids(pid).len()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The clients' secret keys, one a line in client order, readable by this user only.
+fn write_keys(path: &Path, keys: &[ClientKey]) -> Result<()> {
+    let mut text = String::with_capacity(keys.len() * 64);
+    for k in keys {
+        text.push_str(&k.to_text());
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_gateway_config(
     path: &Path,
     listen: SocketAddr,
     keys: &[ClientKey],
-    services: &[String],
     targets: u8,
-    sessions: usize,
+    plan: &Plan,
 ) -> Result<()> {
     let mut s = String::new();
     // No keep-alives come from the load generator: the session must not be detached for
     // silence during the run.
     writeln!(
         s,
-        "listen = [\"{listen}\"]\ninactivity_timeout = \"1h\"\nmax_sessions = {}\n",
-        sessions + 100
+        "listen = [\"{listen}\"]\ninactivity_timeout = \"1h\"\nmax_sessions = {}",
+        plan.sessions + 100
     )?;
-    for (k, name) in services.iter().enumerate().take(usize::from(targets)) {
+    // Only when needed: a gateway without worker processes does not know the key.
+    if plan.workers > 1 {
+        writeln!(s, "workers = {}", plan.workers)?;
+    }
+    // The default (10,000) would refuse streams of runs with few sessions.
+    if plan.streams_of(0) >= 10_000 {
+        writeln!(s, "max_streams_per_session = {}", plan.streams_of(0) + 1)?;
+    }
+    writeln!(s)?;
+    let services: Vec<String> = (0..targets).map(|k| format!("t{k}")).collect();
+    for (k, name) in services.iter().enumerate() {
         writeln!(
             s,
             "[services.{name}]\ntarget = \"{}\"\n",
@@ -515,34 +861,75 @@ fn write_gateway_config(
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
-// ---- measurements of the gateway process ----
+// ---- measurements of the gateway: its process and its direct children (the workers) ----
 
+/// `pid` and its direct children.
+fn gateway_pids(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        if parent_pid(&status) == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+fn parent_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Resident memory of the gateway's processes, summed (KiB).
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut total = 0;
+    for p in gateway_pids(pid) {
+        match std::fs::read_to_string(format!("/proc/{p}/status")) {
+            Ok(status) => total += vm_rss_kib(&status).context("no VmRSS in /proc/PID/status")?,
+            // A child that just exited.
+            Err(_) if p != pid => {}
+            Err(e) => return Err(e).context("reading the gateway's /proc/PID/status"),
+        }
+    }
+    Ok(total)
+}
+
+fn vm_rss_kib(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/PID/status")
 }
 
-/// User and system CPU seconds of `pid` (all its threads) so far.
+/// User and system CPU seconds of the gateway's processes (all their threads) so far.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat
-        .rfind(')')
-        .map(|i| &stat[i + 2..])
-        .context("malformed /proc/PID/stat")?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of the file; the list starts at field 3.
-    let ticks: u64 = f
-        .get(11..13)
-        .context("short /proc/PID/stat")?
-        .iter()
-        .map(|v| v.parse::<u64>().unwrap_or(0))
-        .sum();
+    let mut ticks = 0;
+    for p in gateway_pids(pid) {
+        match std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            Ok(stat) => ticks += cpu_ticks(&stat).context("malformed /proc/PID/stat")?,
+            Err(_) if p != pid => {}
+            Err(e) => return Err(e).context("reading the gateway's /proc/PID/stat"),
+        }
+    }
     Ok(ticks as f64 / clock_ticks() as f64)
+}
+
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after = stat.rfind(')').and_then(|i| stat.get(i + 2..))?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the file (utime, stime); the list starts at field 3.
+    f.get(11..13)?.iter().map(|v| v.parse::<u64>().ok()).sum()
 }
 
 fn clock_ticks() -> u64 {
@@ -555,253 +942,19 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// Open descriptors of the gateway's processes, summed.
 fn count_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-// ---- the protocol, client side ----
-
-/// A frame from the gateway: header and payload as received, and the tag if it had one.
-struct Frame {
-    bytes: Vec<u8>,
-    tag: Option<[u8; TAG_LEN]>,
-}
-
-impl Frame {
-    fn header(&self) -> &[u8; FRAME_HEADER_LEN] {
-        self.bytes[..FRAME_HEADER_LEN]
-            .try_into()
-            .expect("a Frame always holds its header")
-    }
-
-    fn decode(&self) -> Result<Message> {
-        Ok(Message::decode(
-            self.bytes[0],
-            &self.bytes[FRAME_HEADER_LEN..],
-        )?)
-    }
-}
-
-fn accepted_ty() -> u8 {
-    Message::Accepted {
-        session_id: 0,
-        keepalive_ms: 0,
-        inactivity_ms: 0,
-    }
-    .ty()
-}
-
-/// Reads one frame; it carries a tag when `keyed` or when it is the Accepted frame (the
-/// first keyed one). Lengths are bounded by `FrameHeader::decode` before allocating.
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, keyed: bool) -> Result<Frame> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    r.read_exact(&mut header).await?;
-    let hdr = FrameHeader::decode(&header)?;
-    let mut bytes = vec![0u8; FRAME_HEADER_LEN + hdr.len];
-    bytes[..FRAME_HEADER_LEN].copy_from_slice(&header);
-    r.read_exact(&mut bytes[FRAME_HEADER_LEN..]).await?;
-    let tag = if keyed || hdr.ty == accepted_ty() {
-        let mut t = [0u8; TAG_LEN];
-        r.read_exact(&mut t).await?;
-        Some(t)
-    } else {
-        None
-    };
-    Ok(Frame { bytes, tag })
-}
-
-async fn io<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(IO_TIMEOUT, f)
-        .await
-        .map_err(|_| anyhow!("no answer within {IO_TIMEOUT:?}"))?
-}
-
-/// Opens a control connection from `src` and completes the handshake; `resume` names the
-/// session to resume (0: a new one). Returns the session id and leg key, the write half,
-/// and a task that reads (and authenticates) what the gateway sends afterwards.
-async fn handshake(
-    ctx: &Ctx,
-    idx: usize,
-    src: IpAddr,
-    resume: u64,
-) -> Result<(u64, LegKey, OwnedWriteHalf, tokio::task::JoinHandle<()>)> {
-    let mut s = baton_os::connect_via(ctx.gateway, None, Some(src), IO_TIMEOUT).await?;
-    let _ = s.set_nodelay(true);
-    let (hs, first) = ClientHandshake::start(&client_id(idx), &ctx.keys[idx], resume, &ctx.rng)?;
-    io(async { Ok(s.write_all(&first).await?) }).await?;
-    let challenge = io(read_frame(&mut s, false)).await?;
-    if let Message::Refused { reason, detail } = challenge.decode()? {
-        bail!("refused: {reason}: {detail}");
-    }
-    let (sid, keys, auth) = hs.on_challenge(&challenge.bytes)?;
-    io(async { Ok(s.write_all(&auth).await?) }).await?;
-    let reply = io(read_frame(&mut s, false)).await?;
-    let mut cipher = ControlCipher::new(&keys, Role::Client);
-    let Some(tag) = reply.tag else {
-        match reply.decode()? {
-            Message::Refused { reason, detail } => bail!("refused: {reason}: {detail}"),
-            other => bail!("unexpected message type {:#04x}", other.ty()),
-        }
-    };
-    match cipher.open(reply.header(), &reply.bytes[FRAME_HEADER_LEN..], &tag)? {
-        Message::Accepted { session_id, .. } if session_id == sid => {}
-        other => bail!("unexpected answer to the handshake: {other:?}"),
-    }
-    ensure!(
-        resume == 0 || sid == resume,
-        "the gateway did not resume session {resume:016x} (got {sid:016x})"
-    );
-    let (mut r, w) = s.into_split();
-    let stats = ctx.stats.clone();
-    let drain = tokio::spawn(async move {
-        loop {
-            let frame = match read_frame(&mut r, true).await {
-                Ok(f) => f,
-                Err(_) => return,
-            };
-            let Some(tag) = frame.tag else { return };
-            match cipher.open(frame.header(), &frame.bytes[FRAME_HEADER_LEN..], &tag) {
-                Ok(Message::Releg { .. }) => stats.relegs.fetch_add(1, Ordering::Relaxed),
-                Ok(Message::StreamReset { .. }) => stats.resets.fetch_add(1, Ordering::Relaxed),
-                Ok(_) => stats.other.fetch_add(1, Ordering::Relaxed),
-                Err(_) => {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            };
-        }
-    });
-    Ok((sid, keys.leg_key(), w, drain))
-}
-
-/// Opens a leg from `src` for `stream` of the session; returns it once the gateway accepted.
-async fn open_leg(
-    ctx: &Ctx,
-    src: IpAddr,
-    sess: &Sess,
-    stream: u64,
-    service: &str,
-) -> Result<TcpStream> {
-    let mut leg = baton_os::connect_via(ctx.gateway, None, Some(src), IO_TIMEOUT).await?;
-    let _ = leg.set_nodelay(true);
-    let mut out = Preface::new(ConnKind::Leg).encode().to_vec();
-    let open = Message::LegOpen {
-        session_id: sess.id,
-        stream: StreamId(stream),
-        generation: sess.generation,
-        received: Offset(0),
-        service: service.to_owned(),
-        // A resumed idle stream rewinds: it has nothing in flight.
-        handover: false,
-        compression: baton_proto::Compression::None,
-    };
-    let open_tag = sess.leg_key.seal_open(&open, &mut out);
-    io(async { Ok(leg.write_all(&out).await?) }).await?;
-    let reply = io(async {
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        leg.read_exact(&mut header).await?;
-        let hdr = FrameHeader::decode(&header)?;
-        let mut bytes = vec![0u8; FRAME_HEADER_LEN + hdr.len];
-        bytes[..FRAME_HEADER_LEN].copy_from_slice(&header);
-        leg.read_exact(&mut bytes[FRAME_HEADER_LEN..]).await?;
-        let mut tag = [0u8; TAG_LEN];
-        leg.read_exact(&mut tag).await?;
-        Ok(Frame {
-            bytes,
-            tag: Some(tag),
+    gateway_pids(pid)
+        .iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd"))
+                .map(|d| d.count())
+                .unwrap_or(0)
         })
-    })
-    .await
-    .context("leg preamble (the gateway closes a leg it cannot authenticate)")?;
-    let tag = reply.tag.expect("read with a tag above");
-    ensure!(
-        sess.leg_key.verify_reply(&open_tag, &reply.bytes, &tag),
-        "leg reply failed authentication"
-    );
-    match reply.decode()? {
-        Message::LegReply { result: Ok(_), .. } => Ok(leg),
-        Message::LegReply {
-            result: Err(reason),
-            detail,
-        } => bail!("leg refused: {reason}: {detail}"),
-        other => bail!("unexpected leg reply type {:#04x}", other.ty()),
-    }
+        .sum()
 }
 
-fn service_of(ctx: &Ctx, idx: usize, stream: u64) -> &str {
-    &ctx.services[(idx + stream as usize) % ctx.services.len()]
-}
-
-async fn open_sessions(ctx: &Arc<Ctx>, n: usize, concurrency: usize) -> Result<Vec<Sess>> {
-    let sem = Arc::new(Semaphore::new(concurrency));
-    let mut set = JoinSet::new();
-    for idx in 0..n {
-        let permit = sem.clone().acquire_owned().await?;
-        let ctx = ctx.clone();
-        set.spawn(async move {
-            let r = handshake(&ctx, idx, source(1, idx), 0).await;
-            drop(permit);
-            r.map(|(id, leg_key, w, drain)| Sess {
-                idx,
-                id,
-                leg_key,
-                ctl: Some((w, drain)),
-                legs: Vec::new(),
-                streams: 0,
-                generation: 0,
-            })
-            .with_context(|| format!("session {}", client_id(idx)))
-        });
-    }
-    let mut out = Vec::with_capacity(n);
-    while let Some(r) = set.join_next().await {
-        out.push(r??);
-    }
-    out.sort_by_key(|s| s.idx);
-    Ok(out)
-}
-
-async fn open_streams(
-    ctx: &Arc<Ctx>,
-    sessions: Vec<Sess>,
-    plan: &Plan,
-    concurrency: usize,
-) -> Result<Vec<Sess>> {
-    // One task per session, each opening its streams in turn under a shared bound on the
-    // legs in flight.
-    let sem = Arc::new(Semaphore::new(concurrency));
-    let mut set = JoinSet::new();
-    for mut sess in sessions {
-        let (ctx, sem, count) = (ctx.clone(), sem.clone(), plan.streams_of(sess.idx));
-        set.spawn(async move {
-            for j in 0..count as u64 {
-                let _permit = sem.acquire().await?;
-                let leg = open_leg(
-                    &ctx,
-                    source(1, sess.idx),
-                    &sess,
-                    j,
-                    service_of(&ctx, sess.idx, j),
-                )
-                .await
-                .with_context(|| format!("stream {j} of {}", client_id(sess.idx)))?;
-                sess.legs.push(leg);
-                sess.streams += 1;
-            }
-            Ok::<_, anyhow::Error>(sess)
-        });
-    }
-    let mut out = Vec::with_capacity(plan.sessions);
-    while let Some(r) = set.join_next().await {
-        out.push(r??);
-    }
-    out.sort_by_key(|s| s.idx);
-    Ok(out)
-}
-
-/// The storm's outcome.
+/// A storm's outcome, over all the parts.
 #[derive(Debug, Clone, Default)]
 struct Storm {
     clients: usize,
@@ -810,146 +963,43 @@ struct Storm {
     window: f64,
     /// Gateway CPU seconds during the storm.
     cpu: f64,
-    /// From the first switch's start to the last client fully resumed.
+    /// From the first switch's start to the last client fully resumed (in any part).
     span: Duration,
     /// Each client's own time from dropping its old connections to every leg resumed, sorted.
     per_client: Vec<Duration>,
     failures: Vec<String>,
 }
 
-async fn storm(
-    ctx: &Arc<Ctx>,
-    mut sessions: Vec<Sess>,
-    range: std::ops::Range<usize>,
-    window: f64,
-) -> Result<(Vec<Sess>, Storm)> {
-    let mut rest = sessions.split_off(range.end.min(sessions.len()));
-    rest.extend(sessions.drain(..range.start.min(sessions.len())));
-    let k = sessions.len();
-    let t0 = tokio::time::Instant::now() + Duration::from_millis(100);
-    let step = Duration::from_secs_f64(window / k.max(1) as f64);
-    let streams: usize = sessions.iter().map(|s| s.legs.len()).sum();
-    let mut set = JoinSet::new();
-    for (n, mut sess) in sessions.into_iter().enumerate() {
-        let ctx = ctx.clone();
-        let at = t0 + step * n as u32;
-        set.spawn(async move {
-            tokio::time::sleep_until(at).await;
-            let start = tokio::time::Instant::now();
-            let r = switch(&ctx, &mut sess).await;
-            (sess, r.map(|()| (start, tokio::time::Instant::now())))
-        });
-    }
-    let mut out = Vec::with_capacity(k + rest.len());
-    let mut result = Storm {
-        clients: k,
-        streams,
-        window,
-        ..Default::default()
-    };
-    let mut last_done = t0;
-    while let Some(j) = set.join_next().await {
-        let (sess, r) = j?;
-        match r {
-            Ok((start, done)) => {
-                result.per_client.push(done - start);
-                last_done = last_done.max(done);
+impl Storm {
+    fn combine(replies: &[Reply], window: f64, start_unix_ms: u64) -> Result<Storm> {
+        let mut storm = Storm {
+            window,
+            ..Storm::default()
+        };
+        let mut last_done_us = start_unix_ms * 1_000;
+        for (p, r) in replies.iter().enumerate() {
+            let s = r
+                .storm
+                .as_ref()
+                .with_context(|| format!("load-generator part {p} sent no storm result"))?;
+            if s.late_us > 0 {
+                eprintln!(
+                    "[scale] load-generator part {p} started the storm {} ms late",
+                    s.late_us / 1_000
+                );
             }
-            Err(e) => result
-                .failures
-                .push(format!("{}: {e:#}", client_id(sess.idx))),
+            storm.clients += s.clients;
+            storm.streams += s.streams;
+            storm
+                .per_client
+                .extend(s.resumes_us.iter().map(|&us| Duration::from_micros(us)));
+            last_done_us = last_done_us.max(s.last_done_unix_us);
+            storm.failures.extend(s.failures.iter().cloned());
         }
-        out.push(sess);
+        storm.per_client.sort();
+        storm.span = Duration::from_micros(last_done_us - start_unix_ms * 1_000);
+        Ok(storm)
     }
-    result.span = last_done - t0;
-    result.per_client.sort();
-    out.extend(rest);
-    out.sort_by_key(|s| s.idx);
-    Ok((out, result))
-}
-
-/// One client's switch: its old network is gone (its connections are dropped), it resumes
-/// the session from a new address and opens a new leg per stream, in parallel with the
-/// resume as the client agent does after a link loss.
-async fn switch(ctx: &Ctx, sess: &mut Sess) -> Result<()> {
-    sess.drop_connections();
-    sess.generation += 1;
-    let src = source(2, sess.idx);
-    let view = &*sess;
-    let legs = futures_util::future::try_join_all(
-        (0..view.streams as u64).map(|j| open_leg(ctx, src, view, j, service_of(ctx, view.idx, j))),
-    );
-    let (resumed, legs) = tokio::join!(handshake(ctx, sess.idx, src, sess.id), legs);
-    let (_, _, w, drain) = resumed.context("resume")?;
-    sess.ctl = Some((w, drain));
-    sess.legs = legs.context("new legs")?;
-    Ok(())
-}
-
-/// Sends bytes over the first stream of up to `n` switched sessions and `n` others, and
-/// expects them back from the echoing target: the resumed legs carry data. Returns (ok,
-/// failed).
-async fn check_streams(sessions: Vec<Sess>, switched: usize, n: usize) -> Result<(usize, usize)> {
-    let mut set = JoinSet::new();
-    let pick = |range: std::ops::Range<usize>| {
-        sessions[range]
-            .iter()
-            .filter(|s| !s.legs.is_empty())
-            .take(n)
-            .map(|s| s.idx)
-            .collect::<Vec<_>>()
-    };
-    let picked: Vec<usize> = pick(0..switched)
-        .into_iter()
-        .chain(pick(switched..sessions.len()))
-        .collect();
-    let mut sessions = sessions;
-    let mut legs = Vec::new();
-    for idx in picked {
-        legs.push((idx, sessions[idx].legs.swap_remove(0)));
-    }
-    for (idx, mut leg) in legs {
-        set.spawn(async move {
-            let msg = format!("check {idx:05} through baton....");
-            // Each direction of a leg opens with the stream offset of its first
-            // byte; nothing was sent on these streams before, so both are 0.
-            let mut out = 0u64.to_be_bytes().to_vec();
-            out.extend_from_slice(msg.as_bytes());
-            let mut back = vec![0u8; LEG_START_LEN + msg.len()];
-            io(async {
-                leg.write_all(&out).await?;
-                leg.read_exact(&mut back).await?;
-                Ok(())
-            })
-            .await?;
-            ensure!(
-                back[..LEG_START_LEN] == [0u8; LEG_START_LEN],
-                "stream of {}: the gateway's leg starts at {:?}, not 0",
-                client_id(idx),
-                &back[..LEG_START_LEN]
-            );
-            ensure!(
-                &back[LEG_START_LEN..] == msg.as_bytes(),
-                "stream of {} echoed other bytes",
-                client_id(idx)
-            );
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    let (mut ok, mut failed) = (0, 0);
-    while let Some(r) = set.join_next().await {
-        match r? {
-            Ok(()) => ok += 1,
-            Err(e) => {
-                if failed < 5 {
-                    eprintln!("[scale] check failed: {e:#}");
-                }
-                failed += 1;
-            }
-        }
-    }
-    drop(sessions);
-    Ok((ok, failed))
 }
 
 /// What a run measured.
@@ -971,6 +1021,8 @@ struct Report {
     cpu_streams: f64,
     cpu_idle: f64,
     fds_streams: usize,
+    /// Gateway processes (itself and its direct children) with everything open.
+    gw_procs: usize,
     storms: Vec<Storm>,
     checked: (usize, usize),
     /// Relegs, resets and unauthenticated frames seen on the control connections.
@@ -1020,24 +1072,34 @@ impl Report {
             out,
             "- date: {date}; commit: {commit}; machine: {cores} cores, Linux {kernel}"
         )?;
+        let workers = if p.workers > 1 {
+            format!("`workers = {}` in its configuration", p.workers)
+        } else {
+            "no `workers` in its configuration".to_owned()
+        };
         writeln!(
             out,
-            "- one `baton gateway` process; load generator and targets are separate processes on the same cores; \
-             {} handshakes or legs in flight at most while opening",
-            opts.concurrency
+            "- processes, all on the same cores: `baton gateway` ({workers}; {} gateway process(es) seen), \
+             {} load-generator process(es) (client i in process i mod {}), {} target process(es) sharing the \
+             target addresses (SO_REUSEPORT); {} handshakes or legs in flight at most while opening",
+            self.gw_procs, p.parts, p.parts, p.holds, opts.concurrency
         )?;
         writeln!(
             out,
-            "- open-files limit (RLIMIT_NOFILE) of every process: soft {}, hard {}; gateway {}",
+            "- open-files limit (RLIMIT_NOFILE) of every process: soft {}, hard {}; gateway {}. A gateway process \
+             needs a descriptor per session and two per stream (leg and target connection), a load-generator \
+             process one per session and one per stream, a target process one per stream",
             self.soft, self.hard, self.gw_limit
         )?;
         if self.limited {
             writeln!(
                 out,
-                "- **asked for {} sessions and {} streams; ran {} and {}**: the gateway needs a descriptor per session \
-                 and two per stream (leg and target connection), and the hard limit of {} cannot be raised here \
-                 (no CAP_SYS_RESOURCE). See the projection below.",
-                opts.sessions, opts.streams, p.sessions, p.streams, self.hard
+                "- **asked for {} sessions and {} streams; ran {} and {}**: {}. See the projection below.",
+                opts.sessions,
+                opts.streams,
+                p.sessions,
+                p.streams,
+                p.capped.join("; ")
             )?;
         }
         writeln!(out)?;
@@ -1053,10 +1115,17 @@ impl Report {
             ),
         )?;
         row(
-            "gateway descriptors with everything open",
+            "gateway processes (the gateway and its workers)",
+            format!("{}", self.gw_procs),
+        )?;
+        row(
+            "gateway descriptors with everything open (all its processes)",
             format!("{}", self.fds_streams),
         )?;
-        row("gateway RSS at start", mib(self.rss_start))?;
+        row(
+            "gateway RSS at start (all its processes)",
+            mib(self.rss_start),
+        )?;
         row("gateway RSS with the sessions", mib(self.rss_sessions))?;
         row(
             "gateway RSS with sessions and streams",
@@ -1145,8 +1214,8 @@ impl Report {
             writeln!(
                 out,
                 "\nProjection (linear, not measured): 10,000 sessions and 100,000 idle streams would take \
-                 {:.0} MiB of gateway RSS and 210,000+ descriptors in the gateway (the load generator 110,000, \
-                 the targets 100,000).",
+                 {:.0} MiB of gateway RSS and 210,000+ descriptors over the gateway's processes (the load \
+                 generator's 110,000, the targets' 100,000).",
                 total / 1024.0
             )?;
         }
@@ -1164,7 +1233,9 @@ impl Report {
 
 /// `baton-bench hold`: the scale benchmark's targets. Accepts every connection on each
 /// address, holds it, and echoes what arrives (the end-to-end check), without a buffer
-/// per idle connection.
+/// per idle connection. Several hold processes share the addresses (SO_REUSEPORT: the
+/// kernel spreads the connections over them); each writes `ready` on its stdout once it
+/// listens on all of them.
 pub(crate) fn hold(listen: &[SocketAddr]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -1176,6 +1247,7 @@ pub(crate) fn hold(listen: &[SocketAddr]) -> Result<()> {
             // A deep accept queue: the gateway connects to the targets as fast as legs come.
             let sock = tokio::net::TcpSocket::new_v4()?;
             sock.set_reuseaddr(true)?;
+            sock.set_reuseport(true)?;
             sock.bind(addr).with_context(|| format!("binding {addr}"))?;
             let l: TcpListener = sock.listen(4096)?;
             set.spawn(async move {
@@ -1192,6 +1264,7 @@ pub(crate) fn hold(listen: &[SocketAddr]) -> Result<()> {
                 }
             });
         }
+        println!("ready");
         while set.join_next().await.is_some() {}
         Ok(())
     })
@@ -1231,18 +1304,178 @@ mod tests {
         Cli::parse_from(std::iter::once("scale").chain(args.iter().copied())).opts
     }
 
+    const HERE: Limits = Limits {
+        nofile: 20_000,
+        ports_per_target: 28_232,
+        files_free: 2_400_000,
+    };
+
+    fn fit(args: &[&str], limits: &Limits) -> Plan {
+        Plan::fit(&opts(args), limits)
+    }
+
     #[test]
-    fn plan_fits_the_descriptor_limit() {
-        // 20,000 descriptors: 18,500 after the margin; sessions first, then two per stream.
-        let p = Plan::fit(&opts(&[]), 20_000);
-        assert_eq!((p.sessions, p.streams, p.storm), (10_000, 4_250, 1_000));
-        let p = Plan::fit(&opts(&["--sessions", "1000"]), 20_000);
-        assert_eq!((p.sessions, p.streams), (1_000, 8_750));
-        let p = Plan::fit(
-            &opts(&["--sessions", "100", "--streams", "1000", "--storm", "500"]),
-            1_048_576,
+    fn plan_spreads_every_role_over_enough_processes() {
+        // 20,000 descriptors: 18,500 per process after the margin. A part holds 1,667
+        // sessions with 10 streams each (18,337); 105,000 held connections need 6 hold
+        // processes; the gateway 210,000 descriptors, 12 workers.
+        let p = fit(&[], &HERE);
+        assert_eq!((p.sessions, p.streams, p.storm), (10_000, 100_000, 1_000));
+        assert_eq!((p.parts, p.holds, p.workers), (6, 6, 12));
+        assert!(p.capped.is_empty(), "{:?}", p.capped);
+        let p = fit(&["--sessions", "1000", "--streams", "4000"], &HERE);
+        assert_eq!((p.parts, p.holds, p.workers), (1, 1, 1));
+        let p = fit(
+            &["--sessions", "100", "--streams", "1000", "--storm", "500"],
+            &Limits {
+                nofile: 1_048_576,
+                ..HERE
+            },
         );
         assert_eq!((p.sessions, p.streams, p.storm), (100, 1_000, 100));
+        assert_eq!((p.parts, p.holds, p.workers), (1, 1, 1));
+    }
+
+    #[test]
+    fn plan_with_one_process_each_caps_as_before() {
+        // The gateway first: a descriptor per session, then two per stream.
+        let one = ["--parts", "1", "--holds", "1", "--workers", "1"];
+        let p = fit(&one, &HERE);
+        assert_eq!((p.sessions, p.streams, p.storm), (10_000, 4_250, 1_000));
+        assert_eq!(p.capped.len(), 1, "{:?}", p.capped);
+        assert!(
+            p.capped[0].starts_with("1 gateway processes"),
+            "{:?}",
+            p.capped
+        );
+        let p = fit(&[&one[..], &["--sessions", "1000"]].concat(), &HERE);
+        assert_eq!((p.sessions, p.streams), (1_000, 8_750));
+        // Only the gateway fixed: the others are sized for what it holds.
+        let p = fit(&["--workers", "1"], &HERE);
+        assert_eq!((p.streams, p.parts, p.holds, p.workers), (4_250, 1, 1, 1));
+        // A part's limit: 18,500 - 1,000 sessions.
+        let p = fit(&["--sessions", "1000", "--parts", "1"], &HERE);
+        assert_eq!((p.streams, p.workers), (17_500, 2));
+    }
+
+    #[test]
+    fn plan_caps_what_the_machine_cannot_hold() {
+        // 3 targets × 27,232 source ports.
+        let p = fit(&["--targets", "3"], &HERE);
+        assert_eq!(p.streams, 81_696);
+        assert!(p.capped[0].contains("source ports"), "{:?}", p.capped);
+        let p = fit(
+            &[],
+            &Limits {
+                files_free: 215_000,
+                ..HERE
+            },
+        );
+        // (215,000 - 15,000 - 2 × 10,000) / 4.
+        assert_eq!(p.streams, 45_000);
+        assert!(p.capped[0].contains("file-max"), "{:?}", p.capped);
+        // A session's streams cannot be split over processes.
+        let p = fit(&["--sessions", "1", "--streams", "30000"], &HERE);
+        assert_eq!((p.streams, p.parts, p.workers), (18_499, 1, 2));
+    }
+
+    #[test]
+    fn the_busiest_part_is_part_0() {
+        for (sessions, streams, parts) in [(10, 25, 3), (7, 7, 2), (10_000, 100_000, 6), (5, 0, 5)]
+        {
+            let plan = Plan {
+                sessions,
+                streams,
+                ..Plan::default()
+            };
+            let loads: Vec<usize> = (0..parts)
+                .map(|p| {
+                    (0..sessions)
+                        .filter(|i| i % parts == p)
+                        .map(|i| 1 + plan.streams_of(i))
+                        .sum()
+                })
+                .collect();
+            assert_eq!(
+                loads.iter().max().copied(),
+                Some(part_load(sessions, streams, parts)),
+                "{sessions} sessions, {streams} streams, {parts} parts: {loads:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn storms_of_the_parts_add_up() {
+        let part = |resumes_us: Vec<u64>, last_done_unix_us, failures: Vec<String>| Reply {
+            storm: Some(part::StormPart {
+                clients: resumes_us.len() + failures.len(),
+                streams: 10,
+                resumes_us,
+                last_done_unix_us,
+                late_us: 0,
+                failures,
+            }),
+            ..Reply::default()
+        };
+        let replies = [
+            part(vec![3_000, 1_000], 5_000_400_000, vec![]),
+            part(vec![2_000], 5_001_250_000, vec!["c00001: refused".into()]),
+            part(vec![], 5_000_000_000, vec![]),
+        ];
+        let s = Storm::combine(&replies, 1.0, 5_000_000).unwrap();
+        assert_eq!((s.clients, s.streams), (4, 30));
+        assert_eq!(s.span, Duration::from_millis(1_250));
+        assert_eq!(s.per_client, [1, 2, 3].map(Duration::from_millis).to_vec());
+        assert_eq!(s.failures.len(), 1);
+        assert!(Storm::combine(&[Reply::default()], 0.0, 0).is_err());
+    }
+
+    #[test]
+    fn reads_the_gateways_processes() {
+        let status = "Name:\tbaton\nUmask:\t0022\nState:\tS (sleeping)\nPid:\t4242\nPPid:\t4200\nVmRSS:\t   21504 kB\n";
+        assert_eq!(parent_pid(status), Some(4_200));
+        assert_eq!(vm_rss_kib(status), Some(21_504));
+        let stat = "4242 (baton gw) S 4200 4242 4200 0 -1 4194560 1181 0 0 0 150 30 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(stat), Some(180));
+        assert_eq!(cpu_ticks("4242 (baton"), None);
+        let me = std::process::id();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pids = gateway_pids(me);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pids[0], me);
+        assert!(pids.contains(&child.id()), "{pids:?}");
+        assert!(rss_kib(me).unwrap() > 0);
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        assert!(count_fds(me) >= 3);
+    }
+
+    #[test]
+    fn workers_are_configured_only_when_more_than_one() {
+        let dir = std::env::temp_dir().join(format!("baton-scale-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = vec![ClientKey::generate(&SystemRandom::new()).unwrap()];
+        let gw = SocketAddr::from((Ipv4Addr::LOCALHOST, 17800));
+        let f = dir.join("gateway.toml");
+        let mut plan = fit(&["--sessions", "1", "--streams", "1"], &HERE);
+        write_gateway_config(&f, gw, &keys, 2, &plan).unwrap();
+        let one = std::fs::read_to_string(&f).unwrap();
+        assert!(!one.contains("workers"), "{one}");
+        plan.workers = 3;
+        write_gateway_config(&f, gw, &keys, 2, &plan).unwrap();
+        let three = std::fs::read_to_string(&f).unwrap();
+        // A top-level key: before the first table.
+        let at = three.find("workers = 3\n").unwrap();
+        assert!(at < three.find("\n[").unwrap(), "{three}");
+        write_keys(&dir.join("keys"), &keys).unwrap();
+        let back = std::fs::read_to_string(dir.join("keys")).unwrap();
+        assert_eq!(
+            ClientKey::from_text(back.lines().next().unwrap())
+                .unwrap()
+                .public(),
+            keys[0].public()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1250,19 +1483,11 @@ mod tests {
         let p = Plan {
             sessions: 4,
             streams: 10,
-            storm: 0,
+            ..Plan::default()
         };
         let per: Vec<usize> = (0..4).map(|i| p.streams_of(i)).collect();
         assert_eq!(per, [3, 3, 2, 2]);
         assert_eq!(per.iter().sum::<usize>(), 10);
-    }
-
-    #[test]
-    fn sources_are_distinct_loopback_addresses() {
-        assert_eq!(source(1, 0), IpAddr::V4(Ipv4Addr::new(127, 1, 0, 1)));
-        assert_eq!(source(2, 9_999), IpAddr::V4(Ipv4Addr::new(127, 2, 39, 250)));
-        let all: std::collections::HashSet<_> = (0..60_000).map(|i| source(1, i)).collect();
-        assert_eq!(all.len(), 60_000);
     }
 
     #[test]
