@@ -241,3 +241,64 @@ fn merge(req: &Request, answers: Vec<std::io::Result<Value>>) -> Value {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(sessions: &[&str], accepted: u64) -> std::io::Result<Value> {
+        Ok(json!({
+            "ok": true,
+            "listening": ["127.0.0.1:7700"],
+            "sessions": sessions.iter().map(|c| json!({"client": c})).collect::<Vec<_>>(),
+            "stats": {"sessions_accepted": accepted, "handed_off": 1},
+        }))
+    }
+
+    #[test]
+    fn the_workers_statuses_merge_into_one() {
+        let v = merge(
+            &Request::Status,
+            vec![status(&["a"], 2), status(&[], 0), status(&["b", "c"], 5)],
+        );
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["workers"], 3);
+        assert_eq!(v["listening"], json!(["127.0.0.1:7700"]));
+        let clients: Vec<_> = v["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["client"].clone())
+            .collect();
+        assert_eq!(clients, vec![json!("a"), json!("b"), json!("c")]);
+        assert_eq!(v["stats"]["sessions_accepted"], 7);
+        assert_eq!(v["stats"]["handed_off"], 3);
+    }
+
+    #[test]
+    fn one_worker_failing_fails_the_answer() {
+        let refused = Ok(json!({"ok": false, "error": "cannot listen on 10.0.0.1:7700: in use"}));
+        let v = merge(
+            &Request::ListenAdd {
+                addr: "10.0.0.1:7700".into(),
+            },
+            vec![status(&[], 0), refused],
+        );
+        assert_eq!(v["ok"], false);
+        assert_eq!(
+            v["error"],
+            "worker 1: cannot listen on 10.0.0.1:7700: in use"
+        );
+        let gone = Err(std::io::Error::other("cannot reach the gateway"));
+        let v = merge(&Request::Status, vec![gone, status(&[], 0)]);
+        assert_eq!(v["error"], "worker 0: cannot reach the gateway");
+    }
+
+    #[test]
+    fn worker_sockets_sit_beside_the_gateways() {
+        assert_eq!(
+            worker_socket(Path::new("/run/baton/gw.sock"), 11),
+            PathBuf::from("/run/baton/gw.sock.w11")
+        );
+    }
+}

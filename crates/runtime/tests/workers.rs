@@ -289,3 +289,85 @@ async fn datagrams_reach_the_worker_of_their_session() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn client_services_are_served_by_the_worker_of_their_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(LIMIT, async {
+        const CLIENTS: usize = 6;
+        let shutdown = CancellationToken::new();
+        let keys: Vec<_> = (0..CLIENTS).map(|i| (format!("p{i}"), key())).collect();
+        let clients: String = keys
+            .iter()
+            .map(|(id, k)| {
+                format!(
+                    "[clients.{id}]\nkey = \"{}\"\nexposes = [\"push\"]\n",
+                    k.public()
+                )
+            })
+            .collect();
+        let w = workers(
+            &format!("virtual_pool = \"127.78.1.0/24\"\n[exposed.push]\nport = 7000\n{clients}"),
+            &shutdown,
+        )
+        .await;
+        let mut agents = Vec::new();
+        for (i, (id, k)) in keys.iter().enumerate() {
+            // Each agent's target answers with its own name and what it read.
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let target = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        if s.read_to_end(&mut got).await.is_ok() {
+                            let mut reply = format!("target {i} got ").into_bytes();
+                            reply.extend_from_slice(&got);
+                            let _ = s.write_all(&reply).await;
+                            let _ = s.shutdown().await;
+                        }
+                    });
+                }
+            });
+            let svc = format!("[exposed.push]\ngateway = \"gw\"\ntarget = \"{target}\"\n");
+            agents.push(agent(id, k, w.addr, &svc, &shutdown).await);
+        }
+        let push = |addr: SocketAddr, msg: String| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(msg.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            String::from_utf8(got).unwrap()
+        };
+        let mut addrs = Vec::new();
+        for c in &agents {
+            let listening = eventually(Duration::from_secs(10), || {
+                c.exposed()
+                    .iter()
+                    .any(|e| e.name == "push" && e.address.is_some())
+            })
+            .await;
+            assert!(listening, "{:?}", c.exposed());
+            let e = c.exposed().into_iter().find(|e| e.name == "push").unwrap();
+            addrs.push(e.address.unwrap());
+        }
+        let distinct: BTreeSet<_> = addrs.iter().map(|a| a.ip()).collect();
+        assert_eq!(distinct.len(), CLIENTS, "one address per client: {addrs:?}");
+        for round in 0..2 {
+            for (i, a) in addrs.iter().enumerate() {
+                let got = push(*a, format!("round {round} to {i}")).await;
+                assert_eq!(got, format!("target {i} got round {round} to {i}"));
+            }
+            // Then every agent moves to its other interface: the pushes follow.
+            for c in &agents {
+                c.switch("b").await.unwrap();
+            }
+        }
+        let expected: Vec<_> = keys.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(w.sessions_where_they_belong(), expected);
+        shutdown.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
