@@ -4,9 +4,9 @@
 //! other what the kernel gave the wrong one (see the runtime's
 //! `gateway::workers`); the supervisor holds no session. It serves the
 //! admin socket by asking the workers', stops them on SIGTERM or Ctrl-C, and
-//! stops the whole gateway if one of them dies: the sessions of that worker
-//! are gone, and a gateway silently missing a share of its clients would be
-//! worse than one that exits and is restarted by its service manager.
+//! starts a worker that dies again (its sessions are lost: their agents open
+//! new ones), unless workers die so often that restarting does not help;
+//! then it stops the whole gateway, for its service manager to see.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -29,52 +29,116 @@ fn admin_base(cfg: &GatewayConfig) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(baton_runtime::gateway_admin::DEFAULT_SOCKET))
 }
 
-/// Runs the supervisor until a signal or a worker's death.
+/// A worker that dies is started again after this pause...
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// ...unless the workers died this often within [`RESTART_WINDOW`]: then
+/// something is wrong that a restart does not mend, and the gateway stops.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+struct Launcher<'a> {
+    exe: PathBuf,
+    config: &'a Path,
+    count: usize,
+    group: String,
+}
+
+impl Launcher<'_> {
+    fn spawn(&self, index: usize) -> anyhow::Result<tokio::process::Child> {
+        let spec = WorkerSpec {
+            index,
+            count: self.count,
+            group: self.group.clone(),
+        };
+        tokio::process::Command::new(&self.exe)
+            .arg("gateway")
+            .arg("-c")
+            .arg(self.config)
+            .env(WORKER_ENV, spec.to_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start gateway worker {index}"))
+    }
+}
+
+enum Event {
+    Signal,
+    Exited(usize, String),
+    AdminEnded(String),
+}
+
+/// Runs the supervisor until a signal, or until workers die too often.
 pub(crate) fn supervise(config: &Path, cfg: &GatewayConfig) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe().context("cannot find this program to start workers")?;
-    let group = std::process::id().to_string();
+    let launcher = Launcher {
+        exe: std::env::current_exe().context("cannot find this program to start workers")?,
+        config,
+        count: cfg.workers,
+        group: std::process::id().to_string(),
+    };
     crate::runtime()?.block_on(async {
         let mut children = Vec::with_capacity(cfg.workers);
         for index in 0..cfg.workers {
-            let spec = WorkerSpec {
-                index,
-                count: cfg.workers,
-                group: group.clone(),
-            };
-            let child = tokio::process::Command::new(&exe)
-                .arg("gateway")
-                .arg("-c")
-                .arg(config)
-                .env(WORKER_ENV, spec.to_string())
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start worker {index}"))?;
-            children.push(child);
+            children.push(launcher.spawn(index)?);
         }
+        let workers = std::sync::Arc::new(baton_runtime::gateway_admin::WorkerProcesses::default());
+        workers.set_pids(children.iter().map(|c| c.id().unwrap_or(0)).collect());
         tracing::info!(workers = cfg.workers, "gateway supervisor started its workers");
         let shutdown = CancellationToken::new();
-        let base = admin_base(cfg);
         let mut admin = tokio::spawn(baton_runtime::gateway_admin::serve_workers(
-            base,
-            cfg.workers,
+            admin_base(cfg),
+            workers.clone(),
             shutdown.clone(),
         ));
         let mut admin_alive = true;
+        let mut deaths: std::collections::VecDeque<tokio::time::Instant> = Default::default();
         let failed = loop {
-            let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
-            tokio::select! {
-                _ = crate::wait_for_signal() => break false,
-                (status, index, _) = futures_util::future::select_all(waits) => {
-                    tracing::error!("gateway worker {index} exited ({}): stopping the gateway", describe(status));
-                    break true;
-                }
-                r = &mut admin, if admin_alive => {
-                    let e = match r {
+            let event = {
+                let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
+                tokio::select! {
+                    _ = crate::wait_for_signal() => Event::Signal,
+                    (status, index, _) = futures_util::future::select_all(waits) => {
+                        Event::Exited(index, describe(status))
+                    }
+                    r = &mut admin, if admin_alive => Event::AdminEnded(match r {
                         Ok(Err(e)) => e.to_string(),
                         Ok(Ok(())) => "admin API stopped".into(),
                         Err(e) => e.to_string(),
-                    };
+                    }),
+                }
+            };
+            match event {
+                Event::Signal => break false,
+                Event::Exited(index, how) => {
+                    let now = tokio::time::Instant::now();
+                    deaths.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                    deaths.push_back(now);
+                    if deaths.len() > MAX_RESTARTS {
+                        tracing::error!(
+                            "gateway worker {index} exited ({how}), the {}th worker death within {} s: stopping the gateway",
+                            deaths.len(),
+                            RESTART_WINDOW.as_secs()
+                        );
+                        break true;
+                    }
+                    // Its sessions are gone: their agents open new ones.
+                    tracing::error!("gateway worker {index} exited ({how}): its sessions are lost; starting it again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESTART_PAUSE) => {}
+                        _ = crate::wait_for_signal() => break false,
+                    }
+                    match launcher.spawn(index) {
+                        Ok(c) => {
+                            workers.restarted(index, c.id().unwrap_or(0));
+                            children[index] = c;
+                        }
+                        Err(e) => {
+                            tracing::error!("{e:#}: stopping the gateway");
+                            break true;
+                        }
+                    }
+                }
+                Event::AdminEnded(e) => {
                     // A configured socket must work; the default one may be
                     // another gateway's on the same host.
                     if cfg.admin.is_some() {

@@ -561,6 +561,37 @@ async fn a_gateway_of_three_workers_keeps_the_session_across_switches() {
         assert_eq!(sw.len(), 2, "{sw:?}");
         assert_record(&sw[0], "planned", "wlan", &["lte"]);
         assert_record(&sw[1], "unexpected", "lte", &["wlan"]);
+
+        // The worker holding the session dies: the supervisor starts it again, and the
+        // agent, whose session is gone with it, opens a new one that carries new streams.
+        let owner = baton_runtime::gateway::owner_of_client("m", 3);
+        let pid = gs["worker_pids"][owner].as_u64().unwrap();
+        assert!(pid > 0, "{gs}");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let gs = loop {
+            let gs = rig.gateway_status();
+            if gs["worker_restarts"] == 1 && gs["sessions"].as_array().is_some_and(|s| s.len() == 1)
+            {
+                break gs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new session after the worker's restart: {gs}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_ne!(gs["worker_pids"][owner].as_u64().unwrap(), pid, "{gs}");
+        rig.wait_status(Duration::from_secs(15), "a new session up", |st| {
+            st["sessions"][0]["state"] == "up"
+        })
+        .await;
+        let app = rig.start_exchange(19, 2 * MIB, 2 * MIB);
+        rig.finish_exchange(app, Duration::from_secs(30)).await;
     })
     .await
     .expect("scenario within its time limit");

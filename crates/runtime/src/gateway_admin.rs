@@ -155,25 +155,56 @@ pub fn worker_socket(base: &Path, index: usize) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The worker processes of a gateway as its supervisor knows them.
+#[derive(Debug, Default)]
+pub struct WorkerProcesses {
+    /// Their process ids, by index.
+    pids: std::sync::Mutex<Vec<u32>>,
+    /// Workers started again after dying.
+    restarts: std::sync::atomic::AtomicU64,
+}
+
+impl WorkerProcesses {
+    /// The workers as started.
+    pub fn set_pids(&self, pids: Vec<u32>) {
+        *crate::util::lock(&self.pids) = pids;
+    }
+
+    /// Worker `index` died and was started again as `pid`.
+    pub fn restarted(&self, index: usize, pid: u32) {
+        if let Some(p) = crate::util::lock(&self.pids).get_mut(index) {
+            *p = pid;
+        }
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> usize {
+        crate::util::lock(&self.pids).len()
+    }
+}
+
 /// The admin API of a gateway made of workers (`workers = N`), served by
 /// its supervisor: each request goes to the workers' own sockets and their
 /// answers are merged, so that the commands work as with one process.
 #[derive(Debug, Clone)]
 struct Workers {
     sockets: std::sync::Arc<Vec<PathBuf>>,
+    processes: std::sync::Arc<WorkerProcesses>,
 }
 
-/// Serves the supervisor's admin API on `path` for `count` workers until
+/// Serves the supervisor's admin API on `path` for its workers until
 /// `shutdown`.
 pub async fn serve_workers(
     path: PathBuf,
-    count: usize,
+    processes: std::sync::Arc<WorkerProcesses>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = crate::admin::bind_socket(&path, "gateway").await?;
+    let count = processes.count();
     info!(socket = %path.display(), workers = count, "gateway admin API listening");
     let api = Workers {
         sockets: std::sync::Arc::new((0..count).map(|i| worker_socket(&path, i)).collect()),
+        processes,
     };
     crate::admin::serve_api(listener, api, &path, shutdown).await
 }
@@ -194,7 +225,12 @@ impl crate::admin::Api for Workers {
         }
         let answers =
             futures_util::future::join_all(self.sockets.iter().map(|p| request(p, &req))).await;
-        merge(&req, answers)
+        let mut v = merge(&req, answers);
+        if matches!(req, Request::Status) && v["ok"] == json!(true) {
+            v["worker_pids"] = json!(*crate::util::lock(&self.processes.pids));
+            v["worker_restarts"] = json!(self.processes.restarts.load(Ordering::Relaxed));
+        }
+        v
     }
 }
 
