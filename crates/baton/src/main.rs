@@ -192,11 +192,46 @@ fn init_logging(demo: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: log files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // A gateway's workers share its log: each line says whose it is.
+    match std::env::var(workers::WORKER_ENV)
+        .ok()
+        .and_then(|w| baton_runtime::gateway::WorkerSpec::parse(&w))
+    {
+        Some(spec) => builder
+            .event_format(Prefixed {
+                prefix: format!("worker {}: ", spec.index),
+                inner: tracing_subscriber::fmt::format().with_ansi(ansi),
+            })
+            .init(),
+        None => builder.init(),
+    }
+}
+
+/// A log line format with a fixed prefix.
+struct Prefixed<F> {
+    prefix: String,
+    inner: F,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Prefixed<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        writer.write_str(&self.prefix)?;
+        self.inner.format_event(ctx, writer, event)
+    }
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -230,13 +230,26 @@ async fn address_added_at_run_time_is_advertised_and_used() {
 /// are planned switches and the stream is byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_to_moves_a_live_session_without_losing_a_byte() {
+    go_to_scenario("mh_goto", "").await;
+}
+
+/// c'. The same with a gateway of two worker processes: `baton goto` reaches the worker
+/// that holds the client's session, `baton listen remove` every worker, and the status
+/// answers for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_to_and_listen_remove_work_on_a_gateway_of_workers() {
+    go_to_scenario("mh_goto_workers", "workers = 2").await;
+}
+
+async fn go_to_scenario(name: &'static str, gateway: &'static str) {
     tokio::time::timeout(LIMIT, async {
         let opts = Options {
             server_link2: true,
             listen: Some(format!("\"{A}\", \"{B}\"")),
+            gateway,
             ..Options::default()
         };
-        let mut rig = Rig::start("mh_goto", opts).await;
+        let mut rig = Rig::start(name, opts).await;
         rig.wait_status(Duration::from_secs(5), "both addresses advertised", |st| {
             session(st)["advertised"] == serde_json::json!([A, B])
         })
@@ -247,7 +260,7 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         let t1 = Instant::now();
         let out = rig.baton(&["goto", "m", B]).unwrap();
         let took1 = t1.elapsed();
-        println!("mh_goto: baton goto m {B}: {out}");
+        println!("{name}: baton goto m {B}: {out}");
         assert!(out.contains(&format!("{A} → {B}")), "{out}");
         rig.wait_status(
             Duration::from_secs(5),
@@ -260,7 +273,7 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         let t2 = Instant::now();
         let out = rig.baton(&["listen", "remove", B]).unwrap();
         let took2 = t2.elapsed();
-        println!("mh_goto: baton listen remove {B}: {out}");
+        println!("{name}: baton listen remove {B}: {out}");
         assert!(
             out.contains(&format!("{B} → {A}")),
             "the agent chose the other address: {out}"
@@ -279,7 +292,7 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         assert_eq!(sw.len(), 2, "{sw:?}");
         for (r, (from, to), gap) in [(&sw[0], (A, B), gap1), (&sw[1], (B, A), gap2)] {
             println!(
-                "mh_goto: {}; the application's longest gap {} ms",
+                "{name}: {}; the application's longest gap {} ms",
                 pause(r),
                 gap.as_millis()
             );
@@ -310,6 +323,10 @@ async fn go_to_moves_a_live_session_without_losing_a_byte() {
         assert_eq!(gw["advertised"], serde_json::json!([A]), "{gw}");
         assert_eq!(gw["sessions"][0]["gateway_addr"], A, "{gw}");
         assert_eq!(gw["stats"]["gotos"], 2, "{gw}");
+        if !gateway.is_empty() {
+            assert_eq!(gw["workers"], 2, "{gw}");
+            assert_eq!(gw["sessions"].as_array().map(Vec::len), Some(1), "{gw}");
+        }
         let st = rig.status().unwrap();
         assert_eq!(
             session(&st)["advertised"],
