@@ -393,25 +393,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
 
 /// Serves a new connection (control or leg) in a task of its own.
 fn spawn_serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    {
-        let shared2 = shared.clone();
-        shared.tasks.spawn(async move {
-            if let Err(e) = serve_connection(&shared2, stream, peer).await {
-                if matches!(
-                    e,
-                    ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
-                ) {
-                    shared2
-                        .stats
-                        .protocol_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(%peer, "closing connection: {e}");
-                } else {
-                    debug!(%peer, "connection ended: {e}");
-                }
+    let shared2 = shared.clone();
+    shared.tasks.spawn(async move {
+        if let Err(e) = serve_connection(&shared2, stream, peer).await {
+            if matches!(
+                e,
+                ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
+            ) {
+                shared2
+                    .stats
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%peer, "closing connection: {e}");
+            } else {
+                debug!(%peer, "connection ended: {e}");
             }
-        });
-    }
+        }
+    });
 }
 
 /// Answers authenticated path probes with a reply of the same size, and
