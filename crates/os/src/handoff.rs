@@ -175,9 +175,10 @@ impl Handoff {
         put_addr(&mut head, peer);
         // Straight to the socket, not through tokio's readiness: the socket
         // is non-blocking, and a datagram that would wait is dropped anyway.
-        let r = rustix::net::send(
+        let r = rustix::net::sendmsg(
             &*sock,
-            &[head.as_slice(), data].concat(),
+            &[IoSlice::new(&head), IoSlice::new(data)],
+            &mut SendAncillaryBuffer::default(),
             SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
         )
         .map_err(io::Error::from);

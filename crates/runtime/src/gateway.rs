@@ -382,7 +382,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
                 let (shared2, h) = (shared.clone(), h.clone());
                 shared.tasks.spawn(async move {
                     if let Some(stream) = workers::route(&shared2, &h, stream, peer).await {
-                        spawn_serve(&shared2, stream, peer);
+                        serve_logged(&shared2, stream, peer).await;
                     }
                 });
             }
@@ -394,22 +394,24 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: Cancellat
 /// Serves a new connection (control or leg) in a task of its own.
 fn spawn_serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let shared2 = shared.clone();
-    shared.tasks.spawn(async move {
-        if let Err(e) = serve_connection(&shared2, stream, peer).await {
-            if matches!(
-                e,
-                ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
-            ) {
-                shared2
-                    .stats
-                    .protocol_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%peer, "closing connection: {e}");
-            } else {
-                debug!(%peer, "connection ended: {e}");
-            }
+    shared
+        .tasks
+        .spawn(async move { serve_logged(&shared2, stream, peer).await });
+}
+
+/// Serves a new connection, counting and logging how it ended early.
+async fn serve_logged(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    if let Err(e) = serve_connection(shared, stream, peer).await {
+        if matches!(
+            e,
+            ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
+        ) {
+            shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, "closing connection: {e}");
+        } else {
+            debug!(%peer, "connection ended: {e}");
         }
-    });
+    }
 }
 
 /// Answers authenticated path probes with a reply of the same size, and
@@ -433,7 +435,7 @@ async fn answer_probes(
             },
             _ = stop.cancelled() => break,
         };
-        on_udp(&shared, &udp, peer, &buf[..n], false).await;
+        on_udp(&shared, &udp, bound, peer, &buf[..n]).await;
     }
     if let Some(a) = bound {
         let mut sockets = lock(&shared.udp_sockets);
@@ -443,27 +445,24 @@ async fn answer_probes(
     }
 }
 
-/// One datagram that came to `udp` from `peer`; `passed_on`: another worker
-/// received it and passed it here.
+/// One datagram that came to `udp` (bound to `bound`) from `peer`. `bound`
+/// is `None` for a datagram another worker passed here: it is not passed
+/// on again.
 async fn on_udp(
     shared: &Arc<Shared>,
     udp: &Arc<tokio::net::UdpSocket>,
+    bound: Option<SocketAddr>,
     peer: SocketAddr,
     data: &[u8],
-    passed_on: bool,
 ) {
     use baton_proto::probe::Probe;
     let relayed = baton_proto::datagram::Header::peek_session(data);
     let Some(sid) = relayed.or_else(|| Probe::peek_session(data)) else {
         return;
     };
-    if let (Some(h), false) = (&shared.handoff, passed_on) {
+    if let (Some(h), Some(local)) = (&shared.handoff, bound) {
         let owner = workers::owner_of_session(sid, h.count());
         if owner != h.index() {
-            let local = match udp.local_addr() {
-                Ok(a) => a,
-                Err(_) => return,
-            };
             if h.try_send_datagram(owner, local, peer, data).is_ok() {
                 shared
                     .stats

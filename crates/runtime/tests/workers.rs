@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proto::ClientKey;
-use baton_runtime::config::{ClientConfig, GatewayConfig};
+use baton_runtime::config::GatewayConfig;
 use baton_runtime::gateway::WorkerSpec;
 use baton_runtime::verify::{self, Dir, Mode};
 use baton_runtime::{Client, Gateway};
@@ -107,7 +107,7 @@ fn clients_section(keys: &[(String, ClientKey)], services: &str) -> String {
 }
 
 /// A client agent with interfaces `a` (127.0.0.2, preferred) and `b`
-/// (127.0.0.3) and the given services.
+/// (127.0.0.3) and the given services, its session up on `a`.
 async fn agent(
     id: &str,
     key: &ClientKey,
@@ -115,13 +115,10 @@ async fn agent(
     services: &str,
     shutdown: &CancellationToken,
 ) -> Client {
-    let toml = format!(
-        "id = \"{id}\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{gw}\"]\n{services}"
+    let more = format!(
+        "[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n{services}"
     );
-    let cfg = ClientConfig::from_toml(Path::new("workers-client.toml"), &toml).unwrap();
-    let c = Client::start(cfg, key.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let c = client(id, key, gw, &more, shutdown).await;
     assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
     c
 }

@@ -242,7 +242,7 @@ pub(super) async fn receive(shared: Arc<Shared>, handoff: Arc<Handoff>) {
             Ok(Handed::Datagram { local, peer, data }) => {
                 let socket = lock(&shared.udp_sockets).get(&local).cloned();
                 match socket {
-                    Some(s) => super::on_udp(&shared, &s, peer, &data, true).await,
+                    Some(s) => super::on_udp(&shared, &s, None, peer, &data).await,
                     None => debug!(%local, "datagram passed on for an address not served here"),
                 }
             }
