@@ -13,7 +13,7 @@ pub mod pipe;
 pub use bind::connect_via;
 pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
-pub use pipe::{open_pipes, pipe_budget, SplicePipe};
+pub use pipe::{open_pipes, pipe_budget, PipeReplay, SplicePipe};
 
 use std::io;
 use std::net::SocketAddr;

@@ -155,6 +155,18 @@ impl ReplayBuffer {
         }
     }
 
+    /// Moves an empty buffer to `at`: the bytes before it were held
+    /// elsewhere (and confirmed or taken back), so the next byte taken is
+    /// the one at `at`. Ignored unless the buffer is empty and `at` is not
+    /// before its end.
+    pub fn restart_at(&mut self, at: Offset) {
+        if self.is_empty() && at.0 >= self.end {
+            self.start = at.0;
+            self.end = at.0;
+            self.base = at.0;
+        }
+    }
+
     /// Where the byte at `offset` lives in the ring.
     fn index(&self, offset: u64) -> usize {
         ((offset - self.base) % self.capacity as u64) as usize
@@ -200,6 +212,22 @@ impl ReplayBuffer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_empty_buffer_restarts_further_on() {
+        let mut b = ReplayBuffer::new(8);
+        assert_eq!(b.push(b"ab"), 2);
+        b.restart_at(Offset(100));
+        assert_eq!(b.end(), Offset(2), "not while bytes are held");
+        b.ack(Offset(2)).unwrap();
+        b.restart_at(Offset(100));
+        assert_eq!((b.start(), b.end()), (Offset(100), Offset(100)));
+        assert_eq!(b.push(b"cdefghijk"), 8);
+        assert_eq!(b.bytes_from(Offset(100)).unwrap(), b"cdefghij");
+        b.ack(Offset(108)).unwrap();
+        b.restart_at(Offset(50));
+        assert_eq!(b.end(), Offset(108), "never back");
+    }
 
     #[test]
     fn wraps_acks_and_resumes() {

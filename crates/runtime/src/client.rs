@@ -182,6 +182,9 @@ pub struct StreamStatus {
     pub received: u64,
     /// Bytes sent twice because a path lost them.
     pub resent: u64,
+    /// Bytes put on legs without a copy in user space (spliced from the
+    /// kernel pipes a busy stream keeps them in).
+    pub sent_spliced: u64,
     /// Legs used so far.
     pub legs: u32,
     /// `zstd` or `none`.
@@ -479,6 +482,7 @@ impl Client {
                     confirmed: s.shared.peer_acked.load(Ordering::Relaxed),
                     received: s.shared.delivered.load(Ordering::Relaxed),
                     resent: s.shared.resent.load(Ordering::Relaxed),
+                    sent_spliced: s.shared.spliced_out.load(Ordering::Relaxed),
                     legs: s.generation.load(Ordering::Relaxed),
                     compress: match s.shared.compression {
                         baton_proto::Compression::None => "none",

@@ -41,8 +41,15 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{Compressor, Decompressor};
 use crate::util::lock;
 
+mod outbox;
+use outbox::{AckError, Outbox};
+
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 256 * 1024;
+
+/// A read at least this large marks a busy stream: its next bytes go
+/// through pipes, without copies, when its leg allows.
+const BUSY_READ: usize = 32 * 1024;
 
 /// Read buffer of a leg that replaces another while that one is drained.
 const NEXT_CHUNK: usize = 64 * 1024;
@@ -142,6 +149,8 @@ pub(crate) struct StreamShared {
     /// The application's bytes put on legs and read from them (resent ones
     /// included), and what they took on the wire: the compression ratio.
     pub(crate) plain_out: AtomicU64,
+    /// Of `plain_out`, bytes spliced from pipes: never copied in user space.
+    pub(crate) spliced_out: AtomicU64,
     pub(crate) wire_out: AtomicU64,
     pub(crate) plain_in: AtomicU64,
     pub(crate) wire_in: AtomicU64,
@@ -186,6 +195,7 @@ impl StreamShared {
             resent: AtomicU64::new(0),
             compression: limits.compression,
             plain_out: AtomicU64::new(0),
+            spliced_out: AtomicU64::new(0),
             wire_out: AtomicU64::new(0),
             plain_in: AtomicU64::new(0),
             wire_in: AtomicU64::new(0),
@@ -433,6 +443,15 @@ enum DirError {
     Closed,
 }
 
+impl From<AckError> for DirError {
+    fn from(e: AckError) -> Self {
+        match e {
+            AckError::Replay(e) => Self::Unrecoverable(e),
+            AckError::Io(e) => Self::Local(e),
+        }
+    }
+}
+
 /// Runs the stream until both directions are finished, the local
 /// connection fails, or the stream is aborted.
 pub(crate) async fn run(
@@ -548,12 +567,15 @@ async fn outbound(
 ) -> Result<(), DirError> {
     // Bytes are read from the application straight into the replay
     // buffer's free room: no copy in between. Its ring is allocated when
-    // the first bytes are there.
-    let mut buf = ReplayBuffer::new(limits.replay_buffer);
+    // the first bytes are there. A busy stream on one plain leg keeps and
+    // sends them through pipes instead: no copy at all.
+    let mut buf = Outbox::new(limits.replay_buffer);
     let mut idle = IdleTimer::default();
     let mut leg: Option<OutLeg> = None;
     let mut had_leg = false;
     let mut eof = false;
+    // The last read was large: pipes are worth making.
+    let mut busy = false;
     loop {
         // Done once the peer has been told where this direction ends: an
         // application that closed before the first leg (a port probe) is
@@ -561,8 +583,19 @@ async fn outbound(
         if eof && buf.is_empty() && had_leg {
             return Ok(());
         }
+        // Pipes start at the end, so the leg must have written everything
+        // before: from then on it writes only what the pipes queue.
+        if busy && shared.compression == Compression::None {
+            if let Some(l) = &leg {
+                if l.is_good() && l.zip.is_none() && l.at == buf.end() {
+                    buf.use_pipes();
+                    busy = false;
+                }
+            }
+        }
         let want_write = leg.as_ref().is_some_and(|l| l.wants_write(buf.end()));
-        idle.watch(buf.allocated() > 0);
+        let can_read = buf.can_read().map_err(DirError::Local)?;
+        idle.watch(buf.holding());
         shared.out_buffer.store(buf.allocated(), Ordering::Relaxed);
         tokio::select! {
             biased;
@@ -570,7 +603,7 @@ async fn outbound(
                 None => return Err(DirError::Closed),
                 Some(OutEvent::Ack(upto)) => {
                     // An ack beyond what was sent is a peer bug: never trust it to drop bytes.
-                    buf.ack(upto).map_err(DirError::Unrecoverable)?;
+                    buf.ack(upto).map_err(DirError::from)?;
                     shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
                 }
                 Some(OutEvent::Leg(w, peer_has, cut, start)) => {
@@ -582,7 +615,7 @@ async fn outbound(
                     if peer_has > buf.end() {
                         return Err(DirError::Unrecoverable(ReplayError::BeyondEnd(peer_has.0, buf.end().0)));
                     }
-                    let _ = buf.ack(peer_has);
+                    buf.ack(peer_has).map_err(DirError::from)?;
                     shared.peer_acked.store(buf.start().0, Ordering::Relaxed);
                     let from = match (&leg, start) {
                         // Everything written to a good old leg reaches the
@@ -596,6 +629,11 @@ async fn outbound(
                             shared.resent.fetch_add(old.at.0 - from.0, Ordering::Relaxed);
                         }
                     }
+                    // A leg that goes on where the pipes' queue starts
+                    // writes from it; any other start reads the ring.
+                    if buf.queue_at() != Some(from) || shared.compression != Compression::None {
+                        buf.to_ring().map_err(DirError::Local)?;
+                    }
                     // Dropping the old writer ends that leg after the bytes
                     // already handed to it: the peer drains it up to `from`.
                     leg = Some(OutLeg::new(w, from, cut, shared.compression).map_err(DirError::Local)?);
@@ -606,17 +644,26 @@ async fn outbound(
                     had_leg = true;
                 }
             },
-            r = write_leg(&mut leg, &buf, shared), if want_write => {
+            r = write_leg(&mut leg, &mut buf, shared), if want_write => {
                 if let Err(_e) = r {
                     leg = None;
+                    // The next leg starts where the peer says: from the ring.
+                    buf.to_ring().map_err(DirError::Local)?;
                     let _ = to_session.send(ToSession::LegLost(shared.id));
                 }
             }
-            r = local.readable(), if !eof && buf.free() > 0 => {
+            r = local.readable(), if !eof && buf.free() > 0 && can_read => {
                 r.map_err(DirError::Local)?;
-                let fresh = buf.allocated() == 0;
-                // Not empty: there is free room.
-                match local.try_read(buf.spare(CHUNK)) {
+                let fresh = !buf.holding();
+                let free = buf.free();
+                let read = if let Some(pipes) = buf.pipes() {
+                    let sock: &TcpStream = local.as_ref();
+                    sock.try_io(Interest::READABLE, || pipes.take_from(sock, free))
+                } else {
+                    // Not empty: there is free room.
+                    local.try_read(buf.spare(CHUNK))
+                };
+                match read {
                     Ok(0) => {
                         eof = true;
                         let end = buf.end();
@@ -628,7 +675,14 @@ async fn outbound(
                         }
                     }
                     Ok(n) => {
-                        buf.commit(n);
+                        if buf.pipes().is_none() {
+                            buf.commit(n);
+                            busy = n >= BUSY_READ;
+                        } else if buf.queue_at().is_none() {
+                            // The queue could not take the read whole: the
+                            // leg goes on from the ring.
+                            buf.to_ring().map_err(DirError::Local)?;
+                        }
                         shared.taken.fetch_add(n as u64, Ordering::Relaxed);
                         idle.touch();
                     }
@@ -704,13 +758,37 @@ static FILLER: [u8; 16 * 1024] = [0; 16 * 1024];
 /// makes at most one write, so dropping it in a `select!` loses nothing.
 async fn write_leg(
     leg: &mut Option<OutLeg>,
-    buf: &ReplayBuffer,
+    buf: &mut Outbox,
     shared: &StreamShared,
 ) -> io::Result<()> {
     let Some(l) = leg else {
         return std::future::pending().await;
     };
     let head = l.head_sent < LEG_START_LEN;
+    if !head && l.zip.is_none() && buf.queue_at() == Some(l.at) {
+        if let Some(pipes) = buf.pipes() {
+            // Spliced from the pipes' queue: page references, no copy.
+            let sock: &TcpStream = l.w.as_ref();
+            tokio::select! {
+                r = sock.writable() => r?,
+                _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
+            }
+            let n = match sock.try_io(Interest::WRITABLE, || pipes.send_to(sock)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            l.at = l.at.advance(n);
+            shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
+            shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
+            shared.spliced_out.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+    let buf = buf.ring();
     if !head {
         if let Some((z, chunk_at)) = &mut l.zip {
             if z.pending().is_empty() {

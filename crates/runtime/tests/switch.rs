@@ -234,6 +234,59 @@ async fn two_hundred_random_switches_under_load_on_twenty_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn bulk_streams_sent_through_pipes_survive_switches() {
+    // Unpaced streams read in large pieces: their bytes are kept and sent
+    // through pipes, and every switch takes them back into the ring (a
+    // sudden one) or goes on from the pipes' queue (a planned one).
+    let mut bed = bed("", "").await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..4u64 {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            verify::exchange(s, 7000 + i, 192 * MIB, 192 * MIB, Mode::Concurrent).await
+        }));
+    }
+    let c = &bed.client;
+    let (mut switches, mut spliced_before_switch) = (0, 0u64);
+    while !tasks.iter().all(|t| t.is_finished()) && switches < 60 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let spliced: u64 = c.streams().iter().map(|s| s.sent_spliced).sum();
+        spliced_before_switch = spliced_before_switch.max(spliced);
+        let on = current(c).await;
+        let other = if on == "a" { "b" } else { "a" };
+        if switches % 2 == 0 {
+            c.switch(other).await.unwrap();
+        } else {
+            let before = c.switches().len();
+            c.set_path_up(&on, false).unwrap();
+            assert!(
+                switches_reach(c, before + 1).await,
+                "sudden switch {switches}"
+            );
+            c.set_path_up(&on, true).unwrap();
+        }
+        switches += 1;
+    }
+    assert!(switches >= 4, "the streams ended after {switches} switches");
+    assert!(spliced_before_switch > 0, "nothing was sent through pipes");
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream failed");
+        assert!(r.is_exact(Dir::Down), "{r:?}");
+    }
+    for _ in 0..4 {
+        let r = bed.reports.recv().await.unwrap().unwrap();
+        assert!(r.is_exact(Dir::Up), "{r:?}");
+    }
+    println!("{switches} switches, {spliced_before_switch} bytes spliced");
+    bed.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn memory_stays_bounded_when_the_far_side_stops_reading() {
     // A server that accepts and never reads.
     let shutdown = CancellationToken::new();
