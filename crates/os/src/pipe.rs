@@ -60,7 +60,8 @@ impl Drop for Slot {
 
 impl SplicePipe {
     /// A non-blocking pipe of (at least) `size` bytes if the system allows,
-    /// else of the system's default size. Fails when the process's
+    /// else of the system's default size (refused if that is smaller than
+    /// `size` and than 64 KiB). Fails when the process's
     /// [`pipe_budget`] is used up or no pipe can be made: the caller then
     /// copies through user space.
     pub fn new(size: usize) -> io::Result<Self> {
@@ -80,11 +81,18 @@ impl SplicePipe {
             Ok(got) => got,
             Err(_) => fcntl(&write, FcntlArg::F_GETPIPE_SZ)?,
         };
+        let capacity = usize::try_from(capacity).unwrap_or(0);
+        if capacity < size.min(64 * 1024) {
+            // Past the user's pipe pages (`pipe-user-pages-soft`) a new
+            // pipe gets two pages: splicing through it would cost more
+            // system calls than the copies it saves.
+            return Err(io::Error::other("pipe too small"));
+        }
         Ok(Self {
             read,
             write,
             held: 0,
-            capacity: usize::try_from(capacity).unwrap_or(0),
+            capacity,
             _slot: slot,
         })
     }
@@ -195,7 +203,7 @@ impl SplicePipe {
         if len == 0 {
             return Ok(0);
         }
-        let n = retry(|| Ok(read(&self.read, &mut buf[..len])?))?;
+        let n = retry(|| read(&self.read, &mut buf[..len]))?;
         self.held -= n;
         Ok(n)
     }

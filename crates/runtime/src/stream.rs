@@ -632,7 +632,7 @@ async fn outbound(
                     // A leg that goes on where the pipes' queue starts
                     // writes from it; any other start reads the ring.
                     if buf.queue_at() != Some(from) || shared.compression != Compression::None {
-                        buf.to_ring().map_err(DirError::Local)?;
+                        buf.back_to_ring().map_err(DirError::Local)?;
                     }
                     // Dropping the old writer ends that leg after the bytes
                     // already handed to it: the peer drains it up to `from`.
@@ -648,7 +648,7 @@ async fn outbound(
                 if let Err(_e) = r {
                     leg = None;
                     // The next leg starts where the peer says: from the ring.
-                    buf.to_ring().map_err(DirError::Local)?;
+                    buf.back_to_ring().map_err(DirError::Local)?;
                     let _ = to_session.send(ToSession::LegLost(shared.id));
                 }
             }
@@ -681,7 +681,7 @@ async fn outbound(
                         } else if buf.queue_at().is_none() {
                             // The queue could not take the read whole: the
                             // leg goes on from the ring.
-                            buf.to_ring().map_err(DirError::Local)?;
+                            buf.back_to_ring().map_err(DirError::Local)?;
                         }
                         shared.taken.fetch_add(n as u64, Ordering::Relaxed);
                         idle.touch();
