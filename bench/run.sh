@@ -2,7 +2,8 @@
 # bench/run.sh: throughput (iperf3), CPU per gigabyte and request/response
 # latency (baton-bench rr), measured directly, through baton, through two
 # chained HAProxy processes and through two chained socat processes, side by
-# side in one run, on loopback only. See bench/README.md for the knobs and how
+# side in one run, on loopback only; optionally (PEERS=... splice) through two
+# chained splice-only relays, the cheapest two hops can be. See bench/README.md for the knobs and how
 # to read the tables.
 set -euo pipefail
 
@@ -16,7 +17,7 @@ RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
 ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
-PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured)
+PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured; "splice" on request)
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
@@ -37,6 +38,8 @@ HAPROXY_IPERF_PORT=${BENCH_HAPROXY_IPERF_PORT:-15211} # and 15212
 HAPROXY_ECHO_PORT=${BENCH_HAPROXY_ECHO_PORT:-15010}   # and 15011
 SOCAT_IPERF_PORT=${BENCH_SOCAT_IPERF_PORT:-15221}     # and 15222
 SOCAT_ECHO_PORT=${BENCH_SOCAT_ECHO_PORT:-15020}       # and 15021
+SPLICE_IPERF_PORT=${BENCH_SPLICE_IPERF_PORT:-15231}   # and 15232
+SPLICE_ECHO_PORT=${BENCH_SPLICE_ECHO_PORT:-15030}     # and 15031
 
 HOST=127.0.0.1 # never anything but loopback
 BATON=$ROOT/target/release/baton
@@ -49,11 +52,11 @@ die() { log "error: $*"; exit 1; }
 [[ $BENCH_DIRECT_ONLY == 1 ]] && PEERS=direct
 has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
 for p in $PEERS; do
-    case $p in direct|baton|haproxy|socat) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat)" ;; esac
+    case $p in direct|baton|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat splice)" ;; esac
 done
 # Measurement order: direct first, then the relays.
 ORDER=(direct)
-for p in baton haproxy socat; do has_peer "$p" && ORDER+=("$p"); done
+for p in baton haproxy socat splice; do has_peer "$p" && ORDER+=("$p"); done
 
 # ---- peers ------------------------------------------------------------------
 as_root() {
@@ -215,6 +218,12 @@ if has_peer socat; then
     check_free "$SOCAT_ECHO_PORT" "socat hop 1, echo" BENCH_SOCAT_ECHO_PORT
     check_free $((SOCAT_ECHO_PORT + 1)) "socat hop 2, echo" BENCH_SOCAT_ECHO_PORT
 fi
+if has_peer splice; then
+    check_free "$SPLICE_IPERF_PORT" "splice hop 1, iperf" BENCH_SPLICE_IPERF_PORT
+    check_free $((SPLICE_IPERF_PORT + 1)) "splice hop 2, iperf" BENCH_SPLICE_IPERF_PORT
+    check_free "$SPLICE_ECHO_PORT" "splice hop 1, echo" BENCH_SPLICE_ECHO_PORT
+    check_free $((SPLICE_ECHO_PORT + 1)) "splice hop 2, echo" BENCH_SPLICE_ECHO_PORT
+fi
 
 # ---- targets ----------------------------------------------------------------
 start_iperf_server() {
@@ -341,6 +350,26 @@ if has_peer socat; then
     wait_port "$SOCAT_ECHO_PORT" socat-echo1 "$BENCH_STARTUP_TIMEOUT"
     IPERF_AT[socat]=$SOCAT_IPERF_PORT ECHO_AT[socat]=$SOCAT_ECHO_PORT
     RELAYS[socat]="socat-iperf1 socat-iperf2 socat-echo1 socat-echo2"
+fi
+
+# ---- splice: two hops of `baton-bench splice-relay` -------------------------
+# The yardstick: splice(2) both ways through a 1 MiB pipe, a blocking thread
+# per direction, no protocol, nothing kept for a resume. What two hops cost
+# the kernel alone.
+if has_peer splice; then
+    splice_hop() { # splice_hop NAME LISTEN NEXT
+        start "$1" "$BENCHBIN" splice-relay --listen "$HOST:$2" --to "$HOST:$3"
+    }
+    splice_hop splice-iperf2 $((SPLICE_IPERF_PORT + 1)) "$IPERF_PORT"
+    splice_hop splice-iperf1 "$SPLICE_IPERF_PORT" $((SPLICE_IPERF_PORT + 1))
+    splice_hop splice-echo2 $((SPLICE_ECHO_PORT + 1)) "$ECHO_PORT"
+    splice_hop splice-echo1 "$SPLICE_ECHO_PORT" $((SPLICE_ECHO_PORT + 1))
+    for h in splice-iperf2:$((SPLICE_IPERF_PORT + 1)) splice-iperf1:$SPLICE_IPERF_PORT \
+        splice-echo2:$((SPLICE_ECHO_PORT + 1)) splice-echo1:$SPLICE_ECHO_PORT; do
+        wait_port "${h#*:}" "${h%%:*}" "$BENCH_STARTUP_TIMEOUT"
+    done
+    IPERF_AT[splice]=$SPLICE_IPERF_PORT ECHO_AT[splice]=$SPLICE_ECHO_PORT
+    RELAYS[splice]="splice-iperf1 splice-iperf2 splice-echo1 splice-echo2"
 fi
 
 # Listeners may be up before the path behind them is: wait for a real round

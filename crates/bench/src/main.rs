@@ -10,6 +10,8 @@
 //!   holds, their memory, how fast they are accepted and how fast a storm of
 //!   switching clients is absorbed (see `scale.rs`). It starts its own load-generator
 //!   processes (`scale-part`) and targets (`hold`), hidden subcommands.
+//! * `baton-bench splice-relay --listen ADDR --to ADDR` is the cheapest relay
+//!   there is (`splice(2)` and nothing else), a yardstick for `bench/run.sh`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod handover;
 mod scale;
+mod splice_relay;
 
 #[derive(Parser, Debug)]
 #[command(name = "baton-bench", version, about = "Benchmark helpers for baton")]
@@ -68,6 +71,16 @@ enum Cmd {
     /// One gateway with many sessions and idle streams: memory, accept times, and a storm
     /// of clients switching at once.
     Scale(scale::Options),
+    /// The cheapest relay: splice(2) both ways, a thread per direction, no
+    /// protocol; `bench/run.sh` chains two as a yardstick.
+    SpliceRelay {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where each connection goes.
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// One of the scale benchmark's load-generator processes (started by `scale`).
     #[command(hide = true)]
     ScalePart(scale::part::PartOptions),
@@ -87,6 +100,7 @@ fn main() -> Result<()> {
         Cmd::Scale(opts) => scale::run(&opts),
         Cmd::ScalePart(opts) => scale::part::run(&opts),
         Cmd::Hold { listen } => scale::hold(&listen),
+        Cmd::SpliceRelay { listen, to } => splice_relay::run(listen, to),
         Cmd::Echo { listen } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
