@@ -16,7 +16,7 @@ use nix::unistd::pipe2;
 
 const PIPE: usize = 1 << 20;
 
-pub fn run(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+pub(crate) fn run(listen: SocketAddr, to: SocketAddr) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     for conn in l.incoming() {
         let a = conn.context("accepting")?;
