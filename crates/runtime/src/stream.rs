@@ -631,7 +631,7 @@ async fn outbound(
                     }
                     // A leg that goes on where the pipes' queue starts
                     // writes from it; any other start reads the ring.
-                    if buf.queue_at() != Some(from) || shared.compression != Compression::None {
+                    if buf.queue_at() != Some(from) {
                         buf.back_to_ring().map_err(DirError::Local)?;
                     }
                     // Dropping the old writer ends that leg after the bytes
