@@ -416,7 +416,7 @@ fn gw_session_addr(rig: &Rig) -> Value {
 }
 
 /// e. The engine's candidates are (interface, gateway address) pairs. MOBILE has wlan and
-/// lte (lte metered), the gateway 10.89.1.2 and 10.89.1.2's twin 10.90.1.2. ROUTER drops 30%
+/// lte (lte metered), the gateway 10.89.1.2 and 10.89.1.2's twin 10.90.1.2. ROUTER drops 50%
 /// of what goes to or comes from 10.89.1.2 only (TCP and the probes alike): every
 /// interface's path to the current address degrades while the other address stays good,
 /// and the engine moves the session to (wlan, 10.90.1.2): same interface, other address, a
@@ -452,7 +452,7 @@ async fn the_engine_moves_to_the_better_interface_and_address_pair() {
         // The path to the first address degrades, whatever the interface.
         let lossy: Vec<Vec<&str>> = ["-d", "-s"]
             .iter()
-            .map(|dir| vec!["iptables", "-w", "5", "-I", "FORWARD", *dir, "10.89.1.2", "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j", "DROP"])
+            .map(|dir| vec!["iptables", "-w", "5", "-I", "FORWARD", *dir, "10.89.1.2", "-m", "statistic", "--mode", "random", "--probability", "0.5", "-j", "DROP"])
             .collect();
         for r in &lossy {
             rig.sh(baton_netbed::Host::Router, r);
