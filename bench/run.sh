@@ -13,6 +13,7 @@ cd "$ROOT"
 # ---- knobs (environment) ----------------------------------------------------
 DURATION=${DURATION:-5}                  # seconds per iperf3 test
 STREAMS=${STREAMS:-"1 8"}                # iperf3 -P values
+PACED=${PACED:-2}                        # Gbit/s: also 8 streams paced to this total rate ("" for none)
 RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
@@ -21,7 +22,7 @@ PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is alwa
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
-BATON_WORKERS=${BATON_WORKERS:-}         # tokio worker threads per baton process (empty: one per core)
+BATON_THREADS=${BATON_THREADS:-}         # `threads` of both baton processes (empty: their defaults, agent 1, gateway one per core)
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
 BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for the relays
@@ -50,6 +51,8 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [[ $BENCH_DIRECT_ONLY == 1 ]] && PEERS=direct
+[[ -z $BATON_THREADS || $BATON_THREADS =~ ^[1-9][0-9]*$ ]] || die "BATON_THREADS must be a positive integer (or empty)"
+[[ $HAPROXY_NBTHREAD =~ ^[1-9][0-9]*$ ]] || die "HAPROXY_NBTHREAD must be a positive integer"
 has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
 for p in $PEERS; do
     case $p in direct|baton|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat splice)" ;; esac
@@ -249,6 +252,7 @@ if has_peer baton; then
 listen = ["$HOST:$GATEWAY_PORT"]
 inactivity_timeout = "5m"
 max_sessions = 100
+${BATON_THREADS:+threads = $BATON_THREADS}
 
 [services.iperf]
 target = "$HOST:$IPERF_PORT"
@@ -267,6 +271,7 @@ EOF
 id = "laptop"
 key_file = "laptop.key"
 admin = "$TMP/admin.sock"
+${BATON_THREADS:+threads = $BATON_THREADS}
 
 [gateways.bench]
 addresses = ["$HOST:$GATEWAY_PORT"]
@@ -280,12 +285,9 @@ gateway = "bench"
 listen = "$HOST:$ECHO_VIA_PORT"
 EOF
 
-    # baton's runtime takes its worker count from TOKIO_WORKER_THREADS;
-    # only the baton processes get it.
-    workers=(); [[ -n $BATON_WORKERS ]] && workers=(env "TOKIO_WORKER_THREADS=$BATON_WORKERS")
-    start gateway "${workers[@]}" "$BATON" gateway -c "$TMP/gateway.toml"
+    start gateway "$BATON" gateway -c "$TMP/gateway.toml"
     wait_port "$GATEWAY_PORT" gateway "$BENCH_STARTUP_TIMEOUT"
-    start client "${workers[@]}" "$BATON" client -c "$TMP/client.toml"
+    start client "$BATON" client -c "$TMP/client.toml"
     wait_port "$IPERF_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     wait_port "$ECHO_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     IPERF_AT[baton]=$IPERF_VIA_PORT ECHO_AT[baton]=$ECHO_VIA_PORT RELAYS[baton]="client gateway"
@@ -453,20 +455,25 @@ EOF
 # this shell (not a $(...) subshell) and can restart the iperf3 server and
 # record failures.
 
-# iperf_run PORT STREAMS [-R]: sets BPS (bits/s received) and BYTES (bytes
-# received), or "fail"
+# iperf_run PORT STREAMS [iperf3 flags]: sets BPS (bits/s received), BYTES
+# (bytes received) and ENDS (CPU seconds of the iperf3 client and server, as
+# they report them), or "fail"
 iperf_run() {
     local port=$1 streams=$2; shift 2
     local out=$TMP/iperf.json extra=()
     # iperf3 accepts --rcv-timeout only when the client receives (-R).
     [[ " $* " == *" -R "* ]] && extra=(--rcv-timeout 10000)
-    BPS=fail BYTES=fail
+    BPS=fail BYTES=fail ENDS=fail
     if run_fg timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
         --connect-timeout 5000 "${extra[@]}" -J "$@" >"$out" 2>"$TMP/iperf.err" \
-        && read -r BPS BYTES < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["end"]["sum_received"]; print(r["bits_per_second"], r["bytes"])' "$out" 2>/dev/null); then
+        && read -r BPS BYTES ENDS < <(python3 -c '
+import json, sys
+e = json.load(open(sys.argv[1]))["end"]
+r, c = e["sum_received"], e["cpu_utilization_percent"]
+print(r["bits_per_second"], r["bytes"], (c["host_total"] + c["remote_total"]) / 100 * r["seconds"])' "$out" 2>/dev/null); then
         return 0
     fi
-    BPS=fail BYTES=fail
+    BPS=fail BYTES=fail ENDS=fail
     log "iperf3 -c $HOST -p $port -P $streams $* failed: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("error",""))' "$out" 2>/dev/null || true) $(head -c 300 "$TMP/iperf.err")"
     FAILED=1
     # A failed test can leave the iperf3 server busy: start a fresh one.
@@ -495,28 +502,42 @@ rotated() {
     for ((i = 0; i < n; i++)); do printf '%s\n' "${ORDER[(i + r) % n]}"; done
 }
 
-for p in $STREAMS; do
-    for dir in up down; do
-        flag=(); [[ $dir == down ]] && flag=(-R)
-        name="iperf3 -P $p $dir"
-        for ((r = 1; r <= ROUNDS; r++)); do
-            tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
-            while read -r peer; do
-                log "$name: $peer$tag"
-                relays=${RELAYS[$peer]}
-                # shellcheck disable=SC2086 # relays is a list of names
-                before=$(cpu_seconds $relays)
-                iperf_run "${IPERF_AT[$peer]}" "$p" "${flag[@]}"
-                # socat's children exit when their connections close: give
-                # them a moment so that their time is in their parent's.
-                [[ $peer == socat ]] && sleep 0.3
-                # shellcheck disable=SC2086
-                after=$(cpu_seconds $relays)
-                cpu=$(awk -v a="$after" -v b="$before" 'BEGIN{printf "%.3f", a - b}')
-                [[ -z $relays ]] && cpu=-
-                printf 'thr\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$BPS" "$BYTES" "$cpu" >>"$RESULTS"
-            done < <(rotated "$r")
-        done
+# The tests: "STREAMS DIRECTION [RATE]". Unpaced, the two cores are the
+# limit and the relays' CPU share partly depends on which process the kernel
+# charges for the loopback TCP work; paced, every path has idle time and the
+# CPU per GB is what the path costs.
+TESTS=()
+for p in $STREAMS; do TESTS+=("$p up" "$p down"); done
+if [[ -n $PACED ]]; then
+    [[ $PACED =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "PACED must be a rate in Gbit/s (or empty)"
+    TESTS+=("8 up $PACED" "8 down $PACED")
+fi
+for t in "${TESTS[@]}"; do
+    read -r p dir rate <<<"$t"
+    flag=(); [[ $dir == down ]] && flag=(-R)
+    name="iperf3 -P $p $dir"
+    if [[ -n $rate ]]; then
+        # iperf3 -b paces each stream.
+        flag+=(-b "$(awk -v r="$rate" -v p="$p" 'BEGIN { printf "%.0f", r * 1e9 / p }')")
+        name="$name at $rate Gbit/s"
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
+        while read -r peer; do
+            log "$name: $peer$tag"
+            relays=${RELAYS[$peer]}
+            # shellcheck disable=SC2086 # relays is a list of names
+            before=$(cpu_seconds $relays)
+            iperf_run "${IPERF_AT[$peer]}" "$p" "${flag[@]}"
+            # socat's children exit when their connections close: give
+            # them a moment so that their time is in their parent's.
+            [[ $peer == socat ]] && sleep 0.3
+            # shellcheck disable=SC2086
+            after=$(cpu_seconds $relays)
+            cpu=$(awk -v a="$after" -v b="$before" 'BEGIN{printf "%.3f", a - b}')
+            [[ -z $relays ]] && cpu=-
+            printf 'thr\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$peer" "$BPS" "$BYTES" "$cpu" "$ENDS" >>"$RESULTS"
+        done < <(rotated "$r")
     done
 done
 
@@ -534,7 +555,7 @@ done
 # ---- tables -------------------------------------------------------------------
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
-export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_WORKERS
+export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_THREADS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 MACHINE="$(nproc) cores, $(uname -sr)"
 IPERF_VERSION=$(iperf3 --version 2>/dev/null | head -n 1)

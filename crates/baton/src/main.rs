@@ -234,9 +234,14 @@ where
     }
 }
 
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+/// The async runtime, with `threads` worker threads (`None`: tokio's
+/// default, one per core or `TOKIO_WORKER_THREADS`).
+pub(crate) fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all()
         .build()
         .context("cannot start the async runtime")
 }
@@ -269,7 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cfg.workers > 1 {
                 return workers::supervise(&config, &cfg);
             }
-            runtime()?.block_on(async {
+            runtime(cfg.threads)?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
                 let gw = Gateway::start(cfg, shutdown.clone()).await?;
@@ -318,7 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             open_files_limit();
-            runtime()?.block_on(async {
+            runtime(Some(cfg.threads))?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
                 let client = Client::start(cfg, key, shutdown.clone()).await?;
@@ -343,7 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keygen { id, out } => keygen(&id, out),
         Command::Status { admin, json } => {
-            let reply = runtime()?.block_on(baton_runtime::admin::request(
+            let reply = runtime(Some(1))?.block_on(baton_runtime::admin::request(
                 &admin,
                 &baton_runtime::admin::Request::Status,
             ))?;
@@ -360,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Approve { admin } => admin_simple(&admin, baton_runtime::admin::Request::Approve),
         Command::Decline { admin } => admin_simple(&admin, baton_runtime::admin::Request::Decline),
         Command::Events { admin } => {
-            runtime()?.block_on(baton_runtime::admin::follow_events(&admin, |v| {
+            runtime(Some(1))?.block_on(baton_runtime::admin::follow_events(&admin, |v| {
                 println!("{v}")
             }))?;
             Ok(ExitCode::SUCCESS)
@@ -369,7 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let req = baton_runtime::admin::Request::Switch {
                 to: interface.clone(),
             };
-            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
+            let reply = runtime(Some(1))?.block_on(baton_runtime::admin::request(&admin, &req))?;
             if reply["ok"] != true {
                 anyhow::bail!(
                     "switch to {interface} failed: {}",
@@ -392,7 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Roam { to, gateway, admin } => {
             let req = baton_runtime::admin::Request::Roam { gateway, to };
-            let reply = runtime()?.block_on(baton_runtime::admin::request(&admin, &req))?;
+            let reply = runtime(Some(1))?.block_on(baton_runtime::admin::request(&admin, &req))?;
             if reply["ok"] != true {
                 anyhow::bail!(
                     "roam failed: {}",
@@ -415,7 +420,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::GatewayStatus { admin, json } => {
             let req = baton_runtime::gateway_admin::Request::Status;
-            let reply = runtime()?.block_on(baton_runtime::gateway_admin::request(&admin, &req))?;
+            let reply =
+                runtime(Some(1))?.block_on(baton_runtime::gateway_admin::request(&admin, &req))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
@@ -455,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { streams, mib, pace } => {
             anyhow::ensure!(streams > 0, "--streams must be at least 1");
             anyhow::ensure!(pace > 0, "--pace must be at least 1");
-            runtime()?.block_on(demo::run(demo::Options {
+            runtime(None)?.block_on(demo::run(demo::Options {
                 streams,
                 mib,
                 pace_mib: pace,
@@ -466,7 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn admin_simple(admin: &Path, req: baton_runtime::admin::Request) -> anyhow::Result<ExitCode> {
-    let reply = runtime()?.block_on(baton_runtime::admin::request(admin, &req))?;
+    let reply = runtime(Some(1))?.block_on(baton_runtime::admin::request(admin, &req))?;
     if reply["ok"] != true {
         anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
     }
@@ -480,7 +486,7 @@ fn gateway_moves(
     admin: &Path,
     req: &baton_runtime::gateway_admin::Request,
 ) -> anyhow::Result<ExitCode> {
-    let reply = runtime()?.block_on(baton_runtime::gateway_admin::request(admin, req))?;
+    let reply = runtime(Some(1))?.block_on(baton_runtime::gateway_admin::request(admin, req))?;
     if reply["ok"] != true {
         anyhow::bail!("{}", reply["error"].as_str().unwrap_or("unknown error"));
     }

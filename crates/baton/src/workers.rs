@@ -76,7 +76,7 @@ pub(crate) fn supervise(config: &Path, cfg: &GatewayConfig) -> anyhow::Result<Ex
         count: cfg.workers,
         group: std::process::id().to_string(),
     };
-    crate::runtime()?.block_on(async {
+    crate::runtime(Some(1))?.block_on(async {
         let mut children = Vec::with_capacity(cfg.workers);
         for index in 0..cfg.workers {
             children.push(launcher.spawn(index)?);
@@ -194,7 +194,7 @@ pub(crate) fn work(spec: &str, cfg: GatewayConfig) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{WORKER_ENV}: the group is the supervisor's pid"))?;
     baton_os::die_with_parent(supervisor).context("worker")?;
     let admin = baton_runtime::gateway_admin::worker_socket(&admin_base(&cfg), spec.index);
-    crate::runtime()?.block_on(async {
+    crate::runtime(cfg.threads)?.block_on(async {
         let shutdown = CancellationToken::new();
         let gw = Gateway::start_worker(cfg, shutdown.clone(), Some(spec.clone())).await?;
         tracing::info!(worker = spec.index, of = spec.count, "gateway worker up");
