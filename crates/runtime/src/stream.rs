@@ -51,6 +51,12 @@ const CHUNK: usize = 256 * 1024;
 /// through pipes, without copies, when its leg allows.
 const BUSY_READ: usize = 32 * 1024;
 
+/// Pipe between a plain leg and the application's socket. Small on
+/// purpose: the pages a relay has just spliced are copied out by the
+/// application while still in the CPU's cache; a 256 KiB pipe measured
+/// 7-9% more CPU per GB over the whole path with 8 busy streams.
+const RECV_PIPE: usize = 64 * 1024;
+
 /// Read buffer of a leg that replaces another while that one is drained.
 const NEXT_CHUNK: usize = 64 * 1024;
 
@@ -1127,7 +1133,7 @@ async fn read_leg(
             l.r.try_read(&mut l.head[l.head_read..])
         } else if let Some(Some(p)) = pipe.as_deref_mut() {
             let sock: &TcpStream = l.r.as_ref();
-            sock.try_io(Interest::READABLE, || p.fill_from(sock, size))
+            sock.try_io(Interest::READABLE, || p.fill_from(sock, RECV_PIPE))
         } else if buf.is_empty() {
             // The first read after an idle spell goes to the stack: the
             // readiness may be stale (the leg's preamble was read before
@@ -1138,7 +1144,7 @@ async fn read_leg(
             if let Ok(n @ 1..) = r {
                 match pipe
                     .as_deref_mut()
-                    .map(|p| SplicePipe::new(size).map(|made| p.insert(made)))
+                    .map(|p| SplicePipe::new(RECV_PIPE).map(|made| p.insert(made)))
                 {
                     // The next bytes are spliced; these few are delivered
                     // from a buffer just their size.
