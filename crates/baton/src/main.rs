@@ -323,7 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             open_files_limit();
-            runtime(Some(cfg.threads))?.block_on(async {
+            runtime(cfg.threads)?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let admin = cfg.admin.clone();
                 let client = Client::start(cfg, key, shutdown.clone()).await?;

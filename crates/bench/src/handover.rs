@@ -72,6 +72,9 @@ pub(crate) struct Options {
     /// The baton binary (default: `baton` next to this program).
     #[arg(long)]
     baton: Option<PathBuf>,
+    /// `threads` of baton's agent and gateway (default: baton's own defaults).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
     /// Where the markdown table goes.
     #[arg(long, default_value = "bench/results/handover.md")]
     out: PathBuf,
@@ -453,7 +456,7 @@ fn run_one(
     let mut baton_rig = None;
     let (listener, connect_to, mptcp) = match system {
         System::Baton => {
-            let rig = BatonRig::start(&bed, baton, server)?;
+            let rig = BatonRig::start(&bed, baton, server, opts.threads)?;
             baton_rig = Some(rig);
             (
                 listen(&bed, server, false)?,
@@ -907,7 +910,12 @@ struct BatonRig {
 }
 
 impl BatonRig {
-    fn start(bed: &Bed, baton: &Path, target: SocketAddr) -> Result<BatonRig> {
+    fn start(
+        bed: &Bed,
+        baton: &Path,
+        target: SocketAddr,
+        threads: Option<u16>,
+    ) -> Result<BatonRig> {
         let dir = std::env::temp_dir().join(format!("baton-handover-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -930,10 +938,11 @@ impl BatonRig {
             .context("baton keygen's last line is not key = \"...\"")?
             .to_owned();
         let gw_addr = SocketAddr::from((bed.server_addr(), GATEWAY_PORT));
+        let threads = threads.map_or(String::new(), |n| format!("threads = {n}\n"));
         std::fs::write(
             dir.join("gateway.toml"),
             format!(
-                "listen = [\"{gw_addr}\"]\n[services.data]\ntarget = \"{target}\"\n\
+                "listen = [\"{gw_addr}\"]\n{threads}[services.data]\ntarget = \"{target}\"\n\
                  [clients.m]\nkey = \"{public}\"\nservices = [\"data\"]\n"
             ),
         )?;
@@ -941,7 +950,7 @@ impl BatonRig {
         std::fs::write(
             dir.join("client.toml"),
             format!(
-                "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n[gateways.gw]\naddresses = [\"{gw_addr}\"]\n\
+                "id = \"m\"\nkey_file = \"m.key\"\nadmin = \"{}\"\n{threads}[gateways.gw]\naddresses = [\"{gw_addr}\"]\n\
                  [services.data]\ngateway = \"gw\"\nlisten = \"127.0.0.1:{SERVICE_PORT}\"\n",
                 admin.display()
             ),
