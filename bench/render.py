@@ -133,22 +133,20 @@ def main():
     # 2. CPU of the relay processes per gigabyte received by iperf3.
     if relays:
         cpu_ratio_cols = [f"baton/{NAMES[p].split()[0]}" for p in others] if has_baton else []
-        cpu_t = Table("CPU of the relay processes per GB relayed (user+system)", ["test"] + [NAMES[p] for p in relays] + cpu_ratio_cols)
-        for test in tests_thr:
-            row = [test] + [fmt(cpu.get((test, p)), "s/GB") for p in relays]
-            if has_baton:
-                row += [fmt(ratio(cpu.get((test, "baton")), cpu.get((test, p))), "x") for p in others]
-            cpu_t.add(row)
-        tables.append(cpu_t)
+
+        def cpu_table(title, d, cols):
+            t = Table(title, ["test"] + [NAMES[p] for p in cols] + cpu_ratio_cols)
+            for test in tests_thr:
+                row = [test] + [fmt(d.get((test, p)), "s/GB") for p in cols]
+                if has_baton:
+                    row += [fmt(ratio(d.get((test, "baton")), d.get((test, p))), "x") for p in others]
+                t.add(row)
+            return t
+
+        tables.append(cpu_table("CPU of the relay processes per GB relayed (user+system)", cpu, relays))
         # 2b. The same, with iperf3's own CPU at both ends added: what the
         # whole path costs, whoever the kernel charged for the TCP work.
-        path_t = Table("CPU of the whole path per GB (relay processes + iperf3 client and server)", ["test"] + [NAMES[p] for p in peers] + cpu_ratio_cols)
-        for test in tests_thr:
-            row = [test] + [fmt(path.get((test, p)), "s/GB") for p in peers]
-            if has_baton:
-                row += [fmt(ratio(path.get((test, "baton")), path.get((test, p))), "x") for p in others]
-            path_t.add(row)
-        tables.append(path_t)
+        tables.append(cpu_table("CPU of the whole path per GB (relay processes + iperf3 client and server)", path, peers))
         # 3. Latency added to the direct round trip.
         add_t = Table("Latency added to the direct round trip (relay - direct)", ["test"] + [NAMES[p] for p in relays] + cpu_ratio_cols)
         for test in tests_rr:
@@ -203,7 +201,7 @@ def main():
         f"iperf3: {env('IPERF_VERSION', '?')}, {env('DURATION', '?')} s per test; "
         f"rr: {env('RR_COUNT', '?')} round trips after {env('RR_WARMUP', '?')} warm-up, one connection, TCP_NODELAY",
         "baton: client agent and gateway, runtime threads "
-        + (f"{env('BATON_THREADS')} each" if env("BATON_THREADS") else "as configured by default (agent 1, gateway one per core)"),
+        + (f"{env('BATON_THREADS')} each" if env("BATON_THREADS") else "one per core (baton's default)"),
         f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION', '?')} tcp mode, "
         f"splice-request + splice-response, nbthread {env('HAPROXY_NBTHREAD', '?')}; "
         f"socat {env('SOCAT_VERSION', '?')} -b {env('SOCAT_BUF', '?')}, fork, nodelay; "

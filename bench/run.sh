@@ -22,7 +22,7 @@ PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is alwa
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
-BATON_THREADS=${BATON_THREADS:-}         # `threads` of both baton processes (empty: their defaults, agent 1, gateway one per core)
+BATON_THREADS=${BATON_THREADS:-}         # `threads` of both baton processes (empty: baton's default, one per core)
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
 BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for the relays
