@@ -47,11 +47,16 @@ pub use expose::{ExposedState, ExposedStatus};
 use crate::config::ClientConfig;
 use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
+use crate::shards::{Moving, Shards};
 use crate::stream::{
     self, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamInbox, StreamLimits,
     StreamShared, ToSession, Tombstones,
 };
 use crate::util::{lock, sid};
+
+/// The name of the agent's session threads (`baton-link-N`, one per
+/// gateway up to `threads`).
+const SESSION_THREAD: &str = "baton-link";
 
 mod book;
 mod roam;
@@ -219,6 +224,16 @@ struct Shared {
     limits: StreamLimits,
     events: Arc<crate::decide::Events>,
     decider: mpsc::UnboundedSender<crate::decide::Command>,
+    /// Where each link's streams run (shards.rs): the tasks of one session
+    /// wake each other on one thread, while legs are opened on any.
+    session_threads: Shards,
+}
+
+impl Shared {
+    /// The session thread of `link`.
+    fn thread_of(&self, link: &Link) -> &tokio::runtime::Handle {
+        self.session_threads.handle(link.thread)
+    }
 }
 
 /// The session with one gateway.
@@ -238,6 +253,8 @@ struct Link {
     exposed: Mutex<Vec<ExposedStatus>>,
     /// The UDP services relayed by this gateway, and their flows.
     udp: Arc<crate::udp::ClientUdp>,
+    /// The session thread its streams and session task run on.
+    thread: usize,
 }
 
 #[derive(Debug)]
@@ -271,6 +288,8 @@ struct Core {
     released: CancellationToken,
     /// The link's UDP flows, which move with this session.
     udp: Arc<crate::udp::ClientUdp>,
+    /// The session thread its streams run on.
+    thread: tokio::runtime::Handle,
 }
 
 #[derive(Debug, Clone)]
@@ -320,10 +339,20 @@ impl Client {
                 crate::udp::ClientUdp::bind(name, &config, tasks.clone(), shutdown.clone()).await?,
             );
         }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let session_threads = Shards::start(
+            config
+                .gateways
+                .len()
+                .min(config.threads.unwrap_or(cores))
+                .max(1),
+            SESSION_THREAD,
+        )?;
         let links = config
             .gateways
             .iter()
-            .map(|(name, g)| {
+            .enumerate()
+            .map(|(i, (name, g))| {
                 let (switch_tx, switch_rx) = mpsc::unbounded_channel();
                 let link = Link {
                     gateway: name.clone(),
@@ -335,6 +364,7 @@ impl Client {
                     pending_roam: Mutex::new(None),
                     exposed: Mutex::new(expose::initial(&config, name)),
                     udp: udp[name].clone(),
+                    thread: i % session_threads.len(),
                 };
                 (name.clone(), Arc::new(link))
             })
@@ -364,6 +394,7 @@ impl Client {
             limits,
             events: Arc::new(crate::decide::Events::new()),
             decider,
+            session_threads,
         });
         for link in shared.links.values() {
             shared
@@ -938,11 +969,13 @@ fn adopt(
         to_session,
         released: shared.shutdown.child_token(),
         udp: link.udp.clone(),
+        thread: shared.thread_of(link).clone(),
     });
     *lock(&link.core) = Some(core.clone());
-    shared
-        .tasks
-        .spawn(session_task(shared.clone(), core.clone(), from_streams));
+    shared.tasks.spawn_on(
+        session_task(shared.clone(), core.clone(), from_streams),
+        shared.thread_of(link),
+    );
     core
 }
 
@@ -1428,11 +1461,25 @@ fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
         Message::Ping { seq } => return Some(Message::Pong { seq }),
         Message::Pong { .. } => {}
         Message::Acks { entries } => {
-            let streams = lock(&core.streams);
-            for (id, offset) in entries {
-                if let Some(s) = streams.get(&id) {
-                    let _ = s.shared.out_tx.send(OutEvent::Ack(offset));
-                }
+            // One wake-up of the session thread for the whole batch: a send
+            // from here to each stream would wake it once per stream.
+            let to: Vec<_> = {
+                let streams = lock(&core.streams);
+                entries
+                    .into_iter()
+                    .filter_map(|(id, offset)| {
+                        streams.get(&id).map(|s| (s.shared.out_tx.clone(), offset))
+                    })
+                    .collect()
+            };
+            if !to.is_empty() {
+                // Tasks from here start in order: acks of two batches are
+                // never swapped.
+                core.thread.spawn(async move {
+                    for (tx, offset) in to {
+                        let _ = tx.send(OutEvent::Ack(offset));
+                    }
+                });
             }
         }
         Message::StreamFin { stream, offset } => {
@@ -1640,18 +1687,36 @@ async fn serve_service(shared: Arc<Shared>, name: String, listener: TcpListener)
         let link = shared.links[&svc.gateway].clone();
         let remote = remote.clone();
         let name = name.clone();
-        shared.tasks.spawn(async move {
-            match serve_stream(&shared2, &link, &remote, svc.compress, app).await {
-                Ok(()) => {}
-                // The application's own reset: its business, not a fault.
-                Err(StreamClose::Local(why)) => {
-                    info!(service = %name, %peer, "connection closed: {why}")
-                }
-                Err(StreamClose::Fault(why)) => {
-                    warn!(service = %name, %peer, "connection closed: {why}")
-                }
+        let app = match Moving::leave(app) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(service = %name, %peer, "connection lost: {e}");
+                continue;
             }
-        });
+        };
+        let thread = shared.thread_of(&link).clone();
+        // The stream runs on its session's thread.
+        shared.tasks.spawn_on(
+            async move {
+                let r = match app.arrive() {
+                    Ok(app) => serve_stream(&shared2, &link, &remote, svc.compress, app).await,
+                    Err(e) => Err(StreamClose::Fault(format!(
+                        "cannot move to the session thread: {e}"
+                    ))),
+                };
+                match r {
+                    Ok(()) => {}
+                    // The application's own reset: its business, not a fault.
+                    Err(StreamClose::Local(why)) => {
+                        info!(service = %name, %peer, "connection closed: {why}")
+                    }
+                    Err(StreamClose::Fault(why)) => {
+                        warn!(service = %name, %peer, "connection closed: {why}")
+                    }
+                }
+            },
+            &thread,
+        );
     }
 }
 

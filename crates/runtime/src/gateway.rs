@@ -39,11 +39,15 @@ mod expose;
 
 use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame, CONTROL_READ_BUFFER};
+use crate::shards::{current_index, Moving, Shards};
 use crate::stream::{
     self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits,
     StreamShared, ToSession, Tombstones,
 };
 use crate::util::{lock, sid};
+
+/// The name of the gateway's session threads (`baton-session-N`).
+const SESSION_THREAD: &str = "baton-session";
 
 /// Counters a gateway keeps, for status and tests.
 #[derive(Debug, Default)]
@@ -117,6 +121,9 @@ struct Shared {
     /// Every UDP socket receiving probes and datagrams, by bound address:
     /// where a datagram another worker passed on is answered from.
     udp_sockets: Mutex<HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>>,
+    /// The session threads: every connection of a session is served on
+    /// the one its client id hashes to (shards.rs).
+    shards: Shards,
 }
 
 impl Shared {
@@ -158,6 +165,8 @@ struct Session {
     released: CancellationToken,
     /// The session's UDP flows.
     udp: Arc<crate::udp::SessionUdp>,
+    /// The session thread serving it (its client's).
+    thread: usize,
 }
 
 #[derive(Debug)]
@@ -228,6 +237,10 @@ impl Gateway {
             .iter()
             .map(|l| l.local_addr())
             .collect::<Result<Vec<_>, _>>()?;
+        let threads = config.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let shards = Shards::start(threads, SESSION_THREAD)?;
         let share = handoff.as_ref().map_or((0, 1), |h| (h.index(), h.count()));
         let exposures = Mutex::new(expose::Exposures::new(config.virtual_pool.clone(), share));
         let shared = Arc::new(Shared {
@@ -243,6 +256,7 @@ impl Gateway {
             host: Mutex::new(host::HostView::default()),
             handoff: handoff.clone(),
             udp_sockets: Mutex::new(HashMap::new()),
+            shards,
         });
         if let Some(h) = handoff {
             shared.tasks.spawn(workers::receive(shared.clone(), h));
@@ -284,6 +298,11 @@ impl Gateway {
             shared,
             local_addrs,
         })
+    }
+
+    /// How many session threads serve the sessions (`threads`).
+    pub fn session_threads(&self) -> usize {
+        self.shared.shards.len()
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -602,6 +621,59 @@ async fn control(
         )
         .await;
     };
+    // The rest (the handshake's crypto, then the session's life) runs on
+    // the client's session thread, with its legs and streams. Nothing
+    // follows the Hello until the Challenge: no byte is left behind.
+    let thread = shared.shards.index_of(&client_id);
+    let moving = Moving::leave(stream)?;
+    let shared2 = shared.clone();
+    let hello = Hello {
+        frame: hello,
+        client_id,
+        client_eph,
+        resume,
+        entry,
+    };
+    shared
+        .tasks
+        .spawn_on(
+            async move {
+                let stream = moving.arrive()?;
+                control_on_thread(&shared2, stream, peer, preface, hello, thread).await
+            },
+            shared.shards.handle(thread),
+        )
+        .await
+        .map_err(|_| ConnError::Closed)?
+}
+
+/// A control connection's Hello, read on the accepting thread.
+struct Hello {
+    frame: RawFrame,
+    client_id: String,
+    client_eph: [u8; 32],
+    resume: u64,
+    entry: crate::config::ClientEntry,
+}
+
+/// [`control`] after the Hello, on the client's session thread `thread`.
+async fn control_on_thread(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    preface: [u8; PREFACE_LEN],
+    hello: Hello,
+    thread: usize,
+) -> Result<(), ConnError> {
+    debug_assert_eq!(current_index(SESSION_THREAD), Some(thread));
+    let timeout = shared.config.handshake_timeout;
+    let Hello {
+        frame: hello,
+        client_id,
+        client_eph,
+        resume,
+        entry,
+    } = hello;
     // A resume names a session of this client; anything else gets a new id
     // (and the client learns its old session is gone).
     let existing = (resume != 0)
@@ -668,6 +740,7 @@ async fn control(
                 finished: Mutex::new(Tombstones::default()),
                 to_session,
                 released: shared.shutdown.child_token(),
+                thread,
                 udp: crate::udp::SessionUdp::new(
                     &shared.config,
                     &client_id,
@@ -1069,10 +1142,69 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         warn!(%peer, session = %sid(session_id), "leg for unknown session");
         return Ok(());
     };
+    // The rest runs on the session's thread, where its streams live.
+    let thread = session.thread;
+    let moving = Moving::leave(leg)?;
+    let shared2 = shared.clone();
+    let open = LegOpen {
+        frame,
+        peer,
+        session,
+        stream_id,
+        generation,
+        received,
+        service,
+        handover,
+        compression,
+    };
+    shared
+        .tasks
+        .spawn_on(
+            async move {
+                let leg = moving.arrive()?;
+                leg_on_thread(&shared2, leg, open).await
+            },
+            shared.shards.handle(thread),
+        )
+        .await
+        .map_err(|_| ConnError::Closed)?
+}
+
+/// A leg's preamble, read on the accepting thread.
+struct LegOpen {
+    frame: RawFrame,
+    peer: SocketAddr,
+    session: Arc<Session>,
+    stream_id: StreamId,
+    generation: u32,
+    received: Offset,
+    service: String,
+    handover: bool,
+    compression: baton_proto::Compression,
+}
+
+/// [`leg`] after the preamble, on the session's thread.
+async fn leg_on_thread(
+    shared: &Arc<Shared>,
+    mut leg: TcpStream,
+    open: LegOpen,
+) -> Result<(), ConnError> {
+    let LegOpen {
+        frame,
+        peer,
+        session,
+        stream_id,
+        generation,
+        received,
+        service,
+        handover,
+        compression,
+    } = open;
+    debug_assert_eq!(current_index(SESSION_THREAD), Some(session.thread));
     let tag: [u8; TAG_LEN] = frame.tag.expect("read_tagged always reads a tag");
     if !session.leg_key.verify_open(&frame.bytes, &tag) {
         shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(%peer, session = %sid(session_id), "leg preamble failed authentication");
+        warn!(%peer, session = %sid(session.id), "leg preamble failed authentication");
         return Ok(());
     }
     let reply = |result: Result<Offset, RefuseReason>, detail: String| {

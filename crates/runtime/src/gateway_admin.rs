@@ -67,6 +67,7 @@ pub fn status(gw: &Gateway) -> Value {
         "listening": gw.listening().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "advertised": gw.advertised().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "sessions": gw.sessions(),
+        "threads": gw.session_threads(),
         "host_addresses": gw.host_addresses(),
         "stats": {
             "sessions_accepted": st.sessions_accepted.load(Ordering::Relaxed),

@@ -10,6 +10,7 @@ mod frame;
 pub mod gateway;
 pub mod gateway_admin;
 pub mod path;
+mod shards;
 pub mod stream;
 pub mod udp;
 mod util;

@@ -37,8 +37,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use crate::codec::{Compressor, Decompressor};
+use crate::shards::Moving;
 use crate::util::lock;
 
 mod outbox;
@@ -171,6 +173,8 @@ pub(crate) struct StreamShared {
     stall: Mutex<StallWatch>,
     pub(crate) out_tx: mpsc::UnboundedSender<OutEvent>,
     pub(crate) in_tx: mpsc::UnboundedSender<InEvent>,
+    /// New legs, on their way to the thread the stream runs on.
+    legs_tx: mpsc::UnboundedSender<NewLeg>,
     /// Fires to end the stream with a reset (peer reset or session gone).
     pub(crate) abort: CancellationToken,
     ack_every: u64,
@@ -181,6 +185,18 @@ pub(crate) struct StreamShared {
 pub(crate) struct StreamInbox {
     out_rx: mpsc::UnboundedReceiver<OutEvent>,
     in_rx: mpsc::UnboundedReceiver<InEvent>,
+    legs_rx: mpsc::UnboundedReceiver<NewLeg>,
+}
+
+/// A leg handed to a stream that may run on another thread (a session
+/// thread): [`run`] registers it there, so that its readiness wakes the
+/// stream's thread and no other.
+#[derive(Debug)]
+struct NewLeg {
+    leg: Moving,
+    peer_has: Offset,
+    cut: CancellationToken,
+    start: LegStart,
 }
 
 impl StreamShared {
@@ -191,6 +207,7 @@ impl StreamShared {
     ) -> (Arc<Self>, StreamInbox) {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (legs_tx, legs_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Self {
             id,
             delivered: AtomicU64::new(0),
@@ -216,12 +233,20 @@ impl StreamShared {
             }),
             out_tx,
             in_tx,
+            legs_tx,
             abort,
             // Acknowledge at least every quarter buffer so the sender never
             // waits on a full buffer for an ack that is merely batched.
             ack_every: (limits.replay_buffer / 4).max(1) as u64,
         });
-        (shared, StreamInbox { out_rx, in_rx })
+        (
+            shared,
+            StreamInbox {
+                out_rx,
+                in_rx,
+                legs_rx,
+            },
+        )
     }
 
     /// Hands a new leg to the stream: the peer has this end's bytes up to
@@ -234,10 +259,21 @@ impl StreamShared {
         start: LegStart,
         cut: CancellationToken,
     ) {
-        let (r, w) = leg.into_split();
+        let leg = match Moving::leave(leg) {
+            Ok(l) => l,
+            Err(e) => {
+                // The leg is closed: the peer sees it go, as any lost leg.
+                debug!(stream = %self.id, "leg lost leaving its thread: {e}");
+                return;
+            }
+        };
         // If the tasks are gone the stream is over; the leg just closes.
-        let _ = self.in_tx.send(InEvent::Leg(r, cut.clone()));
-        let _ = self.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
+        let _ = self.legs_tx.send(NewLeg {
+            leg,
+            peer_has,
+            cut,
+            start,
+        });
     }
 
     /// Starts measuring the longest delivery pause (at a switch).
@@ -467,7 +503,11 @@ pub(crate) async fn run(
     limits: StreamLimits,
     to_session: mpsc::UnboundedSender<ToSession>,
 ) -> StreamEnd {
-    let StreamInbox { out_rx, in_rx } = inbox;
+    let StreamInbox {
+        out_rx,
+        in_rx,
+        mut legs_rx,
+    } = inbox;
     let result = {
         let (r, w) = local.split();
         let both = async {
@@ -476,8 +516,34 @@ pub(crate) async fn run(
                 inbound(w, in_rx, &shared, &to_session)
             )
         };
+        // New legs are registered here, on the stream's thread, then split
+        // between the two directions. (Their order against acks and
+        // half-closes, which come over the control connection, never
+        // mattered: those travel apart from legs on the wire too.)
+        let legs = async {
+            while let Some(NewLeg {
+                leg,
+                peer_has,
+                cut,
+                start,
+            }) = legs_rx.recv().await
+            {
+                match leg.arrive() {
+                    Ok(leg) => {
+                        let (r, w) = leg.into_split();
+                        let _ = shared.in_tx.send(InEvent::Leg(r, cut.clone()));
+                        let _ = shared.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
+                    }
+                    Err(e) => {
+                        debug!(stream = %shared.id, "leg lost arriving on the stream's thread: {e}")
+                    }
+                }
+            }
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
             r = both => r.map(|_| ()),
+            () = legs => Ok(()),
             _ = shared.abort.cancelled() => Err(DirError::Closed),
         }
     };

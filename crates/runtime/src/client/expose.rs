@@ -182,7 +182,8 @@ pub(super) fn on_incoming(
     });
     lock(&core.streams).insert(stream, cs.clone());
     let (shared2, core2) = (shared.clone(), core.clone());
-    shared.tasks.spawn(async move {
+    // Connected and relayed on the session's thread, with its other streams.
+    shared.tasks.spawn_on(async move {
         let timeout = shared2.config.connect_timeout;
         let connect = tokio::time::timeout(timeout, TcpStream::connect((target.host.as_str(), target.port)));
         let conn = tokio::select! {
@@ -209,5 +210,5 @@ pub(super) fn on_incoming(
             StreamEnd::Finished => debug!(service = %service, %stream, "client service stream finished"),
             other => info!(service = %service, %stream, "client service stream closed: {other}"),
         }
-    });
+    }, shared.thread_of(link));
 }

@@ -28,14 +28,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_proto::{Message, RefuseReason};
+use baton_proto::{Message, RefuseReason, ResetCode};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{send_control, stream_ended, Session, Shared};
 use crate::config::{AddrBlock, Protocol};
-use crate::stream::{self, StreamLimits, StreamShared};
+use crate::shards::Moving;
+use crate::stream::{self, StreamEnd, StreamLimits, StreamShared};
 use crate::util::{lock, sid};
 
 /// The gateway's client services: the address book and, per client id,
@@ -481,11 +482,36 @@ fn open_stream(
     );
     shared.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     debug!(client = %session.client_id, stream = %id, service, %peer, "client service stream open");
+    // The stream is relayed on the session's thread, with its legs.
+    let thread = session.thread;
     let session = session.clone();
-    shared.tasks.spawn(async move {
-        let end = stream::run(conn, s.clone(), inbox, limits, session.to_session.clone()).await;
-        stream_ended(&session, &s, end);
-    });
+    let moving = Moving::leave(conn);
+    shared.tasks.spawn_on(
+        async move {
+            let end = match moving.and_then(Moving::arrive) {
+                Ok(conn) => {
+                    debug_assert_eq!(
+                        crate::shards::current_index(super::SESSION_THREAD),
+                        Some(thread)
+                    );
+                    stream::run(conn, s.clone(), inbox, limits, session.to_session.clone()).await
+                }
+                Err(e) => {
+                    warn!(client = %session.client_id, stream = %id, "client service connection lost moving to its session thread: {e}");
+                    send_control(
+                        &session,
+                        Message::StreamReset {
+                            stream: id,
+                            code: ResetCode::Peer,
+                        },
+                    );
+                    StreamEnd::LocalReset(e)
+                }
+            };
+            stream_ended(&session, &s, end);
+        },
+        shared.shards.handle(thread),
+    );
 }
 
 #[cfg(test)]

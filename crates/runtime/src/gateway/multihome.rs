@@ -40,6 +40,8 @@ pub struct GatewaySessionStatus {
     pub peer: Option<String>,
     /// Live streams.
     pub streams: usize,
+    /// The session thread serving its connections (0 to `threads` - 1).
+    pub thread: usize,
 }
 
 /// What a go-to achieved for one session.
@@ -223,6 +225,7 @@ impl Gateway {
                     gateway_addr: control.as_ref().map(|a| a.local.to_string()),
                     peer: control.as_ref().map(|a| a.peer.to_string()),
                     streams: lock(&s.streams).len(),
+                    thread: s.thread,
                 }
             })
             .collect();
