@@ -390,6 +390,10 @@ pub(crate) fn render_gateway(st: &Value) -> String {
         s(&st["stats"]["gotos"]),
         s(&st["stats"]["address_losses"])
     );
+    if let Some(n) = st["threads"].as_u64() {
+        let each = if st["workers"].is_u64() { " (each worker)" } else { "" };
+        let _ = writeln!(out, "session threads: {n}{each}");
+    }
     if let Some(n) = st["workers"].as_u64() {
         let _ = writeln!(
             out,
@@ -412,12 +416,12 @@ pub(crate) fn render_gateway(st: &Value) -> String {
             .collect();
         let _ = writeln!(out, "host:       {}", each.join(" "));
     }
-    const W: &[usize] = &[16, 17, 24, 24];
+    const W: &[usize] = &[16, 17, 24, 24, 8];
     out.push('\n');
     line(
         &mut out,
         W,
-        &["CLIENT", "SESSION", "ADDRESS", "PEER", "STREAMS"],
+        &["CLIENT", "SESSION", "ADDRESS", "PEER", "STREAMS", "THREAD"],
     );
     for g in st["sessions"].as_array().into_iter().flatten() {
         line(
@@ -425,7 +429,14 @@ pub(crate) fn render_gateway(st: &Value) -> String {
             W,
             &cells(
                 g,
-                &["client", "session_id", "gateway_addr", "peer", "streams"],
+                &[
+                    "client",
+                    "session_id",
+                    "gateway_addr",
+                    "peer",
+                    "streams",
+                    "thread",
+                ],
             ),
         );
     }

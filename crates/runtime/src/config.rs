@@ -421,10 +421,12 @@ pub struct GatewayConfig {
     /// `max_sessions` with a margin for clients hashing unevenly. Needs fixed ports in `listen`.
     #[serde(default = "defaults::workers")]
     pub workers: usize,
-    /// Runtime threads of each gateway process (1 to 256). Default: one
-    /// per core (or `TOKIO_WORKER_THREADS`). Fewer threads cost less CPU
-    /// per byte when the machine is busy with other work; more serve more
-    /// clients at once.
+    /// Session threads of each gateway process (1 to 256). Default: one
+    /// per core. Every connection of a session is served on the thread its
+    /// client id hashes to, so that a session's tasks never wake each other
+    /// across threads; more threads serve more clients at once. The process
+    /// also runs as many runtime threads (or `TOKIO_WORKER_THREADS`) that
+    /// accept connections and read their first frame.
     pub threads: Option<usize>,
 }
 
@@ -517,9 +519,9 @@ pub struct ClientConfig {
     #[serde(default = "defaults::admin")]
     pub admin: PathBuf,
     /// Runtime threads (1 to 256). Default: one per core (or
-    /// `TOKIO_WORKER_THREADS`). One thread costs less CPU per byte on a busy
-    /// machine (fewer wake-ups between threads) but resumes many streams
-    /// more slowly after a sudden path loss.
+    /// `TOKIO_WORKER_THREADS`). They accept applications' connections and
+    /// open legs; each gateway's session and its streams run on a session
+    /// thread of their own (one per gateway, at most `threads`).
     pub threads: Option<usize>,
     /// Interfaces to use, by name. Without this table the agent follows the
     /// kernel's interface table.
