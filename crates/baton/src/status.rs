@@ -391,7 +391,11 @@ pub(crate) fn render_gateway(st: &Value) -> String {
         s(&st["stats"]["address_losses"])
     );
     if let Some(n) = st["threads"].as_u64() {
-        let each = if st["workers"].is_u64() { " (each worker)" } else { "" };
+        let each = if st["workers"].is_u64() {
+            " (each worker)"
+        } else {
+            ""
+        };
         let _ = writeln!(out, "session threads: {n}{each}");
     }
     if let Some(n) = st["workers"].as_u64() {
