@@ -173,8 +173,11 @@ pub(crate) struct StreamShared {
     stall: Mutex<StallWatch>,
     pub(crate) out_tx: mpsc::UnboundedSender<OutEvent>,
     pub(crate) in_tx: mpsc::UnboundedSender<InEvent>,
-    /// New legs, on their way to the thread the stream runs on.
-    legs_tx: mpsc::UnboundedSender<NewLeg>,
+    /// New legs, on their way to the thread the stream runs on: a list
+    /// and a wake-up rather than a channel, which would cost every idle
+    /// stream a block of slots.
+    new_legs: Mutex<Vec<NewLeg>>,
+    legs_ready: tokio::sync::Notify,
     /// Fires to end the stream with a reset (peer reset or session gone).
     pub(crate) abort: CancellationToken,
     ack_every: u64,
@@ -185,7 +188,6 @@ pub(crate) struct StreamShared {
 pub(crate) struct StreamInbox {
     out_rx: mpsc::UnboundedReceiver<OutEvent>,
     in_rx: mpsc::UnboundedReceiver<InEvent>,
-    legs_rx: mpsc::UnboundedReceiver<NewLeg>,
 }
 
 /// A leg handed to a stream that may run on another thread (a session
@@ -207,7 +209,6 @@ impl StreamShared {
     ) -> (Arc<Self>, StreamInbox) {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
-        let (legs_tx, legs_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Self {
             id,
             delivered: AtomicU64::new(0),
@@ -233,20 +234,14 @@ impl StreamShared {
             }),
             out_tx,
             in_tx,
-            legs_tx,
+            new_legs: Mutex::new(Vec::new()),
+            legs_ready: tokio::sync::Notify::new(),
             abort,
             // Acknowledge at least every quarter buffer so the sender never
             // waits on a full buffer for an ack that is merely batched.
             ack_every: (limits.replay_buffer / 4).max(1) as u64,
         });
-        (
-            shared,
-            StreamInbox {
-                out_rx,
-                in_rx,
-                legs_rx,
-            },
-        )
+        (shared, StreamInbox { out_rx, in_rx })
     }
 
     /// Hands a new leg to the stream: the peer has this end's bytes up to
@@ -267,13 +262,15 @@ impl StreamShared {
                 return;
             }
         };
-        // If the tasks are gone the stream is over; the leg just closes.
-        let _ = self.legs_tx.send(NewLeg {
+        // If the tasks are gone the stream is over; the leg just closes
+        // with the stream.
+        lock(&self.new_legs).push(NewLeg {
             leg,
             peer_has,
             cut,
             start,
         });
+        self.legs_ready.notify_one();
     }
 
     /// Starts measuring the longest delivery pause (at a switch).
@@ -503,11 +500,7 @@ pub(crate) async fn run(
     limits: StreamLimits,
     to_session: mpsc::UnboundedSender<ToSession>,
 ) -> StreamEnd {
-    let StreamInbox {
-        out_rx,
-        in_rx,
-        mut legs_rx,
-    } = inbox;
+    let StreamInbox { out_rx, in_rx } = inbox;
     let result = {
         let (r, w) = local.split();
         let both = async {
@@ -521,29 +514,33 @@ pub(crate) async fn run(
         // half-closes, which come over the control connection, never
         // mattered: those travel apart from legs on the wire too.)
         let legs = async {
-            while let Some(NewLeg {
-                leg,
-                peer_has,
-                cut,
-                start,
-            }) = legs_rx.recv().await
-            {
-                match leg.arrive() {
-                    Ok(leg) => {
-                        let (r, w) = leg.into_split();
-                        let _ = shared.in_tx.send(InEvent::Leg(r, cut.clone()));
-                        let _ = shared.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
-                    }
-                    Err(e) => {
-                        debug!(stream = %shared.id, "leg lost arriving on the stream's thread: {e}")
+            loop {
+                // A leg attached before this waits as a stored permit.
+                shared.legs_ready.notified().await;
+                let arrived = std::mem::take(&mut *lock(&shared.new_legs));
+                for NewLeg {
+                    leg,
+                    peer_has,
+                    cut,
+                    start,
+                } in arrived
+                {
+                    match leg.arrive() {
+                        Ok(leg) => {
+                            let (r, w) = leg.into_split();
+                            let _ = shared.in_tx.send(InEvent::Leg(r, cut.clone()));
+                            let _ = shared.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
+                        }
+                        Err(e) => {
+                            debug!(stream = %shared.id, "leg lost arriving on the stream's thread: {e}")
+                        }
                     }
                 }
             }
-            std::future::pending::<()>().await;
         };
         tokio::select! {
             r = both => r.map(|_| ()),
-            () = legs => Ok(()),
+            () = legs => unreachable!("the leg loop never ends"),
             _ = shared.abort.cancelled() => Err(DirError::Closed),
         }
     };
