@@ -420,7 +420,12 @@ fn spawn_serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 
 /// Serves a new connection, counting and logging how it ended early.
 async fn serve_logged(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    if let Err(e) = serve_connection(shared, stream, peer).await {
+    log_end(shared, peer, serve_connection(shared, stream, peer).await);
+}
+
+/// Counts and logs how a connection ended early.
+fn log_end(shared: &Shared, peer: SocketAddr, end: Result<(), ConnError>) {
+    if let Err(e) = end {
         if matches!(
             e,
             ConnError::Wire(_) | ConnError::Frame(_) | ConnError::Unexpected(_)
@@ -634,17 +639,21 @@ async fn control(
         resume,
         entry,
     };
-    shared
-        .tasks
-        .spawn_on(
-            async move {
-                let stream = moving.arrive()?;
-                control_on_thread(&shared2, stream, peer, preface, hello, thread).await
-            },
-            shared.shards.handle(thread),
-        )
-        .await
-        .map_err(|_| ConnError::Closed)?
+    // Detached: the accepting task ends here, the connection lives on
+    // its session's thread only.
+    shared.tasks.spawn_on(
+        async move {
+            let end = match moving.arrive() {
+                Ok(stream) => {
+                    control_on_thread(&shared2, stream, peer, preface, hello, thread).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            log_end(&shared2, peer, end);
+        },
+        shared.shards.handle(thread),
+    );
+    Ok(())
 }
 
 /// A control connection's Hello, read on the accepting thread.
@@ -1157,17 +1166,17 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         handover,
         compression,
     };
-    shared
-        .tasks
-        .spawn_on(
-            async move {
-                let leg = moving.arrive()?;
-                leg_on_thread(&shared2, leg, open).await
-            },
-            shared.shards.handle(thread),
-        )
-        .await
-        .map_err(|_| ConnError::Closed)?
+    shared.tasks.spawn_on(
+        async move {
+            let end = match moving.arrive() {
+                Ok(leg) => leg_on_thread(&shared2, leg, open).await,
+                Err(e) => Err(e.into()),
+            };
+            log_end(&shared2, peer, end);
+        },
+        shared.shards.handle(thread),
+    );
+    Ok(())
 }
 
 /// A leg's preamble, read on the accepting thread.
