@@ -1512,6 +1512,7 @@ async fn session_task(
     core: Arc<Core>,
     mut from_streams: mpsc::UnboundedReceiver<ToSession>,
 ) {
+    debug_assert!(crate::shards::current_index(SESSION_THREAD).is_some());
     let mut acks = AckBatch::default();
     let mut up_rx = core.up.subscribe();
     let send = |msg: Message| {
@@ -1756,6 +1757,10 @@ async fn serve_stream(
     compression: baton_proto::Compression,
     app: TcpStream,
 ) -> Result<(), StreamClose> {
+    debug_assert_eq!(
+        crate::shards::current_index(SESSION_THREAD),
+        Some(link.thread)
+    );
     let Some(core) = wait_core(shared, link).await else {
         baton_os::reset(app);
         return Err(StreamClose::Fault(format!(

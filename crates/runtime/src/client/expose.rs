@@ -182,6 +182,7 @@ pub(super) fn on_incoming(
     });
     lock(&core.streams).insert(stream, cs.clone());
     let (shared2, core2) = (shared.clone(), core.clone());
+    let link_thread = link.thread;
     // Connected and relayed on the session's thread, with its other streams.
     shared.tasks.spawn_on(async move {
         let timeout = shared2.config.connect_timeout;
@@ -204,6 +205,10 @@ pub(super) fn on_incoming(
                 return;
             }
         };
+        debug_assert_eq!(
+            crate::shards::current_index(super::SESSION_THREAD),
+            Some(link_thread)
+        );
         let _ = baton_os::tune_relay(&conn);
         debug!(service = %service, %stream, "client service stream open");
         match relay(&shared2, &core2, &cs, inbox, conn).await {
