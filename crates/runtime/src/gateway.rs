@@ -630,8 +630,6 @@ async fn control(
     // the client's session thread, with its legs and streams. Nothing
     // follows the Hello until the Challenge: no byte is left behind.
     let thread = shared.shards.index_of(&client_id);
-    let moving = Moving::leave(stream)?;
-    let shared2 = shared.clone();
     let hello = Hello {
         frame: hello,
         client_id,
@@ -639,14 +637,37 @@ async fn control(
         resume,
         entry,
     };
-    // Detached: the accepting task ends here, the connection lives on
-    // its session's thread only.
+    hand_over(
+        shared,
+        thread,
+        stream,
+        peer,
+        move |shared, stream| async move {
+            control_on_thread(&shared, stream, peer, preface, hello, thread).await
+        },
+    )
+}
+
+/// Moves `conn` to session thread `thread`, where `serve` goes on with it
+/// and how it ends is logged. Detached: the accepting task ends here, the
+/// connection lives on its session's thread only.
+fn hand_over<F, Fut>(
+    shared: &Arc<Shared>,
+    thread: usize,
+    conn: TcpStream,
+    peer: SocketAddr,
+    serve: F,
+) -> Result<(), ConnError>
+where
+    F: FnOnce(Arc<Shared>, TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ConnError>> + Send + 'static,
+{
+    let moving = Moving::leave(conn)?;
+    let shared2 = shared.clone();
     shared.tasks.spawn_on(
         async move {
             let end = match moving.arrive() {
-                Ok(stream) => {
-                    control_on_thread(&shared2, stream, peer, preface, hello, thread).await
-                }
+                Ok(conn) => serve(shared2.clone(), conn).await,
                 Err(e) => Err(e.into()),
             };
             log_end(&shared2, peer, end);
@@ -1153,8 +1174,6 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
     };
     // The rest runs on the session's thread, where its streams live.
     let thread = session.thread;
-    let moving = Moving::leave(leg)?;
-    let shared2 = shared.clone();
     let open = LegOpen {
         frame,
         peer,
@@ -1166,17 +1185,9 @@ async fn leg(shared: &Arc<Shared>, mut leg: TcpStream, peer: SocketAddr) -> Resu
         handover,
         compression,
     };
-    shared.tasks.spawn_on(
-        async move {
-            let end = match moving.arrive() {
-                Ok(leg) => leg_on_thread(&shared2, leg, open).await,
-                Err(e) => Err(e.into()),
-            };
-            log_end(&shared2, peer, end);
-        },
-        shared.shards.handle(thread),
-    );
-    Ok(())
+    hand_over(shared, thread, leg, peer, move |shared, leg| async move {
+        leg_on_thread(&shared, leg, open).await
+    })
 }
 
 /// A leg's preamble, read on the accepting thread.

@@ -16,11 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_proto::ClientKey;
 use baton_runtime::config::GatewayConfig;
 use baton_runtime::gateway::WorkerSpec;
-use baton_runtime::verify::{self, Dir, Mode};
-use baton_runtime::{Client, Gateway};
+use baton_runtime::Gateway;
 use common::*;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -95,34 +93,6 @@ async fn workers(body: &str, shutdown: &CancellationToken) -> Workers {
     }
 }
 
-fn clients_section(keys: &[(String, ClientKey)], services: &str) -> String {
-    keys.iter()
-        .map(|(id, k)| {
-            format!(
-                "[clients.{id}]\nkey = \"{}\"\nservices = [{services}]\n",
-                k.public()
-            )
-        })
-        .collect()
-}
-
-/// A client agent with interfaces `a` (127.0.0.2, preferred) and `b`
-/// (127.0.0.3) and the given services, its session up on `a`.
-async fn agent(
-    id: &str,
-    key: &ClientKey,
-    gw: SocketAddr,
-    services: &str,
-    shutdown: &CancellationToken,
-) -> Client {
-    let more = format!(
-        "[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n{services}"
-    );
-    let c = client(id, key, gw, &more, shutdown).await;
-    assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn streams_of_many_clients_cross_switches_on_three_workers() {
     tokio::time::timeout(LIMIT, async {
@@ -142,41 +112,10 @@ async fn streams_of_many_clients_cross_switches_on_three_workers() {
         .await;
         let mut agents = Vec::new();
         for (id, k) in &keys {
-            agents.push(agent(id, k, w.addr, &service("data"), &shutdown).await);
+            agents.push(two_path_agent(id, k, w.addr, &service("data"), &shutdown).await);
         }
-        let mut exchanges = Vec::new();
-        for (i, c) in agents.iter().enumerate() {
-            for s in 0..STREAMS {
-                let addr = c.service_addr("data").unwrap();
-                let seed = (i as u64) * 100 + s;
-                exchanges.push(tokio::spawn(async move {
-                    let conn = TcpStream::connect(addr).await.unwrap();
-                    verify::exchange_paced(conn, seed, BYTES, BYTES, Mode::Concurrent, 2 << 20)
-                        .await
-                }));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
         // A planned switch of every agent, then a sudden one back.
-        for c in &agents {
-            c.switch("b").await.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for c in &agents {
-            c.set_path_up("b", false).unwrap();
-        }
-        for c in &agents {
-            assert!(eventually(Duration::from_secs(10), || c.switches().len() >= 2).await);
-            assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
-        }
-        for e in exchanges {
-            let down = e.await.unwrap().expect("no reset, no error");
-            assert!(down.is_exact(Dir::Down), "{down:?}");
-        }
-        for _ in 0..CLIENTS as u64 * STREAMS {
-            let up = reports.recv().await.unwrap().unwrap();
-            assert!(up.is_exact(Dir::Up), "{up:?}");
-        }
+        exchanges_across_two_switches(&agents, &mut reports, STREAMS, BYTES).await;
         let expected: Vec<_> = keys.iter().map(|(id, _)| id.clone()).collect();
         assert_eq!(
             w.sessions_where_they_belong(),
@@ -230,7 +169,9 @@ async fn datagrams_reach_the_worker_of_their_session() {
             "[services.dgram]\ngateway = \"gw\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n";
         let mut agents = Vec::new();
         for (id, k) in &keys {
-            agents.push(Arc::new(agent(id, k, w.addr, svc, &shutdown).await));
+            agents.push(Arc::new(
+                two_path_agent(id, k, w.addr, svc, &shutdown).await,
+            ));
         }
         let mut tasks = Vec::new();
         for (i, c) in agents.iter().enumerate() {
@@ -327,7 +268,7 @@ async fn client_services_are_served_by_the_worker_of_their_client() {
                 }
             });
             let svc = format!("[exposed.push]\ngateway = \"gw\"\ntarget = \"{target}\"\n");
-            agents.push(agent(id, k, w.addr, &svc, &shutdown).await);
+            agents.push(two_path_agent(id, k, w.addr, &svc, &shutdown).await);
         }
         let push = |addr: SocketAddr, msg: String| async move {
             let mut s = TcpStream::connect(addr).await.unwrap();

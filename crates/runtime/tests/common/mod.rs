@@ -145,3 +145,77 @@ pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
         }
     }
 }
+
+/// `[clients.*]` tables: each client with its key and the given services
+/// (a TOML list body, e.g. `"\"data\""`).
+pub fn clients_section(keys: &[(String, ClientKey)], services: &str) -> String {
+    keys.iter()
+        .map(|(id, k)| {
+            format!(
+                "[clients.{id}]\nkey = \"{}\"\nservices = [{services}]\n",
+                k.public()
+            )
+        })
+        .collect()
+}
+
+/// A client agent with interfaces `a` (127.0.0.2, preferred) and `b`
+/// (127.0.0.3) and the given services, its session up on `a`.
+pub async fn two_path_agent(
+    id: &str,
+    key: &ClientKey,
+    gw: SocketAddr,
+    services: &str,
+    shutdown: &CancellationToken,
+) -> Client {
+    let more = format!(
+        "[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n{services}"
+    );
+    let c = client(id, key, gw, &more, shutdown).await;
+    assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
+    c
+}
+
+/// Runs `streams` exchanges of `bytes` each way per agent through service
+/// `data` while every agent makes a planned switch to `b` and then a sudden
+/// one back to `a`; asserts that every byte arrived, both ways (`reports`
+/// is the verifying server's).
+pub async fn exchanges_across_two_switches(
+    agents: &[Client],
+    reports: &mut mpsc::UnboundedReceiver<std::io::Result<Report>>,
+    streams: u64,
+    bytes: u64,
+) {
+    use baton_runtime::verify::{Dir, Mode};
+    let mut exchanges = Vec::new();
+    for (i, c) in agents.iter().enumerate() {
+        for s in 0..streams {
+            let addr = c.service_addr("data").unwrap();
+            let seed = (i as u64) * 100 + s;
+            exchanges.push(tokio::spawn(async move {
+                let conn = TcpStream::connect(addr).await.unwrap();
+                verify::exchange_paced(conn, seed, bytes, bytes, Mode::Concurrent, 2 << 20).await
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for c in agents {
+        c.switch("b").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for c in agents {
+        c.set_path_up("b", false).unwrap();
+    }
+    for c in agents {
+        assert!(eventually(Duration::from_secs(10), || c.switches().len() >= 2).await);
+        assert_eq!(c.wait_up("gw").await.unwrap().path, "a");
+    }
+    for e in exchanges {
+        let down = e.await.unwrap().expect("no reset, no error");
+        assert!(down.is_exact(Dir::Down), "{down:?}");
+    }
+    for _ in 0..agents.len() as u64 * streams {
+        let up = reports.recv().await.unwrap().unwrap();
+        assert!(up.is_exact(Dir::Up), "{up:?}");
+    }
+}
