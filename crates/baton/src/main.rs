@@ -1,5 +1,7 @@
 //! `baton`: the client agent, the gateway and their tools in one binary.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -13,6 +13,8 @@
 //! * `baton-bench splice-relay --listen ADDR --to ADDR` is the cheapest relay
 //!   there is (`splice(2)` and nothing else), a yardstick for `bench/run.sh`.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

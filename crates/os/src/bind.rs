@@ -83,14 +83,14 @@ fn prepare(dest: SocketAddr, device: Option<&str>, source: Option<IpAddr>) -> io
 /// so that callers can still match on it.
 fn bind_device_error(e: io::Error, dev: &str) -> io::Error {
     match e.raw_os_error() {
-        Some(code) if code == nix::libc::EPERM => io::Error::new(
+        Some(code) if code == libc::EPERM => io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
                 "binding a socket to interface {dev} (SO_BINDTODEVICE) needs CAP_NET_RAW: \
                  run as root or grant the capability (setcap cap_net_raw+ep)"
             ),
         ),
-        Some(code) if code == nix::libc::ENODEV => io::Error::new(
+        Some(code) if code == libc::ENODEV => io::Error::new(
             io::ErrorKind::NotFound,
             format!("no network interface named {dev}"),
         ),
@@ -119,11 +119,11 @@ mod tests {
 
     #[test]
     fn permission_error_names_the_capability() {
-        let e = bind_device_error(io::Error::from_raw_os_error(nix::libc::EPERM), "wlan0");
+        let e = bind_device_error(io::Error::from_raw_os_error(libc::EPERM), "wlan0");
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert!(e.to_string().contains("CAP_NET_RAW"), "{e}");
         assert!(e.to_string().contains("wlan0"), "{e}");
-        let e = bind_device_error(io::Error::from_raw_os_error(nix::libc::ENODEV), "nope0");
+        let e = bind_device_error(io::Error::from_raw_os_error(libc::ENODEV), "nope0");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 

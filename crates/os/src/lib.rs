@@ -2,18 +2,21 @@
 //! interface table ([`iface`]); connections out of a chosen interface
 //! ([`bind`]). Linux only.
 
-#![forbid(unsafe_code)]
+// Unsafe only where a socket option has no safe wrapper (`sndbuf`).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bind;
 pub mod handoff;
 pub mod iface;
 pub mod pipe;
+pub mod sndbuf;
 
 pub use bind::connect_via;
 pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 pub use pipe::{open_pipes, pipe_budget, PipeReplay, SplicePipe};
+pub use sndbuf::SendBuffer;
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,11 +24,6 @@ use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-
-/// Socket buffer size asked for on relayed connections: large enough that a
-/// single stream can fill a fast path without the kernel's autotuning
-/// lagging behind.
-pub const RELAY_SOCKET_BUFFER: usize = 4 << 20;
 
 /// Makes the next close of `stream` send a TCP reset instead of a FIN, so that
 /// a reset seen on one side of the relay is carried as a reset to the other.

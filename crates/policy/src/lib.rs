@@ -12,6 +12,8 @@
 //! results and `now`, and acts on the [`Decision`]s it returns. So every
 //! rule of the policy can be tested on synthetic timelines.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod engine;
 pub mod table;

@@ -5,6 +5,8 @@
 //! `baton-runtime` feed it bytes and `now`, and act on what it returns. That
 //! keeps every rule of the protocol unit-testable and deterministic.
 
+#![forbid(unsafe_code)]
+
 pub mod crypto;
 pub mod datagram;
 pub mod probe;

@@ -1,6 +1,8 @@
 //! baton's drivers: the gateway and the client agent on tokio, around the
 //! state machines of `baton-proto`.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod client;
 mod codec;

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_os::SplicePipe;
+use baton_os::{SendBuffer, SplicePipe};
 use baton_proto::wire::LEG_START_LEN;
 use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
 use tokio::io::{AsyncWriteExt, Interest};
@@ -578,6 +578,8 @@ struct OutLeg {
     /// For a compressed stream: the compressor, and the offset of the first
     /// byte of the chunk whose compressed form is still being written.
     zip: Option<(Compressor, Offset)>,
+    /// The leg's send buffer, sized to its path while it is busy.
+    sndbuf: SendBuffer,
 }
 
 impl OutLeg {
@@ -598,6 +600,7 @@ impl OutLeg {
             head: at.0.to_be_bytes(),
             head_sent: 0,
             zip,
+            sndbuf: SendBuffer::default(),
         })
     }
 
@@ -851,6 +854,7 @@ async fn write_leg(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             l.at = l.at.advance(n);
+            l.sndbuf.written(sock, n);
             shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.spliced_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -892,6 +896,7 @@ async fn write_leg(
         l.head_sent += n;
         return Ok(());
     }
+    l.sndbuf.written(l.w.as_ref(), n);
     shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
     match &mut l.zip {
         Some((z, _)) => z.consume(n),
@@ -974,6 +979,8 @@ async fn inbound(
     // through user space: this end keeps nothing it received. Made when
     // bytes come, dropped with the buffers when idle.
     let mut pipe: Option<SplicePipe> = None;
+    // The local connection's send buffer, sized to its path while busy.
+    let mut sndbuf = SendBuffer::default();
     let mut idle = IdleTimer::default();
     // A leg that ends cleanly was closed by the peer: replaced (a new one is
     // on its way) or because the peer's side finished (the half-close is on
@@ -1052,7 +1059,7 @@ async fn inbound(
                         let start = l.at;
                         l.at += n as u64;
                         let before = delivered;
-                        delivered = deliver(&mut local, &buf2[..n], start, delivered, shared, to_session).await?;
+                        delivered = deliver(&mut local, &mut sndbuf, &buf2[..n], start, delivered, shared, to_session).await?;
                         if delivered > before {
                             leg = next.take();
                             drain_by = None;
@@ -1079,8 +1086,8 @@ async fn inbound(
                         let start = l.at;
                         l.at += n as u64;
                         delivered = match &mut pipe {
-                            Some(p) if p.held() > 0 => deliver_spliced(&mut local, p, start, delivered, shared, to_session).await?,
-                            _ => deliver(&mut local, &buf[..n], start, delivered, shared, to_session).await?,
+                            Some(p) if p.held() > 0 => deliver_spliced(&mut local, &mut sndbuf, p, start, delivered, shared, to_session).await?,
+                            _ => deliver(&mut local, &mut sndbuf, &buf[..n], start, delivered, shared, to_session).await?,
                         };
                     }
                     if drain_by.is_some() {
@@ -1260,6 +1267,7 @@ async fn read_leg(
 /// lies beyond `delivered`; returns the new delivered offset.
 async fn deliver(
     local: &mut WriteHalf<'_>,
+    sndbuf: &mut SendBuffer,
     data: &[u8],
     start: u64,
     delivered: u64,
@@ -1281,6 +1289,7 @@ async fn deliver(
         .write_all(&data[skip..])
         .await
         .map_err(DirError::Local)?;
+    sndbuf.written(local.as_ref(), data.len() - skip);
     shared.on_delivered(Instant::now(), to_session, end);
     Ok(end)
 }
@@ -1289,6 +1298,7 @@ async fn deliver(
 /// delivered offset): moves them all to the local connection.
 async fn deliver_spliced(
     local: &mut WriteHalf<'_>,
+    sndbuf: &mut SendBuffer,
     pipe: &mut SplicePipe,
     start: u64,
     delivered: u64,
@@ -1308,6 +1318,7 @@ async fn deliver_spliced(
         match sock.try_io(Interest::WRITABLE, || pipe.drain_to(sock)) {
             Ok(n) => {
                 at += n as u64;
+                sndbuf.written(sock, n);
                 shared.on_delivered(Instant::now(), to_session, at);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

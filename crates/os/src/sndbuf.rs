@@ -1,0 +1,257 @@
+//! A relayed connection's send buffer, sized to its path.
+//!
+//! Linux sizes a TCP socket's send buffer at about twice its congestion
+//! window. Counted in segments, that is sound on a network, but on loopback
+//! (and other paths of a few microseconds) a segment is 64 KiB and the window
+//! dozens of them, so every buffer grows to `tcp_wmem`'s maximum (4 MiB),
+//! although the path holds a few KiB. A relay chains three such connections:
+//! megabytes of page references wait in each, far more than the CPU's cache,
+//! and every byte is fetched from memory again at each hop. Sized to what the
+//! path needs (`bench/README.md`, finding 21) the same loopback relay moves
+//! about a third more with the same CPU.
+//!
+//! [`SendBuffer`] looks at a busy connection now and then (once per
+//! [`CHECK_EVERY`] bytes written) and sets `SO_SNDBUF` to four times its
+//! bandwidth-delay product, as TCP itself measures them (`TCP_INFO`: the
+//! delivery rate and the smallest round trip), but never below [`FLOOR`].
+//! It takes the buffer over only where it can always give it enough: where
+//! the largest buffer the system allows would carry 100 Gbit/s over the
+//! path's round trip. Any slower path (a WAN, most LANs) keeps the kernel's
+//! own sizing untouched.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use socket2::SockRef;
+
+/// The smallest send buffer asked for (the kernel doubles it for its
+/// bookkeeping). Below this the relay's system calls move too little each.
+pub const FLOOR: usize = 64 << 10;
+
+/// How many bytes are written between two looks at the path.
+pub const CHECK_EVERY: u64 = 1 << 20;
+
+/// How many bytes are written before the first look: a connection that never
+/// gets busy keeps the kernel's sizing and costs no system call.
+pub const FIRST_CHECK: u64 = 256 << 10;
+
+/// The rate a path whose buffer is taken over must still be able to carry,
+/// in bytes a second (100 Gbit/s).
+const FASTEST: f64 = 12.5e9;
+
+/// What TCP knows of a connection's path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathInfo {
+    /// The smallest round trip seen.
+    pub min_rtt: Duration,
+    /// The most recent delivery rate, bytes a second.
+    pub delivery_rate: u64,
+}
+
+/// Reads `TCP_INFO` for a connected TCP socket.
+pub fn path_info(sock: &impl AsFd) -> io::Result<PathInfo> {
+    let info = tcp_info(sock)?;
+    Ok(PathInfo {
+        min_rtt: Duration::from_micros(u64::from(info.tcpi_min_rtt)),
+        delivery_rate: info.tcpi_delivery_rate,
+    })
+}
+
+// SAFETY: neither the standard library nor rustix, socket2 or nix wraps
+// `TCP_INFO`; this is the one `getsockopt` baton makes itself.
+#[allow(unsafe_code)]
+fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_fd();
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `tcp_info` is plain integers, so all zeroes is a valid value;
+    // the kernel writes at most `len` bytes into it and the descriptor is
+    // borrowed for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let r = libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        );
+        if r == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(info)
+    }
+}
+
+/// The largest send buffer this process may set: `net.core.wmem_max`, or
+/// `tcp_wmem`'s maximum (what autotuning would reach) if that is smaller.
+fn ceiling() -> usize {
+    static CEILING: OnceLock<usize> = OnceLock::new();
+    *CEILING.get_or_init(|| {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let wmem_max = read("/proc/sys/net/core/wmem_max").and_then(|s| s.trim().parse::<usize>().ok());
+        let tcp_max = read("/proc/sys/net/ipv4/tcp_wmem")
+            .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<usize>().ok()));
+        match (wmem_max, tcp_max) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            // Linux's defaults.
+            (None, None) => 212_992,
+        }
+    })
+}
+
+/// The send buffer for a path: four bandwidth-delay products (twice what
+/// Linux's autotuning aims at; fewer measured slower on loopback, see
+/// finding 21), at least
+/// [`FLOOR`], at most `ceiling`. `None` leaves the kernel's sizing: the
+/// path is too long for `ceiling` to carry [`FASTEST`], so a buffer set
+/// now could one day be too small and not grow.
+pub fn target(path: PathInfo, ceiling: usize) -> Option<usize> {
+    let rtt = path.min_rtt.as_secs_f64();
+    // A round trip of 0 µs (loopback at its fastest) is below the clock's
+    // resolution, not free.
+    if rtt > ceiling as f64 / FASTEST || ceiling < FLOOR {
+        return None;
+    }
+    let bdp = path.delivery_rate as f64 * rtt;
+    Some(((4.0 * bdp) as usize).clamp(FLOOR, ceiling))
+}
+
+/// Sizes one connection's send buffer while it is written to; see the
+/// module's text. Costs nothing on a connection that moves less than
+/// [`FIRST_CHECK`].
+#[derive(Debug)]
+pub struct SendBuffer {
+    written: u64,
+    next_check: u64,
+    /// What was last set; 0 while the kernel sizes the buffer.
+    set: usize,
+}
+
+impl Default for SendBuffer {
+    fn default() -> Self {
+        Self {
+            written: 0,
+            next_check: FIRST_CHECK,
+            set: 0,
+        }
+    }
+}
+
+impl SendBuffer {
+    /// What this sizer last set, if it took the buffer over.
+    pub fn size(&self) -> Option<usize> {
+        (self.set > 0).then_some(self.set)
+    }
+
+    /// Counts `n` bytes written to `sock` and, after [`FIRST_CHECK`] and
+    /// then once per [`CHECK_EVERY`], sizes its send buffer. Best effort: a socket whose options cannot be
+    /// read or set keeps the kernel's sizing.
+    pub fn written(&mut self, sock: &impl AsFd, n: usize) {
+        self.written += n as u64;
+        if self.written < self.next_check {
+            return;
+        }
+        self.next_check = self.written + CHECK_EVERY;
+        let Ok(path) = path_info(sock) else { return };
+        let Some(want) = target(path, ceiling()) else { return };
+        // Within a quarter of what is set: not worth a system call.
+        if self.set > 0 && want < self.set + self.set / 4 && want > self.set - self.set / 4 {
+            return;
+        }
+        if SockRef::from(sock).set_send_buffer_size(want).is_ok() {
+            self.set = want;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn path(rtt_us: u64, rate: u64) -> PathInfo {
+        PathInfo {
+            min_rtt: Duration::from_micros(rtt_us),
+            delivery_rate: rate,
+        }
+    }
+
+    #[test]
+    fn a_loopback_path_gets_the_floor() {
+        // Loopback: a round trip of a few µs at 1.5 GB/s is a few KiB.
+        assert_eq!(target(path(0, 1_500_000_000), 4 << 20), Some(FLOOR));
+        assert_eq!(target(path(5, 1_500_000_000), 4 << 20), Some(FLOOR));
+    }
+
+    #[test]
+    fn a_fast_short_path_gets_four_bandwidth_delay_products() {
+        // 10 Gbit/s over 50 µs: 62.5 KB in flight.
+        assert_eq!(target(path(50, 1_250_000_000), 4 << 20), Some(250_000));
+        // 100 Gbit/s over 300 µs needs more than 4 MiB: capped.
+        assert_eq!(target(path(300, 12_500_000_000), 4 << 20), Some(4 << 20));
+    }
+
+    #[test]
+    fn a_long_path_keeps_the_kernels_sizing() {
+        // A WAN, even a slow one: the kernel's buffer may have to grow.
+        assert_eq!(target(path(20_000, 1_000_000), 4 << 20), None);
+        // 1 ms of LAN with 4 MiB allowed: 4 MiB would carry only 4.2 GB/s.
+        assert_eq!(target(path(1_000, 100_000), 4 << 20), None);
+        // With Debian's default wmem_max (208 KiB) only a few µs qualify.
+        assert_eq!(target(path(100, 100_000), 212_992), None);
+        assert_eq!(target(path(10, 100_000), 212_992), Some(FLOOR));
+        // A ceiling below the floor: nothing is set.
+        assert_eq!(target(path(0, 1), 32 << 10), None);
+    }
+
+    /// On loopback a busy connection's buffer is taken over and set well
+    /// below the kernel's 4 MiB (the kernel reports twice what was set); a
+    /// connection that moved less than `FIRST_CHECK` is left alone.
+    #[test]
+    fn a_busy_loopback_connection_gets_a_small_buffer() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut total = 0usize;
+            let mut b = vec![0u8; 1 << 16];
+            loop {
+                match rx.read(&mut b).unwrap() {
+                    0 => return total,
+                    n => total += n,
+                }
+            }
+        });
+        let before = SockRef::from(&tx).send_buffer_size().unwrap();
+        let mut sizer = SendBuffer::default();
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        let write = |tx: &mut TcpStream, sizer: &mut SendBuffer| {
+            tx.write_all(&chunk).unwrap();
+            sizer.written(tx, chunk.len());
+            chunk.len()
+        };
+        while sent + chunk.len() < FIRST_CHECK as usize {
+            sent += write(&mut tx, &mut sizer);
+        }
+        assert_eq!(sizer.size(), None, "not busy yet: the kernel's sizing");
+        assert_eq!(SockRef::from(&tx).send_buffer_size().unwrap(), before);
+        while sent < 8 * CHECK_EVERY as usize {
+            sent += write(&mut tx, &mut sizer);
+            if let Some(set) = sizer.size() {
+                assert!((FLOOR..=1 << 20).contains(&set), "loopback needs little: {set}");
+                assert_eq!(SockRef::from(&tx).send_buffer_size().unwrap(), 2 * set);
+            }
+        }
+        assert!(sizer.size().is_some(), "taken over");
+        drop(tx);
+        assert_eq!(reader.join().unwrap(), sent, "every byte arrives");
+    }
+}
