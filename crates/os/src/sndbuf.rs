@@ -91,9 +91,13 @@ fn ceiling() -> usize {
     static CEILING: OnceLock<usize> = OnceLock::new();
     *CEILING.get_or_init(|| {
         let read = |path: &str| std::fs::read_to_string(path).ok();
-        let wmem_max = read("/proc/sys/net/core/wmem_max").and_then(|s| s.trim().parse::<usize>().ok());
-        let tcp_max = read("/proc/sys/net/ipv4/tcp_wmem")
-            .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<usize>().ok()));
+        let wmem_max =
+            read("/proc/sys/net/core/wmem_max").and_then(|s| s.trim().parse::<usize>().ok());
+        let tcp_max = read("/proc/sys/net/ipv4/tcp_wmem").and_then(|s| {
+            s.split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<usize>().ok())
+        });
         match (wmem_max, tcp_max) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
@@ -133,15 +137,21 @@ pub struct SendBuffer {
 
 impl Default for SendBuffer {
     fn default() -> Self {
-        Self {
-            written: 0,
-            next_check: FIRST_CHECK,
-            set: 0,
-        }
+        Self::new(true)
     }
 }
 
 impl SendBuffer {
+    /// A sizer; with `enabled` false it never touches the buffer (the
+    /// kernel's sizing, `send_buffers = "kernel"`).
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            written: 0,
+            next_check: if enabled { FIRST_CHECK } else { u64::MAX },
+            set: 0,
+        }
+    }
+
     /// What this sizer last set, if it took the buffer over.
     pub fn size(&self) -> Option<usize> {
         (self.set > 0).then_some(self.set)
@@ -157,7 +167,9 @@ impl SendBuffer {
         }
         self.next_check = self.written + CHECK_EVERY;
         let Ok(path) = path_info(sock) else { return };
-        let Some(want) = target(path, ceiling()) else { return };
+        let Some(want) = target(path, ceiling()) else {
+            return;
+        };
         // Within a quarter of what is set: not worth a system call.
         if self.set > 0 && want < self.set + self.set / 4 && want > self.set - self.set / 4 {
             return;
@@ -246,12 +258,36 @@ mod tests {
         while sent < 8 * CHECK_EVERY as usize {
             sent += write(&mut tx, &mut sizer);
             if let Some(set) = sizer.size() {
-                assert!((FLOOR..=1 << 20).contains(&set), "loopback needs little: {set}");
+                assert!(
+                    (FLOOR..=1 << 20).contains(&set),
+                    "loopback needs little: {set}"
+                );
                 assert_eq!(SockRef::from(&tx).send_buffer_size().unwrap(), 2 * set);
             }
         }
         assert!(sizer.size().is_some(), "taken over");
         drop(tx);
         assert_eq!(reader.join().unwrap(), sent, "every byte arrives");
+    }
+
+    /// `send_buffers = "kernel"`: however busy, the buffer is the kernel's.
+    #[test]
+    fn a_disabled_sizer_never_sets_the_buffer() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || io::copy(&mut rx, &mut io::sink()).unwrap());
+        let mut sizer = SendBuffer::new(false);
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..64 {
+            tx.write_all(&chunk).unwrap();
+            sizer.written(&tx, chunk.len());
+        }
+        assert_eq!(sizer.size(), None);
+        // The kernel's autotuning has moved it off any value the sizer sets.
+        let now = SockRef::from(&tx).send_buffer_size().unwrap();
+        drop(tx);
+        assert_eq!(reader.join().unwrap(), 64 * (64 << 10));
+        assert!(now > 2 * FLOOR, "{now}");
     }
 }

@@ -190,6 +190,11 @@ pub struct StreamStatus {
     /// Bytes put on legs without a copy in user space (spliced from the
     /// kernel pipes a busy stream keeps them in).
     pub sent_spliced: u64,
+    /// The send buffer baton set on the stream's current leg, sized to its
+    /// path (`send_buffers`); `None` while the kernel sizes it.
+    pub leg_send_buffer: Option<usize>,
+    /// The same for the connection to the application.
+    pub app_send_buffer: Option<usize>,
     /// Legs used so far.
     pub legs: u32,
     /// `zstd` or `none`.
@@ -378,6 +383,7 @@ impl Client {
         }
         let limits = StreamLimits {
             replay_buffer: config.replay_buffer,
+            size_send_buffers: config.send_buffers,
             ..StreamLimits::default()
         };
         let (decider, decider_rx) = mpsc::unbounded_channel();
@@ -514,6 +520,10 @@ impl Client {
                     received: s.shared.delivered.load(Ordering::Relaxed),
                     resent: s.shared.resent.load(Ordering::Relaxed),
                     sent_spliced: s.shared.spliced_out.load(Ordering::Relaxed),
+                    leg_send_buffer: Some(s.shared.leg_sndbuf.load(Ordering::Relaxed))
+                        .filter(|&b| b > 0),
+                    app_send_buffer: Some(s.shared.local_sndbuf.load(Ordering::Relaxed))
+                        .filter(|&b| b > 0),
                     legs: s.generation.load(Ordering::Relaxed),
                     compress: match s.shared.compression {
                         baton_proto::Compression::None => "none",

@@ -135,6 +135,17 @@ fn compression<'de, D: Deserializer<'de>>(d: D) -> Result<baton_proto::Compressi
     }
 }
 
+/// `send_buffers`: true for `"path"`, false for `"kernel"`.
+fn send_buffers<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "path" => Ok(true),
+        "kernel" => Ok(false),
+        other => Err(de::Error::custom(format!(
+            "unknown send_buffers {other:?}: expected \"path\" or \"kernel\""
+        ))),
+    }
+}
+
 fn socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
@@ -378,6 +389,12 @@ pub struct GatewayConfig {
     /// switch; when full, reading from the server pauses. Default 8MiB.
     #[serde(default = "defaults::replay_buffer", deserialize_with = "size")]
     pub replay_buffer: usize,
+    /// Who sizes the send buffers of busy relayed connections: `"path"`
+    /// (default) sets them to four bandwidth-delay products of their path
+    /// where the path is short (µs round trips: loopback, one host, one
+    /// rack), `"kernel"` leaves Linux's autotuning everywhere.
+    #[serde(default = "defaults::send_buffers", deserialize_with = "send_buffers")]
+    pub send_buffers: bool,
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, GatewayService>,
@@ -515,6 +532,12 @@ pub struct ClientConfig {
     /// switch; when full, reading from the application pauses. Default 8MiB.
     #[serde(default = "defaults::replay_buffer", deserialize_with = "size")]
     pub replay_buffer: usize,
+    /// Who sizes the send buffers of busy relayed connections: `"path"`
+    /// (default) sets them to four bandwidth-delay products of their path
+    /// where the path is short (µs round trips: loopback, one host, one
+    /// rack), `"kernel"` leaves Linux's autotuning everywhere.
+    #[serde(default = "defaults::send_buffers", deserialize_with = "send_buffers")]
+    pub send_buffers: bool,
     /// The admin socket (`baton status`, `baton switch`).
     #[serde(default = "defaults::admin")]
     pub admin: PathBuf,
@@ -736,6 +759,9 @@ mod defaults {
     }
     pub(super) fn replay_buffer() -> usize {
         8 << 20
+    }
+    pub(super) fn send_buffers() -> bool {
+        true
     }
     pub(super) fn priority() -> u32 {
         100
@@ -1230,6 +1256,30 @@ mod tests {
             assert!(e.to_string().contains("must be 1 to 256"), "{e}");
             assert_eq!(key_of(e), "threads");
         }
+    }
+
+    #[test]
+    fn send_buffers_default_to_path_and_name_bad_values() {
+        let client = |top: &str| {
+            ClientConfig::from_toml(
+                Path::new("c.toml"),
+                &format!("id = \"m\"\nkey_file = \"m.key\"\n{top}\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n"),
+            )
+        };
+        let gateway = |top: &str| gw(&format!("listen = [\"0.0.0.0:7700\"]\n{top}"));
+        assert!(client("").unwrap().send_buffers);
+        assert!(gateway("").unwrap().send_buffers);
+        assert!(client("send_buffers = \"path\"").unwrap().send_buffers);
+        assert!(!client("send_buffers = \"kernel\"").unwrap().send_buffers);
+        assert!(!gateway("send_buffers = \"kernel\"").unwrap().send_buffers);
+        let e = client("send_buffers = \"small\"").unwrap_err();
+        assert!(
+            e.to_string().contains("expected \"path\" or \"kernel\""),
+            "{e}"
+        );
+        assert_eq!(key_of(e), "send_buffers");
+        let e = gateway("send_buffers = true").unwrap_err();
+        assert_eq!(key_of(e), "send_buffers");
     }
 
     #[test]

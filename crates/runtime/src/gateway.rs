@@ -1308,6 +1308,7 @@ async fn leg_on_thread(
     let limits = StreamLimits {
         replay_buffer: shared.config.replay_buffer,
         compression,
+        size_send_buffers: shared.config.send_buffers,
     };
     let (s, inbox) = StreamShared::new(stream_id, limits, session.released.child_token());
     lock(&session.streams).insert(stream_id, s.clone());

@@ -74,6 +74,9 @@ pub struct StreamLimits {
     pub replay_buffer: usize,
     /// How the stream's bytes travel on its legs.
     pub compression: Compression,
+    /// Whether busy connections' send buffers are sized to their paths
+    /// (`send_buffers = "path"`, [`SendBuffer`]).
+    pub size_send_buffers: bool,
 }
 
 impl Default for StreamLimits {
@@ -81,6 +84,7 @@ impl Default for StreamLimits {
         Self {
             replay_buffer: 8 << 20,
             compression: Compression::None,
+            size_send_buffers: true,
         }
     }
 }
@@ -159,6 +163,10 @@ pub(crate) struct StreamShared {
     pub(crate) plain_out: AtomicU64,
     /// Of `plain_out`, bytes spliced from pipes: never copied in user space.
     pub(crate) spliced_out: AtomicU64,
+    /// The send buffers set on the current leg and on the local connection
+    /// ([`SendBuffer`]); 0 where the kernel sizes them.
+    pub(crate) leg_sndbuf: AtomicUsize,
+    pub(crate) local_sndbuf: AtomicUsize,
     pub(crate) wire_out: AtomicU64,
     pub(crate) plain_in: AtomicU64,
     pub(crate) wire_in: AtomicU64,
@@ -220,6 +228,8 @@ impl StreamShared {
             compression: limits.compression,
             plain_out: AtomicU64::new(0),
             spliced_out: AtomicU64::new(0),
+            leg_sndbuf: AtomicUsize::new(0),
+            local_sndbuf: AtomicUsize::new(0),
             wire_out: AtomicU64::new(0),
             plain_in: AtomicU64::new(0),
             wire_in: AtomicU64::new(0),
@@ -506,7 +516,7 @@ pub(crate) async fn run(
         let both = async {
             tokio::try_join!(
                 outbound(r, out_rx, &shared, limits, &to_session),
-                inbound(w, in_rx, &shared, &to_session)
+                inbound(w, in_rx, &shared, limits.size_send_buffers, &to_session)
             )
         };
         // New legs are registered here, on the stream's thread, then split
@@ -588,6 +598,7 @@ impl OutLeg {
         at: Offset,
         cut: CancellationToken,
         compression: Compression,
+        size_send_buffer: bool,
     ) -> io::Result<Self> {
         let zip = match compression {
             Compression::None => None,
@@ -600,7 +611,7 @@ impl OutLeg {
             head: at.0.to_be_bytes(),
             head_sent: 0,
             zip,
-            sndbuf: SendBuffer::default(),
+            sndbuf: SendBuffer::new(size_send_buffer),
         })
     }
 
@@ -708,7 +719,8 @@ async fn outbound(
                     }
                     // Dropping the old writer ends that leg after the bytes
                     // already handed to it: the peer drains it up to `from`.
-                    leg = Some(OutLeg::new(w, from, cut, shared.compression).map_err(DirError::Local)?);
+                    leg = Some(OutLeg::new(w, from, cut, shared.compression, limits.size_send_buffers).map_err(DirError::Local)?);
+                    shared.leg_sndbuf.store(0, Ordering::Relaxed);
                     if !had_leg && eof {
                         let offset = buf.end();
                         let _ = to_session.send(ToSession::Control(Message::StreamFin { stream: shared.id, offset }));
@@ -855,6 +867,9 @@ async fn write_leg(
             }
             l.at = l.at.advance(n);
             l.sndbuf.written(sock, n);
+            shared
+                .leg_sndbuf
+                .store(l.sndbuf.size().unwrap_or(0), Ordering::Relaxed);
             shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.spliced_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -897,6 +912,9 @@ async fn write_leg(
         return Ok(());
     }
     l.sndbuf.written(l.w.as_ref(), n);
+    shared
+        .leg_sndbuf
+        .store(l.sndbuf.size().unwrap_or(0), Ordering::Relaxed);
     shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
     match &mut l.zip {
         Some((z, _)) => z.consume(n),
@@ -964,6 +982,7 @@ async fn inbound(
     mut local: WriteHalf<'_>,
     mut events: mpsc::UnboundedReceiver<InEvent>,
     shared: &StreamShared,
+    size_send_buffer: bool,
     to_session: &mpsc::UnboundedSender<ToSession>,
 ) -> Result<(), DirError> {
     let mut delivered = 0u64;
@@ -980,7 +999,7 @@ async fn inbound(
     // bytes come, dropped with the buffers when idle.
     let mut pipe: Option<SplicePipe> = None;
     // The local connection's send buffer, sized to its path while busy.
-    let mut sndbuf = SendBuffer::default();
+    let mut sndbuf = SendBuffer::new(size_send_buffer);
     let mut idle = IdleTimer::default();
     // A leg that ends cleanly was closed by the peer: replaced (a new one is
     // on its way) or because the peer's side finished (the half-close is on
@@ -1290,6 +1309,9 @@ async fn deliver(
         .await
         .map_err(DirError::Local)?;
     sndbuf.written(local.as_ref(), data.len() - skip);
+    shared
+        .local_sndbuf
+        .store(sndbuf.size().unwrap_or(0), Ordering::Relaxed);
     shared.on_delivered(Instant::now(), to_session, end);
     Ok(end)
 }
@@ -1319,6 +1341,9 @@ async fn deliver_spliced(
             Ok(n) => {
                 at += n as u64;
                 sndbuf.written(sock, n);
+                shared
+                    .local_sndbuf
+                    .store(sndbuf.size().unwrap_or(0), Ordering::Relaxed);
                 shared.on_delivered(Instant::now(), to_session, at);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -1359,7 +1384,7 @@ mod tests {
         let (app, local) = pair().await;
         let limits = StreamLimits {
             replay_buffer: 1 << 20,
-            compression: Compression::None,
+            ..StreamLimits::default()
         };
         let (shared, inbox) = StreamShared::new(StreamId(1), limits, CancellationToken::new());
         let (tx, rx) = mpsc::unbounded_channel();

@@ -286,6 +286,66 @@ async fn bulk_streams_sent_through_pipes_survive_switches() {
     bed.shutdown.cancel();
 }
 
+/// Two 64 MiB streams each way with a planned switch half-way; returns, of
+/// every status read while they ran, the largest leg and application send
+/// buffers baton set, and whether one was seen on a leg after the switch.
+async fn send_buffers_seen(extra: &str) -> (Option<usize>, Option<usize>, bool) {
+    let mut bed = bed(extra, extra).await;
+    let addr = bed.client.service_addr("data").unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..2u64 {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(addr).await.unwrap();
+            verify::exchange(s, 7100 + i, 64 * MIB, 64 * MIB, Mode::Concurrent).await
+        }));
+    }
+    let c = &bed.client;
+    let (mut leg, mut app, mut after_switch, mut switched) = (None, None, false, false);
+    while !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for s in c.streams() {
+            leg = leg.max(s.leg_send_buffer);
+            app = app.max(s.app_send_buffer);
+            after_switch |= s.legs >= 2 && s.leg_send_buffer.is_some();
+            if !switched && s.sent > 32 * MIB {
+                c.switch("b").await.unwrap();
+                switched = true;
+            }
+        }
+    }
+    assert!(switched, "the streams ended before the switch");
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream failed");
+        assert!(r.is_exact(Dir::Down), "{r:?}");
+    }
+    for _ in 0..2 {
+        let r = bed.reports.recv().await.unwrap().unwrap();
+        assert!(r.is_exact(Dir::Up), "{r:?}");
+    }
+    bed.shutdown.cancel();
+    (leg, app, after_switch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn busy_streams_get_send_buffers_sized_to_their_path() {
+    // Loopback is a path of a few µs: a busy stream's leg and application
+    // connection get small buffers instead of the kernel's 4 MiB, a new leg
+    // after a switch gets its own, and the bytes arrive exact.
+    let (leg, app, after_switch) = send_buffers_seen("").await;
+    let small =
+        |b: Option<usize>| b.is_some_and(|b| (baton_os::sndbuf::FLOOR..=1 << 20).contains(&b));
+    assert!(small(leg), "leg send buffer {leg:?}");
+    assert!(small(app), "application send buffer {app:?}");
+    assert!(after_switch, "the new leg's buffer was not sized");
+    // `send_buffers = "kernel"` leaves every buffer to the kernel.
+    let (leg, app, _) = send_buffers_seen("send_buffers = \"kernel\"").await;
+    assert_eq!((leg, app), (None, None));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn memory_stays_bounded_when_the_far_side_stops_reading() {
     // A server that accepts and never reads.

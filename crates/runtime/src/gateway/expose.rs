@@ -466,6 +466,7 @@ fn open_stream(
     let _ = baton_os::tune_relay(&conn);
     let limits = StreamLimits {
         replay_buffer: shared.config.replay_buffer,
+        size_send_buffers: shared.config.send_buffers,
         ..StreamLimits::default()
     };
     let (s, inbox) = StreamShared::new(id, limits, session.released.child_token());
