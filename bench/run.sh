@@ -12,8 +12,8 @@ cd "$ROOT"
 
 # ---- knobs (environment) ----------------------------------------------------
 DURATION=${DURATION:-5}                  # seconds per iperf3 test
-STREAMS=${STREAMS:-"1 8"}                # iperf3 -P values
-PACED=${PACED:-2}                        # Gbit/s: also 8 streams paced to this total rate ("" for none)
+STREAMS=${STREAMS-"1 8"}                 # iperf3 -P values ("" for none)
+PACED=${PACED-2}                         # Gbit/s: also 8 streams paced to this total rate ("" for none)
 RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first

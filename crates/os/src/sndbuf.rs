@@ -157,14 +157,19 @@ impl SendBuffer {
     }
 
     /// Counts `n` bytes written to `sock` and, after [`FIRST_CHECK`] and
-    /// then once per [`CHECK_EVERY`], sizes its send buffer. Best effort: a socket whose options cannot be
-    /// read or set keeps the kernel's sizing.
-    pub fn written(&mut self, sock: &impl AsFd, n: usize) {
+    /// then once per [`CHECK_EVERY`], sizes its send buffer; returns what is
+    /// set, 0 while the kernel sizes it. Best effort: a socket whose options
+    /// cannot be read or set keeps the kernel's sizing.
+    pub fn written(&mut self, sock: &impl AsFd, n: usize) -> usize {
         self.written += n as u64;
-        if self.written < self.next_check {
-            return;
+        if self.written >= self.next_check {
+            self.next_check = self.written + CHECK_EVERY;
+            self.look(sock);
         }
-        self.next_check = self.written + CHECK_EVERY;
+        self.set
+    }
+
+    fn look(&mut self, sock: &impl AsFd) {
         let Ok(path) = path_info(sock) else { return };
         let Some(want) = target(path, ceiling()) else {
             return;

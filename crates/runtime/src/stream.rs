@@ -866,10 +866,8 @@ async fn write_leg(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             l.at = l.at.advance(n);
-            l.sndbuf.written(sock, n);
-            shared
-                .leg_sndbuf
-                .store(l.sndbuf.size().unwrap_or(0), Ordering::Relaxed);
+            let set = l.sndbuf.written(sock, n);
+            shared.leg_sndbuf.store(set, Ordering::Relaxed);
             shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
             shared.spliced_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -911,10 +909,8 @@ async fn write_leg(
         l.head_sent += n;
         return Ok(());
     }
-    l.sndbuf.written(l.w.as_ref(), n);
-    shared
-        .leg_sndbuf
-        .store(l.sndbuf.size().unwrap_or(0), Ordering::Relaxed);
+    let set = l.sndbuf.written(l.w.as_ref(), n);
+    shared.leg_sndbuf.store(set, Ordering::Relaxed);
     shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
     match &mut l.zip {
         Some((z, _)) => z.consume(n),
@@ -1308,10 +1304,8 @@ async fn deliver(
         .write_all(&data[skip..])
         .await
         .map_err(DirError::Local)?;
-    sndbuf.written(local.as_ref(), data.len() - skip);
-    shared
-        .local_sndbuf
-        .store(sndbuf.size().unwrap_or(0), Ordering::Relaxed);
+    let set = sndbuf.written(local.as_ref(), data.len() - skip);
+    shared.local_sndbuf.store(set, Ordering::Relaxed);
     shared.on_delivered(Instant::now(), to_session, end);
     Ok(end)
 }
@@ -1340,10 +1334,8 @@ async fn deliver_spliced(
         match sock.try_io(Interest::WRITABLE, || pipe.drain_to(sock)) {
             Ok(n) => {
                 at += n as u64;
-                sndbuf.written(sock, n);
-                shared
-                    .local_sndbuf
-                    .store(sndbuf.size().unwrap_or(0), Ordering::Relaxed);
+                let set = sndbuf.written(sock, n);
+                shared.local_sndbuf.store(set, Ordering::Relaxed);
                 shared.on_delivered(Instant::now(), to_session, at);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
