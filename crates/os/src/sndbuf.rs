@@ -58,8 +58,8 @@ pub fn path_info(sock: &impl AsFd) -> io::Result<PathInfo> {
     })
 }
 
-// SAFETY: neither the standard library nor rustix, socket2 or nix wraps
-// `TCP_INFO`; this is the one `getsockopt` baton makes itself.
+// Unsafe because neither the standard library nor rustix, socket2 or nix
+// wraps `TCP_INFO`: this is the one `getsockopt` baton makes itself.
 #[allow(unsafe_code)]
 fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
     use std::os::fd::AsRawFd;
@@ -106,16 +106,14 @@ fn ceiling() -> usize {
     })
 }
 
-/// The send buffer for a path: four bandwidth-delay products (twice what
-/// Linux's autotuning aims at; fewer measured slower on loopback, see
-/// finding 21), at least
-/// [`FLOOR`], at most `ceiling`. `None` leaves the kernel's sizing: the
-/// path is too long for `ceiling` to carry [`FASTEST`], so a buffer set
-/// now could one day be too small and not grow.
+/// The send buffer for a path: four bandwidth-delay products (two measured
+/// slower on loopback, finding 21), at least [`FLOOR`], at most `ceiling`.
+/// `None` leaves the kernel's sizing: the path is too long for `ceiling` to
+/// carry [`FASTEST`], so a buffer set now could one day be too small and
+/// not grow.
 pub fn target(path: PathInfo, ceiling: usize) -> Option<usize> {
     let rtt = path.min_rtt.as_secs_f64();
-    // A round trip of 0 µs (loopback at its fastest) is below the clock's
-    // resolution, not free.
+    // Loopback's round trip is often 0-1 µs in TCP's clock: the floor.
     if rtt > ceiling as f64 / FASTEST || ceiling < FLOOR {
         return None;
     }
