@@ -1115,6 +1115,14 @@ mod tests {
         GatewayConfig::from_toml(Path::new("gateway.toml"), text)
     }
 
+    /// A minimal client configuration with `top` among its top-level keys.
+    fn client(top: &str) -> Result<ClientConfig, ConfigError> {
+        ClientConfig::from_toml(
+            Path::new("c.toml"),
+            &format!("id = \"m\"\nkey_file = \"m.key\"\n{top}\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n"),
+        )
+    }
+
     fn key_of(e: ConfigError) -> String {
         match e {
             ConfigError::Key { key, .. } => key,
@@ -1233,12 +1241,6 @@ mod tests {
 
     #[test]
     fn runtime_threads_default_and_are_bounded() {
-        let client = |top: &str| {
-            ClientConfig::from_toml(
-                Path::new("c.toml"),
-                &format!("id = \"m\"\nkey_file = \"m.key\"\n{top}\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n"),
-            )
-        };
         assert_eq!(client("").unwrap().threads, None);
         assert_eq!(client("threads = 4").unwrap().threads, Some(4));
         assert_eq!(gw(r#"listen = ["0.0.0.0:7700"]"#).unwrap().threads, None);
@@ -1260,12 +1262,6 @@ mod tests {
 
     #[test]
     fn send_buffers_default_to_path_and_name_bad_values() {
-        let client = |top: &str| {
-            ClientConfig::from_toml(
-                Path::new("c.toml"),
-                &format!("id = \"m\"\nkey_file = \"m.key\"\n{top}\n[gateways.gw]\naddresses = [\"gw.example.net:7700\"]\n"),
-            )
-        };
         let gateway = |top: &str| gw(&format!("listen = [\"0.0.0.0:7700\"]\n{top}"));
         assert!(client("").unwrap().send_buffers);
         assert!(gateway("").unwrap().send_buffers);

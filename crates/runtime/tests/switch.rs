@@ -73,6 +73,30 @@ async fn pair(
 }
 
 impl Bed {
+    /// Waits (at most `limit`) for each stream's application and for as
+    /// many server reports; asserts both directions arrived exact. `what`
+    /// goes into the failure messages.
+    async fn assert_all_exact(
+        &mut self,
+        tasks: Vec<JoinHandle<std::io::Result<verify::Report>>>,
+        limit: Duration,
+        what: &str,
+    ) {
+        let n = tasks.len();
+        for t in tasks {
+            let r = tokio::time::timeout(limit, t)
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("stream failed");
+            assert!(r.is_exact(Dir::Down), "{what}{r:?}");
+        }
+        for _ in 0..n {
+            let r = self.reports.recv().await.unwrap().unwrap();
+            assert!(r.is_exact(Dir::Up), "{what}{r:?}");
+        }
+    }
+
     /// Starts a paced, verified exchange of `bytes` each way through the agent's service.
     fn start_exchange(
         &self,
@@ -210,18 +234,9 @@ async fn two_hundred_random_switches_under_load_on_twenty_streams() {
         planned > 50 && sudden > 50,
         "seed {seed} gave a lopsided mix"
     );
-    for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("stream failed");
-        assert!(r.is_exact(Dir::Down), "seed {seed}: {r:?}");
-    }
-    for _ in 0..20 {
-        let r = bed.reports.recv().await.unwrap().unwrap();
-        assert!(r.is_exact(Dir::Up), "seed {seed}: {r:?}");
-    }
+    bed.assert_all_exact(tasks, Duration::from_secs(60), &format!("seed {seed}: "))
+        .await;
+    let c = &bed.client;
     let resent: u64 = c.switches().iter().map(|s| s.bytes_resent).sum();
     let longest = c
         .switches()
@@ -270,18 +285,8 @@ async fn bulk_streams_sent_through_pipes_survive_switches() {
     }
     assert!(switches >= 4, "the streams ended after {switches} switches");
     assert!(spliced_before_switch > 0, "nothing was sent through pipes");
-    for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("stream failed");
-        assert!(r.is_exact(Dir::Down), "{r:?}");
-    }
-    for _ in 0..4 {
-        let r = bed.reports.recv().await.unwrap().unwrap();
-        assert!(r.is_exact(Dir::Up), "{r:?}");
-    }
+    bed.assert_all_exact(tasks, Duration::from_secs(120), "")
+        .await;
     println!("{switches} switches, {spliced_before_switch} bytes spliced");
     bed.shutdown.cancel();
 }
@@ -314,18 +319,8 @@ async fn send_buffers_seen(extra: &str) -> (Option<usize>, Option<usize>, bool) 
         }
     }
     assert!(switched, "the streams ended before the switch");
-    for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("stream failed");
-        assert!(r.is_exact(Dir::Down), "{r:?}");
-    }
-    for _ in 0..2 {
-        let r = bed.reports.recv().await.unwrap().unwrap();
-        assert!(r.is_exact(Dir::Up), "{r:?}");
-    }
+    bed.assert_all_exact(tasks, Duration::from_secs(60), "")
+        .await;
     bed.shutdown.cancel();
     (leg, app, after_switch)
 }
