@@ -1302,6 +1302,11 @@ enum ControlEnd {
 
 /// Runs an established control connection until it fails, the client shuts
 /// down, or a planned switch replaces it.
+///
+/// The connection itself is served on the session's thread by a [`Pump`],
+/// beside the session's streams; this task, on the runtime's threads,
+/// keeps what needs the rest of the agent: switches, the multihomed
+/// gateway's messages, exposed services, UDP flows.
 async fn run_control(
     shared: &Arc<Shared>,
     link: &Link,
@@ -1313,14 +1318,12 @@ async fn run_control(
     let Established {
         mut cipher,
         keepalive,
-        mut frames,
+        frames,
         writer: mut w,
         route,
         ..
     } = est;
-    let dead_after = shared.config.dead_after;
-    let mut liveness = Liveness::new(Instant::now().into_std(), Some(keepalive), dead_after);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, outgoing) = mpsc::unbounded_channel();
     core.udp.attach(core.id, tx.clone());
     *lock(&core.control) = Some(tx);
     roam::announce(link, core);
@@ -1364,43 +1367,57 @@ async fn run_control(
     if let Err(e) = w.write_all(&out).await {
         return ControlEnd::Failed(format!("control connection: {e}"));
     }
+    let (others_tx, mut others) = mpsc::unbounded_channel();
+    let (end_tx, mut end) = oneshot::channel();
+    // Whatever ends this task (a switch, a cut route) ends the pump: the old
+    // connection closes with it.
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let leaving = match LeavingControl::leave(frames, w) {
+        Ok(l) => l,
+        Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
+    };
+    let pump = Pump {
+        core: core.clone(),
+        cipher,
+        liveness: Liveness::new(
+            Instant::now().into_std(),
+            Some(keepalive),
+            shared.config.dead_after,
+        ),
+        dead_after: shared.config.dead_after,
+        outgoing,
+        others: others_tx,
+        shutdown: shared.shutdown.clone(),
+    };
+    shared.tasks.spawn_on(
+        async move {
+            let ended = tokio::select! {
+                e = pump.run(leaving) => e,
+                () = stop.cancelled() => return,
+            };
+            let _ = end_tx.send(ended);
+        },
+        &core.thread,
+    );
     loop {
-        out.clear();
-        let deadline = Instant::from_std(liveness.poll_timeout());
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                match liveness.handle_timeout(Instant::now().into_std()) {
-                    Some(LivenessAction::SendPing(seq)) => cipher.seal(&Message::Ping { seq }, &mut out),
-                    Some(LivenessAction::Expired) => return ControlEnd::Failed(format!("no answer from the gateway for {dead_after:?}")),
-                    None => {}
+            e = &mut end => return match e {
+                Ok(PumpEnd::Failed(why)) => ControlEnd::Failed(why),
+                Ok(PumpEnd::Shutdown) => {
+                    core.released.cancel();
+                    ControlEnd::Shutdown
                 }
-            }
-            f = frames.next() => {
-                let frame = match f {
-                    None => return ControlEnd::Failed("gateway closed the control connection".into()),
-                    Some(Err(e)) => return ControlEnd::Failed(format!("control connection: {e}")),
-                    Some(Ok(f)) => f,
-                };
-                match frame.open(&mut cipher) {
-                    Ok(msg) => {
-                        liveness.on_receive(Instant::now().into_std());
-                        *lock(&core.last_heard) = std::time::Instant::now();
-                        // Addresses and go-to are the multihomed gateway's (roam.rs).
-                        match roam::on_message(shared, link, &route, msg) {
-                            None => {}
-                            Some(Message::Incoming { stream, service }) => expose::on_incoming(shared, link, core, stream, service),
-                            Some(Message::Exposed { entries }) => expose::on_exposed(link, entries),
-                            Some(msg) => {
-                                if let Some(reply) = on_control(core, msg) {
-                                    cipher.seal(&reply, &mut out);
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => return ControlEnd::Failed(format!("control connection: {e}")),
-                }
-            }
-            Some(msg) = rx.recv() => cipher.seal(&msg, &mut out),
+                // The pump is gone without a word (it panicked): reconnect.
+                Err(_) => ControlEnd::Failed("control connection: its task ended".into()),
+            },
+            Some(msg) = others.recv() => match roam::on_message(shared, link, &route, msg) {
+                None => {}
+                Some(Message::Incoming { stream, service }) => expose::on_incoming(shared, link, core, stream, service),
+                Some(Message::Exposed { entries }) => expose::on_exposed(link, entries),
+                Some(m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. })) => core.udp.on_control(m),
+                Some(other) => debug!("ignoring unexpected control message {:#04x}", other.ty()),
+            },
             _ = route.cut.cancelled() => return ControlEnd::Failed(format!("interface {} went down", route.path.name)),
             Some(req) = switch_rx.recv() => {
                 let started = Instant::now();
@@ -1436,82 +1453,195 @@ async fn run_control(
                     Some(Err(e)) => { let _ = req.done.send(Err(e)); }
                 }
             }
-            _ = shared.shutdown.cancelled() => {
-                cipher.seal(&Message::Disconnect, &mut out);
-                if w.write_all(&out).await.is_ok() {
-                    // Wait briefly for the acknowledgement so the gateway has
-                    // released the session before this process exits.
-                    let ack = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Some(Ok(f)) = frames.next().await {
-                            if matches!(f.open(&mut cipher), Ok(Message::DisconnectAck)) {
-                                return true;
-                            }
-                        }
-                        false
-                    });
-                    if matches!(ack.await, Ok(true)) {
-                        info!(session = %sid(core.id), "session disconnected");
-                    }
-                }
-                core.released.cancel();
-                return ControlEnd::Shutdown;
-            }
-        }
-        if !out.is_empty() {
-            if let Err(e) = w.write_all(&out).await {
-                return ControlEnd::Failed(format!("control connection: {e}"));
-            }
         }
     }
 }
 
-/// Acts on a message from the gateway; returns the answer to send, if any.
-fn on_control(core: &Arc<Core>, msg: Message) -> Option<Message> {
-    match msg {
-        Message::Ping { seq } => return Some(Message::Pong { seq }),
-        Message::Pong { .. } => {}
-        Message::Acks { entries } => {
-            // One wake-up of the session thread for the whole batch: a send
-            // from here to each stream would wake it once per stream.
-            let to: Vec<_> = {
-                let streams = lock(&core.streams);
-                entries
-                    .into_iter()
-                    .filter_map(|(id, offset)| {
-                        streams.get(&id).map(|s| (s.shared.out_tx.clone(), offset))
-                    })
-                    .collect()
-            };
-            if !to.is_empty() {
-                // Tasks from here start in order: acks of two batches are
-                // never swapped.
-                core.thread.spawn(async move {
-                    for (tx, offset) in to {
-                        let _ = tx.send(OutEvent::Ack(offset));
-                    }
-                });
-            }
-        }
-        Message::StreamFin { stream, offset } => {
-            if let Some(s) = lock(&core.streams).get(&stream) {
-                let _ = s.shared.in_tx.send(InEvent::Fin(offset));
-            }
-        }
-        Message::StreamReset { stream, code } => {
-            debug!(%stream, ?code, "stream reset by gateway");
-            if let Some(s) = lock(&core.streams).get(&stream) {
-                s.shared.abort.cancel();
-            }
-        }
-        Message::Releg { stream } => {
-            let _ = core.to_session.send(ToSession::LegLost(stream));
-        }
-        m @ (Message::FlowOpen { .. } | Message::FlowReply { .. } | Message::FlowClose { .. }) => {
-            core.udp.on_control(m)
-        }
-        other => debug!("ignoring unexpected control message {:#04x}", other.ty()),
+/// A control connection on its way to the session thread, with the bytes
+/// its reader had already taken from the socket.
+struct LeavingControl {
+    conn: Moving,
+    buffered: bytes::BytesMut,
+}
+
+impl LeavingControl {
+    fn leave(
+        frames: FramedRead<OwnedReadHalf, FrameCodec>,
+        writer: OwnedWriteHalf,
+    ) -> std::io::Result<Self> {
+        let buffered = frames.read_buffer().clone();
+        let conn = frames
+            .into_inner()
+            .reunite(writer)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self {
+            conn: Moving::leave(conn)?,
+            buffered,
+        })
     }
-    None
+}
+
+/// How a [`Pump`] ended.
+enum PumpEnd {
+    Failed(String),
+    /// The client is stopping; the gateway was told.
+    Shutdown,
+}
+
+/// The control connection in steady state, on the session's thread: the
+/// gateway's acknowledgements, half-closes and resets reach the streams as
+/// plain channel sends on the same thread, and the session task's batches
+/// of acknowledgements go out without waking another thread. Before, both
+/// crossed threads for every batch, a few hundred wake-ups a second on a
+/// busy session that competed with the relaying (bench/README.md, finding
+/// 22).
+struct Pump {
+    core: Arc<Core>,
+    cipher: ControlCipher,
+    liveness: Liveness,
+    dead_after: Duration,
+    /// What the agent sends on the control connection (`Core::control`).
+    outgoing: mpsc::UnboundedReceiver<Message>,
+    /// Messages for [`run_control`].
+    others: mpsc::UnboundedSender<Message>,
+    shutdown: CancellationToken,
+}
+
+impl Pump {
+    async fn run(mut self, leaving: LeavingControl) -> PumpEnd {
+        debug_assert!(crate::shards::current_index(SESSION_THREAD).is_some());
+        let failed =
+            |e: &dyn std::fmt::Display| PumpEnd::Failed(format!("control connection: {e}"));
+        let conn = match leaving.conn.arrive() {
+            Ok(c) => c,
+            Err(e) => return failed(&e),
+        };
+        let (r, mut w) = conn.into_split();
+        let mut out = Vec::new();
+        // Whole frames the reader had already taken are handled first; a
+        // part of one waits for the rest in the new reader's buffer.
+        let mut codec = FrameCodec { keyed: true };
+        let mut buffered = leaving.buffered;
+        loop {
+            match tokio_util::codec::Decoder::decode(&mut codec, &mut buffered) {
+                Ok(Some(f)) => {
+                    if let Err(end) = self.on_frame(&f, &mut out) {
+                        return end;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return failed(&e),
+            }
+        }
+        let mut frames = FramedRead::with_capacity(r, codec, crate::frame::CONTROL_READ_BUFFER);
+        frames.read_buffer_mut().extend_from_slice(&buffered);
+        loop {
+            if !out.is_empty() {
+                if let Err(e) = w.write_all(&out).await {
+                    return failed(&e);
+                }
+                out.clear();
+            }
+            let deadline = Instant::from_std(self.liveness.poll_timeout());
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    match self.liveness.handle_timeout(Instant::now().into_std()) {
+                        Some(LivenessAction::SendPing(seq)) => self.cipher.seal(&Message::Ping { seq }, &mut out),
+                        Some(LivenessAction::Expired) => return PumpEnd::Failed(format!("no answer from the gateway for {:?}", self.dead_after)),
+                        None => {}
+                    }
+                }
+                f = frames.next() => match f {
+                    None => return PumpEnd::Failed("gateway closed the control connection".into()),
+                    Some(Err(e)) => return failed(&e),
+                    Some(Ok(f)) => {
+                        if let Err(end) = self.on_frame(&f, &mut out) {
+                            return end;
+                        }
+                    }
+                },
+                Some(msg) = self.outgoing.recv() => {
+                    self.cipher.seal(&msg, &mut out);
+                    // Whatever else is queued shares the write.
+                    while let Ok(msg) = self.outgoing.try_recv() {
+                        self.cipher.seal(&msg, &mut out);
+                    }
+                }
+                () = self.shutdown.cancelled() => {
+                    self.cipher.seal(&Message::Disconnect, &mut out);
+                    if w.write_all(&out).await.is_ok() {
+                        // Wait briefly for the acknowledgement so the gateway
+                        // has released the session before this process exits.
+                        let cipher = &mut self.cipher;
+                        let ack = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(f)) = frames.next().await {
+                                if matches!(f.open(cipher), Ok(Message::DisconnectAck)) {
+                                    return true;
+                                }
+                            }
+                            false
+                        });
+                        if matches!(ack.await, Ok(true)) {
+                            info!(session = %sid(self.core.id), "session disconnected");
+                        }
+                    }
+                    return PumpEnd::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Opens and acts on one frame from the gateway; an answer goes to `out`.
+    fn on_frame(&mut self, f: &crate::frame::RawFrame, out: &mut Vec<u8>) -> Result<(), PumpEnd> {
+        let msg = f
+            .open(&mut self.cipher)
+            .map_err(|e| PumpEnd::Failed(format!("control connection: {e}")))?;
+        self.liveness.on_receive(Instant::now().into_std());
+        *lock(&self.core.last_heard) = std::time::Instant::now();
+        if let Some(reply) = self.on_message(msg) {
+            self.cipher.seal(&reply, out);
+        }
+        Ok(())
+    }
+
+    /// Acts on a message from the gateway; returns the answer to send, if any.
+    fn on_message(&self, msg: Message) -> Option<Message> {
+        let core = &self.core;
+        match msg {
+            Message::Ping { seq } => return Some(Message::Pong { seq }),
+            Message::Pong { .. } => {}
+            Message::Acks { entries } => {
+                // In order, on the streams' own thread: acks of two batches
+                // are never swapped.
+                let streams = lock(&core.streams);
+                for (id, offset) in entries {
+                    if let Some(s) = streams.get(&id) {
+                        let _ = s.shared.out_tx.send(OutEvent::Ack(offset));
+                    }
+                }
+            }
+            Message::StreamFin { stream, offset } => {
+                if let Some(s) = lock(&core.streams).get(&stream) {
+                    let _ = s.shared.in_tx.send(InEvent::Fin(offset));
+                }
+            }
+            Message::StreamReset { stream, code } => {
+                debug!(%stream, ?code, "stream reset by gateway");
+                if let Some(s) = lock(&core.streams).get(&stream) {
+                    s.shared.abort.cancel();
+                }
+            }
+            Message::Releg { stream } => {
+                let _ = core.to_session.send(ToSession::LegLost(stream));
+            }
+            // The multihomed gateway's, exposed services', UDP flows' and
+            // anything unknown: for run_control.
+            other => {
+                let _ = self.others.send(other);
+            }
+        }
+        None
+    }
 }
 
 /// The session's own task: acknowledgements, half-closes and resets from
