@@ -3,6 +3,8 @@
 //! * `baton-bench echo --listen ADDR` runs a TCP echo server.
 //! * `baton-bench rr --connect ADDR` measures request/response round-trip
 //!   latency over one TCP connection (TCP_NODELAY) and prints percentiles.
+//!   Given several `--connect`, it takes turns among them, `--chunk` round
+//!   trips at a time, so that each sees the machine in the same states.
 //! * `baton-bench handover` (root) measures the pause in a steady stream when
 //!   the network changes, for baton, kernel MPTCP and plain TCP, in a
 //!   network-namespace bed (see `handover.rs` and bench/README.md).
@@ -45,20 +47,28 @@ enum Cmd {
     /// Request/response latency over one TCP connection.
     ///
     /// Sends SIZE bytes, reads SIZE bytes back and records the round trip,
-    /// COUNT times after WARMUP unrecorded round trips.
+    /// COUNT times after WARMUP unrecorded round trips. With several
+    /// `--connect`, each address gets COUNT round trips of its own; they take
+    /// turns, CHUNK round trips each, and one line is printed per address.
     Rr {
-        /// Echo server (or baton listener in front of one) to connect to.
-        #[arg(long)]
-        connect: String,
+        /// Echo server (or baton listener in front of one) to connect to; may
+        /// be given several times.
+        #[arg(long, required = true)]
+        connect: Vec<String>,
         /// Bytes per request (and per response).
         #[arg(long, default_value_t = 64)]
         size: usize,
         /// Number of recorded round trips.
         #[arg(long, default_value_t = 20_000)]
         count: usize,
-        /// Number of round trips done first and not recorded.
+        /// Number of round trips done first and not recorded (per address).
         #[arg(long, default_value_t = 1_000)]
         warmup: usize,
+        /// With several addresses: round trips on one before the next one's
+        /// turn. Short turns spread the machine's hiccups (other tenants, the
+        /// scheduler's moods) evenly over the addresses being compared.
+        #[arg(long, default_value_t = 500)]
+        chunk: usize,
         /// Give up if connecting or a single round trip takes longer than
         /// this many seconds.
         #[arg(long, default_value_t = 10)]
@@ -115,11 +125,13 @@ fn main() -> Result<()> {
             size,
             count,
             warmup,
+            chunk,
             timeout,
             json,
         } => {
             ensure!(size > 0, "--size must be at least 1");
             ensure!(count > 0, "--count must be at least 1");
+            ensure!(chunk > 0, "--chunk must be at least 1");
             // One thread: the client is strictly sequential, and a
             // single-threaded runtime avoids cross-thread wake-ups that
             // would add noise to the numbers.
@@ -131,25 +143,28 @@ fn main() -> Result<()> {
                 size,
                 count,
                 warmup,
+                chunk,
                 timeout: Duration::from_secs(timeout.max(1)),
             };
-            let samples = rt.block_on(rr(&connect, &opts))?;
-            let stats = Stats::from_samples(samples)?;
-            if json {
-                println!("{}", stats.to_json(&connect, size));
-            } else {
-                println!(
-                    "rr {connect} size={size}B count={count}: \
-                     p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  \
-                     mean {:.1} us  min {:.1} us  max {:.1} us",
-                    stats.p50_us,
-                    stats.p90_us,
-                    stats.p99_us,
-                    stats.p999_us,
-                    stats.mean_us,
-                    stats.min_us,
-                    stats.max_us
-                );
+            let all = rt.block_on(rr(&connect, &opts))?;
+            for (addr, samples) in connect.iter().zip(all) {
+                let stats = Stats::from_samples(samples)?;
+                if json {
+                    println!("{}", stats.to_json(addr, size));
+                } else {
+                    println!(
+                        "rr {addr} size={size}B count={count}: \
+                         p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  \
+                         mean {:.1} us  min {:.1} us  max {:.1} us",
+                        stats.p50_us,
+                        stats.p90_us,
+                        stats.p99_us,
+                        stats.p999_us,
+                        stats.mean_us,
+                        stats.min_us,
+                        stats.max_us
+                    );
+                }
             }
             Ok(())
         }
@@ -197,29 +212,31 @@ struct RrOpts {
     size: usize,
     count: usize,
     warmup: usize,
+    /// Round trips on one address before the next one's turn.
+    chunk: usize,
     timeout: Duration,
 }
 
-/// Returns one round-trip time in nanoseconds per recorded iteration.
-async fn rr(addr: &str, opts: &RrOpts) -> Result<Vec<u64>> {
-    let mut stream = tokio::time::timeout(opts.timeout, TcpStream::connect(addr))
-        .await
-        .with_context(|| format!("connecting to {addr}: timed out"))?
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
+/// One connection being measured.
+struct RrConn<'a> {
+    addr: &'a str,
+    stream: TcpStream,
+    /// Round trips done on it, warm-up included.
+    done: usize,
+    samples: Vec<u64>,
+}
 
-    let mut req = vec![0u8; opts.size];
-    let mut resp = vec![0u8; opts.size];
-    let mut samples = Vec::with_capacity(opts.count);
-    let total = opts.warmup + opts.count;
-    for i in 0..total {
+impl RrConn<'_> {
+    /// One round trip; recorded once the warm-up is over.
+    async fn round_trip(&mut self, req: &mut [u8], resp: &mut [u8], opts: &RrOpts) -> Result<()> {
+        let (i, total, addr) = (self.done, opts.warmup + opts.count, self.addr);
         // Vary the payload so a stale or misrouted reply is detected.
-        let tag = (i as u8).wrapping_mul(31).wrapping_add(7);
-        req.fill(tag);
+        req.fill((i as u8).wrapping_mul(31).wrapping_add(7));
         let start = Instant::now();
+        let stream = &mut self.stream;
         let round = async {
-            stream.write_all(&req).await?;
-            stream.read_exact(&mut resp).await?;
+            stream.write_all(req).await?;
+            stream.read_exact(resp).await?;
             Ok::<_, std::io::Error>(())
         };
         match tokio::time::timeout(opts.timeout, round).await {
@@ -237,11 +254,53 @@ async fn rr(addr: &str, opts: &RrOpts) -> Result<Vec<u64>> {
             bail!("round trip {i} to {addr}: reply does not match the request");
         }
         if i >= opts.warmup {
-            samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+            self.samples
+                .push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+        }
+        self.done += 1;
+        Ok(())
+    }
+}
+
+/// Returns, per address, one round-trip time in nanoseconds per recorded
+/// round trip. Every connection is warmed up first; then they take turns,
+/// `chunk` round trips each, until each has `count`.
+async fn rr(addrs: &[String], opts: &RrOpts) -> Result<Vec<Vec<u64>>> {
+    let mut conns = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let stream = tokio::time::timeout(opts.timeout, TcpStream::connect(addr))
+            .await
+            .with_context(|| format!("connecting to {addr}: timed out"))?
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        conns.push(RrConn {
+            addr,
+            stream,
+            done: 0,
+            samples: Vec::with_capacity(opts.count),
+        });
+    }
+    let mut req = vec![0u8; opts.size];
+    let mut resp = vec![0u8; opts.size];
+    for c in &mut conns {
+        for _ in 0..opts.warmup {
+            c.round_trip(&mut req, &mut resp, opts).await?;
         }
     }
-    let _ = stream.shutdown().await;
-    Ok(samples)
+    while conns.iter().any(|c| c.samples.len() < opts.count) {
+        for c in &mut conns {
+            let turn = opts.chunk.min(opts.count - c.samples.len());
+            for _ in 0..turn {
+                c.round_trip(&mut req, &mut resp, opts).await?;
+            }
+        }
+    }
+    let mut all = Vec::with_capacity(conns.len());
+    for mut c in conns {
+        let _ = c.stream.shutdown().await;
+        all.push(c.samples);
+    }
+    Ok(all)
 }
 
 #[derive(Debug, PartialEq)]
@@ -361,10 +420,75 @@ mod tests {
                 size: 100,
                 count: 50,
                 warmup: 5,
+                chunk: 500,
                 timeout: Duration::from_secs(5),
             };
-            let samples = rr(&addr.to_string(), &opts).await?;
-            assert_eq!(samples.len(), 50);
+            let samples = rr(&[addr.to_string()], &opts).await?;
+            assert_eq!(samples.len(), 1);
+            assert_eq!(samples[0].len(), 50);
+            Ok(())
+        })
+    }
+
+    /// Several addresses take turns, `chunk` round trips at a time, and each
+    /// gets its own warm-up and `count` recorded round trips.
+    #[test]
+    fn addresses_take_turns() -> Result<()> {
+        use std::sync::{Arc, Mutex};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            // Which server each request reached, in order.
+            let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+            let mut addrs = Vec::new();
+            for server in 0..2 {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                addrs.push(listener.local_addr()?.to_string());
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok((mut s, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let mut req = [0u8; 10];
+                    while s.read_exact(&mut req).await.is_ok() {
+                        seen.lock().expect("not poisoned").push(server);
+                        if s.write_all(&req).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            let opts = RrOpts {
+                size: 10,
+                count: 20,
+                warmup: 3,
+                chunk: 7,
+                timeout: Duration::from_secs(5),
+            };
+            let samples = rr(&addrs, &opts).await?;
+            assert_eq!(samples.iter().map(Vec::len).collect::<Vec<_>>(), [20, 20]);
+            // Warm-ups of 3, then turns of 7, 7 and the last 6.
+            let mut turns: Vec<(usize, usize)> = Vec::new();
+            for &server in seen.lock().expect("not poisoned").iter() {
+                match turns.last_mut() {
+                    Some((s, n)) if *s == server => *n += 1,
+                    _ => turns.push((server, 1)),
+                }
+            }
+            assert_eq!(
+                turns,
+                [
+                    (0, 3),
+                    (1, 3),
+                    (0, 7),
+                    (1, 7),
+                    (0, 7),
+                    (1, 7),
+                    (0, 6),
+                    (1, 6)
+                ]
+            );
             Ok(())
         })
     }

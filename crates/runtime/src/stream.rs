@@ -59,6 +59,13 @@ const BUSY_READ: usize = 32 * 1024;
 /// 7-9% more CPU per GB over the whole path with 8 busy streams.
 const RECV_PIPE: usize = 64 * 1024;
 
+/// A read this small ends a busy spell: the stream carries messages, and
+/// their bytes are read and written through a buffer again. A splice moves
+/// page references through a pipe in three calls where a copy of a few
+/// bytes takes two; for a message it costs more than the copy it saves
+/// (bench/README.md, finding 22).
+const SMALL_READ: usize = 4 * 1024;
+
 /// Read buffer of a leg that replaces another while that one is drained.
 const NEXT_CHUNK: usize = 64 * 1024;
 
@@ -853,7 +860,13 @@ async fn write_leg(
         if let Some(pipes) = buf.pipes() {
             // Spliced from the pipes' queue: page references, no copy.
             let sock: &TcpStream = l.w.as_ref();
+            if l.cut.is_cancelled() {
+                return Err(io::ErrorKind::NotConnected.into());
+            }
+            // The socket first: when it is ready, as it is for most writes,
+            // the cut is not waited on at all (no waiter to add and remove).
             tokio::select! {
+                biased;
                 r = sock.writable() => r?,
                 _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
             }
@@ -898,7 +911,12 @@ async fn write_leg(
     } else {
         plain_from(l.at, buf)?
     };
+    if l.cut.is_cancelled() {
+        return Err(io::ErrorKind::NotConnected.into());
+    }
+    // The socket first, as above.
     let n = tokio::select! {
+        biased;
         r = l.w.write(bytes) => r?,
         _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
     };
@@ -989,11 +1007,13 @@ async fn inbound(
     // Read buffers for `leg` and `next`, allocated when bytes are there.
     let mut buf = Vec::new();
     let mut buf2 = Vec::new();
-    // While one uncompressed leg carries the stream, its bytes go from the
-    // leg to the local connection through this pipe (`splice(2)`), never
-    // through user space: this end keeps nothing it received. Made when
-    // bytes come, dropped with the buffers when idle.
+    // While one uncompressed leg carries a busy stream, its bytes go from
+    // the leg to the local connection through this pipe (`splice(2)`), never
+    // through user space: this end keeps nothing it received. Made when a
+    // large read marks the stream busy, dropped with the buffers when idle.
     let mut pipe: Option<SplicePipe> = None;
+    // Set by a read of at least BUSY_READ, cleared by one under SMALL_READ.
+    let mut busy = false;
     // The local connection's send buffer, sized to its path while busy.
     let mut sndbuf = SendBuffer::new(size_send_buffer);
     let mut idle = IdleTimer::default();
@@ -1025,10 +1045,19 @@ async fn inbound(
         idle.watch(!buf.is_empty() || !buf2.is_empty() || pipe.is_some());
         // Splicing needs the leg's bytes to be exactly the next ones due:
         // a rewound leg (bytes to skip) or a second leg goes through `buf`.
-        let splice = next.is_none()
+        let splice = busy
+            && next.is_none()
             && leg.as_ref().is_some_and(|l| {
                 l.unzip.is_none() && l.next_offset().is_none_or(|at| at == delivered)
             });
+        if splice && pipe.is_none() {
+            // Out of descriptors, the bytes go through `buf` as before.
+            pipe = SplicePipe::new(RECV_PIPE).ok();
+            if pipe.is_some() {
+                // Spliced bytes never enter it: its pages go back.
+                buf = Vec::new();
+            }
+        }
         // A pipe's pages are the kernel's, and only while it holds bytes;
         // its capacity is what it may take.
         let piped = pipe.as_ref().map_or(0, SplicePipe::capacity);
@@ -1086,7 +1115,7 @@ async fn inbound(
                     drain_by = None;
                 }
             },
-            r = read_leg(&mut leg, &mut buf, CHUNK, splice.then_some(&mut pipe), shared), if leg_ready => match r {
+            r = read_leg(&mut leg, &mut buf, CHUNK, pipe.as_mut().filter(|_| splice), shared), if leg_ready => match r {
                 Ok(0) => {
                     if leg.as_ref().and_then(InLeg::next_offset).is_some_and(|at| at > delivered) {
                         // The only leg starts past a gap (the peer went on
@@ -1097,6 +1126,11 @@ async fn inbound(
                 }
                 Ok(n) => {
                     idle.touch();
+                    if n >= BUSY_READ {
+                        busy = true;
+                    } else if n < SMALL_READ {
+                        busy = false;
+                    }
                     if let Some(l) = &mut leg {
                         let start = l.at;
                         l.at += n as u64;
@@ -1171,15 +1205,14 @@ const MAX_UNDECODED: usize = 1 << 20;
 /// application's bytes (decompressed if the stream is). EOF is an error: a
 /// leg only ends because it is replaced or broken. `buf` is allocated
 /// (`size` bytes) only when bytes are there. Given `pipe` (the leg's bytes
-/// are the next due, uncompressed), the bytes after an idle spell's first
-/// read are spliced into the pipe instead: they are there when it holds
-/// any. Cancel-safe: state lives in the leg, `buf` is scratch, and a pipe
-/// is filled only in the call's last step.
+/// are the next due, uncompressed), they are spliced into the pipe instead:
+/// they are there when it holds any. Cancel-safe: state lives in the leg,
+/// `buf` is scratch, and a pipe is filled only in the call's last step.
 async fn read_leg(
     leg: &mut Option<InLeg>,
     buf: &mut Vec<u8>,
     size: usize,
-    mut pipe: Option<&mut Option<SplicePipe>>,
+    mut pipe: Option<&mut SplicePipe>,
     shared: &StreamShared,
 ) -> io::Result<usize> {
     let Some(l) = leg else {
@@ -1210,13 +1243,19 @@ async fn read_leg(
                 }
             }
         }
+        if l.cut.is_cancelled() {
+            return Err(io::ErrorKind::NotConnected.into());
+        }
+        // The socket first: a leg with bytes waiting is read without
+        // waiting on the cut (no waiter to add and remove).
         tokio::select! {
+            biased;
             r = l.r.readable() => r?,
             _ = l.cut.cancelled() => return Err(io::ErrorKind::NotConnected.into()),
         }
         let read = if head {
             l.r.try_read(&mut l.head[l.head_read..])
-        } else if let Some(Some(p)) = pipe.as_deref_mut() {
+        } else if let Some(p) = pipe.as_deref_mut() {
             let sock: &TcpStream = l.r.as_ref();
             sock.try_io(Interest::READABLE, || p.fill_from(sock, RECV_PIPE))
         } else if buf.is_empty() {
@@ -1227,29 +1266,12 @@ async fn read_leg(
             let mut first = [0u8; 2048];
             let r = l.r.try_read(&mut first);
             if let Ok(n @ 1..) = r {
-                match pipe
-                    .as_deref_mut()
-                    .map(|p| SplicePipe::new(RECV_PIPE).map(|made| p.insert(made)))
-                {
-                    // The next bytes are spliced; these few are delivered
-                    // from a buffer just their size.
-                    Some(Ok(_)) => *buf = first[..n].to_vec(),
-                    // No pipe (none asked for, or out of descriptors): read
-                    // through a buffer. calloc'd, not written: pages no read
-                    // reaches stay unused.
-                    _ => {
-                        *buf = vec![0; size];
-                        buf[..n].copy_from_slice(&first[..n]);
-                    }
-                }
+                // calloc'd, not written: pages no read reaches stay unused.
+                *buf = vec![0; size];
+                buf[..n].copy_from_slice(&first[..n]);
             }
             r
         } else {
-            if buf.len() < size {
-                // The small buffer of a read before splicing: splicing
-                // stopped (a second leg came), reads go through a full one.
-                *buf = vec![0; size];
-            }
             l.r.try_read(buf)
         };
         let n = match read {
