@@ -63,7 +63,10 @@ def load(tsv):
                 if test not in tests_rr:
                     tests_rr.append(test)
     med = lambda d: {k: median(v) for k, v in d.items()}
-    return tests_thr, tests_rr, med(thr), med(cpu), med(path), med(rr50), med(rr99)
+    # The rounds themselves too: run.sh measures every peer once per round,
+    # one right after another, so the i-th values of two peers share the
+    # machine's state of that moment and can be compared pair by pair.
+    return tests_thr, tests_rr, med(thr), med(cpu), med(path), med(rr50), med(rr99), {"p50": rr50, "p99": rr99}
 
 
 def ratio(a, b):
@@ -108,7 +111,7 @@ class Table:
 
 
 def main():
-    tests_thr, tests_rr, thr, cpu, path, rr50, rr99 = load(sys.argv[1])
+    tests_thr, tests_rr, thr, cpu, path, rr50, rr99, rounds = load(sys.argv[1])
     peers = os.environ.get("PEER_ORDER", "direct baton haproxy socat").split()
     relays = [p for p in peers if p != "direct"]
     others = [p for p in relays if p != "baton"]
@@ -131,7 +134,7 @@ def main():
 
     tables = [main_t]
     # 2. CPU of the relay processes per gigabyte received by iperf3.
-    if relays:
+    if relays and tests_thr:
         cpu_ratio_cols = [f"baton/{NAMES[p].split()[0]}" for p in others] if has_baton else []
 
         def cpu_table(title, d, cols):
@@ -147,6 +150,8 @@ def main():
         # 2b. The same, with iperf3's own CPU at both ends added: what the
         # whole path costs, whoever the kernel charged for the TCP work.
         tables.append(cpu_table("CPU of the whole path per GB (relay processes + iperf3 client and server)", path, peers))
+    if relays:
+        cpu_ratio_cols = [f"baton/{NAMES[p].split()[0]}" for p in others] if has_baton else []
         # 3. Latency added to the direct round trip.
         add_t = Table("Latency added to the direct round trip (relay - direct)", ["test"] + [NAMES[p] for p in relays] + cpu_ratio_cols)
         for test in tests_rr:
@@ -159,6 +164,24 @@ def main():
                 add_t.add(row)
         if tests_rr:
             tables.append(add_t)
+        # 3b. Round by round: within a round the peers took turns on one
+        # machine state, so their round trips compare directly, without the
+        # direct path's (bimodal here: it depends on whether the scheduler
+        # puts its two ends on one core) subtracted.
+        if has_baton and tests_rr and int(os.environ.get("ROUNDS", "1")) > 1:
+            pair_t = Table(
+                "Round by round: baton's round trip against each relay's of the same round",
+                ["test"] + [f"rounds baton <= {NAMES[p].split()[0]}" for p in others] + [f"median baton/{NAMES[p].split()[0]}" for p in others],
+            )
+            for test in tests_rr:
+                for label in ("p50", "p99"):
+                    won, med_r = [], []
+                    for p in others:
+                        pairs = [(b, o) for b, o in zip(rounds[label].get((test, "baton"), []), rounds[label].get((test, p), [])) if b is not None and o]
+                        won.append(f"{sum(b <= o for b, o in pairs)}/{len(pairs)}" if pairs else "-")
+                        med_r.append(fmt(median([b / o for b, o in pairs]), "x"))
+                    pair_t.add([f"{test} {label}"] + won + med_r)
+            tables.append(pair_t)
 
     # 4. The issue's targets, met or not.
     targets = Table("Issue 7 targets", ["target", "result", "worst case"])
@@ -199,12 +222,13 @@ def main():
         f"commit: {env('REV', '?')}",
         f"machine: {env('MACHINE', '?')}; CPUs {env('BUSY_BEFORE', '?')}% busy just before the tests",
         f"iperf3: {env('IPERF_VERSION', '?')}, {env('DURATION', '?')} s per test; "
-        f"rr: {env('RR_COUNT', '?')} round trips after {env('RR_WARMUP', '?')} warm-up, one connection, TCP_NODELAY",
+        f"rr: {env('RR_COUNT', '?')} round trips per peer after {env('RR_WARMUP', '?')} warm-up, a connection per peer "
+        f"(TCP_NODELAY), the peers taking turns {env('RR_CHUNK', '?')} round trips at a time",
         "baton: client agent and gateway, runtime threads "
         + (f"{env('BATON_THREADS')} each" if env("BATON_THREADS") else "one per core (baton's default)"),
-        f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION', '?')} tcp mode, "
+        f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION') or '?'} tcp mode, "
         f"splice-request + splice-response, nbthread {env('HAPROXY_NBTHREAD', '?')}; "
-        f"socat {env('SOCAT_VERSION', '?')} -b {env('SOCAT_BUF', '?')}, fork, nodelay; "
+        f"socat {env('SOCAT_VERSION') or '?'} -b {env('SOCAT_BUF', '?')}, fork, nodelay; "
         f"splice: baton-bench splice-relay, splice(2) through a 1 MiB pipe, a thread per direction",
         "CPU: user+system seconds of the relay's processes (and socat's per-connection children) "
         "during the test, per GB iperf3 received; the whole path adds iperf3's own CPU at both ends "

@@ -17,6 +17,7 @@ PACED=${PACED-2}                         # Gbit/s: also 8 streams paced to this 
 RR_SIZES=${RR_SIZES:-"64 16384"}         # rr request/response sizes (bytes)
 RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
+RR_CHUNK=${RR_CHUNK:-500}                # rr: the peers take turns, this many round trips each
 ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
 PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured; "splice" on request)
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
@@ -129,8 +130,9 @@ cleanup() {
     local logdir
     logdir="$(dirname "$BENCH_RESULTS")/logs"
     if mkdir -p "$logdir" 2>/dev/null; then
-        rm -f "$logdir"/*.log "$logdir"/*.toml "$logdir"/*.cfg
-        cp "$TMP"/*.log "$TMP"/*.toml "$TMP"/*.cfg "$logdir"/ 2>/dev/null || true
+        rm -f "$logdir"/*.log "$logdir"/*.toml "$logdir"/*.cfg "$logdir"/results.tsv
+        # results.tsv holds every round's value, not only the medians shown.
+        cp "$TMP"/*.log "$TMP"/*.toml "$TMP"/*.cfg "$TMP"/results.tsv "$logdir"/ 2>/dev/null || true
     fi
     if [[ $rc != 0 ]]; then
         log "logs of this run: ${logdir#"$ROOT"/}"
@@ -393,6 +395,7 @@ log "relays up: ${ORDER[*]:1}"
 
 # ---- measurements -------------------------------------------------------------
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+[[ $RR_CHUNK =~ ^[1-9][0-9]*$ ]] || die "RR_CHUNK must be a positive integer"
 # cpu_busy: percentage of CPU time not idle over one second, from /proc/stat
 # (unlike the load average, this does not remember our own build).
 cpu_busy() {
@@ -482,15 +485,32 @@ print(r["bits_per_second"], r["bytes"], (c["host_total"] + c["remote_total"]) / 
     start_iperf_server
 }
 
-# rr_stats PORT SIZE: sets P50 and P99 in microseconds, or "fail"
-rr_stats() {
-    local port=$1 size=$2
-    P50=fail P99=fail
-    if run_fg "$BENCHBIN" rr --connect "$HOST:$port" --size "$size" --count "$RR_COUNT" \
-        --warmup "$RR_WARMUP" --json >"$TMP/rr.json" 2>"$TMP/rr.err"; then
-        read -r P50 P99 < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["p50_us"], d["p99_us"])' "$TMP/rr.json")
+# rr_round SIZE PEER...: one rr run over every PEER's connection, taking
+# turns RR_CHUNK round trips at a time, so that the machine's hiccups (other
+# tenants of the host, the scheduler's placement of the two ends, which makes
+# the direct round trip bimodal here) fall on every peer alike. Appends a
+# "rr" line per peer to RESULTS ("fail" for all when the run fails).
+rr_round() {
+    local size=$1 peer p50 p99
+    shift
+    local args=()
+    for peer in "$@"; do args+=(--connect "$HOST:${ECHO_AT[$peer]}"); done
+    if run_fg "$BENCHBIN" rr "${args[@]}" --size "$size" --count "$RR_COUNT" \
+        --warmup "$RR_WARMUP" --chunk "$RR_CHUNK" --json >"$TMP/rr.json" 2>"$TMP/rr.err"; then
+        # One JSON line per address, in the order given.
+        while read -r peer p50 p99; do
+            printf 'rr\trr %sB\t%s\t%s\t%s\n' "$size" "$peer" "$p50" "$p99" >>"$RESULTS"
+        done < <(python3 -c '
+import json, sys
+lines = open(sys.argv[1]).read().split("\n")
+for peer, line in zip(sys.argv[2:], [l for l in lines if l]):
+    d = json.loads(line)
+    print(peer, d["p50_us"], d["p99_us"])' "$TMP/rr.json" "$@")
     else
-        log "rr to $HOST:$port size $size failed: $(head -c 300 "$TMP/rr.err")"
+        log "rr size $size over $* failed: $(head -c 300 "$TMP/rr.err")"
+        for peer in "$@"; do
+            printf 'rr\trr %sB\t%s\tfail\tfail\n' "$size" "$peer" >>"$RESULTS"
+        done
         FAILED=1
     fi
 }
@@ -544,23 +564,22 @@ done
 for s in $RR_SIZES; do
     for ((r = 1; r <= ROUNDS; r++)); do
         tag=""; ((ROUNDS > 1)) && tag=" (round $r/$ROUNDS)"
-        while read -r peer; do
-            log "rr ${s}B: $peer$tag"
-            rr_stats "${ECHO_AT[$peer]}" "$s"
-            printf 'rr\trr %sB\t%s\t%s\t%s\n' "$s" "$peer" "$P50" "$P99" >>"$RESULTS"
-        done < <(rotated "$r")
+        mapfile -t turn < <(rotated "$r")
+        log "rr ${s}B: ${turn[*]}, taking turns$tag"
+        rr_round "$s" "${turn[@]}"
     done
 done
 
 # ---- tables -------------------------------------------------------------------
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
-export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_THREADS
+export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP RR_CHUNK ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_THREADS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 MACHINE="$(nproc) cores, $(uname -sr)"
-IPERF_VERSION=$(iperf3 --version 2>/dev/null | head -n 1)
-HAPROXY_VERSION=$("$HAPROXY" -v 2>/dev/null | head -n 1 | awk '{print $3}')
-SOCAT_VERSION=$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p')
+# A peer left out of PEERS may not be installed: its version is then "?".
+IPERF_VERSION=$(iperf3 --version 2>/dev/null | head -n 1 || true)
+HAPROXY_VERSION=$("$HAPROXY" -v 2>/dev/null | head -n 1 | awk '{print $3}' || true)
+SOCAT_VERSION=$(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p' || true)
 PEER_ORDER="${ORDER[*]}"
 export MACHINE IPERF_VERSION HAPROXY_VERSION SOCAT_VERSION PEER_ORDER
 
