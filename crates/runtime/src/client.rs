@@ -190,6 +190,9 @@ pub struct StreamStatus {
     /// Bytes put on legs without a copy in user space (spliced from the
     /// kernel pipes a busy stream keeps them in).
     pub sent_spliced: u64,
+    /// Bytes delivered to the application without a copy in user space
+    /// (spliced from the leg through a pipe while the stream is busy).
+    pub received_spliced: u64,
     /// The send buffer baton set on the stream's current leg, sized to its
     /// path (`send_buffers`); `None` while the kernel sizes it.
     pub leg_send_buffer: Option<usize>,
@@ -520,6 +523,7 @@ impl Client {
                     received: s.shared.delivered.load(Ordering::Relaxed),
                     resent: s.shared.resent.load(Ordering::Relaxed),
                     sent_spliced: s.shared.spliced_out.load(Ordering::Relaxed),
+                    received_spliced: s.shared.spliced_in.load(Ordering::Relaxed),
                     leg_send_buffer: Some(s.shared.leg_sndbuf.load(Ordering::Relaxed))
                         .filter(|&b| b > 0),
                     app_send_buffer: Some(s.shared.local_sndbuf.load(Ordering::Relaxed))

@@ -170,6 +170,9 @@ pub(crate) struct StreamShared {
     pub(crate) plain_out: AtomicU64,
     /// Of `plain_out`, bytes spliced from pipes: never copied in user space.
     pub(crate) spliced_out: AtomicU64,
+    /// Bytes delivered to the application from a pipe, never copied in
+    /// user space: a busy stream's.
+    pub(crate) spliced_in: AtomicU64,
     /// The send buffers set on the current leg and on the local connection
     /// ([`SendBuffer`]); 0 where the kernel sizes them.
     pub(crate) leg_sndbuf: AtomicUsize,
@@ -235,6 +238,7 @@ impl StreamShared {
             compression: limits.compression,
             plain_out: AtomicU64::new(0),
             spliced_out: AtomicU64::new(0),
+            spliced_in: AtomicU64::new(0),
             leg_sndbuf: AtomicUsize::new(0),
             local_sndbuf: AtomicUsize::new(0),
             wire_out: AtomicU64::new(0),
@@ -1356,6 +1360,7 @@ async fn deliver_spliced(
         match sock.try_io(Interest::WRITABLE, || pipe.drain_to(sock)) {
             Ok(n) => {
                 at += n as u64;
+                shared.spliced_in.fetch_add(n as u64, Ordering::Relaxed);
                 let set = sndbuf.written(sock, n);
                 shared.local_sndbuf.store(set, Ordering::Relaxed);
                 shared.on_delivered(Instant::now(), to_session, at);
