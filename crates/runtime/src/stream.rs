@@ -24,7 +24,9 @@
 //! not as a FIN on the leg, so a leg closed because it was replaced is never
 //! taken for the application's half-close.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +34,8 @@ use std::time::{Duration, Instant};
 use baton_os::{SendBuffer, SplicePipe};
 use baton_proto::wire::LEG_START_LEN;
 use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt as _;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -524,12 +528,6 @@ pub(crate) async fn run(
     let StreamInbox { out_rx, in_rx } = inbox;
     let result = {
         let (r, w) = local.split();
-        let both = async {
-            tokio::try_join!(
-                outbound(r, out_rx, &shared, limits, &to_session),
-                inbound(w, in_rx, &shared, limits.size_send_buffers, &to_session)
-            )
-        };
         // New legs are registered here, on the stream's thread, then split
         // between the two directions. (Their order against acks and
         // half-closes, which come over the control connection, never
@@ -559,10 +557,42 @@ pub(crate) async fn run(
                 }
             }
         };
-        tokio::select! {
-            r = both => r.map(|_| ()),
-            () = legs => unreachable!("the leg loop never ends"),
-            _ = shared.abort.cancelled() => Err(DirError::Closed),
+        // The stream's four parts, each polled only when something it waits
+        // on woke it: a message wakes one direction, and neither the other
+        // direction's loop nor the leg and abort waits are polled for it
+        // (`join!` and `select!` poll every branch at every wake-up;
+        // bench/README.md, finding 22). The first error ends the stream.
+        type Part<'a> = Pin<Box<dyn Future<Output = Result<(), DirError>> + Send + 'a>>;
+        let mut parts: FuturesUnordered<Part<'_>> = FuturesUnordered::new();
+        parts.push(Box::pin(outbound(r, out_rx, &shared, limits, &to_session)));
+        parts.push(Box::pin(inbound(
+            w,
+            in_rx,
+            &shared,
+            limits.size_send_buffers,
+            &to_session,
+        )));
+        parts.push(Box::pin(async {
+            legs.await;
+            unreachable!("the leg loop never ends")
+        }));
+        parts.push(Box::pin(async {
+            shared.abort.cancelled().await;
+            Err(DirError::Closed)
+        }));
+        // Only the two directions end well.
+        let mut finished = 0;
+        loop {
+            match parts.next().await {
+                Some(Ok(())) => {
+                    finished += 1;
+                    if finished == 2 {
+                        break Ok(());
+                    }
+                }
+                Some(Err(e)) => break Err(e),
+                None => break Ok(()),
+            }
         }
     };
     match result {
@@ -803,7 +833,7 @@ async fn outbound(
 /// `IDLE_FREE` while the direction is busy, nothing while it holds nothing.
 #[derive(Default)]
 struct IdleTimer {
-    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A byte moved since the timer was last set.
     busy: bool,
 }
