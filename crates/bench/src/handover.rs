@@ -985,11 +985,20 @@ impl BatonRig {
                     return Ok(rig);
                 }
             }
-            ensure!(
-                Instant::now() < deadline,
-                "baton's session did not come up on wlan; logs in {}",
-                rig.dir.display()
-            );
+            if Instant::now() >= deadline {
+                // The rig's directory goes when it is dropped: the logs
+                // move out of it first, to be read after the run.
+                let kept = rig.dir.with_extension("failed");
+                let _ = std::fs::remove_dir_all(&kept);
+                let logs = match std::fs::rename(&rig.dir, &kept) {
+                    Ok(()) => kept,
+                    Err(_) => rig.dir.clone(),
+                };
+                bail!(
+                    "baton's session did not come up on wlan; logs in {}",
+                    logs.display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
