@@ -11,7 +11,7 @@ use baton_runtime::config::ClientConfig;
 use baton_runtime::Client;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// Log-like text: compresses well, and every line is different.
@@ -36,17 +36,7 @@ fn text(total: usize) -> Vec<u8> {
 async fn a_compressed_service_is_exact_across_switches_and_reports_its_ratio() {
     let shutdown = CancellationToken::new();
     // An echo server behind the gateway.
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let target = echo_server().await;
     let k = key();
     let gw = gateway(
         &format!("listen = [\"127.0.0.1:0\"]\n[services.logs]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"logs\"]\n", k.public()),

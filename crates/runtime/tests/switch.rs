@@ -266,9 +266,10 @@ async fn bulk_streams_sent_through_pipes_survive_switches() {
     let (mut switches, mut spliced_before_switch, mut received_spliced) = (0, 0u64, 0u64);
     while !tasks.iter().all(|t| t.is_finished()) && switches < 60 {
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let spliced: u64 = c.streams().iter().map(|s| s.sent_spliced).sum();
+        let streams = c.streams();
+        let spliced: u64 = streams.iter().map(|s| s.sent_spliced).sum();
         spliced_before_switch = spliced_before_switch.max(spliced);
-        let spliced: u64 = c.streams().iter().map(|s| s.received_spliced).sum();
+        let spliced: u64 = streams.iter().map(|s| s.received_spliced).sum();
         received_spliced = received_spliced.max(spliced);
         let on = current(c).await;
         let other = if on == "a" { "b" } else { "a" };
@@ -574,21 +575,7 @@ async fn messages(s: &mut TcpStream, from: u32, n: u32) {
 async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     use tokio::io::AsyncReadExt;
     let shutdown = CancellationToken::new();
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 1 << 20];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    if s.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let (_gw, client) = pair(target, "", "", &shutdown).await;
+    let (_gw, client) = pair(echo_server().await, "", "", &shutdown).await;
     let mut s = TcpStream::connect(client.service_addr("data").unwrap())
         .await
         .unwrap();

@@ -32,6 +32,27 @@ pub fn key() -> ClientKey {
     ClientKey::generate(&SystemRandom::new()).unwrap()
 }
 
+/// An echo server on loopback: every connection gets back what it sends,
+/// read in pieces of up to 1 MiB, and a half-close after its own.
+pub async fn echo_server() -> SocketAddr {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// A verifying server on loopback; reports of what it received.
 pub async fn verify_server() -> (SocketAddr, mpsc::UnboundedReceiver<std::io::Result<Report>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
