@@ -460,7 +460,7 @@ async fn outage_within_the_switch_timeout_resumes_and_beyond_it_closes() {
 
 /// Bytes in flight on the old legs at a planned switch are not sent again:
 /// the new legs go on where the old ones stop, and the far side drains the
-/// old ones first. The server stalls so that megabytes sit in the old leg.
+/// old ones first. The server stalls so that hundreds of KiB sit in the old leg.
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn a_planned_switch_sends_nothing_twice() {
     let shutdown = CancellationToken::new();
@@ -513,8 +513,10 @@ async fn a_planned_switch_sends_nothing_twice() {
         "unconfirmed at the switch: {in_flight} bytes; resent: {}",
         rec.bytes_resent
     );
+    // Where the buffers are sized to the path (the default), loopback's
+    // hold a few hundred KiB between them, not the kernel's megabytes.
     assert!(
-        in_flight > MIB,
+        in_flight > 256 << 10,
         "the test needs bytes in flight at the switch: {in_flight}"
     );
     assert_eq!(rec.bytes_resent, 0, "{rec:?}");
