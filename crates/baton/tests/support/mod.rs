@@ -548,7 +548,11 @@ impl Rig {
             })
             .expect("exchange task")
             .unwrap_or_else(|e| panic!("{}: the application saw an error: {e}", self.name));
-        let up = tokio::time::timeout(Duration::from_secs(10), self.reports.recv())
+        // The server's report may come well after the mobile's end: after a
+        // lossy spell the upstream leg's TCP can sit in retransmission
+        // back-off (6.4 s, 12.8 s) with the last bytes, while the
+        // downstream ones already arrived. The same limit applies.
+        let up = tokio::time::timeout(limit, self.reports.recv())
             .await
             .unwrap_or_else(|_| panic!("{}: no report from the server", self.name))
             .expect("server running")
