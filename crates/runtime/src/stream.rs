@@ -57,6 +57,12 @@ const CHUNK: usize = 256 * 1024;
 /// through pipes, without copies, when its leg allows.
 const BUSY_READ: usize = 32 * 1024;
 
+/// A read from a leg at least this large starts splicing that leg's bytes
+/// to the application. Lower than [`BUSY_READ`]: this end keeps no copy, so
+/// a splice in and a splice out replace a `recv` and a `send` that would
+/// copy the bytes twice.
+const SPLICE_IN_READ: usize = 8 * 1024;
+
 /// Pipe between a plain leg and the application's socket. Small on
 /// purpose: the pages a relay has just spliced are copied out by the
 /// application while still in the CPU's cache; a 256 KiB pipe measured
@@ -1046,7 +1052,7 @@ async fn inbound(
     // through user space: this end keeps nothing it received. Made when a
     // large read marks the stream busy, dropped with the buffers when idle.
     let mut pipe: Option<SplicePipe> = None;
-    // Set by a read of at least BUSY_READ, cleared by one under SMALL_READ.
+    // Set by a read of at least SPLICE_IN_READ, cleared by one under SMALL_READ.
     let mut busy = false;
     // The local connection's send buffer, sized to its path while busy.
     let mut sndbuf = SendBuffer::new(size_send_buffer);
@@ -1160,7 +1166,7 @@ async fn inbound(
                 }
                 Ok(n) => {
                     idle.touch();
-                    if n >= BUSY_READ {
+                    if n >= SPLICE_IN_READ {
                         busy = true;
                     } else if n < SMALL_READ {
                         busy = false;

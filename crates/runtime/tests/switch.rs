@@ -570,9 +570,9 @@ async fn messages(s: &mut TcpStream, from: u32, n: u32) {
     }
 }
 
-/// Messages reach the application through a buffer (a copy costs a message
-/// less than a splice), a busy stream's bytes through a pipe; the bytes are
-/// exact across the change of mode, both ways.
+/// Small messages reach the application through a buffer (a copy costs
+/// them less than a splice), messages of 16 KiB and a busy stream's bytes
+/// through a pipe; the bytes are exact across the changes of mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     use tokio::io::AsyncReadExt;
@@ -587,6 +587,27 @@ async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     assert!(eventually(Duration::from_secs(5), || status().received == 20_000).await);
     assert_eq!(status().received_spliced, 0, "messages went through a pipe");
 
+    // 16 KiB messages, each echoed before the next: once one was read
+    // whole, the next ones are spliced.
+    const BIG: usize = 16 << 10;
+    for i in 0..20usize {
+        let msg: Vec<u8> = (0..BIG).map(|j| ((i * 31 + j) % 251) as u8).collect();
+        s.write_all(&msg).await.unwrap();
+        let mut back = vec![0u8; BIG];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back == msg, "16 KiB message {i} differs");
+    }
+    let after_big = 20_000 + 20 * BIG as u64;
+    assert!(eventually(Duration::from_secs(5), || status().received == after_big).await);
+    let piped = status().received_spliced;
+    assert!(
+        piped >= 10 * BIG as u64,
+        "16 KiB messages were copied: {piped} bytes spliced"
+    );
+
     let len = (32 * MIB) as usize;
     let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
     let (mut r, mut w) = s.into_split();
@@ -598,10 +619,10 @@ async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     r.read_exact(&mut back).await.unwrap();
     let (w, data) = writer.await.unwrap();
     assert!(back == data, "the echoed bulk differs");
-    let total = 20_000 + len as u64;
+    let total = after_big + len as u64;
     assert!(eventually(Duration::from_secs(5), || status().received == total).await);
     let spliced = status().received_spliced;
-    assert!(spliced > 0, "nothing was delivered through a pipe");
+    assert!(spliced > piped, "nothing of the bulk went through a pipe");
 
     // Messages again: the first small read ends the busy spell.
     let mut s = r.reunite(w).unwrap();
