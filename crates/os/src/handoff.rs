@@ -136,26 +136,44 @@ impl Handoff {
     /// Passes a TCP connection to worker `to`, waiting while its inbox is
     /// full. The caller closes its own descriptor afterwards.
     pub async fn send_conn(&self, to: usize, conn: &impl AsFd) -> io::Result<()> {
-        let sock = self.peer(to)?;
-        let r = sock
-            .async_io(Interest::WRITABLE, || {
-                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-                let mut control = SendAncillaryBuffer::new(&mut space);
-                let fds = [conn.as_fd()];
-                control.push(SendAncillaryMessage::ScmRights(&fds));
-                rustix::net::sendmsg(
-                    &*sock,
-                    &[IoSlice::new(&[CONN])],
-                    &mut control,
-                    SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-                )
-                .map_err(io::Error::from)
-            })
-            .await;
-        if r.is_err() {
-            self.forget(to);
+        // A socket connected to worker `to` before it was restarted is
+        // refused once its old inbox is gone; one connected now reaches the
+        // new inbox. So a refused send is tried once more, afresh.
+        let mut fresh = false;
+        loop {
+            let sock = self.peer(to)?;
+            let r = sock
+                .async_io(Interest::WRITABLE, || {
+                    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                    let mut control = SendAncillaryBuffer::new(&mut space);
+                    let fds = [conn.as_fd()];
+                    control.push(SendAncillaryMessage::ScmRights(&fds));
+                    rustix::net::sendmsg(
+                        &*sock,
+                        &[IoSlice::new(&[CONN])],
+                        &mut control,
+                        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+                    )
+                    .map_err(io::Error::from)
+                })
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    self.forget(to);
+                    let stale = matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::NotConnected
+                            | io::ErrorKind::ConnectionReset
+                    );
+                    if fresh || !stale {
+                        return Err(e);
+                    }
+                    fresh = true;
+                }
+            }
         }
-        r.map(drop)
     }
 
     /// Passes a datagram to worker `to` if its inbox has room now; a
@@ -347,6 +365,39 @@ mod tests {
         let _a = Handoff::bind(&g, 0, 2).expect("bind");
         let e = Handoff::bind(&g, 0, 2).expect_err("second bind");
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    /// A worker restarted after this one last passed it a connection gets
+    /// the next one: the socket to its old inbox is replaced, not reused.
+    #[tokio::test]
+    async fn a_connection_reaches_a_worker_started_again() {
+        let g = group();
+        let a = Handoff::bind(&g, 0, 2).expect("bind 0");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = l.local_addr().expect("addr");
+        let mut buf = vec![0u8; MAX_HANDOFF];
+        for round in 0..3u8 {
+            // Bound anew each round, as a restarted worker binds its inbox.
+            let b = Handoff::bind(&g, 1, 2).expect("bind 1");
+            let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (accepted, _) = l.accept().await.expect("accept");
+            client.write_all(&[round]).await.expect("write");
+            a.send_conn(1, &accepted)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            drop(accepted);
+            let Handed::Conn(conn) = b.recv(&mut buf).await.expect("recv") else {
+                panic!("expected a connection");
+            };
+            conn.set_nonblocking(true).expect("nonblocking");
+            let mut conn = tokio::net::TcpStream::from_std(conn).expect("tokio");
+            let mut got = [0u8; 1];
+            conn.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, [round]);
+            drop(b);
+        }
     }
 
     #[tokio::test]

@@ -1709,24 +1709,46 @@ async fn session_task(
 /// Opens a leg for a stream on the session's current route: its first leg,
 /// or a new one that resumes it. At most one at a time per stream.
 async fn releg(shared: &Shared, core: &Arc<Core>, s: &Arc<ClientStream>, start: LegStart) {
-    if s.releg_busy.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let result = open_leg(shared, core, s, start).await;
-    s.releg_busy.store(false, Ordering::Release);
-    match result {
-        Ok(()) => {}
-        Err(LegError::Refused(why)) => {
-            warn!(stream = %s.shared.id, service = %s.service, "stream closed: {why}");
-            s.shared.abort.cancel();
+    let mut pause = LEG_RETRY_FIRST;
+    loop {
+        if s.releg_busy.swap(true, Ordering::AcqRel) {
+            return;
         }
-        Err(LegError::Path(why)) => {
-            // The path is failing: the control connection will notice and the
-            // reconnect re-legs every stream.
-            debug!(stream = %s.shared.id, "leg failed: {why}");
+        let result = open_leg(shared, core, s, start).await;
+        s.releg_busy.store(false, Ordering::Release);
+        match result {
+            Ok(()) => return,
+            Err(LegError::Refused(why)) => {
+                warn!(stream = %s.shared.id, service = %s.service, "stream closed: {why}");
+                s.shared.abort.cancel();
+                return;
+            }
+            Err(LegError::Path(why)) => {
+                debug!(stream = %s.shared.id, "leg failed: {why}");
+            }
+        }
+        // Where the path fails, the control connection notices and the
+        // reconnect re-legs every stream. But a leg can fail on a path that
+        // works (a gateway worker that dropped it while being restarted):
+        // then nothing else would give the stream a leg, so it is tried
+        // again while the session stays up and nobody else opened one.
+        let generation = s.generation.load(Ordering::Acquire);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = s.shared.abort.cancelled() => return,
+            _ = core.released.cancelled() => return,
+        }
+        pause = (pause * 2).min(LEG_RETRY_MAX);
+        if lock(&core.control).is_none() || s.generation.load(Ordering::Acquire) != generation {
+            return;
         }
     }
 }
+
+/// First wait before a failed leg is opened again, doubled at each failure
+/// up to [`LEG_RETRY_MAX`].
+const LEG_RETRY_FIRST: Duration = Duration::from_millis(100);
+const LEG_RETRY_MAX: Duration = Duration::from_secs(2);
 
 enum LegError {
     /// The gateway said no: the stream cannot continue.

@@ -639,3 +639,110 @@ async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     );
     shutdown.cancel();
 }
+
+/// A leg the gateway's side drops while the session's path works (a gateway
+/// worker being restarted drops connections it cannot pass on) is opened
+/// again: nothing else would give the stream a leg, since the control
+/// connection stays up. Between agent and gateway sits a relay that resets
+/// the first connection made after the application connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_leg_dropped_on_a_working_path_is_opened_again() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    logs();
+    let shutdown = CancellationToken::new();
+    let k = key();
+    let gw = gateway(
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\n[services.data]\ntarget = \"{}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
+            echo_server().await,
+            k.public()
+        ),
+        &shutdown,
+    )
+    .await;
+    let upstream = gw.local_addrs()[0];
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    // The path probes (UDP, same port) pass too: lost probes would make
+    // the decision engine switch, which would give the stream a leg anyway.
+    let udp_down = Arc::new(tokio::net::UdpSocket::bind(relay_addr).await.unwrap());
+    let udp_up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    udp_up.connect(upstream).await.unwrap();
+    let agent = Arc::new(std::sync::Mutex::new(None));
+    let udp_task = {
+        let (down, up, agent) = (udp_down.clone(), udp_up.clone(), agent.clone());
+        tokio::spawn(async move {
+            let mut a = vec![0u8; 65536];
+            let mut b = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = down.recv_from(&mut a) => {
+                        let Ok((n, from)) = r else { return };
+                        *agent.lock().unwrap() = Some(from);
+                        let _ = up.send(&a[..n]).await;
+                    }
+                    r = up.recv(&mut b) => {
+                        let Ok(n) = r else { return };
+                        let to = *agent.lock().unwrap();
+                        if let Some(to) = to {
+                            let _ = down.send_to(&b[..n], to).await;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let drop_next = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (drop_next2, dropped2) = (drop_next.clone(), dropped.clone());
+    let relay_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut down, _)) = relay.accept().await else {
+                return;
+            };
+            if drop_next2.swap(false, Ordering::AcqRel) {
+                // Reset as soon as the leg's first bytes are in.
+                let mut first = [0u8; 16];
+                let _ = down.read(&mut first).await;
+                let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
+                drop(down);
+                dropped2.fetch_add(1, Ordering::AcqRel);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    let toml = format!(
+        "id = \"m\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[gateways.gw]\naddresses = [\"{relay_addr}\"]\n{}",
+        service("data")
+    );
+    let cfg = ClientConfig::from_toml(std::path::Path::new("releg-client.toml"), &toml).unwrap();
+    let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
+    assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
+
+    drop_next.store(true, Ordering::Release);
+    let mut app = TcpStream::connect(client.service_addr("data").unwrap())
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..MIB as usize).map(|i| (i * 13 % 251) as u8).collect();
+    let (mut r, mut w) = app.split();
+    let mut back = vec![0u8; data.len()];
+    let (wrote, read) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(w.write_all(&data), r.read_exact(&mut back))
+    })
+    .await
+    .expect("the stream got no new leg: its bytes did not come back");
+    wrote.unwrap();
+    read.unwrap();
+    assert!(back == data, "the echoed bytes differ");
+    assert_eq!(dropped.load(Ordering::Acquire), 1, "no leg was dropped");
+    relay_task.abort();
+    udp_task.abort();
+    shutdown.cancel();
+}
