@@ -305,6 +305,16 @@ mod tests {
         )
     }
 
+    /// The next thing `h` receives, which must be a connection.
+    async fn received_conn(h: &Handoff) -> tokio::net::TcpStream {
+        let mut buf = vec![0u8; MAX_HANDOFF];
+        let Handed::Conn(conn) = h.recv(&mut buf).await.expect("recv") else {
+            panic!("expected a connection");
+        };
+        conn.set_nonblocking(true).expect("nonblocking");
+        tokio::net::TcpStream::from_std(conn).expect("tokio")
+    }
+
     #[tokio::test]
     async fn a_connection_passed_on_is_read_from_its_first_byte() {
         let g = group();
@@ -320,12 +330,7 @@ mod tests {
         client.write_all(b"hello").await.expect("write");
         a.send_conn(1, &accepted).await.expect("send");
         drop(accepted);
-        let mut buf = vec![0u8; MAX_HANDOFF];
-        let Handed::Conn(conn) = b.recv(&mut buf).await.expect("recv") else {
-            panic!("expected a connection");
-        };
-        conn.set_nonblocking(true).expect("nonblocking");
-        let mut conn = tokio::net::TcpStream::from_std(conn).expect("tokio");
+        let mut conn = received_conn(&b).await;
         let mut got = [0u8; 5];
         conn.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"hello");
@@ -377,7 +382,6 @@ mod tests {
             .await
             .expect("listen");
         let addr = l.local_addr().expect("addr");
-        let mut buf = vec![0u8; MAX_HANDOFF];
         for round in 0..3u8 {
             // Bound anew each round, as a restarted worker binds its inbox.
             let b = Handoff::bind(&g, 1, 2).expect("bind 1");
@@ -388,11 +392,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
             drop(accepted);
-            let Handed::Conn(conn) = b.recv(&mut buf).await.expect("recv") else {
-                panic!("expected a connection");
-            };
-            conn.set_nonblocking(true).expect("nonblocking");
-            let mut conn = tokio::net::TcpStream::from_std(conn).expect("tokio");
+            let mut conn = received_conn(&b).await;
             let mut got = [0u8; 1];
             conn.read_exact(&mut got).await.expect("read");
             assert_eq!(got, [round]);

@@ -10,6 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use baton_proto::ClientKey;
 use baton_runtime::client::SwitchKind;
 use baton_runtime::config::ClientConfig;
 use baton_runtime::verify::{self, Dir, Mode};
@@ -53,23 +54,43 @@ async fn pair(
     shutdown: &CancellationToken,
 ) -> (baton_runtime::Gateway, Client) {
     let k = key();
-    let gw = gateway(
+    let gw = data_gateway(target, gateway_extra, &k, shutdown).await;
+    let client = data_client(gw.local_addrs()[0], client_extra, k, shutdown).await;
+    (gw, client)
+}
+
+/// The gateway of [`pair`], serving client `m` of key `k`.
+async fn data_gateway(
+    target: SocketAddr,
+    gateway_extra: &str,
+    k: &ClientKey,
+    shutdown: &CancellationToken,
+) -> baton_runtime::Gateway {
+    gateway(
         &format!(
             "listen = [\"127.0.0.1:0\"]\n{gateway_extra}\n[services.data]\ntarget = \"{target}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
             k.public()
         ),
         shutdown,
     )
-    .await;
+    .await
+}
+
+/// The client agent of [`pair`], reaching its gateway at `gw`; up on `a`.
+async fn data_client(
+    gw: SocketAddr,
+    client_extra: &str,
+    k: ClientKey,
+    shutdown: &CancellationToken,
+) -> Client {
     let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\n{client_extra}\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{}\"]\n{}",
-        gw.local_addrs()[0],
+        "id = \"m\"\nkey_file = \"unused\"\n{client_extra}\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[interfaces.b]\nsource = \"127.0.0.3\"\npriority = 2\n[gateways.gw]\naddresses = [\"{gw}\"]\n{}",
         service("data")
     );
     let cfg = ClientConfig::from_toml(std::path::Path::new("switch-client.toml"), &toml).unwrap();
     let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
     assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
-    (gw, client)
+    client
 }
 
 impl Bed {
@@ -650,18 +671,9 @@ async fn a_leg_dropped_on_a_working_path_is_opened_again() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
-    logs();
     let shutdown = CancellationToken::new();
     let k = key();
-    let gw = gateway(
-        &format!(
-            "listen = [\"127.0.0.1:0\"]\n[services.data]\ntarget = \"{}\"\n[clients.m]\nkey = \"{}\"\nservices = [\"data\"]\n",
-            echo_server().await,
-            k.public()
-        ),
-        &shutdown,
-    )
-    .await;
+    let gw = data_gateway(echo_server().await, "", &k, &shutdown).await;
     let upstream = gw.local_addrs()[0];
     let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
@@ -718,13 +730,7 @@ async fn a_leg_dropped_on_a_working_path_is_opened_again() {
             });
         }
     });
-    let toml = format!(
-        "id = \"m\"\nkey_file = \"unused\"\n[interfaces.a]\nsource = \"127.0.0.2\"\npriority = 1\n[gateways.gw]\naddresses = [\"{relay_addr}\"]\n{}",
-        service("data")
-    );
-    let cfg = ClientConfig::from_toml(std::path::Path::new("releg-client.toml"), &toml).unwrap();
-    let client = Client::start(cfg, k, shutdown.clone()).await.unwrap();
-    assert_eq!(client.wait_up("gw").await.unwrap().path, "a");
+    let client = data_client(relay_addr, "", k, &shutdown).await;
 
     drop_next.store(true, Ordering::Release);
     let mut app = TcpStream::connect(client.service_addr("data").unwrap())
