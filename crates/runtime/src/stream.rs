@@ -677,6 +677,20 @@ impl OutLeg {
         }
     }
 
+    /// Accounts for `n` bytes written past the start offset.
+    fn written(&mut self, n: usize, shared: &StreamShared) {
+        let set = self.sndbuf.written(self.w.as_ref(), n);
+        shared.leg_sndbuf.store(set, Ordering::Relaxed);
+        shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
+        match &mut self.zip {
+            Some((z, _)) => z.consume(n),
+            None => {
+                self.at = self.at.advance(n);
+                shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Whether there is something to write with `end` the buffer's end.
     fn wants_write(&self, end: Offset) -> bool {
         self.head_sent < LEG_START_LEN
@@ -809,6 +823,11 @@ async fn outbound(
                         if buf.pipes().is_none() {
                             buf.commit(n);
                             busy = n >= BUSY_READ;
+                            // Straight on to the leg, if it takes them now.
+                            if let Err(_e) = write_now(&mut leg, &buf, shared) {
+                                leg = None;
+                                let _ = to_session.send(ToSession::LegLost(shared.id));
+                            }
                         } else if buf.queue_at().is_none() {
                             // The queue could not take the read whole: the
                             // leg goes on from the ring.
@@ -967,17 +986,30 @@ async fn write_leg(
         l.head_sent += n;
         return Ok(());
     }
-    let set = l.sndbuf.written(l.w.as_ref(), n);
-    shared.leg_sndbuf.store(set, Ordering::Relaxed);
-    shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
-    match &mut l.zip {
-        Some((z, _)) => z.consume(n),
-        None => {
-            l.at = l.at.advance(n);
-            shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
+    l.written(n, shared);
     Ok(())
+}
+
+/// Writes the bytes just read from the application to the leg at once,
+/// if it is a plain leg that takes them without waiting: a message then
+/// costs one turn of the direction's loop instead of two (the second would
+/// only find the leg writable and write). Anything else (the leg's start
+/// offset, compression, pipes, a full send buffer) is left to [`write_leg`].
+fn write_now(leg: &mut Option<OutLeg>, buf: &Outbox, shared: &StreamShared) -> io::Result<()> {
+    let Some(l) = leg else { return Ok(()) };
+    if !l.is_good() || l.zip.is_some() || l.at >= buf.end() {
+        return Ok(());
+    }
+    let bytes = plain_from(l.at, buf.ring())?;
+    match l.w.try_write(bytes) {
+        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+        Ok(n) => {
+            l.written(n, shared);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The bytes to send from `at`: filler for what the peer already confirmed.
