@@ -49,7 +49,7 @@ use crate::frame::{read_tagged, FrameCodec};
 use crate::path::{connect_via, Path, Paths};
 use crate::shards::{Moving, Shards};
 use crate::stream::{
-    self, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamInbox, StreamLimits,
+    self, AckBatch, AckDue, InEvent, LegStart, OutEvent, StreamEnd, StreamInbox, StreamLimits,
     StreamShared, ToSession, Tombstones,
 };
 use crate::util::{lock, sid};
@@ -1357,7 +1357,7 @@ async fn run_control(
         s.shared.acked_to_peer.store(0, Ordering::Relaxed);
         let _ = core.to_session.send(ToSession::Ack {
             stream: s.shared.id,
-            urgent: false,
+            due: AckDue::Soon,
         });
     }
     for m in lock(&core.finished).messages() {
@@ -1668,7 +1668,7 @@ async fn session_task(
         tokio::select! {
             m = from_streams.recv() => match m {
                 None => return,
-                Some(ToSession::Ack { stream, urgent }) => acks.request(stream, urgent),
+                Some(ToSession::Ack { stream, due }) => acks.request(stream, due),
                 Some(ToSession::Control(msg)) => send(msg),
                 Some(ToSession::LegLost(stream)) => {
                     let s = lock(&core.streams).get(&stream).cloned();

@@ -41,8 +41,8 @@ use crate::config::GatewayConfig;
 use crate::frame::{read_tagged, FrameCodec, RawFrame, CONTROL_READ_BUFFER};
 use crate::shards::{current_index, Moving, Shards};
 use crate::stream::{
-    self, tombstone_messages, AckBatch, InEvent, LegStart, OutEvent, StreamEnd, StreamLimits,
-    StreamShared, ToSession, Tombstones,
+    self, tombstone_messages, AckBatch, AckDue, InEvent, LegStart, OutEvent, StreamEnd,
+    StreamLimits, StreamShared, ToSession, Tombstones,
 };
 use crate::util::{lock, sid};
 
@@ -855,7 +855,7 @@ async fn control_on_thread(
         s.acked_to_peer.store(0, Ordering::Relaxed);
         let _ = session.to_session.send(ToSession::Ack {
             stream: s.id,
-            urgent: false,
+            due: AckDue::Soon,
         });
     }
     for (stream, code) in lock(&session.recent_resets).iter() {
@@ -1027,7 +1027,7 @@ async fn session_task(
         tokio::select! {
             m = from_streams.recv() => match m {
                 None => return,
-                Some(ToSession::Ack { stream, urgent }) => acks.request(stream, urgent),
+                Some(ToSession::Ack { stream, due }) => acks.request(stream, due),
                 Some(ToSession::Control(msg)) => {
                     if let Message::StreamReset { stream, code } = msg {
                         let mut r = lock(&session.recent_resets);

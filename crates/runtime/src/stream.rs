@@ -27,7 +27,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,8 +144,8 @@ pub(crate) enum LegStart {
 pub(crate) enum ToSession {
     /// Send this on the control connection (StreamFin, StreamReset).
     Control(Message),
-    /// This stream delivered bytes: acknowledge soon (`urgent`: now).
-    Ack { stream: StreamId, urgent: bool },
+    /// This stream delivered bytes: acknowledge them within `due`.
+    Ack { stream: StreamId, due: AckDue },
     /// The stream's current leg failed; a new one is needed.
     LegLost(StreamId),
 }
@@ -166,7 +166,9 @@ pub(crate) struct StreamShared {
     pub(crate) delivered: AtomicU64,
     /// `delivered` as last acknowledged to the peer.
     pub(crate) acked_to_peer: AtomicU64,
-    ack_requested: AtomicBool,
+    /// The most pressing [`AckDue`] asked of the session since its last
+    /// acknowledgement (0: none).
+    ack_requested: AtomicU8,
     /// Bytes taken from the local connection.
     pub(crate) taken: AtomicU64,
     /// Bytes of the outbound direction the peer confirmed.
@@ -241,7 +243,7 @@ impl StreamShared {
             id,
             delivered: AtomicU64::new(0),
             acked_to_peer: AtomicU64::new(0),
-            ack_requested: AtomicBool::new(false),
+            ack_requested: AtomicU8::new(0),
             taken: AtomicU64::new(0),
             peer_acked: AtomicU64::new(0),
             resent: AtomicU64::new(0),
@@ -319,7 +321,7 @@ impl StreamShared {
 
     /// The delivered offset if an acknowledgement is due, clearing the request.
     pub(crate) fn take_ack(&self) -> Option<Offset> {
-        self.ack_requested.store(false, Ordering::Relaxed);
+        self.ack_requested.store(0, Ordering::Relaxed);
         let d = self.delivered.load(Ordering::Acquire);
         let prev = self.acked_to_peer.swap(d, Ordering::AcqRel);
         (d > prev).then_some(Offset(d))
@@ -336,11 +338,19 @@ impl StreamShared {
             }
             s.last = Some(now);
         }
-        let urgent = total - self.acked_to_peer.load(Ordering::Relaxed) >= self.ack_every;
-        if urgent || !self.ack_requested.swap(true, Ordering::Relaxed) {
+        let unconfirmed = total - self.acked_to_peer.load(Ordering::Relaxed);
+        let due = if unconfirmed >= self.ack_every {
+            AckDue::Now
+        } else if unconfirmed >= ACK_FEW_BYTES {
+            AckDue::Soon
+        } else {
+            AckDue::Later
+        };
+        // Asked once per acknowledgement, and again only to hurry it.
+        if due as u8 > self.ack_requested.fetch_max(due as u8, Ordering::Relaxed) {
             let _ = to.send(ToSession::Ack {
                 stream: self.id,
-                urgent,
+                due,
             });
         }
     }
@@ -385,6 +395,43 @@ impl Tombstones {
 /// Delay that lets acknowledgements of many deliveries share a frame.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
+/// Unconfirmed bytes below which a stream's acknowledgement waits
+/// [`ACK_DELAY_FEW`]: its sender holds so little that freeing it sooner is
+/// not worth a message each way. A request/response stream then costs one
+/// acknowledgement per 100 ms instead of one per 5 ms, and each is work that
+/// lands in the middle of some message's round trip: with 5 ms, one in 40
+/// round trips of 64 B waits on one, which is the 99th percentile
+/// (bench/README.md, finding 24). A bulk stream passes this in well under
+/// [`ACK_DELAY`] and is acknowledged as before.
+const ACK_FEW_BYTES: u64 = 64 * 1024;
+
+/// How long an acknowledgement of fewer than [`ACK_FEW_BYTES`] may wait.
+const ACK_DELAY_FEW: Duration = Duration::from_millis(100);
+
+/// How soon a stream's deliveries are to be acknowledged, by how much its
+/// sender holds unconfirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum AckDue {
+    /// Fewer than [`ACK_FEW_BYTES`]: within [`ACK_DELAY_FEW`].
+    Later = 1,
+    /// Within [`ACK_DELAY`].
+    Soon = 2,
+    /// A quarter of the sender's buffer: at once, so that it never waits
+    /// on a full buffer for an acknowledgement that is merely batched.
+    Now = 3,
+}
+
+impl AckDue {
+    fn delay(self) -> Duration {
+        match self {
+            Self::Later => ACK_DELAY_FEW,
+            Self::Soon => ACK_DELAY,
+            Self::Now => Duration::ZERO,
+        }
+    }
+}
+
 /// Acknowledgements due to the peer, batched: a stream that delivered asks
 /// once, and all waiting streams are acknowledged in as few frames as
 /// possible after a short delay (at once when urgent).
@@ -395,10 +442,9 @@ pub(crate) struct AckBatch {
 }
 
 impl AckBatch {
-    pub(crate) fn request(&mut self, stream: StreamId, urgent: bool) {
+    pub(crate) fn request(&mut self, stream: StreamId, due: AckDue) {
         self.dirty.insert(stream);
-        let now = tokio::time::Instant::now();
-        let at = if urgent { now } else { now + ACK_DELAY };
+        let at = tokio::time::Instant::now() + due.delay();
         self.flush_at = Some(self.flush_at.map_or(at, |f| f.min(at)));
     }
 
@@ -1502,6 +1548,83 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(local, shared.clone(), inbox, limits, tx));
         (app, shared, rx, task)
+    }
+
+    /// The acknowledgement requests a stream sent its session so far.
+    fn ack_requests(rx: &mut mpsc::UnboundedReceiver<ToSession>) -> Vec<AckDue> {
+        let mut dues = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let ToSession::Ack { stream, due } = m {
+                assert_eq!(stream, StreamId(1));
+                dues.push(due);
+            }
+        }
+        dues
+    }
+
+    #[test]
+    fn an_acknowledgement_waits_longer_while_the_sender_holds_little() {
+        let limits = StreamLimits {
+            replay_buffer: 1 << 20,
+            ..StreamLimits::default()
+        };
+        let (s, _inbox) = StreamShared::new(StreamId(1), limits, CancellationToken::new());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        // Small deliveries ask once, to be acknowledged later.
+        for total in [64, 128, 4096] {
+            s.on_delivered(now, &tx, total);
+        }
+        assert_eq!(ack_requests(&mut rx), [AckDue::Later]);
+        // Past ACK_FEW_BYTES unconfirmed, once more, sooner.
+        s.on_delivered(now, &tx, ACK_FEW_BYTES);
+        s.on_delivered(now, &tx, ACK_FEW_BYTES + 10);
+        assert_eq!(ack_requests(&mut rx), [AckDue::Soon]);
+        // A quarter of the sender's buffer (256 KiB here): at once.
+        s.on_delivered(now, &tx, 256 * 1024);
+        s.on_delivered(now, &tx, 300 * 1024);
+        assert_eq!(ack_requests(&mut rx), [AckDue::Now]);
+        // The session acknowledges: the next deliveries count from there.
+        assert_eq!(s.take_ack(), Some(Offset(300 * 1024)));
+        s.on_delivered(now, &tx, 300 * 1024 + 64);
+        assert_eq!(ack_requests(&mut rx), [AckDue::Later]);
+        assert_eq!(s.take_ack(), Some(Offset(300 * 1024 + 64)));
+        s.on_delivered(now, &tx, 300 * 1024 + 64 + ACK_FEW_BYTES);
+        assert_eq!(ack_requests(&mut rx), [AckDue::Soon]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_batch_flushes_at_its_most_pressing_request() {
+        let mut acks = AckBatch::default();
+        let t0 = tokio::time::Instant::now();
+        acks.request(StreamId(1), AckDue::Later);
+        acks.due().await;
+        assert_eq!(t0.elapsed(), ACK_DELAY_FEW);
+        let entries = |acks: &mut AckBatch| {
+            acks.take(true, |id| Some(Offset(id.0)))
+                .into_iter()
+                .flat_map(|m| match m {
+                    Message::Acks { entries } => entries,
+                    other => panic!("not an ack: {other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(entries(&mut acks), [(StreamId(1), Offset(1))]);
+        // A stream asking sooner brings the flush forward for both.
+        let t1 = tokio::time::Instant::now();
+        acks.request(StreamId(1), AckDue::Later);
+        acks.request(StreamId(2), AckDue::Soon);
+        acks.due().await;
+        assert_eq!(t1.elapsed(), ACK_DELAY);
+        let mut got = entries(&mut acks);
+        got.sort_by_key(|(id, _)| id.0);
+        assert_eq!(got, [(StreamId(1), Offset(1)), (StreamId(2), Offset(2))]);
+        // Now is now.
+        let t2 = tokio::time::Instant::now();
+        acks.request(StreamId(3), AckDue::Later);
+        acks.request(StreamId(3), AckDue::Now);
+        acks.due().await;
+        assert_eq!(t2.elapsed(), Duration::ZERO);
     }
 
     /// Attaches a leg and returns the peer's end of it.
