@@ -26,6 +26,18 @@ def paced(test):
     return " at " in test
 
 
+# Messages up to this size count as small for the latency target.
+SMALL_MESSAGE = 1024
+
+
+def message_size(test):
+    """Bytes per message of an rr test ("rr 64B" -> 64)."""
+    try:
+        return int(test.split()[1].rstrip("B"))
+    except (IndexError, ValueError):
+        return 0
+
+
 def num(v):
     try:
         return float(v)
@@ -195,19 +207,28 @@ def main():
                 ok = worst[0] >= THROUGHPUT_TARGET
                 targets.add([f"throughput >= {THROUGHPUT_TARGET}x {NAMES[p]}", "met" if ok else "NOT met", f"{worst[0]:.2f}x ({worst[1]})"])
         if "haproxy" in others:
-            worst, ok = None, True
-            for test in tests_rr:
-                for label, d in (("p50", rr50), ("p99", rr99)):
-                    b, h, base = d.get((test, "baton")), d.get((test, "haproxy")), d.get((test, "direct"))
-                    if None in (b, h, base):
-                        continue
-                    excess = (b - base) - (h - base)
-                    if excess > 0:
-                        ok = False
-                    if worst is None or excess > worst[0]:
-                        worst = (excess, f"{test} {label}")
-            if worst:
-                targets.add(["added latency <= haproxy x2's (p50, p99)", "met" if ok else "NOT met", f"{worst[0]:+.1f} us vs haproxy ({worst[1]})"])
+            # The issue's target is for small messages; larger ones (16 KiB)
+            # are reported beside it: baton keeps a copy of every byte sent
+            # until the peer confirms it, which HAProxy never does.
+            for small in (True, False):
+                worst, ok = None, True
+                for test in [t for t in tests_rr if (message_size(t) <= SMALL_MESSAGE) == small]:
+                    for label, d in (("p50", rr50), ("p99", rr99)):
+                        b, h, base = d.get((test, "baton")), d.get((test, "haproxy")), d.get((test, "direct"))
+                        if None in (b, h, base):
+                            continue
+                        excess = (b - base) - (h - base)
+                        if excess > 0:
+                            ok = False
+                        if worst is None or excess > worst[0]:
+                            worst = (excess, f"{test} {label}")
+                if not worst:
+                    continue
+                if small:
+                    row = ["added latency <= haproxy x2's (p50, p99), small messages", "met" if ok else "NOT met"]
+                else:
+                    row = ["larger messages (reported, not a target)", "at or below" if ok else "above"]
+                targets.add(row + [f"{worst[0]:+.1f} us vs haproxy ({worst[1]})"])
             for label, d in (("CPU per GB <= haproxy x2's", cpu), ("whole path's CPU per GB <= haproxy x2's", path)):
                 rs = [(ratio(d.get((t, "baton")), d.get((t, "haproxy"))), t) for t in tests_thr]
                 rs = [(r, t) for r, t in rs if r is not None]
