@@ -245,6 +245,9 @@ def main():
         f"iperf3: {env('IPERF_VERSION', '?')}, {env('DURATION', '?')} s per test; "
         f"rr: {env('RR_COUNT', '?')} round trips per peer after {env('RR_WARMUP', '?')} warm-up, a connection per peer "
         f"(TCP_NODELAY), the peers taking turns {env('RR_CHUNK', '?')} round trips at a time",
+        (f"placement: client side (iperf3 client, rr, the agent, each peer's first hop) on CPUs {env('CLIENT_CPUS')}, "
+         f"server side (iperf3 server, echo server, the gateway, each peer's second hop) on CPUs {env('SERVER_CPUS')}"
+         if env("PLACEMENT") == "hosts" else "placement: free (the scheduler places every process on any core)"),
         "baton: client agent and gateway, runtime threads "
         + (f"{env('BATON_THREADS')} each" if env("BATON_THREADS") else "one per core (baton's default)"),
         f"peers: two chained processes each on 127.0.0.1; HAProxy {env('HAPROXY_VERSION') or '?'} tcp mode, "

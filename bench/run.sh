@@ -24,6 +24,7 @@ BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
 BATON_THREADS=${BATON_THREADS:-}         # `threads` of both baton processes (empty: baton's default, one per core)
+PLACEMENT=${PLACEMENT:-hosts}            # hosts: client side and server side each on its own half of the cores; free: the scheduler's choice
 BENCH_SKIP_BUILD=${BENCH_SKIP_BUILD:-0}  # 1: use the binaries in target/release
 BENCH_RESULTS=${BENCH_RESULTS:-"$ROOT/bench/results/latest.md"}
 BENCH_STARTUP_TIMEOUT=${BENCH_STARTUP_TIMEOUT:-20} # seconds to wait for the relays
@@ -55,6 +56,27 @@ die() { log "error: $*"; exit 1; }
 [[ -z $BATON_THREADS || $BATON_THREADS =~ ^[1-9][0-9]*$ ]] || die "BATON_THREADS must be a positive integer (or empty)"
 [[ $HAPROXY_NBTHREAD =~ ^[1-9][0-9]*$ ]] || die "HAPROXY_NBTHREAD must be a positive integer"
 has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
+
+# Placement. One machine stands in for two hosts: the client's (iperf3's
+# client, rr, the agent, each peer's first hop) and the server's (iperf3's
+# server, the echo server, the gateway, each peer's second hop). With
+# "hosts" each side runs on its own half of the cores (`taskset`), every peer
+# alike, as it would on two machines; with "free" the scheduler places all of
+# them, and on two cores a relay's throughput then also depends on whether it
+# lands next to the process it feeds (bench/README.md, finding 25).
+# ON_CLIENT / ON_SERVER: the prefix that puts a command on that side's cores.
+ON_CLIENT=() ON_SERVER=()
+case $PLACEMENT in
+    free) CLIENT_CPUS="" SERVER_CPUS="" ;;
+    hosts)
+        ncpu=$(nproc)
+        ((ncpu >= 2)) || die "PLACEMENT=hosts needs at least 2 cores (this machine has $ncpu); use PLACEMENT=free"
+        command -v taskset >/dev/null || die "PLACEMENT=hosts needs taskset (util-linux); use PLACEMENT=free"
+        SERVER_CPUS="0-$((ncpu / 2 - 1))" CLIENT_CPUS="$((ncpu / 2))-$((ncpu - 1))"
+        ON_CLIENT=(taskset -c "$CLIENT_CPUS") ON_SERVER=(taskset -c "$SERVER_CPUS")
+        ;;
+    *) die "PLACEMENT must be hosts or free (not '$PLACEMENT')" ;;
+esac
 for p in $PEERS; do
     case $p in direct|baton|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat splice)" ;; esac
 done
@@ -232,11 +254,11 @@ fi
 
 # ---- targets ----------------------------------------------------------------
 start_iperf_server() {
-    start iperf3-server iperf3 -s -p "$IPERF_PORT" -B "$HOST" --rcv-timeout 10000
+    start iperf3-server "${ON_SERVER[@]}" iperf3 -s -p "$IPERF_PORT" -B "$HOST" --rcv-timeout 10000
     wait_port "$IPERF_PORT" iperf3-server 10
 }
 start_iperf_server
-start echo "$BENCHBIN" echo --listen "$HOST:$ECHO_PORT"
+start echo "${ON_SERVER[@]}" "$BENCHBIN" echo --listen "$HOST:$ECHO_PORT"
 wait_port "$ECHO_PORT" echo 10
 
 # Per peer: the port iperf3 and rr connect to, and the relay processes whose
@@ -287,9 +309,9 @@ gateway = "bench"
 listen = "$HOST:$ECHO_VIA_PORT"
 EOF
 
-    start gateway "$BATON" gateway -c "$TMP/gateway.toml"
+    start gateway "${ON_SERVER[@]}" "$BATON" gateway -c "$TMP/gateway.toml"
     wait_port "$GATEWAY_PORT" gateway "$BENCH_STARTUP_TIMEOUT"
-    start client "$BATON" client -c "$TMP/client.toml"
+    start client "${ON_CLIENT[@]}" "$BATON" client -c "$TMP/client.toml"
     wait_port "$IPERF_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     wait_port "$ECHO_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
     IPERF_AT[baton]=$IPERF_VIA_PORT ECHO_AT[baton]=$ECHO_VIA_PORT RELAYS[baton]="client gateway"
@@ -328,7 +350,8 @@ if has_peer haproxy; then
     haproxy_cfg "$HAPROXY_IPERF_PORT" $((HAPROXY_IPERF_PORT + 1)) "$HAPROXY_ECHO_PORT" $((HAPROXY_ECHO_PORT + 1)) >"$TMP/haproxy1.cfg"
     for h in 2 1; do
         # -db: stay in the foreground, so that the pid is haproxy's own.
-        start "haproxy$h" "$HAPROXY" -db -f "$TMP/haproxy$h.cfg"
+        on=("${ON_SERVER[@]}"); [[ $h == 1 ]] && on=("${ON_CLIENT[@]}")
+        start "haproxy$h" "${on[@]}" "$HAPROXY" -db -f "$TMP/haproxy$h.cfg"
     done
     wait_port $((HAPROXY_IPERF_PORT + 1)) haproxy2 "$BENCH_STARTUP_TIMEOUT"
     wait_port "$HAPROXY_IPERF_PORT" haproxy1 "$BENCH_STARTUP_TIMEOUT"
@@ -342,7 +365,8 @@ fi
 # not Nagle's algorithm.
 if has_peer socat; then
     socat_hop() { # socat_hop NAME LISTEN NEXT
-        start "$1" socat -b "$SOCAT_BUF" "TCP-LISTEN:$2,bind=$HOST,fork,reuseaddr,nodelay" "TCP:$HOST:$3,nodelay"
+        local on=("${ON_SERVER[@]}"); [[ $1 == *1 ]] && on=("${ON_CLIENT[@]}")
+        start "$1" "${on[@]}" socat -b "$SOCAT_BUF" "TCP-LISTEN:$2,bind=$HOST,fork,reuseaddr,nodelay" "TCP:$HOST:$3,nodelay"
     }
     socat_hop socat-iperf2 $((SOCAT_IPERF_PORT + 1)) "$IPERF_PORT"
     socat_hop socat-iperf1 "$SOCAT_IPERF_PORT" $((SOCAT_IPERF_PORT + 1))
@@ -362,7 +386,8 @@ fi
 # the kernel alone.
 if has_peer splice; then
     splice_hop() { # splice_hop NAME LISTEN NEXT
-        start "$1" "$BENCHBIN" splice-relay --listen "$HOST:$2" --to "$HOST:$3"
+        local on=("${ON_SERVER[@]}"); [[ $1 == *1 ]] && on=("${ON_CLIENT[@]}")
+        start "$1" "${on[@]}" "$BENCHBIN" splice-relay --listen "$HOST:$2" --to "$HOST:$3"
     }
     splice_hop splice-iperf2 $((SPLICE_IPERF_PORT + 1)) "$IPERF_PORT"
     splice_hop splice-iperf1 "$SPLICE_IPERF_PORT" $((SPLICE_IPERF_PORT + 1))
@@ -467,7 +492,7 @@ iperf_run() {
     # iperf3 accepts --rcv-timeout only when the client receives (-R).
     [[ " $* " == *" -R "* ]] && extra=(--rcv-timeout 10000)
     BPS=fail BYTES=fail ENDS=fail
-    if run_fg timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
+    if run_fg "${ON_CLIENT[@]}" timeout $((DURATION + 30)) iperf3 -c "$HOST" -p "$port" -P "$streams" -t "$DURATION" \
         --connect-timeout 5000 "${extra[@]}" -J "$@" >"$out" 2>"$TMP/iperf.err" \
         && read -r BPS BYTES ENDS < <(python3 -c '
 import json, sys
@@ -495,7 +520,7 @@ rr_round() {
     shift
     local args=()
     for peer in "$@"; do args+=(--connect "$HOST:${ECHO_AT[$peer]}"); done
-    if run_fg "$BENCHBIN" rr "${args[@]}" --size "$size" --count "$RR_COUNT" \
+    if run_fg "${ON_CLIENT[@]}" "$BENCHBIN" rr "${args[@]}" --size "$size" --count "$RR_COUNT" \
         --warmup "$RR_WARMUP" --chunk "$RR_CHUNK" --json >"$TMP/rr.json" 2>"$TMP/rr.err"; then
         # One JSON line per address, in the order given.
         while read -r peer p50 p99; do
@@ -574,6 +599,7 @@ done
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
 export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP RR_CHUNK ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_THREADS
+export PLACEMENT CLIENT_CPUS SERVER_CPUS
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 MACHINE="$(nproc) cores, $(uname -sr)"
 # A peer left out of PEERS may not be installed: its version is then "?".
