@@ -21,7 +21,7 @@ RR_CHUNK=${RR_CHUNK:-500}                # rr: the peers take turns, this many r
 ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
 PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured; "splice" on request)
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
-HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-$(nproc)} # threads per HAProxy process (tokio's default for baton is one per core too)
+HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-}   # threads per HAProxy process (empty: one per core it may run on, as baton's runtime)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
 BATON_THREADS=${BATON_THREADS:-}         # `threads` of both baton processes (empty: baton's default, one per core)
 PLACEMENT=${PLACEMENT:-hosts}            # hosts: client side and server side each on its own half of the cores; free: the scheduler's choice
@@ -54,7 +54,7 @@ die() { log "error: $*"; exit 1; }
 
 [[ $BENCH_DIRECT_ONLY == 1 ]] && PEERS=direct
 [[ -z $BATON_THREADS || $BATON_THREADS =~ ^[1-9][0-9]*$ ]] || die "BATON_THREADS must be a positive integer (or empty)"
-[[ $HAPROXY_NBTHREAD =~ ^[1-9][0-9]*$ ]] || die "HAPROXY_NBTHREAD must be a positive integer"
+[[ -z $HAPROXY_NBTHREAD || $HAPROXY_NBTHREAD =~ ^[1-9][0-9]*$ ]] || die "HAPROXY_NBTHREAD must be a positive integer (or empty)"
 has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
 
 # Placement. One machine stands in for two hosts: the client's (iperf3's
@@ -77,6 +77,12 @@ case $PLACEMENT in
         ;;
     *) die "PLACEMENT must be hosts or free (not '$PLACEMENT')" ;;
 esac
+# baton's runtime starts a thread per core its process may run on; HAProxy
+# gets the same unless told otherwise (nbthread larger than its cores would
+# only make its threads take turns).
+if [[ -z $HAPROXY_NBTHREAD ]]; then
+    if [[ $PLACEMENT == hosts ]]; then HAPROXY_NBTHREAD=$((ncpu / 2)); else HAPROXY_NBTHREAD=$(nproc); fi
+fi
 for p in $PEERS; do
     case $p in direct|baton|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat splice)" ;; esac
 done
