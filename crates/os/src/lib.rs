@@ -16,7 +16,7 @@ pub use bind::connect_via;
 pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 pub use pipe::{open_pipes, pipe_budget, PipeReplay, SplicePipe};
-pub use sndbuf::SendBuffer;
+pub use sndbuf::{RecvBuffer, SendBuffer};
 
 use std::io;
 use std::net::SocketAddr;

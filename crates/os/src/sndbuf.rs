@@ -21,7 +21,7 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
@@ -88,22 +88,30 @@ fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
 /// `tcp_wmem`'s maximum (what autotuning would reach) if that is smaller.
 fn ceiling() -> usize {
     static CEILING: OnceLock<usize> = OnceLock::new();
-    *CEILING.get_or_init(|| {
-        let read = |path: &str| std::fs::read_to_string(path).ok();
-        let wmem_max =
-            read("/proc/sys/net/core/wmem_max").and_then(|s| s.trim().parse::<usize>().ok());
-        let tcp_max = read("/proc/sys/net/ipv4/tcp_wmem").and_then(|s| {
-            s.split_whitespace()
-                .nth(2)
-                .and_then(|v| v.parse::<usize>().ok())
-        });
-        match (wmem_max, tcp_max) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            // Linux's defaults.
-            (None, None) => 212_992,
-        }
-    })
+    *CEILING.get_or_init(|| read_ceiling("/proc/sys/net/core/wmem_max", "/proc/sys/net/ipv4/tcp_wmem"))
+}
+
+/// The largest receive buffer: `net.core.rmem_max`, or `tcp_rmem`'s maximum
+/// if that is smaller.
+fn recv_ceiling() -> usize {
+    static CEILING: OnceLock<usize> = OnceLock::new();
+    *CEILING.get_or_init(|| read_ceiling("/proc/sys/net/core/rmem_max", "/proc/sys/net/ipv4/tcp_rmem"))
+}
+
+fn read_ceiling(core_max: &str, tcp_mem: &str) -> usize {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let core = read(core_max).and_then(|s| s.trim().parse::<usize>().ok());
+    let tcp = read(tcp_mem).and_then(|s| {
+        s.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse::<usize>().ok())
+    });
+    match (core, tcp) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        // Linux's defaults.
+        (None, None) => 212_992,
+    }
 }
 
 /// The send buffer for a path: four bandwidth-delay products (two measured
@@ -112,13 +120,108 @@ fn ceiling() -> usize {
 /// carry [`FASTEST`], so a buffer set now could one day be too small and
 /// not grow.
 pub fn target(path: PathInfo, ceiling: usize) -> Option<usize> {
-    let rtt = path.min_rtt.as_secs_f64();
+    sized(path.min_rtt, path.delivery_rate as f64, ceiling, FLOOR)
+}
+
+/// Four bandwidth-delay products of `rate` (bytes a second) over `rtt`,
+/// within `floor..=ceiling`; `None` where `ceiling` could not carry
+/// [`FASTEST`] over `rtt`.
+fn sized(rtt: Duration, rate: f64, ceiling: usize, floor: usize) -> Option<usize> {
+    let rtt = rtt.as_secs_f64();
     // Loopback's round trip is often 0-1 µs in TCP's clock: the floor.
-    if rtt > ceiling as f64 / FASTEST || ceiling < FLOOR {
+    if rtt > ceiling as f64 / FASTEST || ceiling < floor {
         return None;
     }
-    let bdp = path.delivery_rate as f64 * rtt;
-    Some(((4.0 * bdp) as usize).clamp(FLOOR, ceiling))
+    Some(((4.0 * rate * rtt) as usize).clamp(floor, ceiling))
+}
+
+/// The smallest receive buffer asked for (the kernel doubles it, and
+/// advertises about half of that as its window). Half of it measured slower
+/// on loopback (`bench/README.md`, finding 26).
+pub const RECV_FLOOR: usize = 256 << 10;
+
+/// The receive buffer for a path whose reader takes `rate` bytes a second:
+/// as [`target`], at least [`RECV_FLOOR`].
+pub fn recv_target(min_rtt: Duration, rate: f64, ceiling: usize) -> Option<usize> {
+    sized(min_rtt, rate, ceiling, RECV_FLOOR)
+}
+
+/// Sizes the receive buffer of a connection a relay reads from, the
+/// counterpart of [`SendBuffer`]. Left to itself Linux grows a busy
+/// connection's receive buffer towards `tcp_rmem`'s maximum (32 MiB on
+/// Debian) whenever the reader falls behind for a moment; on loopback the
+/// sender then fills megabytes of fresh pages that are cold by the time
+/// they are read, and a relayed download falls into a mode at half its
+/// speed (finding 26). Same rule as the send side: after [`FIRST_CHECK`]
+/// bytes read and then once per [`CHECK_EVERY`], `SO_RCVBUF` is set to
+/// four times the rate the reader took the bytes at times the path's
+/// smallest round trip, at least [`RECV_FLOOR`], only on paths short enough
+/// that the largest buffer allowed would carry 100 Gbit/s. A window that
+/// holds the rate back makes the next look ask for four times it, so the
+/// buffer follows a faster path up.
+#[derive(Debug)]
+pub struct RecvBuffer {
+    read: u64,
+    next_check: u64,
+    /// When the bytes counted since the last look began to arrive.
+    since: Option<Instant>,
+    since_read: u64,
+    /// What was last set; 0 while the kernel sizes the buffer.
+    set: usize,
+}
+
+impl RecvBuffer {
+    /// A sizer; with `enabled` false it never touches the buffer.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            read: 0,
+            next_check: if enabled { FIRST_CHECK } else { u64::MAX },
+            since: None,
+            since_read: 0,
+            set: 0,
+        }
+    }
+
+    /// What this sizer last set, if it took the buffer over.
+    pub fn size(&self) -> Option<usize> {
+        (self.set > 0).then_some(self.set)
+    }
+
+    /// Counts `n` bytes read from `sock` and now and then sizes its
+    /// receive buffer; returns what is set, 0 while the kernel sizes it.
+    /// Best effort, like [`SendBuffer::written`].
+    pub fn read(&mut self, sock: &impl AsFd, n: usize) -> usize {
+        if self.next_check == u64::MAX {
+            return self.set;
+        }
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        self.read += n as u64;
+        if self.read >= self.next_check {
+            self.next_check = self.read + CHECK_EVERY;
+            let secs = now.duration_since(since).as_secs_f64();
+            let bytes = (self.read - self.since_read) as f64;
+            self.since = Some(now);
+            self.since_read = self.read;
+            if secs > 0.0 {
+                self.look(sock, bytes / secs);
+            }
+        }
+        self.set
+    }
+
+    fn look(&mut self, sock: &impl AsFd, rate: f64) {
+        let Ok(path) = path_info(sock) else { return };
+        let Some(want) = recv_target(path.min_rtt, rate, recv_ceiling()) else {
+            return;
+        };
+        if self.set > 0 && want < self.set + self.set / 4 && want > self.set - self.set / 4 {
+            return;
+        }
+        if SockRef::from(sock).set_recv_buffer_size(want).is_ok() {
+            self.set = want;
+        }
+    }
 }
 
 /// Sizes one connection's send buffer while it is written to; see the
@@ -270,6 +373,64 @@ mod tests {
         assert!(sizer.size().is_some(), "taken over");
         drop(tx);
         assert_eq!(reader.join().unwrap(), sent, "every byte arrives");
+    }
+
+    #[test]
+    fn a_receive_buffer_follows_the_same_rule_with_its_own_floor() {
+        let us = Duration::from_micros;
+        // Loopback at 1.5 GB/s: the floor.
+        assert_eq!(recv_target(us(5), 1.5e9, 4 << 20), Some(RECV_FLOOR));
+        // 10 Gbit/s over 50 µs: four bandwidth-delay products.
+        assert_eq!(recv_target(us(50), 1.25e9, 4 << 20), Some(250_000.max(RECV_FLOOR)));
+        assert_eq!(recv_target(us(200), 1.25e9, 4 << 20), Some(1_000_000));
+        // A path too long for the ceiling keeps the kernel's autotuning.
+        assert_eq!(recv_target(us(1_000), 1e6, 4 << 20), None);
+        assert_eq!(recv_target(us(10), 1e6, 128 << 10), None);
+    }
+
+    /// A busy loopback connection read by the sizer gets a bounded receive
+    /// buffer (the kernel reports twice what was set); one that moved less
+    /// than `FIRST_CHECK` and a disabled sizer keep the kernel's.
+    #[test]
+    fn a_busy_loopback_reader_gets_a_bounded_receive_buffer() {
+        let run = |enabled: bool| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut rx, _) = l.accept().unwrap();
+            let total = 8 * CHECK_EVERY as usize;
+            let writer = std::thread::spawn(move || {
+                let chunk = vec![9u8; 64 << 10];
+                let mut sent = 0;
+                while sent < total {
+                    tx.write_all(&chunk).unwrap();
+                    sent += chunk.len();
+                }
+            });
+            let before = SockRef::from(&rx).recv_buffer_size().unwrap();
+            let mut sizer = RecvBuffer::new(enabled);
+            let mut b = vec![0u8; 64 << 10];
+            let mut got = 0usize;
+            let mut seen_before_check = None;
+            while got < total {
+                let n = rx.read(&mut b).unwrap();
+                assert!(n > 0, "early end after {got}");
+                assert!(b[..n].iter().all(|&x| x == 9));
+                got += n;
+                sizer.read(&rx, n);
+                if got < FIRST_CHECK as usize {
+                    seen_before_check = sizer.size();
+                }
+            }
+            writer.join().unwrap();
+            assert_eq!(seen_before_check, None, "not busy yet: the kernel's sizing");
+            (sizer.size(), SockRef::from(&rx).recv_buffer_size().unwrap(), before)
+        };
+        let (set, now, _) = run(true);
+        let set = set.expect("taken over");
+        assert!((RECV_FLOOR..=4 << 20).contains(&set), "loopback needs little: {set}");
+        assert_eq!(now, 2 * set);
+        let (set, _, _) = run(false);
+        assert_eq!(set, None);
     }
 
     /// `send_buffers = "kernel"`: however busy, the buffer is the kernel's.

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_os::{SendBuffer, SplicePipe};
+use baton_os::{RecvBuffer, SendBuffer, SplicePipe};
 use baton_proto::wire::LEG_START_LEN;
 use baton_proto::{Compression, Message, Offset, ReplayBuffer, ReplayError, ResetCode, StreamId};
 use futures_util::stream::FuturesUnordered;
@@ -760,6 +760,9 @@ async fn outbound(
     // the first bytes are there. A busy stream on one plain leg keeps and
     // sends them through pipes instead: no copy at all.
     let mut buf = Outbox::new(limits.replay_buffer);
+    // The application's (or service's) receive queue, bounded on short
+    // paths so that its bytes are still in cache when read (finding 26).
+    let mut rcvbuf = RecvBuffer::new(limits.size_send_buffers);
     let mut idle = IdleTimer::default();
     let mut leg: Option<OutLeg> = None;
     let mut had_leg = false;
@@ -880,6 +883,7 @@ async fn outbound(
                             buf.back_to_ring().map_err(DirError::Local)?;
                         }
                         shared.taken.fetch_add(n as u64, Ordering::Relaxed);
+                        rcvbuf.read(local.as_ref(), n);
                         idle.touch();
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
