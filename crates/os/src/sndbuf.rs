@@ -88,14 +88,16 @@ fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
 /// `tcp_wmem`'s maximum (what autotuning would reach) if that is smaller.
 fn ceiling() -> usize {
     static CEILING: OnceLock<usize> = OnceLock::new();
-    *CEILING.get_or_init(|| read_ceiling("/proc/sys/net/core/wmem_max", "/proc/sys/net/ipv4/tcp_wmem"))
+    *CEILING
+        .get_or_init(|| read_ceiling("/proc/sys/net/core/wmem_max", "/proc/sys/net/ipv4/tcp_wmem"))
 }
 
 /// The largest receive buffer: `net.core.rmem_max`, or `tcp_rmem`'s maximum
 /// if that is smaller.
 fn recv_ceiling() -> usize {
     static CEILING: OnceLock<usize> = OnceLock::new();
-    *CEILING.get_or_init(|| read_ceiling("/proc/sys/net/core/rmem_max", "/proc/sys/net/ipv4/tcp_rmem"))
+    *CEILING
+        .get_or_init(|| read_ceiling("/proc/sys/net/core/rmem_max", "/proc/sys/net/ipv4/tcp_rmem"))
 }
 
 fn read_ceiling(core_max: &str, tcp_mem: &str) -> usize {
@@ -133,6 +135,12 @@ fn sized(rtt: Duration, rate: f64, ceiling: usize, floor: usize) -> Option<usize
         return None;
     }
     Some(((4.0 * rate * rtt) as usize).clamp(floor, ceiling))
+}
+
+/// Whether `want` differs enough from what is `set` (0: nothing yet) to be
+/// worth a system call: by a quarter or more.
+fn worth_changing(set: usize, want: usize) -> bool {
+    set == 0 || want >= set + set / 4 || want <= set - set / 4
 }
 
 /// The smallest receive buffer asked for (the kernel doubles it, and
@@ -194,11 +202,13 @@ impl RecvBuffer {
         if self.next_check == u64::MAX {
             return self.set;
         }
-        let now = Instant::now();
-        let since = *self.since.get_or_insert(now);
+        // The clock is read at the first byte and at each look only: not
+        // once per read on the relay's busiest path.
+        let since = *self.since.get_or_insert_with(Instant::now);
         self.read += n as u64;
         if self.read >= self.next_check {
             self.next_check = self.read + CHECK_EVERY;
+            let now = Instant::now();
             let secs = now.duration_since(since).as_secs_f64();
             let bytes = (self.read - self.since_read) as f64;
             self.since = Some(now);
@@ -215,7 +225,7 @@ impl RecvBuffer {
         let Some(want) = recv_target(path.min_rtt, rate, recv_ceiling()) else {
             return;
         };
-        if self.set > 0 && want < self.set + self.set / 4 && want > self.set - self.set / 4 {
+        if !worth_changing(self.set, want) {
             return;
         }
         if SockRef::from(sock).set_recv_buffer_size(want).is_ok() {
@@ -275,8 +285,7 @@ impl SendBuffer {
         let Some(want) = target(path, ceiling()) else {
             return;
         };
-        // Within a quarter of what is set: not worth a system call.
-        if self.set > 0 && want < self.set + self.set / 4 && want > self.set - self.set / 4 {
+        if !worth_changing(self.set, want) {
             return;
         }
         if SockRef::from(sock).set_send_buffer_size(want).is_ok() {
@@ -381,7 +390,10 @@ mod tests {
         // Loopback at 1.5 GB/s: the floor.
         assert_eq!(recv_target(us(5), 1.5e9, 4 << 20), Some(RECV_FLOOR));
         // 10 Gbit/s over 50 µs: four bandwidth-delay products.
-        assert_eq!(recv_target(us(50), 1.25e9, 4 << 20), Some(250_000.max(RECV_FLOOR)));
+        assert_eq!(
+            recv_target(us(50), 1.25e9, 4 << 20),
+            Some(250_000.max(RECV_FLOOR))
+        );
         assert_eq!(recv_target(us(200), 1.25e9, 4 << 20), Some(1_000_000));
         // A path too long for the ceiling keeps the kernel's autotuning.
         assert_eq!(recv_target(us(1_000), 1e6, 4 << 20), None);
@@ -423,11 +435,18 @@ mod tests {
             }
             writer.join().unwrap();
             assert_eq!(seen_before_check, None, "not busy yet: the kernel's sizing");
-            (sizer.size(), SockRef::from(&rx).recv_buffer_size().unwrap(), before)
+            (
+                sizer.size(),
+                SockRef::from(&rx).recv_buffer_size().unwrap(),
+                before,
+            )
         };
         let (set, now, _) = run(true);
         let set = set.expect("taken over");
-        assert!((RECV_FLOOR..=4 << 20).contains(&set), "loopback needs little: {set}");
+        assert!(
+            (RECV_FLOOR..=4 << 20).contains(&set),
+            "loopback needs little: {set}"
+        );
         assert_eq!(now, 2 * set);
         let (set, _, _) = run(false);
         assert_eq!(set, None);
