@@ -455,9 +455,15 @@ impl AckBatch {
         }
     }
 
-    /// Resolves when a flush is due.
+    /// Resolves when a flush is due. One due already is not left to the
+    /// timer: tokio rounds deadlines up to its next millisecond tick, and an
+    /// urgent acknowledgement that waited for it would hold the sender's
+    /// buffer (and the pages it pins) that much longer.
     pub(crate) async fn due(&self) {
-        sleep_until_opt(self.flush_at).await
+        match self.flush_at {
+            Some(t) if t <= tokio::time::Instant::now() => {}
+            at => sleep_until_opt(at).await,
+        }
     }
 
     /// The Acks frames to send now; `delivered` gives a stream's ack if one
@@ -1629,6 +1635,27 @@ mod tests {
         acks.request(StreamId(3), AckDue::Now);
         acks.due().await;
         assert_eq!(t2.elapsed(), Duration::ZERO);
+    }
+
+    /// On the real clock an urgent flush is ready when first polled: it does
+    /// not wait for the timer's next millisecond tick while the peer's
+    /// buffer is full.
+    #[tokio::test]
+    async fn an_urgent_ack_does_not_wait_for_the_timer() {
+        // Whether a future is ready at its first poll.
+        async fn ready_at_once(f: impl std::future::Future<Output = ()>) -> bool {
+            let mut f = std::pin::pin!(f);
+            std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_ready())).await
+        }
+        let mut acks = AckBatch::default();
+        for round in 0..100 {
+            acks.request(StreamId(round), AckDue::Now);
+            assert!(ready_at_once(acks.due()).await, "round {round}: the flush waited for a tick");
+            assert_eq!(acks.take(true, |id| Some(Offset(id.0))).len(), 1);
+        }
+        // One not yet due still waits.
+        acks.request(StreamId(1), AckDue::Soon);
+        assert!(!ready_at_once(acks.due()).await);
     }
 
     /// Attaches a leg and returns the peer's end of it.
