@@ -19,7 +19,9 @@ RR_COUNT=${RR_COUNT:-20000}              # recorded round trips per rr test
 RR_WARMUP=${RR_WARMUP:-1000}             # unrecorded round trips first
 RR_CHUNK=${RR_CHUNK:-500}                # rr: the peers take turns, this many round trips each
 ROUNDS=${ROUNDS:-1}                      # repeat each test, report the median
-PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured; "splice" on request)
+PEERS=${PEERS:-"direct baton haproxy socat"} # what to measure ("direct" is always measured; "splice" and "baton-b" on request)
+BATON_B=${BATON_B:-}                     # peer baton-b: another build of baton (path to its binary; default: this one)
+BATON_B_CONFIG=${BATON_B_CONFIG:-}       # peer baton-b: top-level lines added to both its configs (e.g. 'replay_buffer = "1MiB"')
 BENCH_DIRECT_ONLY=${BENCH_DIRECT_ONLY:-0} # 1: same as PEERS=direct
 HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-}   # threads per HAProxy process (empty: one per core it may run on, as baton's runtime)
 SOCAT_BUF=${SOCAT_BUF:-8192}             # socat -b (8192 is socat's default)
@@ -36,6 +38,9 @@ ECHO_PORT=${BENCH_ECHO_PORT:-17000}          # baton-bench echo server
 GATEWAY_PORT=${BENCH_GATEWAY_PORT:-17700}    # gateway listen
 IPERF_VIA_PORT=${BENCH_IPERF_VIA_PORT:-15201} # client's listener for iperf
 ECHO_VIA_PORT=${BENCH_ECHO_VIA_PORT:-15000}   # client's listener for echo
+GATEWAY_B_PORT=${BENCH_GATEWAY_B_PORT:-17701}    # the same three for baton-b
+IPERF_VIA_B_PORT=${BENCH_IPERF_VIA_B_PORT:-15241}
+ECHO_VIA_B_PORT=${BENCH_ECHO_VIA_B_PORT:-15040}
 # The peers: first hop's listeners; the second hop listens on the next port.
 HAPROXY_IPERF_PORT=${BENCH_HAPROXY_IPERF_PORT:-15211} # and 15212
 HAPROXY_ECHO_PORT=${BENCH_HAPROXY_ECHO_PORT:-15010}   # and 15011
@@ -84,11 +89,17 @@ if [[ -z $HAPROXY_NBTHREAD ]]; then
     if [[ $PLACEMENT == hosts ]]; then HAPROXY_NBTHREAD=$((ncpu / 2)); else HAPROXY_NBTHREAD=$(nproc); fi
 fi
 for p in $PEERS; do
-    case $p in direct|baton|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton haproxy socat splice)" ;; esac
+    case $p in direct|baton|baton-b|haproxy|socat|splice) ;; *) die "unknown peer '$p' in PEERS (direct baton baton-b haproxy socat splice)" ;; esac
 done
+# baton-b is baton again, another build or configuration, measured in the same
+# rounds: an A/B comparison that the machine's drift between runs cannot blur.
+if has_peer baton-b; then
+    has_peer baton || die "PEERS: baton-b is compared with baton; add baton"
+    [[ -n $BATON_B || -n $BATON_B_CONFIG ]] || die "peer baton-b needs BATON_B (another baton binary) or BATON_B_CONFIG (config lines), or both"
+fi
 # Measurement order: direct first, then the relays.
 ORDER=(direct)
-for p in baton haproxy socat splice; do has_peer "$p" && ORDER+=("$p"); done
+for p in baton baton-b haproxy socat splice; do has_peer "$p" && ORDER+=("$p"); done
 
 # ---- peers ------------------------------------------------------------------
 as_root() {
@@ -131,6 +142,8 @@ if [[ $BENCH_SKIP_BUILD != 1 ]]; then
 fi
 [[ -x $BENCHBIN ]] || die "$BENCHBIN missing"
 ! has_peer baton || [[ -x $BATON ]] || die "$BATON missing"
+BATON_B=${BATON_B:-$BATON}
+! has_peer baton-b || [[ -x $BATON_B ]] || die "BATON_B: $BATON_B is not an executable"
 
 # ---- temp dir, processes, cleanup --------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench.XXXXXX")
@@ -239,6 +252,11 @@ if has_peer baton; then
     check_free "$IPERF_VIA_PORT" "baton client, iperf service" BENCH_IPERF_VIA_PORT
     check_free "$ECHO_VIA_PORT" "baton client, echo service" BENCH_ECHO_VIA_PORT
 fi
+if has_peer baton-b; then
+    check_free "$GATEWAY_B_PORT" "baton-b gateway" BENCH_GATEWAY_B_PORT
+    check_free "$IPERF_VIA_B_PORT" "baton-b client, iperf service" BENCH_IPERF_VIA_B_PORT
+    check_free "$ECHO_VIA_B_PORT" "baton-b client, echo service" BENCH_ECHO_VIA_B_PORT
+fi
 if has_peer haproxy; then
     check_free "$HAPROXY_IPERF_PORT" "haproxy hop 1, iperf" BENCH_HAPROXY_IPERF_PORT
     check_free $((HAPROXY_IPERF_PORT + 1)) "haproxy hop 2, iperf" BENCH_HAPROXY_IPERF_PORT
@@ -272,17 +290,24 @@ wait_port "$ECHO_PORT" echo 10
 declare -A IPERF_AT=([direct]=$IPERF_PORT) ECHO_AT=([direct]=$ECHO_PORT) RELAYS=([direct]="")
 
 # ---- baton ------------------------------------------------------------------
-if has_peer baton; then
-    keygen_out=$("$BATON" keygen laptop --out "$TMP/laptop.key") \
-        || die "baton keygen failed"
-    PUBKEY=$(printf '%s\n' "$keygen_out" | sed -n 's/^key = "\(.*\)"$/\1/p' | tail -n 1)
-    [[ -n $PUBKEY ]] || die "could not find 'key = \"...\"' in baton keygen output: $keygen_out"
+# start_baton PEER BINARY GATEWAY_PORT IPERF_PORT ECHO_PORT EXTRA: a gateway and
+# a client agent (processes "PEER-gateway" and "PEER-client"; for baton itself
+# "gateway" and "client"), EXTRA added at the top of both configs.
+start_baton() {
+    local peer=$1 bin=$2 gw_port=$3 iperf_port=$4 echo_port=$5 extra=$6
+    local pre="" keygen_out pubkey
+    [[ $peer == baton ]] || pre="$peer-"
+    keygen_out=$("$bin" keygen laptop --out "$TMP/${pre}laptop.key") \
+        || die "$peer: baton keygen failed"
+    pubkey=$(printf '%s\n' "$keygen_out" | sed -n 's/^key = "\(.*\)"$/\1/p' | tail -n 1)
+    [[ -n $pubkey ]] || die "could not find 'key = \"...\"' in baton keygen output: $keygen_out"
 
-    cat >"$TMP/gateway.toml" <<EOF
-listen = ["$HOST:$GATEWAY_PORT"]
+    cat >"$TMP/${pre}gateway.toml" <<EOF
+listen = ["$HOST:$gw_port"]
 inactivity_timeout = "5m"
 max_sessions = 100
 ${BATON_THREADS:+threads = $BATON_THREADS}
+$extra
 
 [services.iperf]
 target = "$HOST:$IPERF_PORT"
@@ -291,37 +316,40 @@ target = "$HOST:$IPERF_PORT"
 target = "$HOST:$ECHO_PORT"
 
 [clients.laptop]
-key = "$PUBKEY"
+key = "$pubkey"
 services = ["iperf", "echo"]
 EOF
 
     # The admin socket lives in the run's own directory so that concurrent
     # runs (or a real agent on this machine) do not collide on the default.
-    cat >"$TMP/client.toml" <<EOF
+    cat >"$TMP/${pre}client.toml" <<EOF
 id = "laptop"
-key_file = "laptop.key"
-admin = "$TMP/admin.sock"
+key_file = "${pre}laptop.key"
+admin = "$TMP/${pre}admin.sock"
 ${BATON_THREADS:+threads = $BATON_THREADS}
+$extra
 
 [gateways.bench]
-addresses = ["$HOST:$GATEWAY_PORT"]
+addresses = ["$HOST:$gw_port"]
 
 [services.iperf]
 gateway = "bench"
-listen = "$HOST:$IPERF_VIA_PORT"
+listen = "$HOST:$iperf_port"
 
 [services.echo]
 gateway = "bench"
-listen = "$HOST:$ECHO_VIA_PORT"
+listen = "$HOST:$echo_port"
 EOF
 
-    start gateway "${ON_SERVER[@]}" "$BATON" gateway -c "$TMP/gateway.toml"
-    wait_port "$GATEWAY_PORT" gateway "$BENCH_STARTUP_TIMEOUT"
-    start client "${ON_CLIENT[@]}" "$BATON" client -c "$TMP/client.toml"
-    wait_port "$IPERF_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
-    wait_port "$ECHO_VIA_PORT" client "$BENCH_STARTUP_TIMEOUT"
-    IPERF_AT[baton]=$IPERF_VIA_PORT ECHO_AT[baton]=$ECHO_VIA_PORT RELAYS[baton]="client gateway"
-fi
+    start "${pre}gateway" "${ON_SERVER[@]}" "$bin" gateway -c "$TMP/${pre}gateway.toml"
+    wait_port "$gw_port" "${pre}gateway" "$BENCH_STARTUP_TIMEOUT"
+    start "${pre}client" "${ON_CLIENT[@]}" "$bin" client -c "$TMP/${pre}client.toml"
+    wait_port "$iperf_port" "${pre}client" "$BENCH_STARTUP_TIMEOUT"
+    wait_port "$echo_port" "${pre}client" "$BENCH_STARTUP_TIMEOUT"
+    IPERF_AT[$peer]=$iperf_port ECHO_AT[$peer]=$echo_port RELAYS[$peer]="${pre}client ${pre}gateway"
+}
+has_peer baton && start_baton baton "$BATON" "$GATEWAY_PORT" "$IPERF_VIA_PORT" "$ECHO_VIA_PORT" ""
+has_peer baton-b && start_baton baton-b "$BATON_B" "$GATEWAY_B_PORT" "$IPERF_VIA_B_PORT" "$ECHO_VIA_B_PORT" "$BATON_B_CONFIG"
 
 # ---- HAProxy: two processes, the first forwarding to the second -------------
 # TCP mode with splicing forced on in both directions (the kernel moves the
@@ -606,6 +634,12 @@ REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null || true) ]]; then REV="$REV (dirty)"; fi
 export STAMP REV BUSY_BEFORE DURATION RR_COUNT RR_WARMUP RR_CHUNK ROUNDS HAPROXY_NBTHREAD SOCAT_BUF BATON_THREADS
 export PLACEMENT CLIENT_CPUS SERVER_CPUS
+# baton-b's binary, for the tables' header.
+if has_peer baton-b; then
+    BATON_B_NAME=$BATON_B
+    [[ $BATON_B == "$BATON" ]] && BATON_B_NAME="the same as baton's"
+    export BATON_B_NAME BATON_B_CONFIG
+fi
 STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 MACHINE="$(nproc) cores, $(uname -sr)"
 # A peer left out of PEERS may not be installed: its version is then "?".
