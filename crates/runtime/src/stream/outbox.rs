@@ -31,6 +31,9 @@ pub(super) struct Outbox {
     ring: ReplayBuffer,
     piped: Option<Piped>,
     capacity: usize,
+    /// How much may be unconfirmed now: `capacity`, or less on a path that
+    /// needs less ([`set_window`](Self::set_window)).
+    window: usize,
     refused_at: Option<Instant>,
 }
 
@@ -47,6 +50,7 @@ impl Outbox {
             ring: ReplayBuffer::new(capacity),
             piped: None,
             capacity,
+            window: capacity,
             refused_at: None,
         }
     }
@@ -73,8 +77,15 @@ impl Outbox {
 
     /// Room left before backpressure.
     pub(super) fn free(&self) -> usize {
-        self.capacity
+        self.window
             .saturating_sub((self.end().0 - self.start().0) as usize)
+    }
+
+    /// Holds at most `window` unconfirmed bytes from now on (never more than
+    /// the capacity). Bytes already held beyond it stay, and nothing more is
+    /// taken until confirmations bring them under it.
+    pub(super) fn set_window(&mut self, window: usize) {
+        self.window = window.min(self.capacity);
     }
 
     /// Memory held for the direction: the ring, and the bytes the pipes
@@ -213,4 +224,34 @@ pub(super) enum AckError {
     /// A confirmation beyond anything sent: a peer bug.
     Replay(ReplayError),
     Io(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+    use super::*;
+
+    fn take(b: &mut Outbox, n: usize) {
+        let room = b.spare(n);
+        assert_eq!(room.len(), n);
+        room.fill(7);
+        b.commit(n);
+    }
+
+    #[test]
+    fn a_window_bounds_what_is_held_until_confirmations_free_room() {
+        let mut b = Outbox::new(1000);
+        assert_eq!(b.free(), 1000);
+        take(&mut b, 400);
+        assert_eq!(b.free(), 600);
+        // Smaller than what is held: nothing more is taken, nothing is lost.
+        b.set_window(300);
+        assert_eq!(b.free(), 0);
+        assert_eq!((b.start(), b.end()), (Offset(0), Offset(400)));
+        b.ack(Offset(200)).unwrap();
+        assert_eq!(b.free(), 100);
+        // Never beyond the buffer.
+        b.set_window(5000);
+        assert_eq!(b.free(), 800);
+    }
 }
