@@ -262,7 +262,7 @@ def main():
         "tests \"at N Gbit/s\": 8 streams paced by iperf3 -b to N in total; they measure cost, "
         "not throughput, and are left out of the throughput target",
     ]
-    if "baton-b" in os.environ.get("PEER_ORDER", "").split():
+    if "baton-b" in peers:
         context.append(
             f"baton-b: baton again, binary {env('BATON_B_NAME', '?')}"
             + (f", with {env('BATON_B_CONFIG')!r} in both configs" if env("BATON_B_CONFIG") else "")

@@ -418,7 +418,6 @@ mod tests {
                     sent += chunk.len();
                 }
             });
-            let before = SockRef::from(&rx).recv_buffer_size().unwrap();
             let mut sizer = RecvBuffer::new(enabled);
             let mut b = vec![0u8; 64 << 10];
             let mut got = 0usize;
@@ -435,20 +434,16 @@ mod tests {
             }
             writer.join().unwrap();
             assert_eq!(seen_before_check, None, "not busy yet: the kernel's sizing");
-            (
-                sizer.size(),
-                SockRef::from(&rx).recv_buffer_size().unwrap(),
-                before,
-            )
+            (sizer.size(), SockRef::from(&rx).recv_buffer_size().unwrap())
         };
-        let (set, now, _) = run(true);
+        let (set, now) = run(true);
         let set = set.expect("taken over");
         assert!(
             (RECV_FLOOR..=4 << 20).contains(&set),
             "loopback needs little: {set}"
         );
         assert_eq!(now, 2 * set);
-        let (set, _, _) = run(false);
+        let (set, _) = run(false);
         assert_eq!(set, None);
     }
 
