@@ -82,6 +82,11 @@ impl Moving {
         conn.into_std().map(Self)
     }
 
+    /// A connection no runtime has registered yet (it must be non-blocking).
+    pub(crate) fn from_std(conn: StdTcpStream) -> Self {
+        Self(conn)
+    }
+
     /// Registers the connection with the runtime this is called on.
     pub(crate) fn arrive(self) -> io::Result<TcpStream> {
         TcpStream::from_std(self.0)

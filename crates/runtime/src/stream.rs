@@ -173,6 +173,8 @@ pub(crate) struct StreamShared {
     pub(crate) taken: AtomicU64,
     /// Bytes of the outbound direction the peer confirmed.
     pub(crate) peer_acked: AtomicU64,
+    /// The furthest offset of the outbound direction handed to any leg.
+    sent_to: AtomicU64,
     /// Bytes sent a second time on a new leg.
     pub(crate) resent: AtomicU64,
     /// How the stream's bytes travel on its legs.
@@ -229,6 +231,18 @@ struct NewLeg {
     peer_has: Offset,
     cut: CancellationToken,
     start: LegStart,
+    halves: Halves,
+}
+
+/// Which directions a [`NewLeg`] serves. A leg resumed after a failure can
+/// be written before the peer's reply is read (see
+/// `client::open_leg`): its writer comes first, on a second descriptor of
+/// the same socket, and its reader once the reply is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halves {
+    Both,
+    Write,
+    Read,
 }
 
 impl StreamShared {
@@ -246,6 +260,7 @@ impl StreamShared {
             ack_requested: AtomicU8::new(0),
             taken: AtomicU64::new(0),
             peer_acked: AtomicU64::new(0),
+            sent_to: AtomicU64::new(0),
             resent: AtomicU64::new(0),
             compression: limits.compression,
             plain_out: AtomicU64::new(0),
@@ -289,6 +304,38 @@ impl StreamShared {
         start: LegStart,
         cut: CancellationToken,
     ) {
+        self.attach(leg, peer_has, start, cut, Halves::Both);
+    }
+
+    /// Hands a new leg's writing side to the stream before the peer has
+    /// answered: it starts at `peer_has`, which must be no later than what
+    /// the peer holds (the peer skips what it already delivered).
+    /// [`attach_reader`](Self::attach_reader) follows with the same socket
+    /// once the answer is read; cancelling `cut` ends both.
+    pub(crate) fn attach_writer(
+        &self,
+        leg: std::net::TcpStream,
+        peer_has: Offset,
+        start: LegStart,
+        cut: CancellationToken,
+    ) {
+        self.push_leg(Moving::from_std(leg), peer_has, start, cut, Halves::Write);
+    }
+
+    /// Hands the reading side of a leg whose writer
+    /// [`attach_writer`](Self::attach_writer) gave earlier.
+    pub(crate) fn attach_reader(&self, leg: TcpStream, cut: CancellationToken) {
+        self.attach(leg, Offset(0), LegStart::Rewind, cut, Halves::Read);
+    }
+
+    fn attach(
+        &self,
+        leg: TcpStream,
+        peer_has: Offset,
+        start: LegStart,
+        cut: CancellationToken,
+        halves: Halves,
+    ) {
         let leg = match Moving::leave(leg) {
             Ok(l) => l,
             Err(e) => {
@@ -297,6 +344,17 @@ impl StreamShared {
                 return;
             }
         };
+        self.push_leg(leg, peer_has, start, cut, halves);
+    }
+
+    fn push_leg(
+        &self,
+        leg: Moving,
+        peer_has: Offset,
+        start: LegStart,
+        cut: CancellationToken,
+        halves: Halves,
+    ) {
         // If the tasks are gone the stream is over; the leg just closes
         // with the stream.
         lock(&self.new_legs).push(NewLeg {
@@ -304,8 +362,16 @@ impl StreamShared {
             peer_has,
             cut,
             start,
+            halves,
         });
         self.legs_ready.notify_one();
+    }
+
+    /// Bytes handed to legs that the peer has not confirmed: the most it
+    /// may have received beyond its last acknowledgement.
+    pub(crate) fn sent_unconfirmed(&self) -> u64 {
+        let sent = self.sent_to.load(Ordering::Relaxed);
+        sent.saturating_sub(self.peer_acked.load(Ordering::Relaxed))
     }
 
     /// Starts measuring the longest delivery pause (at a switch).
@@ -614,13 +680,27 @@ pub(crate) async fn run(
                     peer_has,
                     cut,
                     start,
+                    halves,
                 } in arrived
                 {
                     match leg.arrive() {
                         Ok(leg) => {
                             let (r, w) = leg.into_split();
-                            let _ = shared.in_tx.send(InEvent::Leg(r, cut.clone()));
-                            let _ = shared.out_tx.send(OutEvent::Leg(w, peer_has, cut, start));
+                            if halves == Halves::Read {
+                                // The writer is on the other descriptor: this
+                                // one must not shut the socket's sending side.
+                                w.forget();
+                            } else {
+                                let _ = shared.out_tx.send(OutEvent::Leg(
+                                    w,
+                                    peer_has,
+                                    cut.clone(),
+                                    start,
+                                ));
+                            }
+                            if halves != Halves::Write {
+                                let _ = shared.in_tx.send(InEvent::Leg(r, cut));
+                            }
                         }
                         Err(e) => {
                             debug!(stream = %shared.id, "leg lost arriving on the stream's thread: {e}")
@@ -864,11 +944,17 @@ async fn outbound(
                 }
             },
             r = write_leg(&mut leg, &mut buf, shared), if want_write => {
-                if let Err(_e) = r {
-                    leg = None;
-                    // The next leg starts where the peer says: from the ring.
-                    buf.back_to_ring().map_err(DirError::Local)?;
-                    let _ = to_session.send(ToSession::LegLost(shared.id));
+                match (r, &leg) {
+                    (Ok(()), Some(l)) => {
+                        shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
+                    }
+                    (Ok(()), None) => {}
+                    (Err(_), _) => {
+                        leg = None;
+                        // The next leg starts where the peer says: from the ring.
+                        buf.back_to_ring().map_err(DirError::Local)?;
+                        let _ = to_session.send(ToSession::LegLost(shared.id));
+                    }
                 }
             }
             r = local.readable(), if !eof && buf.free() > 0 && can_read => {

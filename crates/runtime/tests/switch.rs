@@ -661,6 +661,38 @@ async fn messages_are_copied_and_bulk_is_spliced_to_the_application() {
     shutdown.cancel();
 }
 
+/// Relays UDP between the agent and the gateway at `upstream`, from
+/// `relay_addr` (the port of a TCP relay): the path probes must pass, or
+/// the decision engine would see the path fail and switch, which would give
+/// a stream a new leg by itself.
+async fn udp_passthrough(relay_addr: SocketAddr, upstream: SocketAddr) -> JoinHandle<()> {
+    use std::sync::{Arc, Mutex};
+    let down = tokio::net::UdpSocket::bind(relay_addr).await.unwrap();
+    let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    up.connect(upstream).await.unwrap();
+    let agent = Arc::new(Mutex::new(None));
+    tokio::spawn(async move {
+        let mut a = vec![0u8; 65536];
+        let mut b = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                r = down.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    *agent.lock().unwrap() = Some(from);
+                    let _ = up.send(&a[..n]).await;
+                }
+                r = up.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    let to = *agent.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = down.send_to(&b[..n], to).await;
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// A leg the gateway's side drops while the session's path works (a gateway
 /// worker being restarted drops connections it cannot pass on) is opened
 /// again: nothing else would give the stream a leg, since the control
@@ -677,35 +709,7 @@ async fn a_leg_dropped_on_a_working_path_is_opened_again() {
     let upstream = gw.local_addrs()[0];
     let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
-    // The path probes (UDP, same port) pass too: lost probes would make
-    // the decision engine switch, which would give the stream a leg anyway.
-    let udp_down = Arc::new(tokio::net::UdpSocket::bind(relay_addr).await.unwrap());
-    let udp_up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    udp_up.connect(upstream).await.unwrap();
-    let agent = Arc::new(std::sync::Mutex::new(None));
-    let udp_task = {
-        let (down, up, agent) = (udp_down.clone(), udp_up.clone(), agent.clone());
-        tokio::spawn(async move {
-            let mut a = vec![0u8; 65536];
-            let mut b = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    r = down.recv_from(&mut a) => {
-                        let Ok((n, from)) = r else { return };
-                        *agent.lock().unwrap() = Some(from);
-                        let _ = up.send(&a[..n]).await;
-                    }
-                    r = up.recv(&mut b) => {
-                        let Ok(n) = r else { return };
-                        let to = *agent.lock().unwrap();
-                        if let Some(to) = to {
-                            let _ = down.send_to(&b[..n], to).await;
-                        }
-                    }
-                }
-            }
-        })
-    };
+    let udp_task = udp_passthrough(relay_addr, upstream).await;
     let drop_next = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicUsize::new(0));
     let (drop_next2, dropped2) = (drop_next.clone(), dropped.clone());
@@ -751,4 +755,152 @@ async fn a_leg_dropped_on_a_working_path_is_opened_again() {
     relay_task.abort();
     udp_task.abort();
     shutdown.cancel();
+}
+
+/// After a leg fails, the agent writes its replacement at once, from the
+/// offset the gateway last confirmed, rather than a round trip later, once
+/// the gateway's reply says what it holds: on a long path that round trip
+/// was most of the pause the server saw. Between agent and gateway sits a
+/// relay that resets the stream's first leg on demand and holds back
+/// everything the gateway sends on the connection after it (the new leg's
+/// reply): the bytes the application writes meanwhile must still reach the
+/// server. Then the reply goes through and the stream carries on both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_resumed_leg_is_written_before_the_gateway_replies() {
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::{mpsc, Notify};
+    let shutdown = CancellationToken::new();
+    let k = key();
+    // An echo server that also reports what it receives.
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let server_task = tokio::spawn(async move {
+        let Ok((mut s, _)) = server.accept().await else {
+            return;
+        };
+        let mut b = [0u8; 4096];
+        while let Ok(n @ 1..) = s.read(&mut b).await {
+            if got_tx.send(b[..n].to_vec()).is_err() || s.write_all(&b[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let gw = data_gateway(server_addr, "", &k, &shutdown).await;
+    let upstream = gw.local_addrs()[0];
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let udp_task = udp_passthrough(relay_addr, upstream).await;
+    // The agent's connections in order: the control connection, the
+    // stream's first leg, the leg that replaces it.
+    let reset_first = CancellationToken::new();
+    let release = Arc::new(Notify::new());
+    let second_leg = Arc::new(Notify::new());
+    let relay_task = {
+        let (reset_first, release, second_leg) =
+            (reset_first.clone(), release.clone(), second_leg.clone());
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((mut down, _)) = relay.accept().await else {
+                    return;
+                };
+                if n == 2 {
+                    second_leg.notify_one();
+                }
+                let Ok(mut up) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (reset_first, release) = (reset_first.clone(), release.clone());
+                tokio::spawn(async move {
+                    match n {
+                        1 => {
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                                _ = reset_first.cancelled() => {
+                                    let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
+                                }
+                            }
+                        }
+                        2 => {
+                            let (mut dr, mut dw) = down.into_split();
+                            let (mut ur, mut uw) = up.into_split();
+                            let to_gateway = tokio::io::copy(&mut dr, &mut uw);
+                            let to_agent = async {
+                                release.notified().await;
+                                tokio::io::copy(&mut ur, &mut dw).await
+                            };
+                            let _ = tokio::join!(to_gateway, to_agent);
+                        }
+                        _ => {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    }
+                });
+            }
+        })
+    };
+    let client = data_client(relay_addr, "", k, &shutdown).await;
+    let mut app = TcpStream::connect(client.service_addr("data").unwrap())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    app.write_all(b"before ").await.unwrap();
+    server_got(&mut got_rx, &mut seen, b"before ", "through the first leg").await;
+    reset_first.cancel();
+    // Written once the old leg is gone: only the new one can carry it.
+    tokio::time::timeout(Duration::from_secs(5), second_leg.notified())
+        .await
+        .expect("the agent opened a new leg");
+    app.write_all(b"after ").await.unwrap();
+    server_got(
+        &mut got_rx,
+        &mut seen,
+        b"before after ",
+        "written on the new leg while its reply was held back",
+    )
+    .await;
+    release.notify_one();
+    app.write_all(b"more").await.unwrap();
+    server_got(
+        &mut got_rx,
+        &mut seen,
+        b"before after more",
+        "once the reply is through",
+    )
+    .await;
+    let mut back = vec![0u8; b"before after more".len()];
+    tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut back))
+        .await
+        .expect("the echo came back over the new leg")
+        .unwrap();
+    assert_eq!(&back[..], b"before after more");
+    relay_task.abort();
+    udp_task.abort();
+    server_task.abort();
+    shutdown.cancel();
+}
+
+/// Waits (at most 5 s) until what the server reported receiving, gathered
+/// in `seen`, ends with `want`.
+async fn server_got(
+    got: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    seen: &mut Vec<u8>,
+    want: &[u8],
+    what: &str,
+) {
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        while !seen.ends_with(want) {
+            match got.recv().await {
+                Some(b) => seen.extend(b),
+                None => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok() && seen.ends_with(want),
+        "{what}: the server got {:?}",
+        String::from_utf8_lossy(seen)
+    );
 }
