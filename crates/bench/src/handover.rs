@@ -19,7 +19,7 @@
 //! baton -p baton-bench`) unless `--baton` says otherwise.
 
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -500,34 +500,27 @@ fn run_one(
     let mut flows = Vec::with_capacity(2 * streams);
     for (i, (mobile, srv)) in pairs.iter().enumerate() {
         let seed = seed + ((i as u64) << 32);
-        flows.push(Flow::start(
-            srv.try_clone()?,
-            mobile.try_clone()?,
+        flows.push(FlowEnds {
+            from: srv.try_clone()?,
+            to: mobile.try_clone()?,
             seed,
-            Dir::Down,
-            pace,
-            chunk,
-            &stop,
-        ));
-        flows.push(Flow::start(
-            mobile.try_clone()?,
-            srv.try_clone()?,
+            dir: Dir::Down,
+        });
+        flows.push(FlowEnds {
+            from: mobile.try_clone()?,
+            to: srv.try_clone()?,
             seed,
-            Dir::Up,
-            pace,
-            chunk,
-            &stop,
-        ));
+            dir: Dir::Up,
+        });
     }
+    let traffic = Traffic::start(flows, pace, chunk, &stop)?;
     let warm = Instant::now();
     if mptcp {
         // The second subflow joins once data has flowed (the connection is then fully
         // established); it must be there before anything happens.
         if let Err(e) = wait_subflows(&bed, 2 * streams, Duration::from_secs(5)) {
             stop.store(true, Ordering::Relaxed);
-            for f in flows {
-                f.finish();
-            }
+            traffic.finish();
             return Err(e);
         }
     }
@@ -558,7 +551,7 @@ fn run_one(
         note = rig.switch_note();
     }
     stop.store(true, Ordering::Relaxed);
-    let received: Vec<(Dir, Received)> = flows.into_iter().map(|f| (f.dir, f.finish())).collect();
+    let received = traffic.finish();
     for (mobile, srv) in &pairs {
         let _ = mobile.shutdown(std::net::Shutdown::Both);
         let _ = srv.shutdown(std::net::Shutdown::Both);
@@ -743,11 +736,75 @@ fn wait_subflows(bed: &Bed, n: usize, limit: Duration) -> Result<()> {
     }
 }
 
-/// One direction of the application traffic: a paced sender and a checking receiver.
-struct Flow {
+/// One direction of one stream of the application traffic: the socket its paced sender
+/// writes and the one its checking receiver reads.
+struct FlowEnds {
+    from: TcpStream,
+    to: TcpStream,
+    seed: u64,
     dir: Dir,
-    sender: JoinHandle<io::Result<u64>>,
-    receiver: JoinHandle<Received>,
+}
+
+/// The application traffic of a run: every flow's sender and receiver are tasks of one
+/// thread, as in an event-driven application. (A thread each made 400 threads at 100
+/// streams, waking every 8 ms: together most of a core of the 2-core machines this runs on,
+/// taken from the systems measured.)
+struct Traffic {
+    thread: JoinHandle<Vec<(Dir, Received)>>,
+}
+
+impl Traffic {
+    fn start(
+        flows: Vec<FlowEnds>,
+        pace: f64,
+        chunk: usize,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Traffic> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("app-traffic".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut tasks = Vec::with_capacity(flows.len());
+                    for f in flows {
+                        let (s1, s2) = (stop.clone(), stop.clone());
+                        let sender =
+                            tokio::spawn(send_paced(f.from, f.seed, f.dir, pace, chunk, s1));
+                        let receiver = tokio::spawn(receive(f.to, f.seed, f.dir, s2));
+                        tasks.push((f.dir, sender, receiver));
+                    }
+                    let mut out = Vec::with_capacity(tasks.len());
+                    for (dir, sender, receiver) in tasks {
+                        let mut r = receiver.await.unwrap_or_else(|_| Received {
+                            times: Vec::new(),
+                            mismatch: None,
+                            error: Some("receiver panicked".into()),
+                        });
+                        match sender.await {
+                            Ok(Err(e)) => {
+                                r.error.get_or_insert_with(|| format!("sender: {e}"));
+                            }
+                            Err(_) => {
+                                r.error.get_or_insert_with(|| "sender panicked".into());
+                            }
+                            Ok(Ok(_)) => {}
+                        }
+                        out.push((dir, r));
+                    }
+                    out
+                })
+            })?;
+        Ok(Traffic { thread })
+    }
+
+    /// What each flow's receiver saw, in the order the flows were given; call once the
+    /// stop flag is set.
+    fn finish(self) -> Vec<(Dir, Received)> {
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 /// What a receiver saw.
@@ -782,51 +839,21 @@ impl Received {
     }
 }
 
-impl Flow {
-    fn start(
-        from: TcpStream,
-        to: TcpStream,
-        seed: u64,
-        dir: Dir,
-        pace: f64,
-        chunk: usize,
-        stop: &Arc<AtomicBool>,
-    ) -> Flow {
-        let s = stop.clone();
-        let sender = std::thread::spawn(move || send_paced(from, seed, dir, pace, chunk, &s));
-        let s = stop.clone();
-        let receiver = std::thread::spawn(move || receive(to, seed, dir, &s));
-        Flow {
-            dir,
-            sender,
-            receiver,
-        }
-    }
+/// How long a sender or receiver waits before it looks at the stop flag again.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
-    fn finish(self) -> Received {
-        let sent = self.sender.join();
-        let mut r = self.receiver.join().unwrap_or_else(|_| Received {
-            times: Vec::new(),
-            mismatch: None,
-            error: Some("receiver panicked".into()),
-        });
-        if let Ok(Err(e)) = sent {
-            r.error.get_or_insert_with(|| format!("sender: {e}"));
-        }
-        r
-    }
-}
-
-fn send_paced(
-    mut s: TcpStream,
+async fn send_paced(
+    s: TcpStream,
     seed: u64,
     dir: Dir,
     pace: f64,
     chunk: usize,
-    stop: &AtomicBool,
+    stop: Arc<AtomicBool>,
 ) -> io::Result<u64> {
-    s.set_write_timeout(Some(Duration::from_millis(100)))?;
+    use tokio::io::AsyncWriteExt as _;
     let _ = s.set_nodelay(true);
+    s.set_nonblocking(true)?;
+    let mut s = tokio::net::TcpStream::from_std(s)?;
     let mut pattern = Pattern::new(seed, dir);
     let mut buf = vec![0u8; chunk];
     let (mut off, mut len) = (0, 0);
@@ -837,63 +864,60 @@ fn send_paced(
             let due = start + Duration::from_secs_f64(sent as f64 / pace);
             let now = Instant::now();
             if due > now {
-                std::thread::sleep((due - now).min(Duration::from_millis(100)));
+                tokio::time::sleep((due - now).min(STOP_POLL)).await;
                 continue;
             }
             pattern.fill(&mut buf);
             (off, len) = (0, buf.len());
         }
-        match s.write(&buf[off..len]) {
-            Ok(n) => {
+        match tokio::time::timeout(STOP_POLL, s.write(&buf[off..len])).await {
+            Ok(Ok(n)) => {
                 off += n;
                 sent += n as u64;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {}
         }
     }
     Ok(sent)
 }
 
-fn receive(mut s: TcpStream, seed: u64, dir: Dir, stop: &AtomicBool) -> Received {
+async fn receive(s: TcpStream, seed: u64, dir: Dir, stop: Arc<AtomicBool>) -> Received {
+    use tokio::io::AsyncReadExt as _;
     let mut r = Received {
         times: Vec::with_capacity(4096),
         mismatch: None,
         error: None,
     };
-    if let Err(e) = s.set_read_timeout(Some(Duration::from_millis(100))) {
-        r.error = Some(e.to_string());
-        return r;
-    }
+    let s = s
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(s));
+    let mut s = match s {
+        Ok(s) => s,
+        Err(e) => {
+            r.error = Some(e.to_string());
+            return r;
+        }
+    };
     let mut checker = Checker::new(seed, dir);
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::Relaxed) {
-        match s.read(&mut buf) {
-            Ok(0) => {
+        match tokio::time::timeout(STOP_POLL, s.read(&mut buf)).await {
+            Ok(Ok(0)) => {
                 r.error = Some("closed by the peer".into());
                 break;
             }
-            Ok(n) => {
+            Ok(Ok(n)) => {
                 r.times.push(Instant::now());
                 checker.check(&buf[..n]);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => {
                 r.error = Some(e.to_string());
                 break;
             }
+            Err(_) => {}
         }
     }
     r.mismatch = checker.first_mismatch;
