@@ -1809,7 +1809,7 @@ async fn open_leg(
     // Until the reply is verified, failing ends the writer too.
     let writer_guard = early_writer.map(|w| {
         let confirmed = Offset(s.shared.peer_acked.load(Ordering::Relaxed));
-        debug!(stream = %s.shared.id, generation, from = confirmed.0, "leg written before its reply");
+        debug!(stream = %s.shared.id, generation, from = confirmed.0, unconfirmed = s.shared.sent_unconfirmed(), "leg written before its reply");
         s.shared.attach_writer(w, confirmed, start, cut.clone());
         cut.clone().drop_guard()
     });

@@ -833,6 +833,7 @@ impl OutLeg {
             None => {
                 self.at = self.at.advance(n);
                 shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
+                shared.sent_to.fetch_max(self.at.0, Ordering::Relaxed);
             }
         }
     }
@@ -944,17 +945,11 @@ async fn outbound(
                 }
             },
             r = write_leg(&mut leg, &mut buf, shared), if want_write => {
-                match (r, &leg) {
-                    (Ok(()), Some(l)) => {
-                        shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
-                    }
-                    (Ok(()), None) => {}
-                    (Err(_), _) => {
-                        leg = None;
-                        // The next leg starts where the peer says: from the ring.
-                        buf.back_to_ring().map_err(DirError::Local)?;
-                        let _ = to_session.send(ToSession::LegLost(shared.id));
-                    }
+                if let Err(_e) = r {
+                    leg = None;
+                    // The next leg starts where the peer says: from the ring.
+                    buf.back_to_ring().map_err(DirError::Local)?;
+                    let _ = to_session.send(ToSession::LegLost(shared.id));
                 }
             }
             r = local.readable(), if !eof && buf.free() > 0 && can_read => {
@@ -1099,6 +1094,7 @@ async fn write_leg(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             l.at = l.at.advance(n);
+            shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
             let set = l.sndbuf.written(sock, n);
             shared.leg_sndbuf.store(set, Ordering::Relaxed);
             shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -1118,6 +1114,7 @@ async fn write_leg(
                 z.compress(plain)?;
                 *chunk_at = l.at;
                 l.at = l.at.advance(plain.len());
+                shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
                 shared
                     .plain_out
                     .fetch_add(plain.len() as u64, Ordering::Relaxed);
@@ -2083,5 +2080,80 @@ mod tests {
         assert_eq!(&got[..8], &4500u64.to_be_bytes());
         assert_eq!(&got[8..], &pattern(4500, 6000)[..]);
         assert_eq!(s.resent.load(Ordering::Relaxed), 1500);
+    }
+
+    /// What a stream handed to legs and the peer did not confirm is
+    /// counted whichever way it was written (straight after the
+    /// application's read, or by the leg's writer for a bulk read): it
+    /// bounds what a leg written before the peer's reply sends twice.
+    #[tokio::test]
+    async fn bytes_sent_and_unconfirmed_are_counted_on_every_write_path() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let (mine, mut peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        app.write_all(&pattern(0, 5000)).await.unwrap();
+        let mut got = vec![0; 8 + 5000];
+        peer.read_exact(&mut got).await.unwrap();
+        assert!(
+            eventually(|| s.sent_unconfirmed() == 5000).await,
+            "{}",
+            s.sent_unconfirmed()
+        );
+        s.out_tx.send(OutEvent::Ack(Offset(3000))).unwrap();
+        assert!(
+            eventually(|| s.sent_unconfirmed() == 2000).await,
+            "{}",
+            s.sent_unconfirmed()
+        );
+        let big = pattern(5000, 5000 + (600 << 10));
+        let (w, r) = tokio::join!(app.write_all(&big), async {
+            let mut got = vec![0; big.len()];
+            peer.read_exact(&mut got).await.map(|_| got)
+        });
+        w.unwrap();
+        assert!(r.unwrap() == big);
+        let want = 2000 + (600 << 10);
+        assert!(
+            eventually(|| s.sent_unconfirmed() == want).await,
+            "{} != {want}",
+            s.sent_unconfirmed()
+        );
+    }
+
+    /// A leg's writer handed over before its reader (a leg written before
+    /// the peer's reply): the writer starts at the offset given, the reader
+    /// comes later on the same socket, and handing it over does not end
+    /// the writing side.
+    #[tokio::test]
+    async fn a_leg_writer_handed_over_before_its_reader_keeps_writing() {
+        let (mut app, s, _rx, _task) = receiver().await;
+        let (mine, mut peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        app.write_all(&pattern(0, 3000)).await.unwrap();
+        let mut got = vec![0; 8 + 3000];
+        peer.read_exact(&mut got).await.unwrap();
+        // A new leg: its writer first, from 1000 (the peer confirmed no more).
+        let (mine, mut peer) = pair().await;
+        let mine = mine.into_std().unwrap();
+        let writer = mine.try_clone().unwrap();
+        let cut = CancellationToken::new();
+        s.attach_writer(writer, Offset(1000), LegStart::Rewind, cut.clone());
+        app.write_all(&pattern(3000, 4000)).await.unwrap();
+        let mut got = vec![0; 8 + 3000];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], &1000u64.to_be_bytes());
+        assert_eq!(&got[8..], &pattern(1000, 4000)[..]);
+        // Then its reader: the peer's bytes reach the application.
+        s.attach_reader(TcpStream::from_std(mine).unwrap(), cut);
+        peer.write_all(&0u64.to_be_bytes()).await.unwrap();
+        peer.write_all(b"hello").await.unwrap();
+        let mut hello = [0u8; 5];
+        app.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello");
+        // And the writer still writes.
+        app.write_all(&pattern(4000, 4500)).await.unwrap();
+        let mut got = vec![0; 500];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, pattern(4000, 4500));
     }
 }
