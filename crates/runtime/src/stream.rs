@@ -367,6 +367,15 @@ impl StreamShared {
         self.legs_ready.notify_one();
     }
 
+    /// A leg was handed the bytes before `to`. Called by the outbound
+    /// direction only, so a plain store does (no locked instruction on
+    /// every write).
+    fn sent(&self, to: Offset) {
+        if to.0 > self.sent_to.load(Ordering::Relaxed) {
+            self.sent_to.store(to.0, Ordering::Relaxed);
+        }
+    }
+
     /// Bytes handed to legs that the peer has not confirmed: the most it
     /// may have received beyond its last acknowledgement.
     pub(crate) fn sent_unconfirmed(&self) -> u64 {
@@ -833,7 +842,7 @@ impl OutLeg {
             None => {
                 self.at = self.at.advance(n);
                 shared.plain_out.fetch_add(n as u64, Ordering::Relaxed);
-                shared.sent_to.fetch_max(self.at.0, Ordering::Relaxed);
+                shared.sent(self.at);
             }
         }
     }
@@ -1094,7 +1103,7 @@ async fn write_leg(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             l.at = l.at.advance(n);
-            shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
+            shared.sent(l.at);
             let set = l.sndbuf.written(sock, n);
             shared.leg_sndbuf.store(set, Ordering::Relaxed);
             shared.wire_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -1114,7 +1123,7 @@ async fn write_leg(
                 z.compress(plain)?;
                 *chunk_at = l.at;
                 l.at = l.at.advance(plain.len());
-                shared.sent_to.fetch_max(l.at.0, Ordering::Relaxed);
+                shared.sent(l.at);
                 shared
                     .plain_out
                     .fetch_add(plain.len() as u64, Ordering::Relaxed);
