@@ -2043,18 +2043,25 @@ mod tests {
         f()
     }
 
+    /// Gives the stream its first leg and has the application send `n`
+    /// bytes through it; returns the leg's far end, past those bytes.
+    async fn first_leg(s: &StreamShared, app: &mut TcpStream, n: u64) -> TcpStream {
+        let (mine, mut peer) = pair().await;
+        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
+        app.write_all(&pattern(0, n)).await.unwrap();
+        let mut got = vec![0; 8 + n as usize];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..8], &0u64.to_be_bytes());
+        assert_eq!(&got[8..], &pattern(0, n)[..]);
+        peer
+    }
+
     /// The writer: after a planned switch it goes on where the old leg
     /// stopped; after a failure it rewinds to what the peer has.
     #[tokio::test]
     async fn the_writer_continues_on_a_planned_switch_and_rewinds_otherwise() {
         let (mut app, s, _rx, _task) = receiver().await;
-        let (mine, mut old) = pair().await;
-        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
-        app.write_all(&pattern(0, 5000)).await.unwrap();
-        let mut got = vec![0; 8 + 5000];
-        old.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got[..8], &0u64.to_be_bytes());
-        assert_eq!(&got[8..], &pattern(0, 5000)[..]);
+        let mut old = first_leg(&s, &mut app, 5000).await;
 
         // Planned: the peer reports 3000 delivered, but the old leg is good
         // and has carried up to 5000, so the new leg starts at 5000.
@@ -2098,11 +2105,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_sent_and_unconfirmed_are_counted_on_every_write_path() {
         let (mut app, s, _rx, _task) = receiver().await;
-        let (mine, mut peer) = pair().await;
-        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
-        app.write_all(&pattern(0, 5000)).await.unwrap();
-        let mut got = vec![0; 8 + 5000];
-        peer.read_exact(&mut got).await.unwrap();
+        let mut peer = first_leg(&s, &mut app, 5000).await;
         assert!(
             eventually(|| s.sent_unconfirmed() == 5000).await,
             "{}",
@@ -2136,11 +2139,7 @@ mod tests {
     #[tokio::test]
     async fn a_leg_writer_handed_over_before_its_reader_keeps_writing() {
         let (mut app, s, _rx, _task) = receiver().await;
-        let (mine, mut peer) = pair().await;
-        s.attach_leg(mine, Offset(0), LegStart::Rewind, CancellationToken::new());
-        app.write_all(&pattern(0, 3000)).await.unwrap();
-        let mut got = vec![0; 8 + 3000];
-        peer.read_exact(&mut got).await.unwrap();
+        first_leg(&s, &mut app, 3000).await;
         // A new leg: its writer first, from 1000 (the peer confirmed no more).
         let (mine, mut peer) = pair().await;
         let mine = mine.into_std().unwrap();
