@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use baton_netbed::Host;
+use baton_netbed::{Bed, Host};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,6 +117,22 @@ async fn wlan_link_down_switches_to_lte() {
         let mut rig = Rig::start("linkdown", Options::default()).await;
         let app = rig.start_exchange(12, 5 * MIB, 2 * MIB);
         rig.wait_received(MIB).await;
+        // The agent fetched the gateway's TCP Fast Open cookie for lte when it
+        // first probed it, so the leg that moves there opens in one round trip.
+        let lte_source = format!("source {}", rig.bed.mobile_addr(Link::Lte));
+        let has_cookie = |bed: &Bed| {
+            let out = bed.exec(Host::Mobile, &["ip", "tcp_metrics", "show"]).unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.contains("fo_cookie") && l.ends_with(&lte_source))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_cookie(&rig.bed) {
+            assert!(Instant::now() < deadline, "no fast open cookie for lte");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let fast_opened = |bed: &Bed| bed.tcp_ext_counter(Host::Server, "TCPFastOpenPassive").unwrap();
+        let fast_before = fast_opened(&rig.bed);
         let cut = Instant::now();
         rig.bed.link_down(Link::Wlan).unwrap();
         let st = rig
@@ -145,6 +161,11 @@ async fn wlan_link_down_switches_to_lte() {
             "wlan is not usable any more: {st}"
         );
         rig.finish_exchange(app, Duration::from_secs(30)).await;
+        let fast_after = fast_opened(&rig.bed);
+        assert!(
+            fast_after > fast_before,
+            "the stream's leg on lte came by fast open (gateway's TCPFastOpenPassive {fast_before} → {fast_after})"
+        );
 
         tokio::time::sleep(Duration::from_secs(2)).await;
         let sw = rig.switches();

@@ -320,7 +320,10 @@ impl Bed {
                     settings.push(("ipv4/conf/all/promote_secondaries", "1"));
                     settings.push(("ipv4/conf/default/promote_secondaries", "1"));
                 }
-                Host::Server | Host::Lan => {}
+                // As baton's gateway hosts are told to: data in SYNs accepted
+                // (TCP Fast Open), which only clients that ask for it use.
+                Host::Server => settings.push(("ipv4/tcp_fastopen", "3")),
+                Host::Lan => {}
             }
             self.in_ns(host, || -> io::Result<()> {
                 for (key, value) in settings {
@@ -553,6 +556,23 @@ link set lo up
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.ns(host), program]);
         cmd
+    }
+
+    /// A counter of the kernel's TCP statistics in `host`'s namespace
+    /// (`TcpExt` of `/proc/net/netstat`), e.g. `TCPFastOpenPassive`.
+    pub fn tcp_ext_counter(&self, host: Host, name: &str) -> io::Result<u64> {
+        let out = self.exec(host, &["cat", "/proc/net/netstat"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            return Err(io::Error::other("no TcpExt lines in /proc/net/netstat"));
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no counter TcpExt {name}")))
     }
 
     /// Runs `args` in the host's namespace and waits (at most 30 s) for its output.

@@ -2,17 +2,18 @@
 //! interface table ([`iface`]); connections out of a chosen interface
 //! ([`bind`]). Linux only.
 
-// Unsafe only where a socket option has no safe wrapper (`sndbuf`).
+// Unsafe only where a socket option has no safe wrapper (`sndbuf`, `fastopen`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bind;
+pub mod fastopen;
 pub mod handoff;
 pub mod iface;
 pub mod pipe;
 pub mod sndbuf;
 
-pub use bind::connect_via;
+pub use bind::{connect_via, connect_via_fast_open};
 pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 pub use pipe::{open_pipes, pipe_budget, PipeReplay, SplicePipe};

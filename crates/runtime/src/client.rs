@@ -1765,7 +1765,10 @@ async fn open_leg(
 ) -> Result<(), LegError> {
     let route = lock(&core.route).clone();
     let timeout = shared.config.connect_timeout;
-    let mut leg = connect_via(route.gateway_addr, &route.path, timeout)
+    // By Fast Open: with the gateway's cookie for this path (fetched when
+    // the path was first probed) the preamble rides in the SYN, and the
+    // gateway answers a round trip sooner.
+    let mut leg = connect_via(route.gateway_addr, &route.path, timeout, true)
         .await
         .map_err(|e| {
             LegError::Path(format!(

@@ -204,6 +204,24 @@ impl Drop for Prober {
     }
 }
 
+/// Has the kernel ask the gateway at `target` for a TCP Fast Open cookie
+/// for `path`, if it holds none, so that the legs that move to the path
+/// after a failure carry their preambles in their SYNs. A connection with a
+/// cookie is opened without a packet sent, and closed as such; without one,
+/// it is one handshake, closed before its first byte.
+fn fetch_fast_open_cookie(path: &Path, target: SocketAddr) {
+    let path = path.clone();
+    tokio::spawn(async move {
+        let r = crate::path::connect_via(target, &path, COOKIE_TIMEOUT, true).await;
+        if let Err(e) = r {
+            tracing::debug!(path = %path.name, %target, "no fast open cookie fetched: {e}");
+        }
+    });
+}
+
+/// How long fetching a Fast Open cookie may take.
+const COOKIE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn probe_socket(path: &Path, target: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = Socket::new(
         Domain::for_address(target),
@@ -395,6 +413,7 @@ pub(crate) async fn run(
                 };
                 match probe_socket(&path, target) {
                     Ok(sock) => {
+                        fetch_fast_open_cookie(&path, target);
                         let sock = Arc::new(sock);
                         let (r, tx, k, key2) =
                             (sock.clone(), reply_tx.clone(), key.clone(), leg_key.clone());

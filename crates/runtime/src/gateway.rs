@@ -134,7 +134,7 @@ impl Shared {
 
     /// Listens on `addr`, sharing the port with the other workers if any.
     fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        baton_os::listen_shared(addr, self.shares_ports())
+        listen(addr, self.shares_ports())
     }
 }
 
@@ -228,7 +228,7 @@ impl Gateway {
         }
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = baton_os::listen_shared(*addr, handoff.is_some()).map_err(|e| {
+            let l = listen(*addr, handoff.is_some()).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
             listeners.push(l);
@@ -294,6 +294,13 @@ impl Gateway {
             }
         });
         info!(addrs = ?local_addrs, "gateway listening");
+        if baton_os::fastopen::server_enabled() == Some(false) {
+            info!(
+                "TCP Fast Open is off for incoming connections (net.ipv4.tcp_fastopen \
+                 lacks 2): a client's new legs take a round trip more after a network \
+                 change; `sysctl net.ipv4.tcp_fastopen=3` turns it on"
+            );
+        }
         Ok(Self {
             shared,
             local_addrs,
@@ -379,6 +386,17 @@ fn bind_udp(
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     tokio::net::UdpSocket::from_std(s.into())
+}
+
+/// Listens on `addr` (sharing the port with the other workers if
+/// `share_port`), taking the first bytes of a new leg in its SYN (TCP Fast
+/// Open) where the host allows it.
+fn listen(addr: SocketAddr, share_port: bool) -> std::io::Result<TcpListener> {
+    let l = baton_os::listen_shared(addr, share_port)?;
+    if let Err(e) = baton_os::fastopen::accept_fast_open(&l, baton_os::LISTEN_BACKLOG) {
+        warn!(%addr, "cannot enable TCP Fast Open: {e}");
+    }
+    Ok(l)
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {

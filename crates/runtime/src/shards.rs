@@ -189,7 +189,11 @@ mod tests {
         }
         let handed_at = passes.load(Ordering::Relaxed);
         let last = (0..HANDED)
-            .map(|_| done_rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .map(|_| {
+                done_rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .unwrap()
+            })
             .max()
             .unwrap();
         stop.store(true, Ordering::Relaxed);

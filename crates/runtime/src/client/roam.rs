@@ -266,7 +266,7 @@ async fn dial(
     timeout: Duration,
 ) -> Result<(TcpStream, Path, Duration), String> {
     let began = Instant::now();
-    match connect_via(target, &path, timeout).await {
+    match connect_via(target, &path, timeout, false).await {
         Ok(s) => Ok((s, path, began.elapsed())),
         Err(e) => Err(format!("via {}: {e}", path.name)),
     }
