@@ -42,7 +42,8 @@ pub async fn connect_via(
 /// kernel holds a cookie from `dest` for this source address, the
 /// connection is returned at once, and its first write leaves in the SYN;
 /// a failure to reach `dest` then shows on the first read or write, not
-/// here. Without a cookie this connects as usual and asks for one.
+/// here. Without a cookie this connects as usual and asks for one; where
+/// the host does not let clients use Fast Open, it connects as usual.
 pub async fn connect_via_fast_open(
     dest: SocketAddr,
     device: Option<&str>,
@@ -60,9 +61,10 @@ async fn connect(
     fast_open: bool,
 ) -> io::Result<TcpStream> {
     let socket = prepare(dest, device, source)?;
+    // Where the host turned Fast Open off for clients (`net.ipv4.tcp_fastopen`
+    // without bit 1) the option is refused: connect as usual then.
     if fast_open {
-        setsockopt(&socket, TcpFastOpenConnect, &true)
-            .map_err(|e| context(io::Error::from(e), "set TCP_FASTOPEN_CONNECT".into()))?;
+        let _ = setsockopt(&socket, TcpFastOpenConnect, &true);
     }
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(timeout, socket.connect(dest)).await {
