@@ -1980,11 +1980,29 @@ mod tests {
         }
     }
 
+    /// Reads until `got` holds `want` bytes (a sender starved on a busy
+    /// machine may pause longer than a quiet spell), then until quiet, so
+    /// that anything sent beyond `want` is in `got` too.
+    async fn read_at_least(peer: &mut TcpStream, got: &mut Vec<u8>, want: usize) {
+        let mut chunk = vec![0; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < want {
+            let n = tokio::time::timeout_at(deadline, peer.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("{} of {want} bytes came", got.len()))
+                .unwrap();
+            assert!(n > 0, "the leg closed");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        read_until_quiet(peer, got).await;
+    }
+
     /// A sender with an 8 MiB replay buffer whose application offers 6 MiB,
     /// and a peer that reads all the leg brings and confirms nothing: how
     /// many bytes the stream sends before it stops taking the application's,
-    /// and how many in all once the peer confirmed the first MiB.
-    async fn sent_unconfirmed(size_send_buffers: bool) -> (usize, usize) {
+    /// and how many in all once the peer confirmed the first MiB (read until
+    /// at least `expect` of each has come, and then until quiet).
+    async fn sent_unconfirmed(size_send_buffers: bool, expect: (usize, usize)) -> (usize, usize) {
         let (app, local) = pair().await;
         let limits = StreamLimits {
             replay_buffer: 8 << 20,
@@ -2002,10 +2020,10 @@ mod tests {
             app_w
         });
         let mut got = Vec::new();
-        read_until_quiet(&mut peer, &mut got).await;
+        read_at_least(&mut peer, &mut got, 8 + expect.0).await;
         let first = got.len() - 8;
         s.out_tx.send(OutEvent::Ack(Offset(1 << 20))).unwrap();
-        read_until_quiet(&mut peer, &mut got).await;
+        read_at_least(&mut peer, &mut got, 8 + expect.1).await;
         let then = got.len() - 8;
         assert_eq!(&got[..8], &0u64.to_be_bytes());
         assert!(
@@ -2022,14 +2040,11 @@ mod tests {
     /// whole replay buffer; with the kernel's sizing it uses the buffer.
     #[tokio::test]
     async fn a_short_path_keeps_a_small_window_unconfirmed() {
-        let (first, then) = sent_unconfirmed(true).await;
-        assert_eq!(first, SHORT_PATH_WINDOW, "sent before any confirmation");
-        assert_eq!(
-            then,
-            SHORT_PATH_WINDOW + (1 << 20),
-            "sent after 1 MiB was confirmed"
-        );
-        let (first, then) = sent_unconfirmed(false).await;
+        let short = (SHORT_PATH_WINDOW, SHORT_PATH_WINDOW + (1 << 20));
+        let (first, then) = sent_unconfirmed(true, short).await;
+        assert_eq!(first, short.0, "sent before any confirmation");
+        assert_eq!(then, short.1, "sent after 1 MiB was confirmed");
+        let (first, then) = sent_unconfirmed(false, (6 << 20, 6 << 20)).await;
         assert_eq!((first, then), (6 << 20, 6 << 20));
     }
 
