@@ -35,25 +35,17 @@ pub async fn connect_via(
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    connect(dest, device, source, timeout, false).await
+    connect_via_with(dest, device, source, timeout, false).await
 }
 
-/// [`connect_via`] with TCP Fast Open (`TCP_FASTOPEN_CONNECT`): where the
-/// kernel holds a cookie from `dest` for this source address, the
-/// connection is returned at once, and its first write leaves in the SYN;
-/// a failure to reach `dest` then shows on the first read or write, not
-/// here. Without a cookie this connects as usual and asks for one; where
-/// the host does not let clients use Fast Open, it connects as usual.
-pub async fn connect_via_fast_open(
-    dest: SocketAddr,
-    device: Option<&str>,
-    source: Option<IpAddr>,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    connect(dest, device, source, timeout, true).await
-}
-
-async fn connect(
+/// [`connect_via`], with TCP Fast Open (`TCP_FASTOPEN_CONNECT`) if
+/// `fast_open`: where the kernel holds a cookie from `dest` for this source
+/// address, the connection is returned at once, and its first write leaves
+/// in the SYN; a failure to reach `dest` then shows on the first read or
+/// write, not here. Without a cookie this connects as usual and asks for
+/// one; where the host does not let clients use Fast Open, it connects as
+/// usual.
+pub async fn connect_via_with(
     dest: SocketAddr,
     device: Option<&str>,
     source: Option<IpAddr>,

@@ -4,7 +4,7 @@
 //! once the preamble is in: without Fast Open that is one and a half round
 //! trips of the new path after the agent starts, with it half of one. The
 //! agent needs a cookie from the gateway for its source address first: a
-//! connection opened with [`crate::connect_via_fast_open`] asks for one
+//! connection opened with [`crate::connect_via_with`] asks for one
 //! when the kernel holds none, and the agent opens one on every path it
 //! probes, so that the first leg after a failure already has it.
 //!

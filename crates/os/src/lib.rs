@@ -13,7 +13,7 @@ pub mod iface;
 pub mod pipe;
 pub mod sndbuf;
 
-pub use bind::{connect_via, connect_via_fast_open};
+pub use bind::{connect_via, connect_via_with};
 pub use handoff::{Handed, Handoff};
 pub use iface::{watch, IfaceAddr, IfaceEvent, Interface, InterfaceTable, Kind, Watcher};
 pub use pipe::{open_pipes, pipe_budget, PipeReplay, SplicePipe};

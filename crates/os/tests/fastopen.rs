@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use baton_os::connect_via_fast_open;
+use baton_os::connect_via_with;
 use baton_os::fastopen::{accept_fast_open, server_enabled};
 use common::{run, Netns, Ns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,7 +78,7 @@ fn with_a_cookie_the_first_bytes_ride_in_the_syn() {
     let c = client.handle();
     client.run(move || async move {
         // No cookie yet: an ordinary handshake that asks for one.
-        let first = connect_via_fast_open(dest, Some("fa"), None, CONNECT)
+        let first = connect_via_with(dest, Some("fa"), None, CONNECT, true)
             .await
             .expect("connect without a cookie");
         drop(first);
@@ -89,7 +89,7 @@ fn with_a_cookie_the_first_bytes_ride_in_the_syn() {
         );
         // With one: returned before any packet leaves.
         let sent = c.tx_packets("fa");
-        let mut second = connect_via_fast_open(dest, Some("fa"), None, CONNECT)
+        let mut second = connect_via_with(dest, Some("fa"), None, CONNECT, true)
             .await
             .expect("connect with a cookie");
         assert_eq!(
@@ -121,7 +121,7 @@ fn a_host_without_fast_open_connects_as_usual() {
     let dest: SocketAddr = SERVER.parse().expect("addr");
     client.run(move || async move {
         for bytes in [&b"one"[..], b"two"] {
-            let mut c = connect_via_fast_open(dest, Some("fa"), None, CONNECT)
+            let mut c = connect_via_with(dest, Some("fa"), None, CONNECT, true)
                 .await
                 .expect("connect");
             c.write_all(bytes).await.expect("write");

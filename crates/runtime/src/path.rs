@@ -365,7 +365,7 @@ impl Paths {
 }
 
 /// Connects to `target` out of `path`, within `timeout`; with `fast_open`,
-/// by TCP Fast Open ([`baton_os::connect_via_fast_open`]: returned at once
+/// by TCP Fast Open ([`baton_os::connect_via_with`]: returned at once
 /// where a cookie is held, the first write riding in the SYN).
 pub(crate) async fn connect_via(
     target: SocketAddr,
@@ -381,30 +381,24 @@ pub(crate) async fn connect_via(
             format!("{target} is not reachable through {}", path.name),
         ));
     }
-    match dial(target, path.device.as_deref(), path, timeout, fast_open).await {
+    match baton_os::connect_via_with(
+        target,
+        path.device.as_deref(),
+        path.source,
+        timeout,
+        fast_open,
+    )
+    .await
+    {
         // Without CAP_NET_RAW a device cannot be bound: the routing table
         // then chooses the egress, which is right as long as the preferred
         // interface is also the kernel's preferred route.
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && path.device.is_some() => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| warn!("{e}; sending through the routing table instead (run with CAP_NET_RAW to choose the interface)"));
-            dial(target, None, path, timeout, fast_open).await
+            baton_os::connect_via_with(target, None, path.source, timeout, fast_open).await
         }
         r => r,
-    }
-}
-
-async fn dial(
-    target: SocketAddr,
-    device: Option<&str>,
-    path: &Path,
-    timeout: Duration,
-    fast_open: bool,
-) -> std::io::Result<TcpStream> {
-    if fast_open {
-        baton_os::connect_via_fast_open(target, device, path.source, timeout).await
-    } else {
-        baton_os::connect_via(target, device, path.source, timeout).await
     }
 }
 
