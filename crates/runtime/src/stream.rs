@@ -63,11 +63,15 @@ const BUSY_READ: usize = 32 * 1024;
 /// copy the bytes twice.
 const SPLICE_IN_READ: usize = 8 * 1024;
 
-/// Pipe between a plain leg and the application's socket. Small on
-/// purpose: the pages a relay has just spliced are copied out by the
-/// application while still in the CPU's cache; a 256 KiB pipe measured
-/// 7-9% more CPU per GB over the whole path with 8 busy streams.
-const RECV_PIPE: usize = 64 * 1024;
+/// Pipe between a plain leg and the application's socket. Each splice
+/// out of it wakes the application once, and where the application shares
+/// a core with the relay it runs at once: a 64 KiB pipe made one upload's
+/// gateway and iperf3 server take turns every 60 KB, 9,000 times a second,
+/// and the stream ran at 6 Gbit/s; with 256 KiB, 4,700 turns at 9.3
+/// Gbit/s, and 10% less relay CPU per GB at a paced 2 Gbit/s
+/// (`bench/README.md`, finding 30). (On the machine of finding 18, with
+/// the four processes free to move, 64 KiB had measured faster.)
+const RECV_PIPE: usize = 256 * 1024;
 
 /// A read this small ends a busy spell: the stream carries messages, and
 /// their bytes are read and written through a buffer again. A splice moves
