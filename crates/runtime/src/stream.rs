@@ -66,11 +66,12 @@ const SPLICE_IN_READ: usize = 8 * 1024;
 /// Pipe between a plain leg and the application's socket. Each splice
 /// out of it wakes the application once, and where the application shares
 /// a core with the relay it runs at once: a 64 KiB pipe made one upload's
-/// gateway and iperf3 server take turns every 60 KB, 9,000 times a second,
-/// and the stream ran at 6 Gbit/s; with 256 KiB, 4,700 turns at 9.3
-/// Gbit/s, and 10% less relay CPU per GB at a paced 2 Gbit/s
-/// (`bench/README.md`, finding 30). (On the machine of finding 18, with
-/// the four processes free to move, 64 KiB had measured faster.)
+/// gateway and iperf3 server take turns every 60-90 KB, 8,400-9,900 times
+/// a second, and the stream ran at 6.2-6.3 Gbit/s; with 256 KiB,
+/// 4,600-4,800 turns at 8.8-9.7 Gbit/s, and paced uploads took up to 10%
+/// less relay CPU per GB (`bench/README.md`, finding 30). (On the machine
+/// of finding 18, with the four processes free to move, 64 KiB had
+/// measured faster.)
 const RECV_PIPE: usize = 256 * 1024;
 
 /// A read this small ends a busy spell: the stream carries messages, and
